@@ -1,0 +1,31 @@
+"""Benchmark conventions (see bench/report.py): each case times one implementation on inputs shared
+with the other cases of its group; `impl` names it, `baseline=True` marks what speedups are relative to,
+`bytes`/`ops` give the memory traffic / arithmetic of one call for GB/s and GOP/s."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import qops  # noqa: E402,F401
+
+
+@pytest.fixture
+def bench(benchmark):
+    def run(fn, *, group, impl, baseline=False, bytes=None, ops=None, sync=None, **info):
+        benchmark.group = group
+        benchmark.extra_info.update(impl=impl, baseline=baseline, bytes=bytes, ops=ops, **info)
+        benchmark.extra_info["threads"] = torch.get_num_threads()
+
+        def call():
+            out = fn()
+            if sync is not None:
+                sync()
+            return out
+
+        return benchmark.pedantic(call, warmup_rounds=2, rounds=15, iterations=1)
+
+    return run

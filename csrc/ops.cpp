@@ -1,0 +1,82 @@
+// Every schema of torch.ops.qops, in one place (shared/DESIGN.md "Op contracts").
+// Kernels register against these names in csrc/cpu/*.cpp and csrc/cuda/*_binding.cpp; the
+// fake (meta) and autograd registrations live in qops/*.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "qops/cpu_dispatch.h"
+
+TORCH_LIBRARY(qops, m) {
+  // Fake quantization with learnable scale/zero point (LSQ); equals
+  // torch._fake_quantize_learnable_per_{tensor,channel}_affine. axis = -1: per tensor.
+  m.def(
+      "fake_quant(Tensor x, Tensor scale, Tensor zero_point, int axis, int quant_min, int quant_max, "
+      "float grad_factor=1.0) -> Tensor");
+  // One fused pass over x: (grad_x, grad_scale, grad_zero_point).
+  m.def(
+      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int axis, "
+      "int quant_min, int quant_max, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
+  // y = x + delta * eps / 2, delta = (max - min) / (2^bits - 1), eps from Philox keyed by (seed, index).
+  m.def("quant_noise(Tensor x, int bits, int seed, int axis=-1, str dist=\"gaussian\") -> Tensor");
+}
+
+// The Python module qops._C: loading it registers the ops above; it also reports the build.
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(qops::cpu::isa_name(qops::cpu::isa()));
+}
+
+PyObject* py_max_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(qops::cpu::isa_name(qops::cpu::max_isa()));
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  qops::cpu::Isa want;
+  if (!qops::cpu::parse_isa(name, &want)) {
+    PyErr_Format(PyExc_ValueError, "isa: unknown CPU ISA '%s' (expected DEFAULT, AVX2 or AVX512)", name);
+    return nullptr;
+  }
+  if (!qops::cpu::set_isa(want)) {
+    PyErr_Format(PyExc_ValueError, "isa: '%s' is not supported by this CPU or not compiled in (best: %s)", name,
+                 qops::cpu::isa_name(qops::cpu::max_isa()));
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* py_cpu_features(PyObject*, PyObject*) {
+  const auto& f = qops::cpu::cpu_features();
+  return Py_BuildValue(
+      "{s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2", f.avx2 ? Py_True : Py_False, "fma",
+      f.fma ? Py_True : Py_False, "f16c", f.f16c ? Py_True : Py_False, "bmi2", f.bmi2 ? Py_True : Py_False,
+      "popcnt", f.popcnt ? Py_True : Py_False, "avx512f", f.avx512f ? Py_True : Py_False, "avx512bw",
+      f.avx512bw ? Py_True : Py_False, "avx512vl", f.avx512vl ? Py_True : Py_False, "avx512dq",
+      f.avx512dq ? Py_True : Py_False, "avx512vnni", f.avx512vnni ? Py_True : Py_False, "avx512vpopcntdq",
+      f.avx512vpopcntdq ? Py_True : Py_False, "avxvnni", f.avxvnni ? Py_True : Py_False);
+}
+
+PyObject* py_built_with_cuda(PyObject*, PyObject*) {
+#if defined(QOPS_WITH_CUDA)
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The CPU ISA the kernels dispatch to now."},
+    {"max_cpu_isa", py_max_cpu_isa, METH_NOARGS, "The best CPU ISA this CPU and build support."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O, "Cap the CPU ISA used by the kernels (DEFAULT, AVX2, AVX512)."},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features as detected at run time."},
+    {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "qops kernels (torch.ops.qops)", -1, methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,44 @@
+"""qops: the low-bit kernels of qnas as PyTorch custom ops (``torch.ops.qops.*``).
+
+``import qops`` loads the compiled extension ``qops._C`` (which registers the op schemas and the
+C++/CUDA kernels) and the Python registrations (fake tensors, autograd, Triton). Op contracts are
+in shared/DESIGN.md; the pure-torch reference of every op is in :mod:`qops.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        f"qops._C (the compiled kernels) is not built or does not load: {e}. "
+        "Build it against the torch in this environment with `pip install --no-build-isolation -e .` "
+        "(or `make install` in the repository)."
+    ) from e
+
+__version__ = "0.1.0"
+
+
+def cpu_isa() -> str:
+    """The CPU instruction set the kernels dispatch to now (DEFAULT, AVX2 or AVX512)."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Caps the CPU instruction set used by the kernels; ``QOPS_CPU_ISA`` does the same at start-up."""
+    _C.set_cpu_isa(name)
+
+
+def cpu_features() -> dict[str, bool]:
+    """CPU features detected at run time."""
+    return _C.cpu_features()
+
+
+def built_with_cuda() -> bool:
+    """Whether the CUDA kernels were compiled into qops._C."""
+    return _C.built_with_cuda()
+
+
+__all__ = ["cpu_isa", "set_cpu_isa", "cpu_features", "built_with_cuda", "torch"]

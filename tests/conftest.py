@@ -1,0 +1,44 @@
+"""Shared test set-up: devices, Triton interpreter on machines without a GPU, markers."""
+
+import os
+
+import torch
+
+# Triton kernels run under the interpreter where there is no GPU; it must be set before any
+# @triton.jit function is defined, i.e. before qops is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import qops  # noqa: E402,F401  (registers torch.ops.qops)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+HAS_TRITON = _has_triton()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="triton is not installed")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "triton" in item.keywords and not HAS_TRITON:
+            item.add_marker(skip_triton)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every available device: cpu, and cuda where a GPU is present."""
+    return request.param
