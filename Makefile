@@ -36,10 +36,13 @@ bench: install
 	$(PY) bench/report.py build/bench.json
 
 # Compiles every csrc/cuda/*.cu with nvcc through CMake, with or without a GPU.
-cuda-check:
+# The bindings compile against the installed torch's headers (see CMakeLists.txt).
+cuda-check: $(VENV)/.deps
 	@if command -v nvcc >/dev/null 2>&1; then \
-		cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$$(command -v nvcc) -DCMAKE_BUILD_TYPE=Release >/dev/null && \
-		cmake --build build/cmake -j 2 && echo "cuda-check: every csrc/cuda/*.cu compiled with $$(nvcc --version | tail -1)"; \
+		inc="$$($(PY) -c 'import sysconfig; from torch.utils.cpp_extension import include_paths; print(";".join(include_paths() + [sysconfig.get_paths()["include"]]))')" && \
+		cmake -S . -B build/cmake -DCMAKE_CUDA_COMPILER=$$(command -v nvcc) -DCMAKE_BUILD_TYPE=Release \
+			"-DQOPS_TORCH_INCLUDE=$$inc" >/dev/null && \
+		cmake --build build/cmake -j 2 && echo "cuda-check: every csrc/cuda/*.cu and *_binding.cpp compiled with $$(nvcc --version | tail -1)"; \
 	else \
 		echo "cuda-check: SKIPPED, nvcc not found on PATH (install the CUDA toolkit to compile csrc/cuda)"; \
 	fi

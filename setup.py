@@ -92,7 +92,7 @@ def extensions():
     sources += [os.path.relpath(p, ROOT) for p in isa_sources]
     debug = os.environ.get("QOPS_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"] + isa_defines
+    cxx += ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"] + isa_defines
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
     if _want_cuda(torch):
@@ -100,7 +100,7 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["QOPS_CUDA_ARCH"]
         sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         return [
             CUDAExtension(
                 "qops._C", sources,
