@@ -27,6 +27,47 @@ def cli(debug: bool) -> None:
         _debug["on"] = True
 
 
+@cli.command("eval")
+@click.option(
+    "--model", "model_name", metavar="NAME", help="Upscaler to evaluate: 'bicubic' (MATLAB imresize)."
+)
+@click.option(
+    "--data",
+    default="builtin",
+    show_default=True,
+    help="'builtin' (validation split), 'builtin:train', or a folder (plain images, DIV2K, HR/ + LR_bicubic/).",
+)
+@click.option("--scale", type=int, required=True, help="Upscaling factor: 2, 3 or 4.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--save-images",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="DIR",
+    help="Write each upscaled image to DIR/<name>.png.",
+)
+def eval_command(model_name: str | None, data: str, scale: int, fmt: str, save_images: str | None) -> None:
+    """PSNR/SSIM (Y channel, scale-pixel border cropped, MATLAB protocol) per image and mean."""
+    import json
+
+    from qnas.data.datasets import check_scale, eval_dataset
+    from qnas.evaluate import bicubic_upscaler, evaluate, format_table
+
+    if model_name is None:
+        raise click.UsageError("give --model bicubic")
+    if model_name != "bicubic":
+        raise QnasError(f"unknown model {model_name!r} for eval: expected 'bicubic'")
+    scale = check_scale(scale)
+    dataset = eval_dataset(data, scale)
+    result = evaluate(bicubic_upscaler(scale), dataset, scale, save_dir=save_images)
+    if fmt == "json":
+        click.echo(json.dumps({"model": model_name, "data": data, **result}, indent=2))
+    else:
+        where = f"{data} (validation split)" if data == "builtin" else data
+        title = f"{model_name} x{scale} on {where}: {len(dataset)} images, PSNR/SSIM on Y, {scale}-pixel border cropped"
+        click.echo(format_table(result, title))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exit codes: 0 ok, 2 bad input or usage, 130 interrupted."""
     try:
