@@ -14,7 +14,9 @@ def main(path: str) -> None:
         groups[b["group"]].append(b)
     mi = data.get("machine_info", {})
     cpu = mi.get("cpu", {}).get("brand_raw", platform.processor())
-    print(f"\nmachine: {cpu}, {mi.get('cpu', {}).get('count', '?')} cores, python {mi.get('python_version', '?')}")
+    print(
+        f"\nmachine: {cpu}, {mi.get('cpu', {}).get('count', '?')} cores, python {mi.get('python_version', '?')}"
+    )
     print("| group | impl | median ms | GB/s | GOP/s | speedup vs baseline |")
     print("|---|---|---:|---:|---:|---:|")
     for group in sorted(groups):

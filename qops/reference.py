@@ -6,5 +6,3 @@ reference is that built-in.
 """
 
 from __future__ import annotations
-
-import torch

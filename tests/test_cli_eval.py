@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import qnas
-import qnas.cli
 from _matlab_reference import matlab_imresize, protocol_psnr_ssim
 from PIL import Image
+
+import qnas
+import qnas.cli
 from qnas.cli import main
 from qnas.data.datasets import eval_dataset
 from qnas.errors import DataError

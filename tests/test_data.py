@@ -10,6 +10,7 @@ import pytest
 import torch
 from _matlab_reference import matlab_imresize
 from PIL import Image
+
 from qnas.data import builtin
 from qnas.data.datasets import (
     PatchSampler,

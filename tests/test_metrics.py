@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 from _matlab_reference import matlab_y, protocol_psnr_ssim
-from qnas.metrics import psnr, psnr_ssim, rgb_to_y, ssim, to_uint8_image
 from skimage.metrics import structural_similarity
+
+from qnas.metrics import psnr, psnr_ssim, rgb_to_y, ssim, to_uint8_image
 
 
 def _pair(seed, shape=(64, 80, 3), noise=12.0):

@@ -73,7 +73,9 @@ class Quantizer(nn.Module):
     weight_ok = True
     activation_ok = True
 
-    def __init__(self, bits: int, *, signed: bool, axis: int | None = None, channels: int = 1, momentum: float = 0.1):
+    def __init__(
+        self, bits: int, *, signed: bool, axis: int | None = None, channels: int = 1, momentum: float = 0.1
+    ):
         super().__init__()
         self.qmin, self.qmax = quant_range(bits, signed)
         self.bits, self.signed, self.axis = int(bits), bool(signed), axis
@@ -114,7 +116,9 @@ class Quantizer(nn.Module):
         """Fake quantization with the current step; gradients to x by the straight-through estimator."""
         s = self.scale().detach()
         if self.axis is None:
-            return torch.ops.qops.fake_quant(x, s.reshape(1), torch.zeros(1, device=x.device), -1, self.qmin, self.qmax, 1.0)
+            return torch.ops.qops.fake_quant(
+                x, s.reshape(1), torch.zeros(1, device=x.device), -1, self.qmin, self.qmax, 1.0
+            )
         zp = torch.zeros_like(s)
         return torch.ops.qops.fake_quant(x, s, zp, self.axis % x.dim(), self.qmin, self.qmax, 1.0)
 
@@ -185,7 +189,9 @@ class MSEQuantizer(_StatQuantizer):
         for k in range(1, self.grid + 1):
             clip = amax * (k / self.grid)
             s = _per_axis(clip / self.qmax, x, self.axis)
-            err = ((torch.clamp(torch.round(x / s), self.qmin, self.qmax) * s - x) ** 2).sum(dim=_reduce_dims(x, self.axis))
+            err = ((torch.clamp(torch.round(x / s), self.qmin, self.qmax) * s - x) ** 2).sum(
+                dim=_reduce_dims(x, self.axis)
+            )
             err = err.reshape(-1)
             if best_err is None:
                 best_err, best = err, clip.clone()
@@ -334,12 +340,28 @@ class DoReFaQuantizer(Quantizer):
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
     q.strategy: q
-    for q in (LSQQuantizer, PACTQuantizer, DoReFaQuantizer, HWGQQuantizer, MinMaxQuantizer, PercentileQuantizer, MSEQuantizer)
+    for q in (
+        LSQQuantizer,
+        PACTQuantizer,
+        DoReFaQuantizer,
+        HWGQQuantizer,
+        MinMaxQuantizer,
+        PercentileQuantizer,
+        MSEQuantizer,
+    )
 }
 
 
-def build_quantizer(name: str, bits: int, *, kind: str, signed: bool | None = None, channels: int = 1,
-                    per_channel: bool = False, **kw) -> Quantizer:
+def build_quantizer(
+    name: str,
+    bits: int,
+    *,
+    kind: str,
+    signed: bool | None = None,
+    channels: int = 1,
+    per_channel: bool = False,
+    **kw,
+) -> Quantizer:
     """A quantizer by strategy name for `kind` "weight" (signed, per output channel when
     `per_channel`) or "activation" (unsigned unless `signed`, per tensor)."""
     if name not in QUANTIZERS:
@@ -350,7 +372,9 @@ def build_quantizer(name: str, bits: int, *, kind: str, signed: bool | None = No
             raise QnasError(f"quantizer: '{name}' quantizes activations only")
         axis = 0 if per_channel else None
         extra = {"weight": True} if cls is DoReFaQuantizer else {}
-        return cls(bits, signed=True if signed is None else signed, axis=axis, channels=channels, **extra, **kw)
+        return cls(
+            bits, signed=True if signed is None else signed, axis=axis, channels=channels, **extra, **kw
+        )
     if kind == "activation":
         if not cls.activation_ok:
             raise QnasError(f"quantizer: '{name}' quantizes weights only")
