@@ -93,9 +93,7 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         if self.is_writer:
-            atomic_write_bytes(
-                self.config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-            )
+            atomic_write_bytes(self.config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
     def read_config(self) -> dict:
         try:
