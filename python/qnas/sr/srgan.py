@@ -96,7 +96,7 @@ def adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 # torchvision's VGG19 "features": configuration E of Simonyan & Zisserman, "Very Deep Convolutional
 # Networks for Large-Scale Image Recognition", ICLR 2015 ("M" = 2x2 max-pool).
-_VGG19_CFG = [
+VGG19_CFG = [
     64,
     64,
     "M",
@@ -125,7 +125,7 @@ def _vgg19_layer_indices() -> dict[str, int]:
     """Names of the layers of VGG19.features -> their index: conv{i}_{j}, relu{i}_{j}, pool{i}."""
     names: dict[str, int] = {}
     idx, stage, conv = 0, 1, 0
-    for v in _VGG19_CFG:
+    for v in VGG19_CFG:
         if v == "M":
             names[f"pool{stage}"] = idx
             idx, stage, conv = idx + 1, stage + 1, 0
@@ -179,7 +179,7 @@ class VGG19Features(nn.Module):
         last = VGG19_LAYERS[layer]
         modules: list[nn.Module] = []
         in_ch = 3
-        for v in _VGG19_CFG:
+        for v in VGG19_CFG:
             if v == "M":
                 modules.append(nn.MaxPool2d(2, 2))
             else:
