@@ -28,7 +28,12 @@ def cli(debug: bool) -> None:
 
 
 @cli.command("cost")
-@click.option("--model", "model_name", metavar="NAME", help="A registered model (see qnas.sr.list_models()).")
+@click.option(
+    "--model",
+    "model_name",
+    metavar="NAME",
+    help="A registered model: edsr, edsr-baseline, srresnet, rfdn, rfdn-paper, rfdn-l (docs/models.md).",
+)
 @click.option(
     "--arch",
     "arch_file",
