@@ -68,6 +68,72 @@ def eval_command(model_name: str | None, data: str, scale: int, fmt: str, save_i
         click.echo(format_table(result, title))
 
 
+@cli.command("cost")
+@click.option(
+    "--model",
+    "model_name",
+    metavar="NAME",
+    help="A registered model: edsr, edsr-baseline, srresnet, rfdn, rfdn-paper, rfdn-l (docs/models.md).",
+)
+@click.option(
+    "--arch",
+    "arch_file",
+    metavar="FILE",
+    help='A JSON model config {"model": NAME, "scale": S, "kwargs": {...}} (what a checkpoint stores). '
+    "QuantNAS genotype files are not accepted yet.",
+)
+@click.option(
+    "--scale", type=int, default=None, help="Upscaling factor 2, 3 or 4 (with --arch: taken from the file)."
+)
+@click.option("--lr-size", required=True, metavar="HxW", help="LR input size in pixels, e.g. 48x48 (or 48).")
+@click.option(
+    "--bits",
+    type=float,
+    default=None,
+    metavar="B",
+    help="Bit-width for the weights and activations of every conv/linear that does not set its own "
+    "w_bits/a_bits (default: 32, full precision).",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def cost_command(
+    model_name: str | None,
+    arch_file: str | None,
+    scale: int | None,
+    lr_size: str,
+    bits: float | None,
+    fmt: str,
+) -> None:
+    """Per-layer and total MACs, parameters, BitOps (MACs x b_w x b_a) and weight memory of a model
+    at an LR input size. The model is built on the meta device: nothing is computed or allocated."""
+    import torch
+
+    from qnas.cost import count_cost, parse_lr_size
+    from qnas.sr import build_from_config, build_model, read_model_config
+
+    if (model_name is None) == (arch_file is None):
+        raise QnasError("give exactly one of --model NAME or --arch FILE")
+    size = parse_lr_size(lr_size)
+    if bits is not None and not (1 <= bits <= 32):
+        raise QnasError(f"--bits {bits:g} is out of range (1..32)")
+    if bits is not None and bits.is_integer():
+        bits = int(bits)
+    with torch.device("meta"):
+        if arch_file is not None:
+            cfg = read_model_config(arch_file)
+            if scale is not None and cfg.get("scale") != scale:
+                raise QnasError(f"--scale {scale} differs from the scale {cfg.get('scale')!r} in {arch_file}")
+            try:
+                model = build_from_config(cfg)
+            except QnasError as e:
+                raise QnasError(f"{arch_file}: {e}") from e
+        else:
+            if scale is None:
+                raise QnasError("--scale is required with --model (2, 3 or 4)")
+            model = build_model(model_name, scale)
+    result = count_cost(model, size, bits)
+    click.echo(result.to_json() if fmt == "json" else result.format_table())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exit codes: 0 ok, 2 bad input or usage, 130 interrupted."""
     try:
