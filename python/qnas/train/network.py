@@ -76,7 +76,9 @@ def model_file(path: str | os.PathLike) -> Path:
     if p.is_dir():
         p = p / "model.pt"
         if not p.exists():
-            raise CheckpointError(f"{path}: no model.pt (did the run finish? `qnas train --resume` continues it)")
+            raise CheckpointError(
+                f"{path}: no model.pt (did the run finish? `qnas train --resume` continues it)"
+            )
     return p
 
 
@@ -101,3 +103,27 @@ def load_network(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 def model_blob(network_cfg: dict, model: nn.Module, **extra: Any) -> dict:
     return {"format": MODEL_FORMAT, "network": network_cfg, "model": model.state_dict(), **extra}
+
+
+def network_scale(cfg: dict) -> int:
+    """The upscaling factor of a network config."""
+    if "scale" in cfg:
+        return int(cfg["scale"])
+    if isinstance(cfg.get("model"), dict) and "scale" in cfg["model"]:
+        return int(cfg["model"]["scale"])
+    raise QnasError("network config has no scale")
+
+
+def network_upscaler(net: nn.Module):
+    """An upscale_fn for qnas.evaluate.evaluate: LR [1,3,h,w] in [0,1] -> SR clamped to [0,1]."""
+    import torch
+
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    net = net.to(memory_format=torch.channels_last)  # oneDNN's fast path on CPU
+
+    def upscale(lr):
+        with torch.inference_mode():
+            x = lr.to(device).contiguous(memory_format=torch.channels_last)
+            return net(x).clamp_(0, 1).contiguous().cpu()
+
+    return upscale

@@ -111,12 +111,18 @@ def train(
             raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")
         _compare_config(run.read_config(), config, run.path)
     elif run.has_checkpoint() or (run.path / "model.pt").exists():
-        raise QnasError(f"{run.path}: already holds a run; pass --resume to continue it or choose another --out")
+        raise QnasError(
+            f"{run.path}: already holds a run; pass --resume to continue it or choose another --out"
+        )
 
     torch.manual_seed(opts.seed)
     model = build_network(network)
     if init_state is not None and not resume:
         model.load_state_dict(init_state)
+    # oneDNN's convolutions (forward and, above all, backward) are several times faster in
+    # channels_last than in NCHW on CPU for these layer shapes (measured: 0.85 s vs 5.4 s per
+    # edsr-baseline step); outputs keep whatever format the last op gives.
+    model = model.to(memory_format=torch.channels_last)
     model.train()
     data = train_dataset(opts.data, opts.scale, opts.patch_size, progress=progress)
     sampler = PatchSampler(data, opts.batch_size, seed=opts.seed)
@@ -156,13 +162,16 @@ def train(
         )
 
     loss_fn = nn.L1Loss()
-    bar = tqdm(total=opts.steps, initial=step, desc=f"train {run.path.name}", disable=not progress, unit="step")
+    bar = tqdm(
+        total=opts.steps, initial=step, desc=f"train {run.path.name}", disable=not progress, unit="step"
+    )
     t_start = time.perf_counter()
     loss_value = float("nan")
     try:
         while step < opts.steps:
             t0 = time.perf_counter()
             lr_img, hr_img = next(sampler)
+            lr_img = lr_img.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(lr_img), hr_img)
             if not torch.isfinite(loss):
@@ -176,7 +185,12 @@ def train(
                 ema.update_parameters(model)
             step += 1
             loss_value = loss.item()
-            run.log(step, loss=loss_value, lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t0)
+            run.log(
+                step,
+                loss=loss_value,
+                lr=optimizer.param_groups[0]["lr"],
+                step_time_s=time.perf_counter() - t0,
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % opts.checkpoint_every == 0 or step == opts.steps:
