@@ -18,8 +18,16 @@ from . import _C
 __all__ = ["fake_quant"]
 
 
+def _check_devices(x: Tensor, **others: Tensor) -> None:
+    # The C++ checks do this too; here it also covers mixes that dispatch to the fake kernel (meta tensors).
+    for name, t in others.items():
+        if t.device != x.device:
+            raise RuntimeError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
+
+
 @torch.library.register_fake("qops::fake_quant")
 def _fake_quant_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_factor=1.0):
+    _check_devices(x, scale=scale, zero_point=zero_point)
     # The kernels return torch.empty_like(x): x's strides when x is dense, else a dense layout in x's
     # dimension order (csrc/include/qops/fake_quant_args.h).
     return torch.empty_like(x)
@@ -27,6 +35,7 @@ def _fake_quant_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_fact
 
 @torch.library.register_fake("qops::fake_quant_backward")
 def _fake_quant_backward_fake(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor=1.0):
+    _check_devices(x, grad=grad, scale=scale, zero_point=zero_point)
     return torch.empty_like(x), scale.new_empty(scale.shape), zero_point.new_empty(zero_point.shape)
 
 
