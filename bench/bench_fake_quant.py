@@ -7,6 +7,9 @@
 - "qops": torch.ops.qops.fake_quant through autograd (its fused backward op).
 
 bytes = the minimal traffic: forward reads x and writes y, backward reads x and grad and writes grad_x.
+Every group runs with all of torch's threads and with one thread: on the shared 2-core machine other
+processes often hold both cores, and then every parallel region (of any implementation) waits a scheduler
+time slice for its second thread; the one-thread groups are immune to that.
 Run: flock /tmp/qnas-cpu.lock python -m pytest bench/bench_fake_quant.py --benchmark-only -q
 """
 
@@ -56,11 +59,24 @@ def _qops(x, s, z, axis):
 
 IMPLS = {"torch builtin": _builtin, "composite LSQ": _composite, "qops": _qops}
 GRANULARITIES = {"per-tensor": -1, "per-channel axis=1": 1}
+THREADS = sorted({torch.get_num_threads(), 1}, reverse=True)
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _threads_label(n: int) -> str:
+    return f"{n} thread" + ("s" if n > 1 else "")
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("granularity", list(GRANULARITIES))
-def test_fake_quant_forward_backward(bench, impl, granularity):
+def test_fake_quant_forward_backward(bench, impl, granularity, threads):
     axis = GRANULARITIES[granularity]
     x, grad, s, z = _inputs(axis != -1)
     x.requires_grad_()
@@ -75,7 +91,7 @@ def test_fake_quant_forward_backward(bench, impl, granularity):
     step()
     bench(
         step,
-        group=f"fake_quant fwd+bwd {granularity} 16x32x64x64 f32",
+        group=f"fake_quant fwd+bwd {granularity} 16x32x64x64 f32, {_threads_label(threads)}",
         impl=impl,
         baseline=impl == "torch builtin",
         bytes=5 * x.numel() * x.element_size(),
@@ -84,7 +100,7 @@ def test_fake_quant_forward_backward(bench, impl, granularity):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("granularity", list(GRANULARITIES))
-def test_fake_quant_forward(bench, impl, granularity):
+def test_fake_quant_forward(bench, impl, granularity, threads):
     axis = GRANULARITIES[granularity]
     x, _, s, z = _inputs(axis != -1)
     fn = IMPLS[impl]
@@ -96,7 +112,7 @@ def test_fake_quant_forward(bench, impl, granularity):
     step()
     bench(
         step,
-        group=f"fake_quant fwd {granularity} 16x32x64x64 f32",
+        group=f"fake_quant fwd {granularity} 16x32x64x64 f32, {_threads_label(threads)}",
         impl=impl,
         baseline=impl == "torch builtin",
         bytes=2 * x.numel() * x.element_size(),

@@ -18,7 +18,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "(or `make install` in the repository)."
     ) from e
 
-from .fake_quant import fake_quant  # noqa: E402  (LSQ fake quantization: torch.ops.qops.fake_quant)
+from .fake_quant import fake_quant as fake_quant  # noqa: E402  (LSQ: torch.ops.qops.fake_quant)
 
 __version__ = "0.1.0"
 

@@ -47,7 +47,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
-    grad_x, grad_scale, grad_zero_point = torch.ops.qops.fake_quant_backward(grad, x, scale, zero_point, *ctx.qparams)
+    grad_x, grad_scale, grad_zero_point = torch.ops.qops.fake_quant_backward(
+        grad, x, scale, zero_point, *ctx.qparams
+    )
     return grad_x, grad_scale, grad_zero_point, None, None, None, None
 
 
@@ -99,7 +101,9 @@ def _register_triton_as_cuda_kernel() -> None:
     except ImportError:  # triton not installed: CUDA tensors get torch's "no kernel" error
         return
     torch.library.register_kernel("qops::fake_quant", "cuda", triton_fake_quant.fake_quant_impl)
-    torch.library.register_kernel("qops::fake_quant_backward", "cuda", triton_fake_quant.fake_quant_backward_impl)
+    torch.library.register_kernel(
+        "qops::fake_quant_backward", "cuda", triton_fake_quant.fake_quant_backward_impl
+    )
 
 
 _register_triton_as_cuda_kernel()

@@ -41,7 +41,9 @@ def fake_quant(
         y = torch._fake_quantize_learnable_per_tensor_affine(xf, s, z, quant_min, quant_max, grad_factor)
     else:
         axis = _per_channel_axis(x, axis)
-        y = torch._fake_quantize_learnable_per_channel_affine(xf, s, z, axis, quant_min, quant_max, grad_factor)
+        y = torch._fake_quantize_learnable_per_channel_affine(
+            xf, s, z, axis, quant_min, quant_max, grad_factor
+        )
     return y.to(dtype)
 
 

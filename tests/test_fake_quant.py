@@ -99,7 +99,9 @@ def spec_backward(dy, x, scale, zp, axis, qmin, qmax, grad_factor):
     dy64, s64, inv64, z64 = dy.astype(F64), s.astype(F64), inv.astype(F64), z.astype(F64)
     y_minus_x = (q.astype(F64) - z64) * s64 - x.astype(F64)
     t_scale = np.where(inside, dy64 * y_minus_x * inv64, 0.0)
-    t_scale = t_scale + np.where(at_least_min, 0.0, dy64 * (qmin - z64)) + np.where(above, dy64 * (qmax - z64), 0.0)
+    t_scale = (
+        t_scale + np.where(at_least_min, 0.0, dy64 * (qmin - z64)) + np.where(above, dy64 * (qmax - z64), 0.0)
+    )
     t_zp = np.where(inside, 0.0, -dy64 * s64)
     t_scale, t_zp = t_scale * gf, t_zp * gf
     dims = tuple(d for d in range(x.ndim) if d != axis) if axis != -1 else tuple(range(x.ndim))
@@ -135,7 +137,9 @@ def assert_bitwise(a: torch.Tensor, b, what: str, signed_zeros: bool = True):
         same |= (a32 == 0) & (b32 == 0)
     if not bool(same.all()):
         idx = (~same).nonzero()[:3].tolist()
-        raise AssertionError(f"{what}: {int((~same).sum())} elements differ, e.g. at {idx}: {a32[~same][:3]} vs {b32[~same][:3]}")
+        raise AssertionError(
+            f"{what}: {int((~same).sum())} elements differ, e.g. at {idx}: {a32[~same][:3]} vs {b32[~same][:3]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,7 +155,8 @@ def make_case(seed, shape, axis, qrange, grad_factor=1.0, pow2_scale=False):
     else:
         scale = np.exp(rng.uniform(np.log(1e-3), np.log(4.0), channels)).astype(F32)
     zp = rng.choice([0.0, 0.25, 0.5, 0.75], channels) + rng.integers(qmin - 2, qmax + 3, channels)
-    zp = np.where(rng.random(channels) < 0.2, np.round(zp), zp).astype(F32)  # integers too, incl. negative ones
+    # integers too, negative ones included
+    zp = np.where(rng.random(channels) < 0.2, np.round(zp), zp).astype(F32)
     n = int(np.prod(shape))
     s = np.broadcast_to(_bcast(scale, len(shape), axis), shape).reshape(-1)
     z = np.broadcast_to(_bcast(np.rint(zp), len(shape), axis), shape).reshape(-1)
@@ -189,7 +194,14 @@ def check_case(case, y, grads):
     dx_ref, ds_ref, dz_ref = reference.fake_quant_backward(dy, x, s, z, *args)
     spec_y = spec_forward(case["x"], case["scale"], case["zp"], case["axis"], case["qmin"], case["qmax"])
     spec_dx, spec_ds, spec_dz = spec_backward(
-        case["dy"], case["x"], case["scale"], case["zp"], case["axis"], case["qmin"], case["qmax"], case["grad_factor"]
+        case["dy"],
+        case["x"],
+        case["scale"],
+        case["zp"],
+        case["axis"],
+        case["qmin"],
+        case["qmax"],
+        case["grad_factor"],
     )
     y, (dx, ds, dz) = y.cpu(), (g.cpu() for g in grads)
     assert_bitwise(y, y_ref, "forward vs built-in")
@@ -238,7 +250,15 @@ def test_cpu_larger_tensors_all_ranges(qrange, axis):
 
 @pytest.mark.parametrize(
     "shape,axis",
-    [((2, 3), 1), ((5000, 3), 1), ((7, 2, 3), 2), ((40000,), 0), ((3, 70000), -1), ((64, 1100), 1), ((2, 5, 1), 1)],
+    [
+        ((2, 3), 1),
+        ((5000, 3), 1),
+        ((7, 2, 3), 2),
+        ((40000,), 0),
+        ((3, 70000), -1),
+        ((64, 1100), 1),
+        ((2, 5, 1), 1),
+    ],
 )
 def test_cpu_task_grids(shape, axis):
     """Row mode with tails and tiles, short and long segments, one element per channel."""
@@ -266,7 +286,11 @@ def test_cpu_non_contiguous_inputs(axis):
         assert grads[0].stride() == torch.empty_like(xl).stride(), name
         check_case(case, y, grads)
     # grad in another layout than x
-    y, grads = run_qops(case, x=x.contiguous(memory_format=torch.channels_last), dy=dy.transpose(1, 2).contiguous().transpose(1, 2))
+    y, grads = run_qops(
+        case,
+        x=x.contiguous(memory_format=torch.channels_last),
+        dy=dy.transpose(1, 2).contiguous().transpose(1, 2),
+    )
     check_case(case, y, grads)
 
 
@@ -278,14 +302,18 @@ def test_empty_tensors(shape, axis):
     y = torch.ops.qops.fake_quant(x, s, z, axis, -8, 7)
     assert y.shape == x.shape
     dx, ds, dz = torch.ops.qops.fake_quant_backward(x, x, s, z, axis, -8, 7)
-    assert dx.shape == x.shape and torch.equal(ds, torch.zeros_like(s)) and torch.equal(dz, torch.zeros_like(z))
+    assert (
+        dx.shape == x.shape and torch.equal(ds, torch.zeros_like(s)) and torch.equal(dz, torch.zeros_like(z))
+    )
 
 
 def test_scalar_tensor_and_scale_shapes():
     x = torch.tensor(0.73)
     y = torch.ops.qops.fake_quant(x, torch.tensor(0.25), torch.tensor(1.0), -1, 0, 255)
     assert y.shape == () and y.item() == 0.75
-    dx, ds, dz = torch.ops.qops.fake_quant_backward(torch.tensor(1.0), x, torch.tensor(0.25), torch.tensor(1.0), -1, 0, 255)
+    dx, ds, dz = torch.ops.qops.fake_quant_backward(
+        torch.tensor(1.0), x, torch.tensor(0.25), torch.tensor(1.0), -1, 0, 255
+    )
     assert ds.shape == () and dz.shape == ()
     # scale given as [C, 1]: gradients keep that shape
     x = torch.randn(4, 3)
@@ -308,7 +336,9 @@ def test_cpu_isas_give_identical_results(axis):
         qops.set_cpu_isa(best)
     first = outs[ISAS[0]]
     for isa in ISAS[1:]:
-        for a, b, what in zip(first, outs[isa], ["y", "grad_x", "grad_scale", "grad_zero_point"], strict=True):
+        for a, b, what in zip(
+            first, outs[isa], ["y", "grad_x", "grad_scale", "grad_zero_point"], strict=True
+        ):
             assert_bitwise(b, a, f"{isa} vs {ISAS[0]}: {what}")
     check_case(case, outs[ISAS[-1]][0], outs[ISAS[-1]][1:])
 
@@ -385,7 +415,10 @@ def test_opcheck_fake_quant(shape, axis):
     channels = 1 if axis == -1 else shape[axis]
     s = (torch.rand(channels) + 0.1).requires_grad_()
     z = (torch.randn(channels) * 2).requires_grad_()
-    for xi in (x.requires_grad_(), x.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_()):
+    for xi in (
+        x.requires_grad_(),
+        x.detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_(),
+    ):
         torch.library.opcheck(torch.ops.qops.fake_quant.default, (xi, s, z, axis, -8, 7, 0.5))
 
 
@@ -437,9 +470,17 @@ def _error_cases():
         ("x int", lambda: fq(torch.ones(4, 3, dtype=torch.int32), s, z, -1, 0, 255), "x: expected a float32"),
         ("x double", lambda: fq(x.double(), s, z, -1, 0, 255), "x: expected a float32"),
         ("scale zero", lambda: fq(x, torch.tensor([0.0]), z, -1, 0, 255), "scale: expected positive"),
-        ("scale negative", lambda: fq(x, torch.tensor([-1.0, 0.1, 0.1]), zc, 1, 0, 255), "scale: expected positive"),
+        (
+            "scale negative",
+            lambda: fq(x, torch.tensor([-1.0, 0.1, 0.1]), zc, 1, 0, 255),
+            "scale: expected positive",
+        ),
         ("scale nan", lambda: fq(x, torch.tensor([float("nan")]), z, -1, 0, 255), "scale: expected positive"),
-        ("scale inf", lambda: bw(x, x, torch.tensor([float("inf")]), z, -1, 0, 255), "scale: expected positive"),
+        (
+            "scale inf",
+            lambda: bw(x, x, torch.tensor([float("inf")]), z, -1, 0, 255),
+            "scale: expected positive",
+        ),
         ("scale numel per tensor", lambda: fq(x, sc, z, -1, 0, 255), "scale: expected 1 element"),
         ("scale numel per channel", lambda: fq(x, s, zc, 1, 0, 255), "scale: expected 3 elements"),
         ("scale int", lambda: fq(x, torch.tensor([1]), z, -1, 0, 255), "scale: expected a floating-point"),
@@ -498,7 +539,9 @@ def _build_math_lib(tmp_path, flags):
     src.write_text(_MATH_CAPI)
     lib = tmp_path / f"fq_math{abs(hash(tuple(flags)))}.so"
     include = os.path.join(os.path.dirname(os.path.dirname(__file__)), "csrc", "include")
-    subprocess.run([cxx, "-O2", "-shared", "-fPIC", *flags, "-I", include, str(src), "-o", str(lib)], check=True)
+    subprocess.run(
+        [cxx, "-O2", "-shared", "-fPIC", *flags, "-I", include, str(src), "-o", str(lib)], check=True
+    )
     return ctypes.CDLL(str(lib))
 
 
@@ -520,9 +563,15 @@ def test_shared_math_header_matches_builtin_elementwise(tmp_path, flags):
         x, dy, s, zp = case["x"], case["dy"], case["scale"], case["zp"]
         n, (qmin, qmax) = x.size, qrange
         y = np.empty(n, F32)
-        lib.fq_math_forward(_ptr(x), _ptr(s), _ptr(zp), ctypes.c_long(n), ctypes.c_long(qmin), ctypes.c_long(qmax), _ptr(y))
+        lib.fq_math_forward(
+            _ptr(x), _ptr(s), _ptr(zp), ctypes.c_long(n), ctypes.c_long(qmin), ctypes.c_long(qmax), _ptr(y)
+        )
         xt, st_, zt = torch.from_numpy(x), torch.from_numpy(s), torch.from_numpy(zp)
-        assert_bitwise(torch.from_numpy(y), torch._fake_quantize_learnable_per_channel_affine(xt, st_, zt, 0, qmin, qmax, gf), "fq_forward")
+        assert_bitwise(
+            torch.from_numpy(y),
+            torch._fake_quantize_learnable_per_channel_affine(xt, st_, zt, 0, qmin, qmax, gf),
+            "fq_forward",
+        )
         assert_bitwise(torch.from_numpy(y), spec_forward(x, s, zp, 0, qmin, qmax), "fq_forward vs spec")
         for per_channel in (1, 0):
             out = np.empty((n, 3), F32)
@@ -538,16 +587,36 @@ def test_shared_math_header_matches_builtin_elementwise(tmp_path, flags):
                 idx = np.arange(0, n, n // 300)
                 res = [
                     torch.ops.aten._fake_quantize_learnable_per_tensor_affine_backward(
-                        torch.from_numpy(dy[j : j + 1]), xt[j : j + 1], st_[j : j + 1], zt[j : j + 1], qmin, qmax, gf
+                        torch.from_numpy(dy[j : j + 1]),
+                        xt[j : j + 1],
+                        st_[j : j + 1],
+                        zt[j : j + 1],
+                        qmin,
+                        qmax,
+                        gf,
                     )
                     for j in idx
                 ]
                 out = out[idx]
                 dx_b, ds_b, dz_b = (torch.cat([r[k] for r in res]) for k in range(3))
             if BUILTIN_FMA:
-                assert_bitwise(torch.from_numpy(out[:, 0].copy()), dx_b.reshape(-1), f"fq_backward dx per_channel={per_channel}")
-                assert_bitwise(torch.from_numpy(out[:, 1].copy()), ds_b.reshape(-1), f"fq_backward dscale per_channel={per_channel}", False)
-                assert_bitwise(torch.from_numpy(out[:, 2].copy()), dz_b.reshape(-1), f"fq_backward dzp per_channel={per_channel}", False)
+                assert_bitwise(
+                    torch.from_numpy(out[:, 0].copy()),
+                    dx_b.reshape(-1),
+                    f"fq_backward dx per_channel={per_channel}",
+                )
+                assert_bitwise(
+                    torch.from_numpy(out[:, 1].copy()),
+                    ds_b.reshape(-1),
+                    f"fq_backward dscale per_channel={per_channel}",
+                    False,
+                )
+                assert_bitwise(
+                    torch.from_numpy(out[:, 2].copy()),
+                    dz_b.reshape(-1),
+                    f"fq_backward dzp per_channel={per_channel}",
+                    False,
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,7 +638,11 @@ def test_triton_matches_builtin_and_spec(shape, axis, device):
     check_case(case, y, grads)
     # non-contiguous input
     xt = x.transpose(0, -1).contiguous().transpose(0, -1)
-    check_case(case, torch.ops.qops_triton.fake_quant(xt, s, z, *args), torch.ops.qops_triton.fake_quant_backward(dy, xt, s, z, *args))
+    check_case(
+        case,
+        torch.ops.qops_triton.fake_quant(xt, s, z, *args),
+        torch.ops.qops_triton.fake_quant_backward(dy, xt, s, z, *args),
+    )
 
 
 @pytest.mark.triton
@@ -622,8 +695,10 @@ def test_cuda_matches_builtin(axis, qrange):
     check_case(case, y, grads)
     # against the CUDA built-in on the same GPU
     s, z = torch.from_numpy(case["scale"]).cuda(), torch.from_numpy(case["zp"]).cuda()
-    assert_bitwise(y.cpu(), reference.fake_quant(x, s, z, axis, *qrange, 0.5).cpu(), "forward vs CUDA built-in")
-    for name, xl in _layouts(x):
+    assert_bitwise(
+        y.cpu(), reference.fake_quant(x, s, z, axis, *qrange, 0.5).cpu(), "forward vs CUDA built-in"
+    )
+    for _name, xl in _layouts(x):
         y2, grads2 = run_qops(case, x=xl, dy=dy)
         check_case(case, y2, grads2)
 
@@ -646,7 +721,10 @@ def test_cuda_autograd_compile_and_opcheck():
     s = (torch.rand(8, device="cuda") + 0.1).requires_grad_()
     z = torch.zeros(8, device="cuda").requires_grad_()
     torch.library.opcheck(torch.ops.qops.fake_quant.default, (x, s, z, 1, -8, 7, 0.5))
-    torch.library.opcheck(torch.ops.qops.fake_quant_backward.default, (torch.randn_like(x), x.detach(), s.detach(), z.detach(), 1, -8, 7, 0.5))
+    torch.library.opcheck(
+        torch.ops.qops.fake_quant_backward.default,
+        (torch.randn_like(x), x.detach(), s.detach(), z.detach(), 1, -8, 7, 0.5),
+    )
     compiled = torch.compile(lambda x, s, z: qops.fake_quant(x, s, z, 1, -8, 7, 0.5).sum(), fullgraph=True)
     g = torch.autograd.grad(compiled(x, s, z), (x, s, z))
     ge = torch.autograd.grad(qops.fake_quant(x, s, z, 1, -8, 7, 0.5).sum(), (x, s, z))
@@ -660,7 +738,11 @@ def test_cuda_errors_do_not_crash():
     with pytest.raises(RuntimeError, match="scale"):
         torch.ops.qops.fake_quant(x, torch.tensor([0.1]), torch.tensor([0.0], device="cuda"), -1, 0, 255)
     with pytest.raises(RuntimeError, match="zero_point: expected 3"):
-        torch.ops.qops.fake_quant(x, torch.full((3,), 0.1, device="cuda"), torch.zeros(2, device="cuda"), 1, 0, 255)
+        torch.ops.qops.fake_quant(
+            x, torch.full((3,), 0.1, device="cuda"), torch.zeros(2, device="cuda"), 1, 0, 255
+        )
     # non-positive scale: no host sync to check it, NaN out
-    y = torch.ops.qops.fake_quant(x, torch.tensor([-1.0], device="cuda"), torch.tensor([0.0], device="cuda"), -1, 0, 255)
+    y = torch.ops.qops.fake_quant(
+        x, torch.tensor([-1.0], device="cuda"), torch.tensor([0.0], device="cuda"), -1, 0, 255
+    )
     assert torch.isnan(y).all()

@@ -158,7 +158,9 @@ def _layout(dense_x: Tensor, dim_axis: int) -> tuple[int, int, int]:
     return dense_x.numel() // (channels * inner), channels, inner
 
 
-def _qparams(scale: Tensor, zero_point: Tensor, per_channel: bool, backward: bool, quant_min: int, quant_max: int):
+def _qparams(
+    scale: Tensor, zero_point: Tensor, per_channel: bool, backward: bool, quant_min: int, quant_max: int
+):
     s = scale.detach().float().reshape(-1)
     inv = 1.0 / s
     z = zero_point.detach().float().reshape(-1)
@@ -170,7 +172,13 @@ def _qparams(scale: Tensor, zero_point: Tensor, per_channel: bool, backward: boo
 
 
 def fake_quant_impl(
-    x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int, grad_factor: float = 1.0
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
 ) -> Tensor:
     """The Triton forward (any device Triton runs on: CUDA, or CPU under TRITON_INTERPRET=1)."""
     dim_axis = _check(x, scale, zero_point, axis, quant_min, quant_max)
@@ -201,12 +209,16 @@ def fake_quant_backward_impl(
     """The Triton backward: one pass writing grad_x and per-program partial sums, then a float64 reduction."""
     dim_axis = _check(x, scale, zero_point, axis, quant_min, quant_max)
     if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
-        raise RuntimeError(f"grad: expected shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device} like x")
+        raise RuntimeError(
+            f"grad: expected shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device} like x"
+        )
     dense_x = _dense(x)
     grad_x = torch.empty_like(dense_x)
     if x.numel() == 0:
-        return grad_x, torch.zeros_like(scale, memory_format=torch.contiguous_format), torch.zeros_like(
-            zero_point, memory_format=torch.contiguous_format
+        return (
+            grad_x,
+            torch.zeros_like(scale, memory_format=torch.contiguous_format),
+            torch.zeros_like(zero_point, memory_format=torch.contiguous_format),
         )
     dense_grad = _in_layout_of(grad, dense_x)
     outer, channels, inner = _layout(dense_x, dim_axis)
@@ -224,7 +236,9 @@ def fake_quant_backward_impl(
     sum_inside, sum_below, sum_above = sums.unbind(dim=1)
     gf = _as_float32(grad_factor)
     zd = z.double()
-    grad_scale = (sum_inside * inv.double() + sum_below * (quant_min - zd) + sum_above * (quant_max - zd)) * gf
+    grad_scale = (
+        sum_inside * inv.double() + sum_below * (quant_min - zd) + sum_above * (quant_max - zd)
+    ) * gf
     grad_zero_point = -(sum_below + sum_above) * s.double() * gf
     return (
         grad_x,
@@ -235,7 +249,13 @@ def fake_quant_backward_impl(
 
 @triton_op("qops_triton::fake_quant", mutates_args={})
 def fake_quant(
-    x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int, grad_factor: float = 1.0
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
 ) -> Tensor:
     """torch.ops.qops_triton.fake_quant: the Triton kernel of torch.ops.qops.fake_quant."""
     return fake_quant_impl(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
