@@ -266,6 +266,31 @@ def test_cpu_task_grids(shape, axis):
     check_case(case, *run_qops(case))
 
 
+def test_range_without_zero_against_spec():
+    """The built-in backward wants quant_min <= 0 <= quant_max; ours does not: checked against the spec."""
+    case = make_case(9, (5, 7, 11), 1, (2, 9), grad_factor=0.5)
+    y, (dx, ds, dz) = run_qops(case)
+    args = (case["scale"], case["zp"], case["axis"], 2, 9)
+    assert_bitwise(y, spec_forward(case["x"], *args), "forward")
+    spec_dx, spec_ds, spec_dz = spec_backward(case["dy"], case["x"], *args, 0.5)
+    assert_bitwise(dx, spec_dx, "grad_x")
+    for ours, (exact, abs_sum) in ((ds, spec_ds), (dz, spec_dz)):
+        assert np.all(np.abs(ours.double().numpy() - exact) <= 4 * EPS32 * abs_sum + 1e-30)
+
+
+def test_non_finite_inputs():
+    """NaN counts as below the range (like the built-in on x86); +-inf saturate (docs/FAKE_QUANT.md)."""
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 0.3])
+    s, z = torch.tensor([0.5]), torch.tensor([1.0])
+    y = torch.ops.qops.fake_quant(x, s, z, -1, -8, 7)
+    assert y.tolist() == [-4.5, 3.0, -4.5, 3.0, -4.5, 0.5]
+    dx, ds, dz = torch.ops.qops.fake_quant_backward(torch.ones(6), x, s, z, -1, -8, 7)
+    assert dx.tolist() == [0, 0, 0, 0, 0, 1]
+    # below: NaN, -inf, -1e30 -> 3 * (-8 - 1); above: inf, 1e30 -> 2 * (7 - 1); inside: (0.5 - 0.3) / 0.5
+    assert ds.item() == pytest.approx(-27 + 12 + 0.4, rel=1e-6)
+    assert dz.item() == -5 * 0.5
+
+
 def _layouts(x: torch.Tensor):
     """(name, tensor with x's values in another memory layout)."""
     yield "transposed", x.transpose(0, -1).contiguous().transpose(0, -1)

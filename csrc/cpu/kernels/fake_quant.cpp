@@ -21,6 +21,11 @@
 #define __AVX512F__ 1
 #endif
 
+// GCC 12 warns inside ATen's and its own AVX headers: the vector-ABI note for the per-ISA namespaces
+// compiled under `#pragma GCC target`, and _mm512_undefined_* in avx512fintrin.h. Neither is ours.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "fake_quant.h"
 
 #include <ATen/Parallel.h>
