@@ -91,19 +91,23 @@ def fake_quant(
     return torch.ops.qops.fake_quant(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
-def _register_triton_as_cuda_kernel() -> None:
-    """bitsandbytes-style fallback: where torch has CUDA but qops._C was built without it, the Triton
-    kernels (qops/triton/fake_quant.py) serve torch.ops.qops.fake_quant* on CUDA tensors."""
-    if torch.version.cuda is None or _C.built_with_cuda():
-        return
+def register_triton_cuda_fallback() -> bool:
+    """Registers the Triton kernels (qops/triton/fake_quant.py) as the CUDA kernels of
+    torch.ops.qops.fake_quant / fake_quant_backward; False where triton is not installed.
+
+    ``import qops`` calls it where torch has CUDA but qops._C was built without it (bitsandbytes-style
+    fallback), so that CUDA tensors work without compiling the extension's CUDA sources.
+    """
     try:
         from .triton import fake_quant as triton_fake_quant
     except ImportError:  # triton not installed: CUDA tensors get torch's "no kernel" error
-        return
+        return False
     torch.library.register_kernel("qops::fake_quant", "cuda", triton_fake_quant.fake_quant_impl)
     torch.library.register_kernel(
         "qops::fake_quant_backward", "cuda", triton_fake_quant.fake_quant_backward_impl
     )
+    return True
 
 
-_register_triton_as_cuda_kernel()
+if torch.version.cuda is not None and not _C.built_with_cuda():
+    register_triton_cuda_fallback()

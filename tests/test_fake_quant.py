@@ -14,6 +14,7 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -691,6 +692,19 @@ def test_triton_autograd_and_opcheck():
     torch.library.opcheck(torch.ops.qops_triton.fake_quant.default, (x, s, z, 1, -8, 7, 1.0), **kw)
     args = (torch.randn(3, 4), x.detach(), s.detach(), z.detach(), 1, -8, 7, 1.0)
     torch.library.opcheck(torch.ops.qops_triton.fake_quant_backward.default, args, **kw)
+
+
+@pytest.mark.triton
+def test_triton_registers_as_cuda_fallback():
+    """What `import qops` does where torch has CUDA but qops._C has no CUDA kernels (in a fresh process:
+    the registration is global)."""
+    code = (
+        "import torch, qops; from qops.fake_quant import register_triton_cuda_fallback as r; assert r(); "
+        "d = torch._C._dispatch_dump('qops::fake_quant_backward'); assert 'CUDA: registered' in d, d; "
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
 @pytest.mark.triton
