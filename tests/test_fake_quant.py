@@ -38,7 +38,12 @@ def _supported_isas() -> list[str]:
 
 
 ISAS = _supported_isas()
-HYPOTHESIS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+# QOPS_HYPOTHESIS_EXAMPLES=5000 for a long fuzzing run.
+HYPOTHESIS = settings(
+    deadline=None,
+    max_examples=int(os.environ.get("QOPS_HYPOTHESIS_EXAMPLES", "60")),
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,8 +66,10 @@ def fma32(a, b, c):
 
 
 def _bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """v shaped to broadcast along axis (-1: per tensor; other negative axes count from the end)."""
     if axis == -1:
         return v.reshape(())
+    axis %= ndim
     return v.reshape([-1 if d == axis else 1 for d in range(ndim)])
 
 
@@ -105,7 +112,7 @@ def spec_backward(dy, x, scale, zp, axis, qmin, qmax, grad_factor):
     )
     t_zp = np.where(inside, 0.0, -dy64 * s64)
     t_scale, t_zp = t_scale * gf, t_zp * gf
-    dims = tuple(d for d in range(x.ndim) if d != axis) if axis != -1 else tuple(range(x.ndim))
+    dims = tuple(d for d in range(x.ndim) if d != axis % x.ndim) if axis != -1 else tuple(range(x.ndim))
 
     def reduce(t):
         return np.broadcast_to(t, x.shape).sum(axis=dims).reshape(-1)
@@ -222,8 +229,6 @@ def cases(draw, max_numel=3000):
     while int(np.prod(shape)) > max_numel:
         shape[int(np.argmax(shape))] //= 2
     axis = draw(st.sampled_from([-1] + list(range(-ndim, ndim))))
-    if axis != -1:
-        axis %= ndim
     qrange = draw(st.sampled_from(RANGES))
     grad_factor = draw(st.sampled_from([1.0, 0.5, 1 / 3, 0.01]))
     pow2 = draw(st.booleans())
