@@ -171,36 +171,48 @@ void tile_eps_scalar(int64_t seed, uint32_t stream, uint64_t first_group, NoiseD
 #if defined(QOPS_QN_AVX2)
 
 // (hi, lo) words of m * a for 8 uint32 lanes: _mm256_mul_epu32 multiplies the even lanes; the odd
-// lanes are shifted down first.
+// lanes are moved down first. Dword shuffles rather than 64-bit shifts: they issue on more ports.
 inline void mulhilo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  const __m256i odd = _mm256_mul_epu32(_mm256_shuffle_epi32(a, _MM_SHUFFLE(3, 3, 1, 1)), m);
+  lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, _MM_SHUFFLE(2, 2, 0, 0)), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, _MM_SHUFFLE(3, 3, 1, 1)), odd, 0xAA);
 }
 
-// Philox4x32-10 of 8 groups: counters (g_lo[lane], g_hi, stream, 0), key (k0, k1).
-inline void philox8(__m256i c0, __m256i c1, __m256i c2, uint32_t k0, uint32_t k1, __m256i r[4]) {
+// Philox4x32-10 of kBlocks x 8 groups: counters (g_lo[b][lane], g_hi, stream, 0), key (k0, k1).
+// The blocks are independent chains, interleaved to hide the multiply latency of each round.
+template <int kBlocks>
+inline void philox8(const __m256i* g_lo, __m256i g_hi, __m256i stream, uint32_t k0, uint32_t k1, __m256i (*r)[4]) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox_detail::kMul0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox_detail::kMul1));
-  __m256i c3 = _mm256_setzero_si256();
+  __m256i c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    c0[b] = g_lo[b];
+    c1[b] = g_hi;
+    c2[b] = stream;
+    c3[b] = _mm256_setzero_si256();
+  }
   for (int round = 0; round < 10; ++round) {
-    __m256i hi0, lo0, hi1, lo1;
-    mulhilo8(c0, m0, hi0, lo0);
-    mulhilo8(c2, m1, hi1, lo1);
     const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
     const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), key0);
-    c1 = lo1;
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), key1);
-    c3 = lo0;
+    for (int b = 0; b < kBlocks; ++b) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo8(c0[b], m0, hi0, lo0);
+      mulhilo8(c2[b], m1, hi1, lo1);
+      c0[b] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[b]), key0);
+      c1[b] = lo1;
+      c2[b] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[b]), key1);
+      c3[b] = lo0;
+    }
     k0 += philox_detail::kWeyl0;
     k1 += philox_detail::kWeyl1;
   }
-  r[0] = c0;
-  r[1] = c1;
-  r[2] = c2;
-  r[3] = c3;
+  for (int b = 0; b < kBlocks; ++b) {
+    r[b][0] = c0[b];
+    r[b][1] = c1[b];
+    r[b][2] = c2[b];
+    r[b][3] = c3[b];
+  }
 }
 
 // (w >> 8) | 1 as float: the odd 24-bit integer behind philox_unit.
@@ -208,50 +220,74 @@ inline __m256 odd24(__m256i w) {
   return _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(w, 8), _mm256_set1_epi32(1)));
 }
 
-// philox_log of 8 lanes, operation for operation.
-inline __m256 log8(__m256 u) {
+// The transforms below work on kN independent vectors in lockstep (each statement loops over
+// them), so the long dependency chains (div, sqrt, Horner) of different vectors overlap.
+
+// philox_log of kN x 8 lanes, operation for operation.
+template <int kN>
+inline void log8(const __m256* u, __m256* out) {
   using namespace philox_detail;
-  const __m256i ix = _mm256_castps_si256(u);
-  const __m256i e = _mm256_srai_epi32(_mm256_sub_epi32(ix, _mm256_set1_epi32(static_cast<int>(kTwoThirdsBits))), 23);
-  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(ix, _mm256_slli_epi32(e, 23)));
-  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
-  const __m256 s = _mm256_div_ps(f, _mm256_add_ps(_mm256_set1_ps(2.0f), f));
-  const __m256 z = _mm256_mul_ps(s, s);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kLn11), z, _mm256_set1_ps(kLn9));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(kLn7));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(kLn5));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(kLn3));
-  const __m256 ln_m = _mm256_fmadd_ps(_mm256_mul_ps(s, z), p, _mm256_add_ps(s, s));
-  const __m256 ef = _mm256_cvtepi32_ps(e);
-  return _mm256_fmadd_ps(ef, _mm256_set1_ps(kLn2Hi), _mm256_fmadd_ps(ef, _mm256_set1_ps(kLn2Lo), ln_m));
+  __m256 s[kN], z[kN], p[kN], ef[kN];
+  for (int n = 0; n < kN; ++n) {
+    const __m256i ix = _mm256_castps_si256(u[n]);
+    const __m256i e = _mm256_srai_epi32(_mm256_sub_epi32(ix, _mm256_set1_epi32(static_cast<int>(kTwoThirdsBits))), 23);
+    const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(ix, _mm256_slli_epi32(e, 23)));
+    const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+    s[n] = _mm256_div_ps(f, _mm256_add_ps(_mm256_set1_ps(2.0f), f));
+    ef[n] = _mm256_cvtepi32_ps(e);
+  }
+  for (int n = 0; n < kN; ++n) z[n] = _mm256_mul_ps(s[n], s[n]);
+  for (int n = 0; n < kN; ++n) p[n] = _mm256_fmadd_ps(_mm256_set1_ps(kLn11), z[n], _mm256_set1_ps(kLn9));
+  for (int n = 0; n < kN; ++n) p[n] = _mm256_fmadd_ps(p[n], z[n], _mm256_set1_ps(kLn7));
+  for (int n = 0; n < kN; ++n) p[n] = _mm256_fmadd_ps(p[n], z[n], _mm256_set1_ps(kLn5));
+  for (int n = 0; n < kN; ++n) p[n] = _mm256_fmadd_ps(p[n], z[n], _mm256_set1_ps(kLn3));
+  for (int n = 0; n < kN; ++n) {
+    const __m256 ln_m = _mm256_fmadd_ps(_mm256_mul_ps(s[n], z[n]), p[n], _mm256_add_ps(s[n], s[n]));
+    out[n] = _mm256_fmadd_ps(ef[n], _mm256_set1_ps(kLn2Hi), _mm256_fmadd_ps(ef[n], _mm256_set1_ps(kLn2Lo), ln_m));
+  }
 }
 
-// philox_sincos_turn of 8 lanes.
-inline void sincos8(__m256i w, __m256& cos_out, __m256& sin_out) {
+// philox_sincos_turn of kN x 8 lanes.
+template <int kN>
+inline void sincos8(const __m256i* w, __m256* cos_out, __m256* sin_out) {
   using namespace philox_detail;
-  const __m256i a = _mm256_or_si256(_mm256_srli_epi32(w, 8), _mm256_set1_epi32(1));
-  const __m256i q = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(1 << 21)), 22);
-  const __m256 r = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, _mm256_slli_epi32(q, 22))), _mm256_set1_ps(0x1p-22f));
-  const __m256 x2 = _mm256_mul_ps(r, r);
-  __m256 ps = _mm256_fmadd_ps(_mm256_set1_ps(kSin9), x2, _mm256_set1_ps(kSin7));
-  ps = _mm256_fmadd_ps(ps, x2, _mm256_set1_ps(kSin5));
-  ps = _mm256_fmadd_ps(ps, x2, _mm256_set1_ps(kSin3));
-  ps = _mm256_fmadd_ps(ps, x2, _mm256_set1_ps(kSin1));
-  const __m256 sn = _mm256_mul_ps(r, ps);
-  __m256 pc = _mm256_fmadd_ps(_mm256_set1_ps(kCos10), x2, _mm256_set1_ps(kCos8));
-  pc = _mm256_fmadd_ps(pc, x2, _mm256_set1_ps(kCos6));
-  pc = _mm256_fmadd_ps(pc, x2, _mm256_set1_ps(kCos4));
-  pc = _mm256_fmadd_ps(pc, x2, _mm256_set1_ps(kCos2));
-  const __m256 cs = _mm256_fmadd_ps(pc, x2, _mm256_set1_ps(1.0f));
-  const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
-  const __m256 c = _mm256_blendv_ps(cs, sn, swap);
-  const __m256 s = _mm256_blendv_ps(sn, cs, swap);
-  // Sign bits: cos negative for q in {1, 2}, sin negative for q in {2, 3}.
-  const __m256i two = _mm256_set1_epi32(2);
-  const __m256i neg_c = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), two), 30);
-  const __m256i neg_s = _mm256_slli_epi32(_mm256_and_si256(q, two), 30);
-  cos_out = _mm256_xor_ps(c, _mm256_castsi256_ps(neg_c));
-  sin_out = _mm256_xor_ps(s, _mm256_castsi256_ps(neg_s));
+  __m256i q[kN];
+  __m256 r[kN], x2[kN], ps[kN], pc[kN];
+  for (int n = 0; n < kN; ++n) {
+    const __m256i a = _mm256_or_si256(_mm256_srli_epi32(w[n], 8), _mm256_set1_epi32(1));
+    q[n] = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(1 << 21)), 22);
+    r[n] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(a, _mm256_slli_epi32(q[n], 22))), _mm256_set1_ps(0x1p-22f));
+    x2[n] = _mm256_mul_ps(r[n], r[n]);
+  }
+  for (int n = 0; n < kN; ++n) {
+    ps[n] = _mm256_fmadd_ps(_mm256_set1_ps(kSin9), x2[n], _mm256_set1_ps(kSin7));
+    pc[n] = _mm256_fmadd_ps(_mm256_set1_ps(kCos10), x2[n], _mm256_set1_ps(kCos8));
+  }
+  for (int n = 0; n < kN; ++n) {
+    ps[n] = _mm256_fmadd_ps(ps[n], x2[n], _mm256_set1_ps(kSin5));
+    pc[n] = _mm256_fmadd_ps(pc[n], x2[n], _mm256_set1_ps(kCos6));
+  }
+  for (int n = 0; n < kN; ++n) {
+    ps[n] = _mm256_fmadd_ps(ps[n], x2[n], _mm256_set1_ps(kSin3));
+    pc[n] = _mm256_fmadd_ps(pc[n], x2[n], _mm256_set1_ps(kCos4));
+  }
+  for (int n = 0; n < kN; ++n) {
+    ps[n] = _mm256_fmadd_ps(ps[n], x2[n], _mm256_set1_ps(kSin1));
+    pc[n] = _mm256_fmadd_ps(pc[n], x2[n], _mm256_set1_ps(kCos2));
+  }
+  const __m256i one = _mm256_set1_epi32(1), two = _mm256_set1_epi32(2);
+  for (int n = 0; n < kN; ++n) {
+    const __m256 sn = _mm256_mul_ps(r[n], ps[n]);
+    const __m256 cs = _mm256_fmadd_ps(pc[n], x2[n], _mm256_set1_ps(1.0f));
+    // Rotate by q quarter turns; cos is negative for q in {1, 2}, sin for q in {2, 3}.
+    const __m256 swap = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q[n], one), one));
+    const __m256 c = _mm256_blendv_ps(cs, sn, swap);
+    const __m256 s = _mm256_blendv_ps(sn, cs, swap);
+    const __m256i neg_c = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q[n], one), two), 30);
+    const __m256i neg_s = _mm256_slli_epi32(_mm256_and_si256(q[n], two), 30);
+    cos_out[n] = _mm256_xor_ps(c, _mm256_castsi256_ps(neg_c));
+    sin_out[n] = _mm256_xor_ps(s, _mm256_castsi256_ps(neg_s));
+  }
 }
 
 // z[j][lane] (word j of group lane) -> 32 floats in element order (group-major).
@@ -278,26 +314,40 @@ void tile_eps_avx2(int64_t seed, uint32_t stream, uint64_t first_group, NoiseDis
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i g_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(first_group >> 32)));
   const __m256i strm = _mm256_set1_epi32(static_cast<int>(stream));
-  for (int64_t block = 0; block < kTile / 32; ++block) {
-    const uint32_t g_lo = static_cast<uint32_t>(first_group) + static_cast<uint32_t>(8 * block);
-    __m256i r[4];
-    philox8(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(g_lo)), lanes), g_hi, strm, k0, k1, r);
-    __m256 z[4];
+  constexpr int kBlocks = 2;  // 2 x 8 groups per Philox call
+  for (int64_t block = 0; block < kTile / 32; block += kBlocks) {
+    __m256i g_lo[kBlocks];
+    for (int b = 0; b < kBlocks; ++b) {
+      const uint32_t base = static_cast<uint32_t>(first_group) + static_cast<uint32_t>(8 * (block + b));
+      g_lo[b] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), lanes);
+    }
+    __m256i r[kBlocks][4];
+    philox8<kBlocks>(g_lo, g_hi, strm, k0, k1, r);
+    __m256 z[kBlocks][4];
     if (dist == NoiseDist::kGaussian) {
-      for (int pair = 0; pair < 4; pair += 2) {
-        const __m256 u = _mm256_mul_ps(odd24(r[pair]), _mm256_set1_ps(0x1p-24f));
-        const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u)));
-        __m256 c, sn;
-        sincos8(r[pair + 1], c, sn);
-        z[pair] = _mm256_mul_ps(radius, c);
-        z[pair + 1] = _mm256_mul_ps(radius, sn);
+      // Box-Muller on (word 0, word 1) and (word 2, word 3) of every block, all in lockstep.
+      constexpr int kN = 2 * kBlocks;
+      __m256 u[kN], ln_u[kN], c[kN], sn[kN];
+      __m256i angle[kN];
+      for (int n = 0; n < kN; ++n) {
+        u[n] = _mm256_mul_ps(odd24(r[n / 2][2 * (n % 2)]), _mm256_set1_ps(0x1p-24f));
+        angle[n] = r[n / 2][2 * (n % 2) + 1];
+      }
+      log8<kN>(u, ln_u);
+      sincos8<kN>(angle, c, sn);
+      for (int n = 0; n < kN; ++n) {
+        const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ln_u[n]));
+        z[n / 2][2 * (n % 2)] = _mm256_mul_ps(radius, c[n]);
+        z[n / 2][2 * (n % 2) + 1] = _mm256_mul_ps(radius, sn[n]);
       }
     } else {
-      for (int j = 0; j < 4; ++j) {
-        z[j] = _mm256_sub_ps(_mm256_mul_ps(odd24(r[j]), _mm256_set1_ps(0x1p-23f)), _mm256_set1_ps(1.0f));
+      for (int b = 0; b < kBlocks; ++b) {
+        for (int j = 0; j < 4; ++j) {
+          z[b][j] = _mm256_sub_ps(_mm256_mul_ps(odd24(r[b][j]), _mm256_set1_ps(0x1p-23f)), _mm256_set1_ps(1.0f));
+        }
       }
     }
-    store_groups(z[0], z[1], z[2], z[3], eps + 32 * block);
+    for (int b = 0; b < kBlocks; ++b) store_groups(z[b][0], z[b][1], z[b][2], z[b][3], eps + 32 * (block + b));
   }
 }
 
