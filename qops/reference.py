@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-
 # ---------------------------------------------------------------------------------------------
 # quant_noise: Philox4x32-10 noise, bit for bit as csrc/include/qops/philox.h defines it.
 # uint32 arithmetic is emulated on int64 tensors (values kept in [0, 2^32)); float32 arithmetic is
@@ -93,10 +92,28 @@ def div_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _F = float.fromhex
-_LN = [_F("0x1.745d18p-3"), _F("0x1.c71c72p-3"), _F("0x1.24924ap-2"), _F("0x1.99999ap-2"), _F("0x1.555556p-1")]
+_LN = [
+    _F("0x1.745d18p-3"),
+    _F("0x1.c71c72p-3"),
+    _F("0x1.24924ap-2"),
+    _F("0x1.99999ap-2"),
+    _F("0x1.555556p-1"),
+]
 _LN2_HI, _LN2_LO = _F("0x1.62e4p-1"), _F("0x1.7f7d1cp-20")
-_SIN = [_F("0x1.507834p-13"), _F("-0x1.32d2ccp-8"), _F("0x1.466bc6p-4"), _F("-0x1.4abbcep-1"), _F("0x1.921fb6p+0")]
-_COS = [_F("-0x1.a6d1f2p-16"), _F("0x1.e1f506p-11"), _F("-0x1.55d3c8p-6"), _F("0x1.03c1f0p-2"), _F("-0x1.3bd3ccp+0")]
+_SIN = [
+    _F("0x1.507834p-13"),
+    _F("-0x1.32d2ccp-8"),
+    _F("0x1.466bc6p-4"),
+    _F("-0x1.4abbcep-1"),
+    _F("0x1.921fb6p+0"),
+]
+_COS = [
+    _F("-0x1.a6d1f2p-16"),
+    _F("0x1.e1f506p-11"),
+    _F("-0x1.55d3c8p-6"),
+    _F("0x1.03c1f0p-2"),
+    _F("-0x1.3bd3ccp+0"),
+]
 
 
 def _f32(v: float) -> torch.Tensor:
@@ -144,14 +161,17 @@ def _philox_sincos_turn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(((q + 1) & 2) != 0, -c, c), torch.where((q & 2) != 0, -s, s)
 
 
-def philox_noise(numel: int, seed: int, stream: int = QUANT_NOISE_STREAM, dist: str = "gaussian") -> torch.Tensor:
-    """eps of elements 0..numel-1 of (seed, stream) as float32 [numel]: the noise quant_noise adds
-    (before scaling by delta/2). Gaussian: Box-Muller on word pairs (0,1), (2,3) of each group;
-    uniform: 2u - 1 per word. See csrc/include/qops/philox.h for the exact definition."""
+def philox_noise(
+    numel: int, seed: int, stream: int = QUANT_NOISE_STREAM, dist: str = "gaussian", offset: int = 0
+) -> torch.Tensor:
+    """eps of the elements offset .. offset+numel-1 of (seed, stream) as float32 [numel]: the noise
+    quant_noise adds (before scaling by delta/2). Gaussian: Box-Muller on the word pairs (0, 1) and
+    (2, 3) of each group of four elements; uniform: 2u - 1 per word. csrc/include/qops/philox.h has
+    the exact definition."""
     if dist not in NOISE_DISTS:
         raise ValueError(f"dist: expected one of {NOISE_DISTS}, got {dist!r}")
-    groups = torch.arange((numel + 3) // 4, dtype=torch.int64)
-    r = philox_bits(seed, stream, groups)
+    first, last = offset // 4, (offset + numel + 3) // 4
+    r = philox_bits(seed, stream, torch.arange(first, last, dtype=torch.int64))
     if dist == "uniform":
         eps = ((r >> 8) | 1).to(torch.float32) * _F("0x1p-23") - 1.0
     else:
@@ -161,11 +181,18 @@ def philox_noise(numel: int, seed: int, stream: int = QUANT_NOISE_STREAM, dist: 
             c, s = _philox_sincos_turn(r[:, pair + 1])
             z += [radius * c, radius * s]
         eps = torch.stack(z, dim=-1)
-    return eps.reshape(-1)[:numel]
+    start = offset - 4 * first
+    return eps.reshape(-1)[start : start + numel]
 
 
 def quant_noise(
-    x: torch.Tensor, bits: int, seed: int, axis: int = -1, dist: str = "gaussian", *, stream: int = QUANT_NOISE_STREAM
+    x: torch.Tensor,
+    bits: int,
+    seed: int,
+    axis: int = -1,
+    dist: str = "gaussian",
+    *,
+    stream: int = QUANT_NOISE_STREAM,
 ) -> torch.Tensor:
     """Quantization noise (QuantNAS, arXiv:2210.17512): y = x + delta * eps / 2 with
     delta = (max - min) / (2^bits - 1) over the tensor (axis = -1) or per index of `axis`, eps ~ N(0, 1)

@@ -2,7 +2,8 @@
 // philox4x32-10, then prints the eps of a few (seed, stream) streams as float bit patterns so that
 // tests/test_quant_noise.py can compare them with qops/reference.py bit for bit.
 // Usage: test_philox            -> known answers only (exit status 1 on a mismatch)
-//        test_philox SEED STREAM N  -> also prints "index gaussian_bits uniform_bits" for 0..N-1
+//        test_philox SEED STREAM N [FIRST]  -> also prints "index gaussian_bits uniform_bits" for the
+//        element indices FIRST .. FIRST+N-1 (FIRST defaults to 0)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -49,11 +50,12 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (argc == 4) {
+  if (argc == 4 || argc == 5) {
     const long long seed = std::strtoll(argv[1], nullptr, 10);
     const unsigned long stream = std::strtoul(argv[2], nullptr, 10);
     const long long n = std::strtoll(argv[3], nullptr, 10);
-    for (long long i = 0; i < n; ++i) {
+    const long long first = argc == 5 ? std::strtoll(argv[4], nullptr, 10) : 0;
+    for (long long i = first; i < first + n; ++i) {
       const float g = qops::philox_normal(seed, static_cast<uint32_t>(stream), static_cast<uint64_t>(i));
       const float u = qops::philox_uniform(seed, static_cast<uint32_t>(stream), static_cast<uint64_t>(i));
       // The group functions must agree with the per-element ones.

@@ -42,8 +42,13 @@ inline T max_nan(T a, T b) {
 
 // lo/hi of x[0..n) merged into lo/hi. Plain compares (which drop NaN) plus a separate NaN flag
 // (which restores it), so the loop vectorizes.
+// The work of every at::parallel_for body is in a [[gnu::noinline]] function of this namespace:
+// inlined into the OpenMP outlined functions, the vector code would sit in symbols named after
+// at::internal (tests/test_build.py checks where ymm/zmm code lives).
+#define QOPS_QN_NOINLINE [[gnu::noinline]]
+
 template <typename T>
-void reduce_span(const T* x, int64_t n, T& lo, T& hi) {
+QOPS_QN_NOINLINE void reduce_span(const T* x, int64_t n, T& lo, T& hi) {
   T l = lo, h = hi;
   bool nan = false;
   int64_t i = 0;
@@ -83,6 +88,23 @@ void reduce_span(const T* x, int64_t n, T& lo, T& hi) {
   hi = max_nan(hi, h);
 }
 
+template <typename T>
+QOPS_QN_NOINLINE void reduce_rows(const T* x, int64_t inner, int64_t begin, int64_t end, T* rlo, T* rhi) {
+  for (int64_t r = begin; r < end; ++r) reduce_span(x + r * inner, inner, rlo[r], rhi[r]);
+}
+
+// Elementwise min/max of the slabs [begin, end) of `slab` elements into lo/hi[0..slab).
+template <typename T>
+QOPS_QN_NOINLINE void reduce_slabs(const T* x, int64_t slab, int64_t begin, int64_t end, T* lo, T* hi) {
+  for (int64_t o = begin; o < end; ++o) {
+    const T* xs = x + o * slab;
+    for (int64_t k = 0; k < slab; ++k) {
+      lo[k] = min_nan(lo[k], xs[k]);
+      hi[k] = max_nan(hi[k], xs[k]);
+    }
+  }
+}
+
 // lo/hi[c] = min/max of slice c. Min and max are exact and order-independent, so every split of
 // the work gives the same result.
 template <typename T>
@@ -108,7 +130,7 @@ void range_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, T* l
     const int64_t rows = outer * channels;
     std::vector<T> rlo(rows, inf), rhi(rows, -inf);
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / inner), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) reduce_span(x + r * inner, inner, rlo[r], rhi[r]);
+      reduce_rows(x, inner, b, e, rlo.data(), rhi.data());
     });
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t c = r % channels;
@@ -121,16 +143,8 @@ void range_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, T* l
     const int64_t slab = channels * inner;
     std::vector<T> plo(static_cast<size_t>(nthreads) * slab, inf), phi(static_cast<size_t>(nthreads) * slab, -inf);
     at::parallel_for(0, outer, std::max<int64_t>(1, kGrainElems / slab), [&](int64_t b, int64_t e) {
-      T* tl = plo.data() + at::get_thread_num() * slab;
-      T* th = phi.data() + at::get_thread_num() * slab;
-      for (int64_t o = b; o < e; ++o) {
-        const T* xs = x + o * slab;
-        int64_t k = 0;
-        for (; k < slab; ++k) {
-          tl[k] = min_nan(tl[k], xs[k]);
-          th[k] = max_nan(th[k], xs[k]);
-        }
-      }
+      const int64_t t = at::get_thread_num();
+      reduce_slabs(x, slab, b, e, plo.data() + t * slab, phi.data() + t * slab);
     });
     for (int t = 0; t < nthreads; ++t) {
       for (int64_t k = 0; k < slab; ++k) {
@@ -378,33 +392,40 @@ inline void apply_tile(const float* x, const float* hd, bool hd_scalar, float hd
 
 #endif
 
+// Noise for the tiles [tile_begin, tile_end).
+template <typename T>
+QOPS_QN_NOINLINE void noise_tiles(const T* x, T* y, const T* half_delta, int64_t numel, int64_t channels, int64_t inner,
+                                  int64_t seed, uint32_t stream, NoiseDist dist, int64_t tile_begin, int64_t tile_end) {
+  alignas(64) float eps[kTile];
+  alignas(64) T hd[kTile];
+  for (int64_t t = tile_begin; t < tile_end; ++t) {
+    const int64_t first = t * kTile;
+    const int64_t n = std::min(kTile, numel - first);
+    const uint64_t first_group = static_cast<uint64_t>(first) / 4;
+#if defined(QOPS_QN_AVX2)
+    tile_eps_avx2(seed, stream, first_group, dist, eps);
+#else
+    tile_eps_scalar(seed, stream, first_group, dist, eps);
+#endif
+    const bool hd_scalar = channels == 1;
+    if (!hd_scalar) fill_half_delta(half_delta, channels, inner, first, n, hd);
+    if constexpr (std::is_same_v<T, float>) {
+      apply_tile(x + first, hd, hd_scalar, half_delta[0], eps, y + first, n);
+    } else {
+      for (int64_t k = 0; k < n; ++k) {
+        const T h = hd_scalar ? half_delta[0] : hd[k];
+        y[first + k] = h == T(0) ? x[first + k] : std::fma(h, static_cast<T>(eps[k]), x[first + k]);
+      }
+    }
+  }
+}
+
 template <typename T>
 void apply_impl(const T* x, T* y, const T* half_delta, int64_t numel, int64_t channels, int64_t inner, int64_t seed,
                 uint32_t stream, NoiseDist dist) {
   const int64_t tiles = (numel + kTile - 1) / kTile;
   at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElems / kTile), [&](int64_t tb, int64_t te) {
-    alignas(64) float eps[kTile];
-    alignas(64) T hd[kTile];
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t first = t * kTile;
-      const int64_t n = std::min(kTile, numel - first);
-      const uint64_t first_group = static_cast<uint64_t>(first) / 4;
-#if defined(QOPS_QN_AVX2)
-      tile_eps_avx2(seed, stream, first_group, dist, eps);
-#else
-      tile_eps_scalar(seed, stream, first_group, dist, eps);
-#endif
-      const bool hd_scalar = channels == 1;
-      if (!hd_scalar) fill_half_delta(half_delta, channels, inner, first, n, hd);
-      if constexpr (std::is_same_v<T, float>) {
-        apply_tile(x + first, hd, hd_scalar, half_delta[0], eps, y + first, n);
-      } else {
-        for (int64_t k = 0; k < n; ++k) {
-          const T h = hd_scalar ? half_delta[0] : hd[k];
-          y[first + k] = h == T(0) ? x[first + k] : std::fma(h, static_cast<T>(eps[k]), x[first + k]);
-        }
-      }
-    }
+    noise_tiles(x, y, half_delta, numel, channels, inner, seed, stream, dist, tb, te);
   });
 }
 
