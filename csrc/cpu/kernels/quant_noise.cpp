@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -46,6 +47,25 @@ inline T max_nan(T a, T b) {
 // inlined into the OpenMP outlined functions, the vector code would sit in symbols named after
 // at::internal (tests/test_build.py checks where ymm/zmm code lives).
 #define QOPS_QN_NOINLINE [[gnu::noinline]]
+
+// Runs body(begin, end) over [0, n) in chunks of `grain` that the threads claim one at a time.
+// at::parallel_for gives each thread one fixed share, so on a shared machine a thread that the OS
+// parks holds up the whole call; here the running threads take its chunks. The chunks are the
+// same whatever thread runs them, so results do not depend on the schedule.
+template <typename Body>
+void parallel_chunks(int64_t n, int64_t grain, const Body& body) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  if (chunks <= 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    body(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+    for (int64_t chunk = next.fetch_add(1); chunk < chunks; chunk = next.fetch_add(1)) {
+      body(chunk * grain, std::min(n, (chunk + 1) * grain));
+    }
+  });
+}
 
 template <typename T>
 QOPS_QN_NOINLINE void reduce_span(const T* x, int64_t n, T& lo, T& hi) {
@@ -117,7 +137,7 @@ void range_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, T* l
   if (channels == 1 && outer == 1) {
     // One range over a contiguous span: per-thread partials.
     std::vector<T> plo(nthreads, inf), phi(nthreads, -inf);
-    at::parallel_for(0, numel, kGrainElems, [&](int64_t b, int64_t e) {
+    parallel_chunks(numel, kGrainElems, [&](int64_t b, int64_t e) {
       const int t = at::get_thread_num();
       reduce_span(x + b, e - b, plo[t], phi[t]);
     });
@@ -129,7 +149,7 @@ void range_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, T* l
     // Rows of `inner` contiguous elements: reduce each row, then the rows of each slice.
     const int64_t rows = outer * channels;
     std::vector<T> rlo(rows, inf), rhi(rows, -inf);
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / inner), [&](int64_t b, int64_t e) {
+    parallel_chunks(rows, std::max<int64_t>(1, kGrainElems / inner), [&](int64_t b, int64_t e) {
       reduce_rows(x, inner, b, e, rlo.data(), rhi.data());
     });
     for (int64_t r = 0; r < rows; ++r) {
@@ -142,7 +162,7 @@ void range_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, T* l
     // fold the `inner` positions of each channel.
     const int64_t slab = channels * inner;
     std::vector<T> plo(static_cast<size_t>(nthreads) * slab, inf), phi(static_cast<size_t>(nthreads) * slab, -inf);
-    at::parallel_for(0, outer, std::max<int64_t>(1, kGrainElems / slab), [&](int64_t b, int64_t e) {
+    parallel_chunks(outer, std::max<int64_t>(1, kGrainElems / slab), [&](int64_t b, int64_t e) {
       const int64_t t = at::get_thread_num();
       reduce_slabs(x, slab, b, e, plo.data() + t * slab, phi.data() + t * slab);
     });
@@ -424,7 +444,7 @@ template <typename T>
 void apply_impl(const T* x, T* y, const T* half_delta, int64_t numel, int64_t channels, int64_t inner, int64_t seed,
                 uint32_t stream, NoiseDist dist) {
   const int64_t tiles = (numel + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, std::max<int64_t>(1, kGrainElems / kTile), [&](int64_t tb, int64_t te) {
+  parallel_chunks(tiles, std::max<int64_t>(1, kGrainElems / kTile), [&](int64_t tb, int64_t te) {
     noise_tiles(x, y, half_delta, numel, channels, inner, seed, stream, dist, tb, te);
   });
 }
