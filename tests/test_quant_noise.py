@@ -415,3 +415,6 @@ def test_cuda_non_contiguous_opcheck_and_triton():
 
     big = torch.randn(1 << 20, device="cuda")
     assert bits_equal(torch.ops.qops_triton.quant_noise(big, 4, 9).cpu(), OP(big.cpu(), 4, 9))
+    # Tracing into a triton_op needs a GPU: the interpreter would run the kernels on fake tensors.
+    small = torch.randn(3, 5, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.qops_triton.quant_noise.default, (small, 4, 1, 0, "uniform"))

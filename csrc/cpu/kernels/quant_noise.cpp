@@ -4,6 +4,9 @@
 //   elements. DEFAULT evaluates philox.h's scalar functions; AVX2 (and AVX512, which reuses it)
 //   runs Philox and the eps transforms on 8 groups (32 elements) at once with the same operation
 //   sequence, so the two paths give identical bits (tests/test_quant_noise.py forces both).
+// Intrinsics rather than at::vec: ATen's AVX2 Vectorized<float> does not compile under setup.py's
+// `#pragma GCC target` wrappers with GCC 12 (sleef.h declares its AVX functions only when __AVX__ is
+// defined, which the pragma does not do).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
