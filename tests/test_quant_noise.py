@@ -145,7 +145,16 @@ def test_cpu_matches_reference_bitwise(sa, bits, seed, dist):
 
 
 @pytest.mark.parametrize(
-    "shape,axis", [((2053,), -1), ((3, 37, 29), 1), ((5, 7, 11, 3), -1), ((6, 4, 700), -2), ((9, 40), 1)]
+    "shape,axis",
+    [
+        ((2053,), -1),
+        ((3, 37, 29), 1),
+        ((5, 7, 11, 3), -1),
+        ((6, 4, 700), -2),
+        ((9, 40), 1),
+        ((2, 40003), 1),  # last axis, few long slabs: threads split the slab
+        ((40003, 3), 1),  # last axis, many short slabs: per-thread partials
+    ],
 )
 @pytest.mark.parametrize("dist", reference.NOISE_DISTS)
 def test_every_isa_matches_reference(shape, axis, dist, restore_isa):

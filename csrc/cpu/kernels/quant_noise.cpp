@@ -44,8 +44,6 @@ inline T max_nan(T a, T b) {
   return (b > a || b != b) ? b : a;
 }
 
-// lo/hi of x[0..n) merged into lo/hi. Plain compares (which drop NaN) plus a separate NaN flag
-// (which restores it), so the loop vectorizes.
 // The work of every at::parallel_for body is in a [[gnu::noinline]] function of this namespace:
 // inlined into the OpenMP outlined functions, the vector code would sit in symbols named after
 // at::internal (tests/test_build.py checks where ymm/zmm code lives).
@@ -70,6 +68,8 @@ void parallel_chunks(int64_t n, int64_t grain, const Body& body) {
   });
 }
 
+// lo/hi of x[0..n) merged into lo/hi. Plain compares (which drop NaN) plus a separate NaN flag
+// (which restores it), so the loop vectorizes.
 template <typename T>
 QOPS_QN_NOINLINE void reduce_span(const T* x, int64_t n, T& lo, T& hi) {
   T l = lo, h = hi;
@@ -116,12 +116,25 @@ QOPS_QN_NOINLINE void reduce_rows(const T* x, int64_t inner, int64_t begin, int6
   for (int64_t r = begin; r < end; ++r) reduce_span(x + r * inner, inner, rlo[r], rhi[r]);
 }
 
-// Elementwise min/max of the slabs [begin, end) of `slab` elements into lo/hi[0..slab).
+// Elementwise min/max of the slabs [begin, end) (each `slab` elements) into lo/hi[0..slab).
 template <typename T>
 QOPS_QN_NOINLINE void reduce_slabs(const T* x, int64_t slab, int64_t begin, int64_t end, T* lo, T* hi) {
   for (int64_t o = begin; o < end; ++o) {
     const T* xs = x + o * slab;
     for (int64_t k = 0; k < slab; ++k) {
+      lo[k] = min_nan(lo[k], xs[k]);
+      hi[k] = max_nan(hi[k], xs[k]);
+    }
+  }
+}
+
+// Elementwise min/max over all `outer` slabs of the positions [begin, end) of a slab.
+template <typename T>
+QOPS_QN_NOINLINE void reduce_columns(const T* x, int64_t slab, int64_t outer, int64_t begin, int64_t end, T* lo,
+                                     T* hi) {
+  for (int64_t o = 0; o < outer; ++o) {
+    const T* xs = x + o * slab;
+    for (int64_t k = begin; k < end; ++k) {
       lo[k] = min_nan(lo[k], xs[k]);
       hi[k] = max_nan(hi[k], xs[k]);
     }
@@ -161,20 +174,29 @@ void range_impl(const T* x, int64_t outer, int64_t channels, int64_t inner, T* l
       hi[c] = max_nan(hi[c], rhi[r]);
     }
   } else {
-    // Short rows (e.g. the last axis): elementwise min/max of whole [channels, inner] slabs, then
-    // fold the `inner` positions of each channel.
+    // Short rows (e.g. the last axis): elementwise min/max of the [channels, inner] slabs, then
+    // fold the `inner` positions of each channel. Many short slabs: per-thread partial slabs;
+    // few long ones: threads split the slab positions instead.
     const int64_t slab = channels * inner;
-    std::vector<T> plo(static_cast<size_t>(nthreads) * slab, inf), phi(static_cast<size_t>(nthreads) * slab, -inf);
-    parallel_chunks(outer, std::max<int64_t>(1, kGrainElems / slab), [&](int64_t b, int64_t e) {
-      const int64_t t = at::get_thread_num();
-      reduce_slabs(x, slab, b, e, plo.data() + t * slab, phi.data() + t * slab);
-    });
-    for (int t = 0; t < nthreads; ++t) {
-      for (int64_t k = 0; k < slab; ++k) {
-        const int64_t c = k / inner;
-        lo[c] = min_nan(lo[c], plo[t * slab + k]);
-        hi[c] = max_nan(hi[c], phi[t * slab + k]);
-      }
+    std::vector<T> slo, shi;
+    if (outer > slab) {
+      slo.assign(static_cast<size_t>(nthreads) * slab, inf);
+      shi.assign(static_cast<size_t>(nthreads) * slab, -inf);
+      parallel_chunks(outer, std::max<int64_t>(1, kGrainElems / slab), [&](int64_t b, int64_t e) {
+        const int64_t t = at::get_thread_num();
+        reduce_slabs(x, slab, b, e, slo.data() + t * slab, shi.data() + t * slab);
+      });
+    } else {
+      slo.assign(slab, inf);
+      shi.assign(slab, -inf);
+      parallel_chunks(slab, std::max<int64_t>(1, kGrainElems / outer), [&](int64_t b, int64_t e) {
+        reduce_columns(x, slab, outer, b, e, slo.data(), shi.data());
+      });
+    }
+    for (size_t k = 0; k < slo.size(); ++k) {
+      const int64_t c = static_cast<int64_t>(k % slab) / inner;
+      lo[c] = min_nan(lo[c], slo[k]);
+      hi[c] = max_nan(hi[c], shi[k]);
     }
   }
 }
