@@ -90,3 +90,220 @@ def fake_quant_backward(
         ds.reshape(scale.shape).to(scale.dtype),
         dz.reshape(zero_point.shape).to(zero_point.dtype),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# quant_noise: Philox4x32-10 noise, bit for bit as csrc/include/qops/philox.h defines it.
+# uint32 arithmetic is emulated on int64 tensors (values kept in [0, 2^32)); float32 arithmetic is
+# torch's, which rounds every + - * / sqrt correctly; the fused multiply-adds of the header are
+# emulated exactly (fma_f32), so the reference reproduces the kernels' floats exactly.
+
+_U32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+NOISE_DISTS = ("gaussian", "uniform")
+QUANT_NOISE_STREAM = 0  # the stream word of torch.ops.qops.quant_noise (philox.h kQuantNoiseStream)
+
+
+def _mulhilo32(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product m * a, a an int64 tensor in [0, 2^32).
+    m is split into 16-bit halves so that no partial product leaves int64."""
+    p_lo = a * (m & 0xFFFF)  # < 2^48
+    p_hi = a * (m >> 16)  # < 2^48; the product is p_hi * 2^16 + p_lo
+    t = p_lo + ((p_hi & 0xFFFF) << 16)  # low 48 bits, with carry
+    return (p_hi >> 16) + (t >> 32), t & _U32
+
+
+def philox4x32_10(counter: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """Random123's Philox4x32-10 block function. counter: int64 tensor [..., 4] of uint32 words;
+    key: two uint32 words. Returns the four output words as int64 [..., 4] in [0, 2^32)."""
+    c0, c1, c2, c3 = (counter[..., i].to(torch.int64) & _U32 for i in range(4))
+    k0, k1 = key[0] & _U32, key[1] & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_WEYL[0]) & _U32
+        k1 = (k1 + _PHILOX_WEYL[1]) & _U32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def philox_bits(seed: int, stream: int, groups: torch.Tensor) -> torch.Tensor:
+    """The raw words [..., 4] of the given groups (elements 4g..4g+3): key = the seed's two 32-bit
+    halves (two's complement), counter = (g low, g high, stream, 0)."""
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    g = groups.to(torch.int64)
+    counter = torch.stack([g & _U32, g >> 32, torch.full_like(g, stream & _U32), torch.zeros_like(g)], dim=-1)
+    return philox4x32_10(counter, (s & _U32, s >> 32))
+
+
+def fma_f32(a, b, c) -> torch.Tensor:
+    """Correctly rounded float32 a*b + c (one rounding), like fmaf / __fmaf_rn / tl.fma.
+    The product is exact in float64; the float64 sum is made round-to-odd (exact error by TwoSum),
+    which rounds correctly to float32 afterwards (53 >= 2*24 + 2 bits)."""
+    a, b, c = (torch.as_tensor(v, dtype=torch.float32).to(torch.float64) for v in (a, b, c))
+    p = a * b
+    s = p + c
+    bv = s - p
+    err = (p - (s - bv)) + (c - bv)
+    bits = s.view(torch.int64)
+    even = (bits & 1) == 0
+    away = (s > 0) == (err > 0)  # the exact value lies farther from zero than s
+    bits = torch.where((err != 0) & even, bits + torch.where(away, 1, -1), bits)
+    return bits.view(torch.float64).to(torch.float32)
+
+
+def sqrt_f32(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (IEEE sqrtf, __fsqrt_rn, tl.sqrt_rn). torch.sqrt on
+    float32 CPU tensors is not always correctly rounded (about 1 in 30 results is 1 ulp off), so
+    round the float64 root and correct it by comparing x with the squares of the midpoints to the
+    neighbouring floats (exact in float64: a midpoint has 25 significant bits)."""
+    xd = x.to(torch.float64)
+    r = torch.sqrt(xd).to(torch.float32)
+    up = torch.nextafter(r, torch.tensor(float("inf")))
+    down = torch.nextafter(r, torch.tensor(0.0))
+    mid_up = (r.double() + up.double()) * 0.5
+    mid_down = (r.double() + down.double()) * 0.5
+    r = torch.where(mid_up * mid_up <= xd, up, r)
+    return torch.where((r > 0) & (mid_down * mid_down > xd), down, r)
+
+
+def div_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 a / b: the float64 quotient rounds correctly to float32
+    (53 >= 2*24 + 2), whatever torch's float32 division kernel does."""
+    return (a.to(torch.float64) / b.to(torch.float64)).to(torch.float32)
+
+
+_F = float.fromhex
+_LN = [
+    _F("0x1.745d18p-3"),
+    _F("0x1.c71c72p-3"),
+    _F("0x1.24924ap-2"),
+    _F("0x1.99999ap-2"),
+    _F("0x1.555556p-1"),
+]
+_LN2_HI, _LN2_LO = _F("0x1.62e4p-1"), _F("0x1.7f7d1cp-20")
+_SIN = [
+    _F("0x1.507834p-13"),
+    _F("-0x1.32d2ccp-8"),
+    _F("0x1.466bc6p-4"),
+    _F("-0x1.4abbcep-1"),
+    _F("0x1.921fb6p+0"),
+]
+_COS = [
+    _F("-0x1.a6d1f2p-16"),
+    _F("0x1.e1f506p-11"),
+    _F("-0x1.55d3c8p-6"),
+    _F("0x1.03c1f0p-2"),
+    _F("-0x1.3bd3ccp+0"),
+]
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _philox_unit(w: torch.Tensor) -> torch.Tensor:
+    """u(w) = ((w >> 8) | 1) * 2^-24 in (0, 1), exact."""
+    return ((w >> 8) | 1).to(torch.float32) * _F("0x1p-24")
+
+
+def _philox_log(u: torch.Tensor) -> torch.Tensor:
+    """ln u as philox_log in philox.h: u = 2^e m, m in [2/3, 4/3), 2 atanh((m-1)/(m+1))."""
+    ix = u.view(torch.int32).to(torch.int64)
+    e = (ix - 0x3F2AAAAB) >> 23
+    m = (ix - e * (1 << 23)).to(torch.int32).view(torch.float32)
+    f = m - 1.0
+    s = div_f32(f, f + 2.0)
+    z = s * s
+    p = fma_f32(_f32(_LN[0]), z, _f32(_LN[1]))
+    for coef in _LN[2:]:
+        p = fma_f32(p, z, _f32(coef))
+    ln_m = fma_f32(s * z, p, s + s)
+    ef = e.to(torch.float32)
+    return fma_f32(ef, _f32(_LN2_HI), fma_f32(ef, _f32(_LN2_LO), ln_m))
+
+
+def _philox_sincos_turn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin)(2 pi u(w)) as philox_sincos_turn in philox.h."""
+    a = (w >> 8) | 1
+    q = (a + (1 << 21)) >> 22
+    r = (a - (q << 22)).to(torch.float32) * _F("0x1p-22")
+    x2 = r * r
+    ps = fma_f32(_f32(_SIN[0]), x2, _f32(_SIN[1]))
+    for coef in _SIN[2:]:
+        ps = fma_f32(ps, x2, _f32(coef))
+    sn = r * ps
+    pc = fma_f32(_f32(_COS[0]), x2, _f32(_COS[1]))
+    for coef in _COS[2:]:
+        pc = fma_f32(pc, x2, _f32(coef))
+    cs = fma_f32(pc, x2, _f32(1.0))
+    swap = (q & 1) != 0
+    c = torch.where(swap, sn, cs)
+    s = torch.where(swap, cs, sn)
+    return torch.where(((q + 1) & 2) != 0, -c, c), torch.where((q & 2) != 0, -s, s)
+
+
+def philox_noise(
+    numel: int, seed: int, stream: int = QUANT_NOISE_STREAM, dist: str = "gaussian", offset: int = 0
+) -> torch.Tensor:
+    """eps of the elements offset .. offset+numel-1 of (seed, stream) as float32 [numel]: the noise
+    quant_noise adds (before scaling by delta/2). Gaussian: Box-Muller on the word pairs (0, 1) and
+    (2, 3) of each group of four elements; uniform: 2u - 1 per word. csrc/include/qops/philox.h has
+    the exact definition."""
+    if dist not in NOISE_DISTS:
+        raise ValueError(f"dist: expected one of {NOISE_DISTS}, got {dist!r}")
+    first, last = offset // 4, (offset + numel + 3) // 4
+    r = philox_bits(seed, stream, torch.arange(first, last, dtype=torch.int64))
+    if dist == "uniform":
+        eps = ((r >> 8) | 1).to(torch.float32) * _F("0x1p-23") - 1.0
+    else:
+        z = []
+        for pair in (0, 2):
+            radius = sqrt_f32(-2.0 * _philox_log(_philox_unit(r[:, pair])))
+            c, s = _philox_sincos_turn(r[:, pair + 1])
+            z += [radius * c, radius * s]
+        eps = torch.stack(z, dim=-1)
+    start = offset - 4 * first
+    return eps.reshape(-1)[start : start + numel]
+
+
+def quant_noise(
+    x: torch.Tensor,
+    bits: int,
+    seed: int,
+    axis: int = -1,
+    dist: str = "gaussian",
+    *,
+    stream: int = QUANT_NOISE_STREAM,
+) -> torch.Tensor:
+    """Quantization noise (QuantNAS, arXiv:2210.17512): y = x + delta * eps / 2 with
+    delta = (max - min) / (2^bits - 1) over the tensor (axis = -1) or per index of `axis`, eps ~ N(0, 1)
+    or U(-1, 1) from philox_noise(x.numel(), seed, stream, dist) in x's logical row-major order.
+    delta = 0 leaves x unchanged. Computed in float32 (float64 for float64 x) and rounded to x's dtype.
+    `stream` is not part of the op: it lets other references (mixed_quant_conv, mode "noise")
+    reproduce kernels that draw from other streams of the same seed."""
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.detach().to(device="cpu", dtype=acc)
+    if x.numel() == 0:
+        return x.detach().clone()
+    if axis == -1:
+        lo, hi = torch.aminmax(xf)
+    else:
+        ax = axis % x.dim()
+        moved = xf.movedim(ax, 0).reshape(x.shape[ax], -1)
+        lo, hi = torch.aminmax(moved, dim=1)
+        view = [1] * x.dim()
+        view[ax] = x.shape[ax]
+        lo, hi = lo.view(view), hi.view(view)
+    levels = torch.tensor(2**bits - 1, dtype=acc)
+    half_delta = (div_f32(hi - lo, levels) if acc == torch.float32 else (hi - lo) / levels) * 0.5
+    eps = philox_noise(x.numel(), seed, stream, dist).view(x.shape)
+    if acc == torch.float32:
+        y = fma_f32(half_delta.expand(x.shape), eps, xf)
+    else:  # float64: not fused, so within an ulp of the kernels' fma
+        y = half_delta * eps.to(acc) + xf
+    y = torch.where(half_delta == 0, xf, y)
+    return y.to(device=x.device, dtype=x.dtype)
