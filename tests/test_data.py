@@ -530,7 +530,7 @@ def test_sampler_is_deterministic_and_resumes_exactly():
     for _ in range(3):
         next(killed)
     state = killed.state_dict()
-    assert state == {"seed": 11, "step": 3, "batch_size": 4, "rank": 0}
+    assert state == {"seed": 11, "step": 3, "batch_size": 4}
     resumed = PatchSampler(ds, batch_size=4, seed=999)
     resumed.load_state_dict(state)
     for k in range(3, 6):
@@ -538,9 +538,12 @@ def test_sampler_is_deterministic_and_resumes_exactly():
         assert torch.equal(lr, uninterrupted[k][0]) and torch.equal(hr, uninterrupted[k][1])
 
     other_seed = next(PatchSampler(ds, batch_size=4, seed=12))
-    other_rank = next(PatchSampler(ds, batch_size=4, seed=11, rank=1))
     assert not torch.equal(other_seed[1], uninterrupted[0][1])
-    assert not torch.equal(other_rank[1], uninterrupted[0][1])
+    # DDP: the ranks' shares, concatenated, are the global batch one process draws.
+    shares = [next(PatchSampler(ds, batch_size=4, seed=11, rank=r, world=2)) for r in range(2)]
+    assert torch.equal(torch.cat([s[1] for s in shares]), uninterrupted[0][1])
+    with pytest.raises(ValueError, match="split"):
+        PatchSampler(ds, batch_size=3, world=2)
     with pytest.raises(ValueError, match="batch_size"):
         PatchSampler(ds, batch_size=8).load_state_dict(state)
 

@@ -254,54 +254,72 @@ class TrainPatches:
         return _apply_dihedral(lr, transform), _apply_dihedral(hr, transform)
 
     def batch(
-        self, batch_size: int, seed: int, step: int, rank: int = 0
+        self, batch_size: int, seed: int, step: int, rank: int = 0, world: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number ``step`` of the stream (seed, rank): (LR [B,3,p/s,p/s], HR [B,3,p,p]),
-        float32 in [0, 1]. Each sample: a uniformly chosen image, a uniform LR offset, one of the 8
-        flips/rotations uniformly."""
-        g = _batch_generator(seed, rank, step)
+        """Batch number ``step`` of the stream ``seed``: (LR [B,3,p/s,p/s], HR [B,3,p,p]), float32
+        in [0, 1]. Each sample: a uniformly chosen image, a uniform LR offset, one of the 8
+        flips/rotations uniformly.
+
+        ``batch_size`` is the global batch; with ``world`` > 1 (DDP) rank ``rank`` gets the
+        samples [rank·B/world, (rank+1)·B/world) of it, so the ranks together see exactly the
+        batch one process would (what a DistributedSampler does for an indexable data set)."""
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"batch of {batch_size} cannot be split over rank {rank} of {world}")
+        g = _batch_generator(seed, 0, step)
+        share = batch_size // world
         lrs, hrs = [], []
-        for _ in range(batch_size):
+        for i in range(batch_size):
             index = int(torch.randint(len(self.lr_images), (1,), generator=g))
             h, w = self.lr_images[index].shape[:2]
             top = int(torch.randint(h - self.lr_patch_size + 1, (1,), generator=g))
             left = int(torch.randint(w - self.lr_patch_size + 1, (1,), generator=g))
             transform = int(torch.randint(8, (1,), generator=g))
-            lr, hr = self.crop(index, top, left, transform)
-            lrs.append(lr)
-            hrs.append(hr)
+            if rank * share <= i < (rank + 1) * share:
+                lr, hr = self.crop(index, top, left, transform)
+                lrs.append(lr)
+                hrs.append(hr)
         return to_tensor(np.stack(lrs)), to_tensor(np.stack(hrs))
 
 
 class PatchSampler:
     """Endless stream of training batches whose whole state is (seed, step): ``next()`` returns
-    ``dataset.batch(batch_size, seed, step, rank)`` and advances ``step``. Save ``state_dict()``
-    beside a checkpoint and ``load_state_dict()`` it on resume: batches continue exactly as in an
-    uninterrupted run. ``rank`` gives each DDP process its own stream."""
+    ``dataset.batch(batch_size, seed, step, rank, world)`` and advances ``step``. Save
+    ``state_dict()`` beside a checkpoint and ``load_state_dict()`` it on resume: batches continue
+    exactly as in an uninterrupted run. Under DDP, ``batch_size`` is the global batch and each of
+    the ``world`` ranks draws its own share of it."""
 
     def __init__(
-        self, dataset: TrainPatches, batch_size: int, seed: int = 0, step: int = 0, rank: int = 0
+        self,
+        dataset: TrainPatches,
+        batch_size: int,
+        seed: int = 0,
+        step: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if seed < 0 or step < 0 or rank < 0:
             raise ValueError(f"seed, step and rank must be >= 0, got {seed}, {step}, {rank}")
+        if world < 1 or rank >= world or batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must split evenly over {world} ranks (rank {rank})")
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.step = int(step)
         self.rank = int(rank)
+        self.world = int(world)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.dataset.batch(self.batch_size, self.seed, self.step, self.rank)
+        out = self.dataset.batch(self.batch_size, self.seed, self.step, self.rank, self.world)
         self.step += 1
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size, "rank": self.rank}
+        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state["batch_size"]) != self.batch_size:
@@ -310,7 +328,6 @@ class PatchSampler:
             )
         self.seed = int(state["seed"])
         self.step = int(state["step"])
-        self.rank = int(state.get("rank", self.rank))
 
 
 def train_dataset(spec: str, scale: int, patch_size: int, progress: bool = True) -> TrainPatches:

@@ -101,16 +101,20 @@ def train(
     from tqdm import tqdm
 
     from qnas.data.datasets import PatchSampler, train_dataset
+    from qnas.train import distributed
 
     opts.check()
-    run = RunDir(out)
+    info = distributed.setup()
+    distributed.check_batch(opts.batch_size, info)
+    progress = progress and info.is_main
+    run = RunDir(out, is_writer=info.is_main)
     config = {"network": network, "train": dataclasses.asdict(opts), **(extra_config or {})}
     config = json.loads(json.dumps(config))  # what config.json will hold, for exact comparison
     if resume:
         if not run.has_checkpoint():
             raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")
         _compare_config(run.read_config(), config, run.path)
-    elif run.has_checkpoint() or (run.path / "model.pt").exists():
+    elif info.is_main and (run.has_checkpoint() or (run.path / "model.pt").exists()):
         raise QnasError(
             f"{run.path}: already holds a run; pass --resume to continue it or choose another --out"
         )
@@ -125,7 +129,8 @@ def train(
     model = model.to(memory_format=torch.channels_last)
     model.train()
     data = train_dataset(opts.data, opts.scale, opts.patch_size, progress=progress)
-    sampler = PatchSampler(data, opts.batch_size, seed=opts.seed)
+    sampler = PatchSampler(data, opts.batch_size, seed=opts.seed, rank=info.rank, world=info.world)
+    net = distributed.wrap(model, info)  # DDP averages gradients over the ranks' shares
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts))
     ema = None
@@ -173,7 +178,7 @@ def train(
             lr_img, hr_img = next(sampler)
             lr_img = lr_img.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(lr_img), hr_img)
+            loss = loss_fn(net(lr_img), hr_img)
             if not torch.isfinite(loss):
                 raise QnasError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
             loss.backward()
@@ -184,7 +189,7 @@ def train(
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
-            loss_value = loss.item()
+            loss_value = distributed.mean(loss.item(), info)
             run.log(
                 step,
                 loss=loss_value,
@@ -200,4 +205,6 @@ def train(
         run.close()
     final = ema.module if ema is not None else model
     run.save_model(model_blob(network, final, train=config["train"]))
+    distributed.barrier(info)  # other ranks leave only once rank 0 has written the model
+    distributed.teardown(info)
     return {"steps": step, "loss": loss_value, "seconds": time.perf_counter() - t_start, "run": str(run.path)}
