@@ -18,6 +18,8 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "(or `make install` in the repository)."
     ) from e
 
+from . import packed  # noqa: E402,F401  (pack_weight, packed_conv2d, quantized_conv2d)
+
 __version__ = "0.1.0"
 
 
