@@ -331,51 +331,85 @@ void interleave4(const uint8_t* const rows[4], int64_t sw, int64_t ph, int64_t W
 
 enum class DotMode { U8_I16ACC, U8_I32ACC, I16 };
 
-constexpr int kDotMR = 4;  // output channels per tile
-constexpr int kDotNR = 3;  // segments of 8 pixels per tile
+constexpr int kDotMR = 6;  // output channels per tile
+constexpr int kDotNR = 2;  // segments of 8 pixels per tile
 
-// acc[i][j] (8 int32, pixel order) = sum over steps of the dot products of output channel i with the
-// pixels of segment j. wp: [S][MR] dwords (4 int8 codes, or 2 int16 codes in I16 mode).
-template <DotMode MODE, int MR, int NR>
-void dot_tile(const uint8_t* const* base, const int64_t* offs, int64_t S, int64_t L, const int32_t* wp,
-              int32_t (*out)[NR][8]) {
+// The 6x2 register tile in inline asm: accumulators ymm0..ymm11 (channel i, segment j in ymm(2i+j)),
+// activations ymm12/13, broadcast weight ymm15, product ymm14: all 16 registers. (Written as intrinsics,
+// GCC 12 hoists the 12 multiplies of a step above their adds and spills half the accumulators.)
+// Runs steps [0, n) of offs/wp from zeroed accumulators and stores them to acc[12].
+//   U8_I16ACC: acc16 += vpmaddubsw(u8 act, s8 w)                   (caller bounds n so int16 is exact)
+//   U8_I32ACC: acc32 += vpmaddwd(vpmaddubsw(u8 act, s8 w), 1)
+//   I16:       acc32 += vpmaddwd(s16 act pair, s16 w pair)
+#define QOPS_DOT_ACC2(i, A, B, MUL, ADD)                                              \
+  "vpbroadcastd " #i "*4(%[wp]), %%ymm15\n\t" MUL("%%ymm12") ADD("%%ymm" #A) MUL("%%ymm13") ADD("%%ymm" #B)
+#define QOPS_DOT_MUL_U8(act) "vpmaddubsw %%ymm15, " act ", %%ymm14\n\t"
+#define QOPS_DOT_MUL_U8W(act) "vpmaddubsw %%ymm15, " act ", %%ymm14\n\tvpmaddwd %[ones], %%ymm14, %%ymm14\n\t"
+#define QOPS_DOT_MUL_I16(act) "vpmaddwd %%ymm15, " act ", %%ymm14\n\t"
+#define QOPS_DOT_ADD_W(acc) "vpaddw %%ymm14, " acc ", " acc "\n\t"
+#define QOPS_DOT_ADD_D(acc) "vpaddd %%ymm14, " acc ", " acc "\n\t"
+#define QOPS_DOT_KERNEL(MUL, ADD)                                                                              \
+  asm volatile(                                                                                              \
+      "vpxor %%xmm0, %%xmm0, %%xmm0\n\tvpxor %%xmm1, %%xmm1, %%xmm1\n\tvpxor %%xmm2, %%xmm2, %%xmm2\n\t"        \
+      "vpxor %%xmm3, %%xmm3, %%xmm3\n\tvpxor %%xmm4, %%xmm4, %%xmm4\n\tvpxor %%xmm5, %%xmm5, %%xmm5\n\t"        \
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\tvpxor %%xmm7, %%xmm7, %%xmm7\n\tvpxor %%xmm8, %%xmm8, %%xmm8\n\t"        \
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\tvpxor %%xmm10, %%xmm10, %%xmm10\n\tvpxor %%xmm11, %%xmm11, %%xmm11\n\t"  \
+      "test %[n], %[n]\n\tjle 2f\n\t"                                                                        \
+      ".p2align 4\n"                                                                                         \
+      "1:\n\t"                                                                                               \
+      "mov (%[offs]), %%rax\n\t"                                                                             \
+      "vmovdqu (%[b0], %%rax), %%ymm12\n\t"                                                                  \
+      "vmovdqu (%[b1], %%rax), %%ymm13\n\t"                                                                  \
+      QOPS_DOT_ACC2(0, 0, 1, MUL, ADD) QOPS_DOT_ACC2(1, 2, 3, MUL, ADD) QOPS_DOT_ACC2(2, 4, 5, MUL, ADD)     \
+      QOPS_DOT_ACC2(3, 6, 7, MUL, ADD) QOPS_DOT_ACC2(4, 8, 9, MUL, ADD) QOPS_DOT_ACC2(5, 10, 11, MUL, ADD)   \
+      "add $8, %[offs]\n\t"                                                                                  \
+      "add $24, %[wp]\n\t"                                                                                   \
+      "dec %[n]\n\t"                                                                                         \
+      "jnz 1b\n"                                                                                             \
+      "2:\n\t"                                                                                               \
+      "vmovdqu %%ymm0, 0(%[acc])\n\tvmovdqu %%ymm1, 32(%[acc])\n\tvmovdqu %%ymm2, 64(%[acc])\n\t"              \
+      "vmovdqu %%ymm3, 96(%[acc])\n\tvmovdqu %%ymm4, 128(%[acc])\n\tvmovdqu %%ymm5, 160(%[acc])\n\t"           \
+      "vmovdqu %%ymm6, 192(%[acc])\n\tvmovdqu %%ymm7, 224(%[acc])\n\tvmovdqu %%ymm8, 256(%[acc])\n\t"          \
+      "vmovdqu %%ymm9, 288(%[acc])\n\tvmovdqu %%ymm10, 320(%[acc])\n\tvmovdqu %%ymm11, 352(%[acc])\n\t"        \
+      : [offs] "+r"(offs), [wp] "+r"(wp), [n] "+r"(n)                                                        \
+      : [b0] "r"(b0), [b1] "r"(b1), [acc] "r"(acc), [ones] "m"(ones)                                         \
+      : "rax", "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+
+template <DotMode MODE>
+void dot_steps_6x2(const uint8_t* b0, const uint8_t* b1, const int64_t* offs, int64_t n, const int32_t* wp,
+                   __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc32[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc32[i][j] = _mm256_setzero_si256();
   if constexpr (MODE == DotMode::U8_I16ACC) {
-    for (int64_t s0 = 0; s0 < S; s0 += L) {
-      const int64_t s1 = std::min(S, s0 + L);
-      __m256i acc[MR][NR];
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
-      for (int64_t s = s0; s < s1; ++s) {
-        __m256i a[NR];
-        for (int j = 0; j < NR; ++j) a[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[j] + offs[s]));
-        for (int i = 0; i < MR; ++i) {
-          const __m256i w = _mm256_set1_epi32(wp[s * MR + i]);
-          for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi16(acc[i][j], _mm256_maddubs_epi16(a[j], w));
-        }
-      }
-      for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc32[i][j] = _mm256_add_epi32(acc32[i][j], _mm256_madd_epi16(acc[i][j], ones));
-    }
+    QOPS_DOT_KERNEL(QOPS_DOT_MUL_U8, QOPS_DOT_ADD_W);
+  } else if constexpr (MODE == DotMode::U8_I32ACC) {
+    QOPS_DOT_KERNEL(QOPS_DOT_MUL_U8W, QOPS_DOT_ADD_D);
   } else {
-    for (int64_t s = 0; s < S; ++s) {
-      __m256i a[NR];
-      for (int j = 0; j < NR; ++j) a[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[j] + offs[s]));
-      for (int i = 0; i < MR; ++i) {
-        const __m256i w = _mm256_set1_epi32(wp[s * MR + i]);
-        for (int j = 0; j < NR; ++j) {
-          const __m256i prod = MODE == DotMode::I16 ? _mm256_madd_epi16(a[j], w)
-                                                    : _mm256_madd_epi16(_mm256_maddubs_epi16(a[j], w), ones);
-          acc32[i][j] = _mm256_add_epi32(acc32[i][j], prod);
-        }
-      }
-    }
+    QOPS_DOT_KERNEL(QOPS_DOT_MUL_I16, QOPS_DOT_ADD_D);
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i][j]), acc32[i][j]);
+}
+
+// out[i][j] (8 int32, pixel order) = sum over steps of the dot products of output channel i with the
+// pixels of segment j. wp: [S][MR] dwords (4 int8 codes, or 2 int16 codes in I16 mode).
+template <DotMode MODE>
+void dot_tile(const uint8_t* const* base, const int64_t* offs, int64_t S, int64_t L, const int32_t* wp,
+              int32_t (*out)[kDotNR][8]) {
+  static_assert(kDotMR == 6 && kDotNR == 2, "dot_steps_6x2 is written for 6x2 tiles");
+  __m256i acc[12];
+  if constexpr (MODE == DotMode::U8_I16ACC) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i sum[12];
+    for (int k = 0; k < 12; ++k) sum[k] = _mm256_setzero_si256();
+    for (int64_t s0 = 0; s0 < S; s0 += L) {
+      const int64_t n = std::min(L, S - s0);
+      dot_steps_6x2<MODE>(base[0], base[1], offs + s0, n, wp + s0 * kDotMR, acc);
+      for (int k = 0; k < 12; ++k) sum[k] = _mm256_add_epi32(sum[k], _mm256_madd_epi16(acc[k], ones));
+    }
+    for (int k = 0; k < 12; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[k / 2][k % 2]), sum[k]);
+  } else {
+    dot_steps_6x2<MODE>(base[0], base[1], offs, S, wp, acc);
+    for (int k = 0; k < 12; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[k / 2][k % 2]), acc[k]);
+  }
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -489,11 +523,11 @@ bool run_dot(const PackedConvParams& p) {
         } else
 #endif
         if (mode == DotMode::U8_I16ACC) {
-          dot_tile<DotMode::U8_I16ACC, MR, NR>(base, offs.data(), S, L, wp, res);
+          dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
         } else if (mode == DotMode::U8_I32ACC) {
-          dot_tile<DotMode::U8_I32ACC, MR, NR>(base, offs.data(), S, L, wp, res);
+          dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
         } else {
-          dot_tile<DotMode::I16, MR, NR>(base, offs.data(), S, L, wp, res);
+          dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
         }
         for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
           const int64_t co = cb * MR + i;
