@@ -334,21 +334,14 @@ enum class DotMode { U8_I16ACC, U8_I32ACC, I16 };
 constexpr int kDotMR = 6;  // output channels per tile
 constexpr int kDotNR = 2;  // segments of 8 pixels per tile
 
-// The 6x2 register tile in inline asm: accumulators ymm0..ymm11 (channel i, segment j in ymm(2i+j)),
-// activations ymm12/13, broadcast weight ymm15, product ymm14: all 16 registers. (Written as intrinsics,
-// GCC 12 hoists the 12 multiplies of a step above their adds and spills half the accumulators.)
-// Runs steps [0, n) of offs/wp from zeroed accumulators and stores them to acc[12].
-//   U8_I16ACC: acc16 += vpmaddubsw(u8 act, s8 w)                   (caller bounds n so int16 is exact)
-//   U8_I32ACC: acc32 += vpmaddwd(vpmaddubsw(u8 act, s8 w), 1)
-//   I16:       acc32 += vpmaddwd(s16 act pair, s16 w pair)
-#define QOPS_DOT_ACC2(i, A, B, MUL, ADD)                                              \
-  "vpbroadcastd " #i "*4(%[wp]), %%ymm15\n\t" MUL("%%ymm12") ADD("%%ymm" #A) MUL("%%ymm13") ADD("%%ymm" #B)
-#define QOPS_DOT_MUL_U8(act) "vpmaddubsw %%ymm15, " act ", %%ymm14\n\t"
-#define QOPS_DOT_MUL_U8W(act) "vpmaddubsw %%ymm15, " act ", %%ymm14\n\tvpmaddwd %[ones], %%ymm14, %%ymm14\n\t"
-#define QOPS_DOT_MUL_I16(act) "vpmaddwd %%ymm15, " act ", %%ymm14\n\t"
-#define QOPS_DOT_ADD_W(acc) "vpaddw %%ymm14, " acc ", " acc "\n\t"
-#define QOPS_DOT_ADD_D(acc) "vpaddd %%ymm14, " acc ", " acc "\n\t"
-#define QOPS_DOT_KERNEL(MUL, ADD)                                                                              \
+// The 6x2 register tiles of the dot and lut paths in inline asm: accumulators ymm0..ymm11 (output channel
+// i, segment j in ymm(2i+j)), activations ymm12/13, the current weight operand ymm15, the product ymm14:
+// all 16 registers. (Written as intrinsics, GCC 12 hoists the 12 multiplies of a step above their adds
+// and spills half the accumulators.) Runs steps [0, n) from zeroed accumulators, then stores them to
+// acc[12]. Per step s: activations at b0 + offs[s], b1 + offs[s]; weights at wp + s * WSTEP bytes.
+#define QOPS_TILE_ACC2(i, A, B, LOADW, MUL, ADD) \
+  LOADW(i) MUL("%%ymm12") ADD("%%ymm" #A) MUL("%%ymm13") ADD("%%ymm" #B)
+#define QOPS_TILE_KERNEL(LOADW, MUL, ADD, WSTEP)                                                             \
   asm volatile(                                                                                              \
       "vpxor %%xmm0, %%xmm0, %%xmm0\n\tvpxor %%xmm1, %%xmm1, %%xmm1\n\tvpxor %%xmm2, %%xmm2, %%xmm2\n\t"        \
       "vpxor %%xmm3, %%xmm3, %%xmm3\n\tvpxor %%xmm4, %%xmm4, %%xmm4\n\tvpxor %%xmm5, %%xmm5, %%xmm5\n\t"        \
@@ -360,10 +353,11 @@ constexpr int kDotNR = 2;  // segments of 8 pixels per tile
       "mov (%[offs]), %%rax\n\t"                                                                             \
       "vmovdqu (%[b0], %%rax), %%ymm12\n\t"                                                                  \
       "vmovdqu (%[b1], %%rax), %%ymm13\n\t"                                                                  \
-      QOPS_DOT_ACC2(0, 0, 1, MUL, ADD) QOPS_DOT_ACC2(1, 2, 3, MUL, ADD) QOPS_DOT_ACC2(2, 4, 5, MUL, ADD)     \
-      QOPS_DOT_ACC2(3, 6, 7, MUL, ADD) QOPS_DOT_ACC2(4, 8, 9, MUL, ADD) QOPS_DOT_ACC2(5, 10, 11, MUL, ADD)   \
+      QOPS_TILE_ACC2(0, 0, 1, LOADW, MUL, ADD) QOPS_TILE_ACC2(1, 2, 3, LOADW, MUL, ADD)                      \
+      QOPS_TILE_ACC2(2, 4, 5, LOADW, MUL, ADD) QOPS_TILE_ACC2(3, 6, 7, LOADW, MUL, ADD)                      \
+      QOPS_TILE_ACC2(4, 8, 9, LOADW, MUL, ADD) QOPS_TILE_ACC2(5, 10, 11, LOADW, MUL, ADD)                    \
       "add $8, %[offs]\n\t"                                                                                  \
-      "add $24, %[wp]\n\t"                                                                                   \
+      "add $" #WSTEP ", %[wp]\n\t"                                                                           \
       "dec %[n]\n\t"                                                                                         \
       "jnz 1b\n"                                                                                             \
       "2:\n\t"                                                                                               \
@@ -375,17 +369,28 @@ constexpr int kDotNR = 2;  // segments of 8 pixels per tile
       : [b0] "r"(b0), [b1] "r"(b1), [acc] "r"(acc), [ones] "m"(ones)                                         \
       : "rax", "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
         "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+// dot: one int8x4 (or int16x2) weight dword broadcast per output channel, 6 per step.
+#define QOPS_DOT_LOADW(i) "vpbroadcastd " #i "*4(%[wp]), %%ymm15\n\t"
+#define QOPS_DOT_MUL_U8(act) "vpmaddubsw %%ymm15, " act ", %%ymm14\n\t"
+#define QOPS_DOT_MUL_U8W(act) "vpmaddubsw %%ymm15, " act ", %%ymm14\n\tvpmaddwd %[ones], %%ymm14, %%ymm14\n\t"
+#define QOPS_DOT_MUL_I16(act) "vpmaddwd %%ymm15, " act ", %%ymm14\n\t"
+#define QOPS_ADD_B(acc) "vpaddb %%ymm14, " acc ", " acc "\n\t"
+#define QOPS_ADD_W(acc) "vpaddw %%ymm14, " acc ", " acc "\n\t"
+#define QOPS_ADD_D(acc) "vpaddd %%ymm14, " acc ", " acc "\n\t"
+// lut: one 16-byte table per output channel (both lanes), looked up by the activation index bytes.
+#define QOPS_LUT_LOADW(i) "vbroadcasti128 " #i "*16(%[wp]), %%ymm15\n\t"
+#define QOPS_LUT_MUL(act) "vpshufb " act ", %%ymm15, %%ymm14\n\t"
 
 template <DotMode MODE>
 void dot_steps_6x2(const uint8_t* b0, const uint8_t* b1, const int64_t* offs, int64_t n, const int32_t* wp,
                    __m256i* acc) {
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (MODE == DotMode::U8_I16ACC) {
-    QOPS_DOT_KERNEL(QOPS_DOT_MUL_U8, QOPS_DOT_ADD_W);
+    QOPS_TILE_KERNEL(QOPS_DOT_LOADW, QOPS_DOT_MUL_U8, QOPS_ADD_W, 24);
   } else if constexpr (MODE == DotMode::U8_I32ACC) {
-    QOPS_DOT_KERNEL(QOPS_DOT_MUL_U8W, QOPS_DOT_ADD_D);
+    QOPS_TILE_KERNEL(QOPS_DOT_LOADW, QOPS_DOT_MUL_U8W, QOPS_ADD_D, 24);
   } else {
-    QOPS_DOT_KERNEL(QOPS_DOT_MUL_I16, QOPS_DOT_ADD_D);
+    QOPS_TILE_KERNEL(QOPS_DOT_LOADW, QOPS_DOT_MUL_I16, QOPS_ADD_D, 24);
   }
 }
 
@@ -543,60 +548,49 @@ bool run_dot(const PackedConvParams& p) {
 // ---------------------------------------------------------------------------------------------
 // lut path (a_bits <= 2)
 
-constexpr int kLutMR = 4;  // output channels per tile
+constexpr int kLutMR = 6;  // output channels per tile
 constexpr int kLutNR = 2;  // segments of 32 pixels per tile
 
-// acc (int32, pixel order) += sum over steps of tables[s][i][idx_j]; tables biased to bytes, L steps per
-// byte accumulation, int16 partial sums in between (at most 128 chunks of <= 255 each).
-template <int MR, int NR>
+void lut_steps_6x2(const uint8_t* b0, const uint8_t* b1, const int64_t* offs, int64_t n, const uint8_t* wp,
+                   __m256i* acc) {
+  const __m256i ones = _mm256_setzero_si256();  // unused by the lut kernel
+  QOPS_TILE_KERNEL(QOPS_LUT_LOADW, QOPS_LUT_MUL, QOPS_ADD_B, 96);
+}
+
+// out[i][j] (32 int32, pixel order) = sum over steps of tables[s][i][idx_j]: biased byte entries summed
+// for L steps in registers, then into int16 sums (at most 128 chunks of <= 255), then int32.
 void lut_tile(const uint8_t* const* base, const int64_t* offs, int64_t S, int64_t L, const uint8_t* tables,
-              int32_t (*out)[NR][32]) {
+              int32_t (*out)[kLutNR][32]) {
+  static_assert(kLutMR == 6 && kLutNR == 2, "lut_steps_6x2 is written for 6x2 tiles");
   const __m256i zero = _mm256_setzero_si256();
-  __m256i lo16[MR][NR], hi16[MR][NR];  // pixels {0-7, 16-23} and {8-15, 24-31} as int16
-  alignas(32) int32_t acc32[MR][NR][32];
-  std::memset(acc32, 0, sizeof(acc32));
+  __m256i acc[12], lo16[12], hi16[12];  // lo16: pixels {0-7, 16-23}, hi16: {8-15, 24-31} (unpack order)
+  std::memset(out, 0, sizeof(int32_t) * kLutMR * kLutNR * 32);
   auto flush16 = [&]() {
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) {
-        __m256i* o = reinterpret_cast<__m256i*>(acc32[i][j]);
-        const __m256i l = lo16[i][j], h = hi16[i][j];
-        const __m256i parts[4] = {
-            _mm256_cvtepi16_epi32(_mm256_castsi256_si128(l)), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
-            _mm256_cvtepi16_epi32(_mm256_extracti128_si256(l, 1)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1))};
-        for (int k = 0; k < 4; ++k) _mm256_store_si256(o + k, _mm256_add_epi32(_mm256_load_si256(o + k), parts[k]));
-        lo16[i][j] = zero;
-        hi16[i][j] = zero;
-      }
+    for (int k = 0; k < 12; ++k) {
+      __m256i* o = reinterpret_cast<__m256i*>(out[k / 2][k % 2]);
+      const __m256i l = lo16[k], h = hi16[k];
+      const __m256i parts[4] = {
+          _mm256_cvtepi16_epi32(_mm256_castsi256_si128(l)), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
+          _mm256_cvtepi16_epi32(_mm256_extracti128_si256(l, 1)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1))};
+      for (int q = 0; q < 4; ++q) _mm256_storeu_si256(o + q, _mm256_add_epi32(_mm256_loadu_si256(o + q), parts[q]));
+      lo16[k] = hi16[k] = zero;
+    }
   };
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) lo16[i][j] = hi16[i][j] = zero;
+  for (int k = 0; k < 12; ++k) lo16[k] = hi16[k] = zero;
   int chunks = 0;
   for (int64_t s0 = 0; s0 < S; s0 += L) {
-    const int64_t s1 = std::min(S, s0 + L);
-    __m256i acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = zero;
-    for (int64_t s = s0; s < s1; ++s) {
-      __m256i idx[NR];
-      for (int j = 0; j < NR; ++j) idx[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[j] + offs[s]));
-      const uint8_t* ts = tables + s * MR * 16;
-      for (int i = 0; i < MR; ++i) {
-        const __m256i tab = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ts + 16 * i)));
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi8(acc[i][j], _mm256_shuffle_epi8(tab, idx[j]));
-      }
+    const int64_t n = std::min(L, S - s0);
+    lut_steps_6x2(base[0], base[1], offs + s0, n, tables + s0 * kLutMR * 16, acc);
+    for (int k = 0; k < 12; ++k) {
+      lo16[k] = _mm256_add_epi16(lo16[k], _mm256_unpacklo_epi8(acc[k], zero));
+      hi16[k] = _mm256_add_epi16(hi16[k], _mm256_unpackhi_epi8(acc[k], zero));
     }
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) {
-        lo16[i][j] = _mm256_add_epi16(lo16[i][j], _mm256_unpacklo_epi8(acc[i][j], zero));
-        hi16[i][j] = _mm256_add_epi16(hi16[i][j], _mm256_unpackhi_epi8(acc[i][j], zero));
-      }
     if (++chunks == 128) {
       flush16();
       chunks = 0;
     }
   }
   flush16();
-  std::memcpy(out, acc32, sizeof(acc32));
 }
 
 bool run_lut(const PackedConvParams& p) {
@@ -683,7 +677,7 @@ bool run_lut(const PackedConvParams& p) {
       }
       const int nvalid = static_cast<int>(std::min<int64_t>(NR, seg.total - grp * NR));
       for (int64_t cb = 0; cb < CB; ++cb) {
-        lut_tile<MR, NR>(base, offs.data(), S, L, tables.data() + cb * S * MR * 16, res);
+        lut_tile(base, offs.data(), S, L, tables.data() + cb * S * MR * 16, res);
         for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i)
           for (int j = 0; j < nvalid; ++j)
             emit(p, n, cb * MR + i, oy[j], ox0[j], std::min<int64_t>(32, p.Wo - ox0[j]), res[i][j], corr);
