@@ -130,14 +130,31 @@ uint32_t load_row(const PackedConvParams& p, const ActRange& r, int64_t n, int64
 inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, int64_t ox0, int64_t count,
                  const int32_t* v, int32_t corr) {
   const int64_t idx = ((n * p.Cout + co) * p.Ho + oy) * p.Wo + ox0;
+  int64_t t = 0;
   if (p.out_i32 != nullptr) {
     int32_t* o = p.out_i32 + idx;
-    for (int64_t t = 0; t < count; ++t) o[t] = v[t] - corr;
+#if defined(QOPS_PC_AVX2)
+    const __m256i vc = _mm256_set1_epi32(corr);
+    for (; t + 8 <= count; t += 8)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + t),
+                          _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc));
+#endif
+    for (; t < count; ++t) o[t] = v[t] - corr;
   } else {
     float* o = p.out_f + idx;
     const float s = p.out_scale[co];
     const float b = p.bias != nullptr ? p.bias[co] : 0.f;
-    for (int64_t t = 0; t < count; ++t) o[t] = static_cast<float>(v[t] - corr) * s + b;
+#if defined(QOPS_PC_AVX2)
+    const __m256i vc = _mm256_set1_epi32(corr);
+    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
+    for (; t + 8 <= count; t += 8) {
+      const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
+      _mm256_storeu_ps(o + t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb));
+    }
+    for (; t < count; ++t) o[t] = std::fma(static_cast<float>(v[t] - corr), s, b);
+#else
+    for (; t < count; ++t) o[t] = static_cast<float>(v[t] - corr) * s + b;
+#endif
   }
 }
 
@@ -296,6 +313,43 @@ bool for_each_row(const PackedConvParams& p, const ActLayout& L, int64_t rows_pe
 // Width of the padded temp rows: every padded column any phase reads, and the whole input row.
 int64_t padded_width(const PackedConvParams& p, const ActLayout& L) {
   return std::max(L.Wq * p.SW, p.PW + p.W);
+}
+
+// Runs tile(base, cb, res) for every (image, group of NR segments, block of MR output channels) and
+// writes the results. A work item is about one output row of tiles, and the block loop is outside its
+// tile loop, so one block's weights stay in L1 while the item's activations come from L2.
+// corr[co]: subtracted from every output of channel co.
+template <int MR, int NR, int SEG, typename Tile>
+void for_each_tile(const PackedConvParams& p, const ActLayout& Lay, const uint8_t* act, int64_t CB,
+                   const int32_t* corr, Tile tile) {
+  const Segments seg(p, SEG, NR);
+  const int64_t per_item = std::max<int64_t>(1, (p.Wo + NR * SEG - 1) / (NR * SEG));
+  const int64_t items = (seg.groups + per_item - 1) / per_item;
+  at::parallel_for(0, p.N * items, 1, [&](int64_t b, int64_t e) {
+    alignas(32) int32_t res[MR][NR][SEG];
+    std::vector<const uint8_t*> bases(static_cast<size_t>(per_item * NR));
+    std::vector<int64_t> oy(static_cast<size_t>(per_item * NR)), ox0(oy.size());
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = t / items, g0 = (t % items) * per_item, g1 = std::min(seg.groups, g0 + per_item);
+      for (int64_t g = g0; g < g1; ++g)
+        for (int j = 0; j < NR; ++j) {
+          const size_t k = static_cast<size_t>((g - g0) * NR + j);
+          seg.at(g * NR + j, &oy[k], &ox0[k]);
+          bases[k] = act + Lay.base(p, n, oy[k], ox0[k]);
+        }
+      for (int64_t cb = 0; cb < CB; ++cb)
+        for (int64_t g = g0; g < g1; ++g) {
+          const size_t k0 = static_cast<size_t>((g - g0) * NR);
+          tile(bases.data() + k0, cb, res);
+          const int nvalid = static_cast<int>(std::min<int64_t>(NR, seg.total - g * NR));
+          for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
+            const int64_t co = cb * MR + i;
+            for (int j = 0; j < nvalid; ++j)
+              emit(p, n, co, oy[k0 + j], ox0[k0 + j], std::min<int64_t>(SEG, p.Wo - ox0[k0 + j]), res[i][j], corr[co]);
+          }
+        }
+    }
+  });
 }
 
 // Interleaves 4 byte rows into dwords: out[4 q + e] = rows[e][q * SW + ph] for q in [0, Wq).
@@ -508,40 +562,16 @@ bool run_dot(const PackedConvParams& p) {
     corr[static_cast<size_t>(co)] = i16 ? 0 : static_cast<int32_t>(r.off * sum);
   }
 
-  const Segments seg(p, 8, NR);
-  at::parallel_for(0, p.N * seg.groups, 1, [&](int64_t b, int64_t e) {
-    alignas(32) int32_t res[MR][NR][8];
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / seg.groups, grp = t % seg.groups;
-      const uint8_t* base[NR];
-      int64_t oy[NR], ox0[NR];
-      for (int j = 0; j < NR; ++j) {
-        seg.at(grp * NR + j, &oy[j], &ox0[j]);
-        base[j] = act.get() + Lay.base(p, n, oy[j], ox0[j]);
-      }
-      const int nvalid = static_cast<int>(std::min<int64_t>(NR, seg.total - grp * NR));
-      for (int64_t cb = 0; cb < CB; ++cb) {
-        const int32_t* wp = panel.data() + cb * S * MR;
+  for_each_tile<MR, NR, 8>(p, Lay, act.get(), CB, corr.data(),
+                           [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][8]) {
+                             const int32_t* wp = panel.data() + cb * S * MR;
 #if defined(CPU_CAPABILITY_AVX512)
-        if (vnni) {
-          dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
-        } else
+                             if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
 #endif
-        if (mode == DotMode::U8_I16ACC) {
-          dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
-        } else if (mode == DotMode::U8_I32ACC) {
-          dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
-        } else {
-          dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
-        }
-        for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
-          const int64_t co = cb * MR + i;
-          for (int j = 0; j < nvalid; ++j)
-            emit(p, n, co, oy[j], ox0[j], std::min<int64_t>(8, p.Wo - ox0[j]), res[i][j], corr[co]);
-        }
-      }
-    }
-  });
+                             if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
+                             if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
+                             return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
+                           });
   return true;
 }
 
@@ -643,47 +673,32 @@ bool run_lut(const PackedConvParams& p) {
   // Tables [co block][step][MR][16]: entry idx = bias + sum_t (field_t(idx) - off) * w_t.
   const int64_t CB = (p.Cout + MR - 1) / MR;
   const int64_t K = p.Cin * p.KH * p.KW;
+  int field[4][16];
+  for (int t = 0; t < 4; ++t)
+    for (int idx = 0; idx < 16; ++idx) field[t][idx] = t < g ? ((idx >> (a * t)) & r.mask) - r.off : 0;
   std::vector<uint8_t> tables(static_cast<size_t>(CB * S * MR * 16));
-  for (int64_t co = 0; co < CB * MR; ++co) {
-    for (int64_t grp = 0; grp < Lay.groups; ++grp)
-      for (int64_t ky = 0; ky < p.KH; ++ky)
-        for (int64_t kx = 0; kx < p.KW; ++kx) {
-          int wt[4] = {0, 0, 0, 0};
-          for (int t = 0; t < g; ++t) {
-            const int64_t c = grp * g + t;
-            if (co < p.Cout && c < p.Cin) wt[t] = p.w_codes[co * K + (c * p.KH + ky) * p.KW + kx];
+  at::parallel_for(0, CB * MR, 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co)
+      for (int64_t grp = 0; grp < Lay.groups; ++grp)
+        for (int64_t ky = 0; ky < p.KH; ++ky)
+          for (int64_t kx = 0; kx < p.KW; ++kx) {
+            int wt[4] = {0, 0, 0, 0};
+            for (int t = 0; t < g; ++t) {
+              const int64_t c = grp * g + t;
+              if (co < p.Cout && c < p.Cin) wt[t] = p.w_codes[co * K + (c * p.KH + ky) * p.KW + kx];
+            }
+            const int64_t s = (grp * p.KH + ky) * p.KW + kx;
+            uint8_t* tab = tables.data() + (((co / MR) * S + s) * MR + co % MR) * 16;
+            for (int idx = 0; idx < 16; ++idx)
+              tab[idx] = static_cast<uint8_t>(bias + field[0][idx] * wt[0] + field[1][idx] * wt[1] +
+                                              field[2][idx] * wt[2] + field[3][idx] * wt[3]);
           }
-          const int64_t s = (grp * p.KH + ky) * p.KW + kx;
-          uint8_t* tab = tables.data() + (((co / MR) * S + s) * MR + co % MR) * 16;
-          for (int idx = 0; idx < 16; ++idx) {
-            int v = bias;
-            for (int t = 0; t < g; ++t) v += (((idx >> (a * t)) & r.mask) - r.off) * wt[t];
-            tab[idx] = static_cast<uint8_t>(v);
-          }
-        }
-  }
-  const int32_t corr = static_cast<int32_t>(S * bias);
-
-  const Segments seg(p, 32, NR);
-  at::parallel_for(0, p.N * seg.groups, 1, [&](int64_t b, int64_t e) {
-    alignas(32) int32_t res[MR][NR][32];
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / seg.groups, grp = t % seg.groups;
-      const uint8_t* base[NR];
-      int64_t oy[NR], ox0[NR];
-      for (int j = 0; j < NR; ++j) {
-        seg.at(grp * NR + j, &oy[j], &ox0[j]);
-        base[j] = act.get() + Lay.base(p, n, oy[j], ox0[j]);
-      }
-      const int nvalid = static_cast<int>(std::min<int64_t>(NR, seg.total - grp * NR));
-      for (int64_t cb = 0; cb < CB; ++cb) {
-        lut_tile(base, offs.data(), S, L, tables.data() + cb * S * MR * 16, res);
-        for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i)
-          for (int j = 0; j < nvalid; ++j)
-            emit(p, n, cb * MR + i, oy[j], ox0[j], std::min<int64_t>(32, p.Wo - ox0[j]), res[i][j], corr);
-      }
-    }
   });
+  const std::vector<int32_t> corr(static_cast<size_t>(p.Cout), static_cast<int32_t>(S * bias));
+  for_each_tile<MR, NR, 32>(p, Lay, act.get(), CB, corr.data(),
+                            [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][32]) {
+                              lut_tile(base, offs.data(), S, L, tables.data() + cb * S * MR * 16, res);
+                            });
   return true;
 }
 
