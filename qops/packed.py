@@ -116,7 +116,9 @@ def _packed_conv2d_fake(x_codes, w_packed, w_shape, w_bits, a_bits, a_signed, st
 
 
 @torch.library.register_fake("qops::quantized_conv2d")
-def _quantized_conv2d_fake(x, w_packed, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding):
+def _quantized_conv2d_fake(
+    x, w_packed, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding
+):
     ho, wo = _out_hw(x, w_shape, stride, padding)
     return x.new_empty((x.shape[0], w_shape[0], ho, wo), dtype=torch.float32)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Bit-packed low-bit convolution (pack_weight, packed_conv2d, quantized_conv2d): the packed layout of
 # csrc/include/qops/packed_layout.h written with tensor ops, and convolutions computed exactly in float64.
@@ -61,7 +60,9 @@ def packed_conv2d(
 ) -> torch.Tensor:
     """Exact int32 sum_k x*w over zero padding, computed in float64 (exact below 2^53)."""
     w = unpack_weight(w_packed, w_shape, w_bits).to(torch.float64)
-    acc = torch.nn.functional.conv2d(x_codes.to(torch.float64), w, stride=tuple(stride), padding=tuple(padding))
+    acc = torch.nn.functional.conv2d(
+        x_codes.to(torch.float64), w, stride=tuple(stride), padding=tuple(padding)
+    )
     return acc.to(torch.int32)
 
 
