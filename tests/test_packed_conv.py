@@ -22,13 +22,9 @@ BIT_PAIRS = list(itertools.product(range(1, 9), range(1, 9)))
 
 
 def lut_supports(w_bits: int, a_bits: int, a_signed: bool) -> bool:
-    """Mirror of csrc/cpu/packed_conv2d.h: a_bits <= 2 and the per-step table range fits a byte."""
-    if a_bits > 2:
-        return False
-    xlo, xhi = R._code_range(a_bits, a_signed)
-    wlo, whi = weight_code_range(w_bits)
-    prods = [xlo * wlo, xlo * whi, xhi * wlo, xhi * whi]
-    return (4 // a_bits) * (max(prods) - min(prods)) <= 255
+    """Mirror of csrc/cpu/packed_conv2d.h: a_bits <= 2 and one table step spans at most a byte."""
+    wabs = 1 if w_bits == 1 else 2 ** (w_bits - 1)
+    return a_bits <= 2 and (4 // a_bits) * wabs * (2**a_bits - 1) <= 255
 
 
 def runs_on(path: str, w_bits: int, a_bits: int, a_signed: bool) -> bool:

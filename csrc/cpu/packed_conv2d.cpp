@@ -52,7 +52,9 @@ at::Tensor pack_weight_cpu(const at::Tensor& w_codes, int64_t bits) {
   if (out.numel() == 0) return out;
   const int8_t* src = w.const_data_ptr<int8_t>();
   uint32_t* words = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<uint8_t>());
-  at::parallel_for(0, Cout, 1, [&](int64_t c0, int64_t c1) {
+  // Small jobs run inline: a parallel region costs more than it saves below ~2^18 codes x bits.
+  at::parallel_for(0, Cout, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * b, 1)),
+                   [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co) {
       for (int64_t k = 0; k < K; ++k) {
         const uint32_t u = packed_pattern(src[co * K + k], b);
@@ -160,7 +162,8 @@ at::Tensor unpack_codes(const at::Tensor& w_packed, const ConvShape& s, int bits
   const at::Tensor buf = w_packed.contiguous();
   const uint32_t* words = reinterpret_cast<const uint32_t*>(buf.const_data_ptr<uint8_t>());
   int8_t* out = codes.mutable_data_ptr<int8_t>();
-  at::parallel_for(0, s.Cout, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, s.Cout, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * bits, 1)),
+                   [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co)
       for (int64_t k = 0; k < K; ++k) out[co * K + k] = static_cast<int8_t>(packed_code_at(words, co, k, bits, KW));
   });

@@ -42,21 +42,13 @@ struct PackedConvParams {
   bool use_vpopcntdq = false;
 };
 
-// Whether the LUT path can run (w_bits, a_bits): a_bits <= 2 and every per-step table entry range fits a byte.
+// Whether the LUT path can run (w_bits, a_bits): a_bits <= 2, and one step of a table (g = 4 / a_bits
+// activations, each table biased by its smallest entry) spans at most g * max|w| * (2^a - 1) <= 255.
 inline bool lut_supports(int w_bits, int a_bits, bool a_signed) {
+  (void)a_signed;  // the offset codes span 2^a - 1 either way
   if (a_bits > 2) return false;
-  const int g = 4 / a_bits;
-  const int xlo = a_signed ? -(1 << (a_bits - 1)) : 0;
-  const int xhi = a_signed ? (1 << (a_bits - 1)) - 1 : (1 << a_bits) - 1;
-  const int wlo = w_bits == 1 ? -1 : -(1 << (w_bits - 1));
-  const int whi = w_bits == 1 ? 1 : (1 << (w_bits - 1)) - 1;
-  const int p[4] = {xlo * wlo, xlo * whi, xhi * wlo, xhi * whi};
-  int lo = p[0], hi = p[0];
-  for (int v : p) {
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-  }
-  return g * (hi - lo) <= 255;
+  const int wabs = w_bits == 1 ? 1 : 1 << (w_bits - 1);
+  return (4 / a_bits) * wabs * ((1 << a_bits) - 1) <= 255;
 }
 
 }  // namespace qops::cpu

@@ -264,9 +264,11 @@ uint32_t padded_row(const PackedConvParams& p, const ActRange& r, int64_t n, int
 struct ActLayout {
   int64_t groups, Hp, Wq, elem;
   int64_t row, plane, group, image;  // strides in bytes
-  ActLayout(const PackedConvParams& p, int64_t groups_, int64_t seg_px, int64_t elem_) : groups(groups_), elem(elem_) {
+  // rows: padded rows held (all of them, or one block of output rows and its halo).
+  ActLayout(const PackedConvParams& p, int64_t groups_, int64_t seg_px, int64_t elem_, int64_t rows)
+      : groups(groups_), elem(elem_) {
     const int64_t wo_pad = (p.Wo + seg_px - 1) / seg_px * seg_px;
-    Hp = (p.Ho - 1) * p.SH + p.KH;
+    Hp = rows;
     Wq = wo_pad + (p.KW - 1) / p.SW;
     row = Wq * elem;
     plane = Hp * row;
@@ -294,54 +296,56 @@ std::vector<int64_t> step_offsets(const PackedConvParams& p, const ActLayout& L)
   return offs;
 }
 
-// Runs fill(n, g, yp, tmp_rows) over every (image, group, padded row) in parallel, OR-ing bad flags.
-template <typename F>
-bool for_each_row(const PackedConvParams& p, const ActLayout& L, int64_t rows_per_group, int64_t width, F fill) {
-  BadFlag bad;
-  at::parallel_for(0, p.N * L.groups * L.Hp, 8, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> tmp(static_cast<size_t>(rows_per_group * width + 32));
-    uint32_t flag = 0;
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t yp = t % L.Hp, ng = t / L.Hp;
-      flag |= fill(ng / L.groups, ng % L.groups, yp, tmp.data());
-    }
-    bad.add(flag);
-  });
-  return bad.ok();
-}
-
 // Width of the padded temp rows: every padded column any phase reads, and the whole input row.
 int64_t padded_width(const PackedConvParams& p, const ActLayout& L) {
   return std::max(L.Wq * p.SW, p.PW + p.W);
 }
 
-// Runs tile(base, cb, res) for every (image, group of NR segments, block of MR output channels) and
-// writes the results. A work item is about one output row of tiles, and the block loop is outside its
-// tile loop, so one block's weights stay in L1 while the item's activations come from L2.
-// corr[co]: subtracted from every output of channel co.
-template <int MR, int NR, int SEG, typename Tile>
-void for_each_tile(const PackedConvParams& p, const ActLayout& Lay, const uint8_t* act, int64_t CB,
-                   const int32_t* corr, Tile tile) {
-  const Segments seg(p, SEG, NR);
-  const int64_t per_item = std::max<int64_t>(1, (p.Wo + NR * SEG - 1) / (NR * SEG));
-  const int64_t items = (seg.groups + per_item - 1) / per_item;
-  at::parallel_for(0, p.N * items, 1, [&](int64_t b, int64_t e) {
+// Output rows per work item of run_blocked: about 4 items per thread, and the item's activation block
+// (its rows plus the KH - SH halo) within ~256 KiB so that it stays in L2 while the tiles use it.
+int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
+  const int64_t items = 4 * std::max(1, at::get_num_threads());
+  const int64_t balance = std::max<int64_t>(1, (p.N * p.Ho + items - 1) / items);
+  const int64_t fit = std::max<int64_t>(1, ((256 << 10) / std::max<int64_t>(bytes_per_row, 1) - p.KH) / p.SH + 1);
+  return std::min({p.Ho, balance, fit});
+}
+
+// The convolution of the vector paths in one parallel region. A work item is a block of R output rows of
+// one image: it lays out the activation rows the block reads (fill(n, group, padded row, tmp, out): writes
+// phase ph of the row at out + ph * L.plane) into a thread-local buffer with layout L (L.Hp = the rows of
+// a full block), then runs tile(bases, cb, res) for every block of MR output channels (outer, so that
+// one block's weights stay in L1) and group of NR segments of SEG pixels, and writes the results minus
+// corr[co]. Returns false if fill reported an activation code out of range.
+template <int MR, int NR, int SEG, typename Fill, typename Tile>
+bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64_t CB, const int32_t* corr,
+                 int64_t tmp_bytes, Fill fill, Tile tile) {
+  const int64_t nb = (p.Ho + R - 1) / R;
+  const int64_t per_row = (p.Wo + SEG - 1) / SEG;
+  BadFlag bad;
+  at::parallel_for(0, p.N * nb, 1, [&](int64_t b, int64_t e) {
+    auto buf = uninit<uint8_t>(L.image);
+    std::vector<uint8_t> tmp(static_cast<size_t>(tmp_bytes));
     alignas(32) int32_t res[MR][NR][SEG];
-    std::vector<const uint8_t*> bases(static_cast<size_t>(per_item * NR));
-    std::vector<int64_t> oy(static_cast<size_t>(per_item * NR)), ox0(oy.size());
+    std::vector<const uint8_t*> bases(static_cast<size_t>((R * per_row + NR - 1) / NR * NR));
+    std::vector<int64_t> oy(bases.size()), ox0(bases.size());
+    uint32_t flag = 0;
     for (int64_t t = b; t < e; ++t) {
-      const int64_t n = t / items, g0 = (t % items) * per_item, g1 = std::min(seg.groups, g0 + per_item);
-      for (int64_t g = g0; g < g1; ++g)
-        for (int j = 0; j < NR; ++j) {
-          const size_t k = static_cast<size_t>((g - g0) * NR + j);
-          seg.at(g * NR + j, &oy[k], &ox0[k]);
-          bases[k] = act + Lay.base(p, n, oy[k], ox0[k]);
-        }
+      const int64_t n = t / nb, oy0 = (t % nb) * R, oy1 = std::min(p.Ho, oy0 + R);
+      const int64_t y0 = oy0 * p.SH, rows = (oy1 - 1 - oy0) * p.SH + p.KH;
+      for (int64_t g = 0; g < L.groups; ++g)
+        for (int64_t r = 0; r < rows; ++r) flag |= fill(n, g, y0 + r, tmp.data(), buf.get() + g * L.group + r * L.row);
+      const int64_t nseg = (oy1 - oy0) * per_row, ngroups = (nseg + NR - 1) / NR;
+      for (int64_t k = 0; k < ngroups * NR; ++k) {
+        const int64_t sg = std::min(k, nseg - 1);
+        oy[k] = oy0 + sg / per_row;
+        ox0[k] = (sg % per_row) * SEG;
+        bases[k] = buf.get() + (oy[k] - oy0) * p.SH * L.row + ox0[k] * L.elem;
+      }
       for (int64_t cb = 0; cb < CB; ++cb)
-        for (int64_t g = g0; g < g1; ++g) {
-          const size_t k0 = static_cast<size_t>((g - g0) * NR);
+        for (int64_t gi = 0; gi < ngroups; ++gi) {
+          const int64_t k0 = gi * NR;
           tile(bases.data() + k0, cb, res);
-          const int nvalid = static_cast<int>(std::min<int64_t>(NR, seg.total - g * NR));
+          const int nvalid = static_cast<int>(std::min<int64_t>(NR, nseg - k0));
           for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
             const int64_t co = cb * MR + i;
             for (int j = 0; j < nvalid; ++j)
@@ -349,7 +353,9 @@ void for_each_tile(const PackedConvParams& p, const ActLayout& Lay, const uint8_
           }
         }
     }
+    bad.add(flag);
   });
+  return bad.ok();
 }
 
 // Interleaves 4 byte rows into dwords: out[4 q + e] = rows[e][q * SW + ph] for q in [0, Wq).
@@ -505,15 +511,17 @@ bool run_dot(const PackedConvParams& p) {
   else if (!vnni && L <= 1) mode = DotMode::U8_I32ACC;
   const bool i16 = mode == DotMode::I16;
   const int64_t kc = i16 ? 2 : 4;  // channels per dword
-  const ActLayout Lay(p, (p.Cin + kc - 1) / kc, 8, 4);
+  const int64_t groups = (p.Cin + kc - 1) / kc;
+  const int64_t R = block_rows(p, ActLayout(p, groups, 8, 4, 1).group * groups);
+  const ActLayout Lay(p, groups, 8, 4, (R - 1) * p.SH + p.KH);
   const int64_t S = Lay.groups * p.KH * p.KW;
   const std::vector<int64_t> offs = step_offsets(p, Lay);
 
-  // Activations. I16 holds the signed codes themselves (no offset, padding 0).
-  auto act = uninit<uint8_t>(Lay.bytes(p));
+  // Activations, per padded row: offset codes of 4 channels interleaved (I16: the signed codes of 2
+  // channels as int16, padding 0).
   const int64_t width = padded_width(p, Lay);
   const uint8_t pad = static_cast<uint8_t>(r.off);
-  const bool ok = for_each_row(p, Lay, kc, width, [&](int64_t n, int64_t g, int64_t yp, uint8_t* tmp) -> uint32_t {
+  auto fill = [&](int64_t n, int64_t g, int64_t yp, uint8_t* tmp, uint8_t* out) -> uint32_t {
     uint32_t flag = 0;
     const uint8_t* rows[4];
     for (int64_t e = 0; e < kc; ++e) {
@@ -521,11 +529,10 @@ bool run_dot(const PackedConvParams& p) {
       rows[e] = tmp + e * width;
     }
     for (int64_t ph = 0; ph < p.SW; ++ph) {
-      uint8_t* out = act.get() + n * Lay.image + g * Lay.group + ph * Lay.plane + yp * Lay.row;
       if (!i16) {
-        interleave4(rows, p.SW, ph, Lay.Wq, out);
+        interleave4(rows, p.SW, ph, Lay.Wq, out + ph * Lay.plane);
       } else {
-        int16_t* o = reinterpret_cast<int16_t*>(out);
+        int16_t* o = reinterpret_cast<int16_t*>(out + ph * Lay.plane);
         for (int64_t q = 0; q < Lay.Wq; ++q) {
           const int64_t xp = q * p.SW + ph;
           o[2 * q] = static_cast<int16_t>(rows[0][xp] - r.off);
@@ -534,8 +541,7 @@ bool run_dot(const PackedConvParams& p) {
       }
     }
     return flag;
-  });
-  if (!ok) return false;
+  };
 
   // Weight panel [co block][step][MR] dwords; correction off * sum(w) for offset activations.
   const int64_t CB = (p.Cout + MR - 1) / MR;
@@ -562,17 +568,16 @@ bool run_dot(const PackedConvParams& p) {
     corr[static_cast<size_t>(co)] = i16 ? 0 : static_cast<int32_t>(r.off * sum);
   }
 
-  for_each_tile<MR, NR, 8>(p, Lay, act.get(), CB, corr.data(),
-                           [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][8]) {
-                             const int32_t* wp = panel.data() + cb * S * MR;
+  auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][8]) {
+    const int32_t* wp = panel.data() + cb * S * MR;
 #if defined(CPU_CAPABILITY_AVX512)
-                             if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
+    if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
 #endif
-                             if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
-                             if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
-                             return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
-                           });
-  return true;
+    if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
+    if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
+    return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
+  };
+  return run_blocked<MR, NR, 8>(p, Lay, R, CB, corr.data(), kc * width + 32, fill, tile);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,21 +632,20 @@ bool run_lut(const PackedConvParams& p) {
   constexpr int MR = kLutMR, NR = kLutNR;
   const ActRange r = act_range(p);
   const int a = p.a_bits, g = 4 / a;
-  const int wlo = p.w_bits == 1 ? -1 : -(1 << (p.w_bits - 1));
-  const int whi = p.w_bits == 1 ? 1 : (1 << (p.w_bits - 1)) - 1;
-  const int prods[4] = {r.lo * wlo, r.lo * whi, r.hi * wlo, r.hi * whi};
-  const int pmin = *std::min_element(prods, prods + 4), pmax = *std::max_element(prods, prods + 4);
-  const int bias = -g * pmin;                       // makes every table entry >= 0
-  const int64_t L = 255 / (g * (pmax - pmin));      // steps whose biased entries sum within a byte
-  const ActLayout Lay(p, (p.Cin + g - 1) / g, 32, 1);
+  // Each table is biased by its own smallest entry, so its entries lie in [0, sum_t |w_t| (2^a - 1)]:
+  // L steps of byte accumulation are exact for L * g * max|w| * (2^a - 1) <= 255.
+  const int wabs = p.w_bits == 1 ? 1 : 1 << (p.w_bits - 1);
+  const int64_t L = 255 / (g * wabs * r.mask);
+  const int64_t groups = (p.Cin + g - 1) / g;
+  const int64_t R = block_rows(p, ActLayout(p, groups, 32, 1, 1).group * groups);
+  const ActLayout Lay(p, groups, 32, 1, (R - 1) * p.SH + p.KH);
   const int64_t S = Lay.groups * p.KH * p.KW;
   const std::vector<int64_t> offs = step_offsets(p, Lay);
 
   // Activation indices: idx = sum_t u(channel g*grp + t) << (a * t); padding holds u = off (x = 0).
-  auto act = uninit<uint8_t>(Lay.bytes(p));
   const int64_t width = padded_width(p, Lay);
   const uint8_t pad = static_cast<uint8_t>(r.off);
-  const bool ok = for_each_row(p, Lay, g, width, [&](int64_t n, int64_t grp, int64_t yp, uint8_t* tmp) -> uint32_t {
+  auto fill = [&](int64_t n, int64_t grp, int64_t yp, uint8_t* tmp, uint8_t* out) -> uint32_t {
     uint32_t flag = 0;
     for (int t = 0; t < g; ++t) flag |= padded_row(p, r, n, grp * g + t, yp, width, pad, tmp + t * width);
     // Combine in place into row 0 (byte fields never overlap: u < 2^a).
@@ -659,26 +663,28 @@ bool run_lut(const PackedConvParams& p) {
       for (; x < width; ++x) r0[x] = static_cast<uint8_t>(r0[x] | (rt[x] << sh));
     }
     for (int64_t ph = 0; ph < p.SW; ++ph) {
-      uint8_t* out = act.get() + n * Lay.image + grp * Lay.group + ph * Lay.plane + yp * Lay.row;
+      uint8_t* o = out + ph * Lay.plane;
       if (p.SW == 1) {
-        std::memcpy(out, r0, static_cast<size_t>(Lay.Wq));
+        std::memcpy(o, r0, static_cast<size_t>(Lay.Wq));
       } else {
-        for (int64_t q = 0; q < Lay.Wq; ++q) out[q] = r0[q * p.SW + ph];
+        for (int64_t q = 0; q < Lay.Wq; ++q) o[q] = r0[q * p.SW + ph];
       }
     }
     return flag;
-  });
-  if (!ok) return false;
+  };
 
-  // Tables [co block][step][MR][16]: entry idx = bias + sum_t (field_t(idx) - off) * w_t.
+  // Tables [co block][step][MR][16]: entry idx = sum_t (field_t(idx) - off) * w_t - m, m = the smallest
+  // entry; the sum of the m of channel co is added back at the end (corr = -sum m).
   const int64_t CB = (p.Cout + MR - 1) / MR;
   const int64_t K = p.Cin * p.KH * p.KW;
   int field[4][16];
   for (int t = 0; t < 4; ++t)
     for (int idx = 0; idx < 16; ++idx) field[t][idx] = t < g ? ((idx >> (a * t)) & r.mask) - r.off : 0;
   std::vector<uint8_t> tables(static_cast<size_t>(CB * S * MR * 16));
-  at::parallel_for(0, CB * MR, 4, [&](int64_t c0, int64_t c1) {
-    for (int64_t co = c0; co < c1; ++co)
+  std::vector<int32_t> corr(static_cast<size_t>(CB * MR), 0);
+  at::parallel_for(0, CB * MR, std::max<int64_t>(4, (int64_t{1} << 18) / (S * 16)), [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co) {
+      int64_t min_sum = 0;
       for (int64_t grp = 0; grp < Lay.groups; ++grp)
         for (int64_t ky = 0; ky < p.KH; ++ky)
           for (int64_t kx = 0; kx < p.KW; ++kx) {
@@ -689,17 +695,20 @@ bool run_lut(const PackedConvParams& p) {
             }
             const int64_t s = (grp * p.KH + ky) * p.KW + kx;
             uint8_t* tab = tables.data() + (((co / MR) * S + s) * MR + co % MR) * 16;
+            int m = 0;
+            for (int t = 0; t < g; ++t) m += std::min(r.lo * wt[t], r.hi * wt[t]);
             for (int idx = 0; idx < 16; ++idx)
-              tab[idx] = static_cast<uint8_t>(bias + field[0][idx] * wt[0] + field[1][idx] * wt[1] +
-                                              field[2][idx] * wt[2] + field[3][idx] * wt[3]);
+              tab[idx] = static_cast<uint8_t>(field[0][idx] * wt[0] + field[1][idx] * wt[1] +
+                                              field[2][idx] * wt[2] + field[3][idx] * wt[3] - m);
+            min_sum += m;
           }
+      corr[static_cast<size_t>(co)] = static_cast<int32_t>(-min_sum);
+    }
   });
-  const std::vector<int32_t> corr(static_cast<size_t>(p.Cout), static_cast<int32_t>(S * bias));
-  for_each_tile<MR, NR, 32>(p, Lay, act.get(), CB, corr.data(),
-                            [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][32]) {
-                              lut_tile(base, offs.data(), S, L, tables.data() + cb * S * MR * 16, res);
-                            });
-  return true;
+  auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][32]) {
+    lut_tile(base, offs.data(), S, L, tables.data() + cb * S * MR * 16, res);
+  };
+  return run_blocked<MR, NR, 32>(p, Lay, R, CB, corr.data(), g * width + 32, fill, tile);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,7 +803,7 @@ bool run_bitserial(const PackedConvParams& p) {
     for (int j = 0; j < bp.nw; ++j) bp.w_coef[j] = j == bp.nw - 1 ? -(1 << j) : (1 << j);
   }
   // One group = 64 channels = one uint64 per pixel; each activation plane is a copy of the layout.
-  const ActLayout Lay(p, (p.Cin + 63) / 64, 4, 8);
+  const ActLayout Lay(p, (p.Cin + 63) / 64, 4, 8, (p.Ho - 1) * p.SH + p.KH);
   const int64_t plane_bytes = Lay.image;  // per image per activation plane
   const int64_t S = Lay.groups * p.KH * p.KW;
   std::vector<int64_t> offs = step_offsets(p, Lay);
