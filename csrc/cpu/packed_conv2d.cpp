@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "packed_conv2d.h"
 #include "qops/checks.h"
@@ -164,8 +165,20 @@ at::Tensor unpack_codes(const at::Tensor& w_packed, const ConvShape& s, int bits
   int8_t* out = codes.mutable_data_ptr<int8_t>();
   at::parallel_for(0, s.Cout, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * bits, 1)),
                    [&](int64_t c0, int64_t c1) {
-    for (int64_t co = c0; co < c1; ++co)
-      for (int64_t k = 0; k < K; ++k) out[co * K + k] = static_cast<int8_t>(packed_code_at(words, co, k, bits, KW));
+    std::vector<uint32_t> u(static_cast<size_t>(KW * 32));
+    for (int64_t co = c0; co < c1; ++co) {
+      // Gather the bit-planes word by word (vectorizable), then decode the patterns.
+      std::fill(u.begin(), u.end(), 0u);
+      for (int j = 0; j < bits; ++j) {
+        const uint32_t* plane = words + (co * bits + j) * KW;
+        for (int64_t q = 0; q < KW; ++q) {
+          const uint32_t word = plane[q];
+          uint32_t* uq = u.data() + q * 32;
+          for (int rr = 0; rr < 32; ++rr) uq[rr] |= ((word >> rr) & 1u) << j;
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) out[co * K + k] = static_cast<int8_t>(packed_decode(u[static_cast<size_t>(k)], bits));
+    }
   });
   return codes;
 }

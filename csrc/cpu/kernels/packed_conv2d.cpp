@@ -599,7 +599,7 @@ void lut_tile(const uint8_t* const* base, const int64_t* offs, int64_t S, int64_
   static_assert(kLutMR == 6 && kLutNR == 2, "lut_steps_6x2 is written for 6x2 tiles");
   const __m256i zero = _mm256_setzero_si256();
   __m256i acc[12], lo16[12], hi16[12];  // lo16: pixels {0-7, 16-23}, hi16: {8-15, 24-31} (unpack order)
-  std::memset(out, 0, sizeof(int32_t) * kLutMR * kLutNR * 32);
+  bool first = true;
   auto flush16 = [&]() {
     for (int k = 0; k < 12; ++k) {
       __m256i* o = reinterpret_cast<__m256i*>(out[k / 2][k % 2]);
@@ -607,9 +607,11 @@ void lut_tile(const uint8_t* const* base, const int64_t* offs, int64_t S, int64_
       const __m256i parts[4] = {
           _mm256_cvtepi16_epi32(_mm256_castsi256_si128(l)), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)),
           _mm256_cvtepi16_epi32(_mm256_extracti128_si256(l, 1)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1))};
-      for (int q = 0; q < 4; ++q) _mm256_storeu_si256(o + q, _mm256_add_epi32(_mm256_loadu_si256(o + q), parts[q]));
+      for (int q = 0; q < 4; ++q)
+        _mm256_storeu_si256(o + q, first ? parts[q] : _mm256_add_epi32(_mm256_loadu_si256(o + q), parts[q]));
       lo16[k] = hi16[k] = zero;
     }
+    first = false;
   };
   for (int k = 0; k < 12; ++k) lo16[k] = hi16[k] = zero;
   int chunks = 0;
@@ -677,31 +679,38 @@ bool run_lut(const PackedConvParams& p) {
   // entry; the sum of the m of channel co is added back at the end (corr = -sum m).
   const int64_t CB = (p.Cout + MR - 1) / MR;
   const int64_t K = p.Cin * p.KH * p.KW;
-  int field[4][16];
+  alignas(32) int16_t field16[4][16];
   for (int t = 0; t < 4; ++t)
-    for (int idx = 0; idx < 16; ++idx) field[t][idx] = t < g ? ((idx >> (a * t)) & r.mask) - r.off : 0;
+    for (int idx = 0; idx < 16; ++idx)
+      field16[t][idx] = static_cast<int16_t>(t < g ? ((idx >> (a * t)) & r.mask) - r.off : 0);
   std::vector<uint8_t> tables(static_cast<size_t>(CB * S * MR * 16));
   std::vector<int32_t> corr(static_cast<size_t>(CB * MR), 0);
-  at::parallel_for(0, CB * MR, std::max<int64_t>(4, (int64_t{1} << 18) / (S * 16)), [&](int64_t c0, int64_t c1) {
+  __m256i fields[4];  // field_t(idx) - off for idx = 0..15, int16
+  for (int t = 0; t < 4; ++t) fields[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(field16[t]));
+  const int64_t KHW = p.KH * p.KW;
+  at::parallel_for(0, CB * MR, std::max<int64_t>(4, (int64_t{1} << 16) / S), [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co) {
       int64_t min_sum = 0;
+      const int8_t* wco = p.w_codes + std::min(co, p.Cout - 1) * K;
       for (int64_t grp = 0; grp < Lay.groups; ++grp)
-        for (int64_t ky = 0; ky < p.KH; ++ky)
-          for (int64_t kx = 0; kx < p.KW; ++kx) {
-            int wt[4] = {0, 0, 0, 0};
-            for (int t = 0; t < g; ++t) {
-              const int64_t c = grp * g + t;
-              if (co < p.Cout && c < p.Cin) wt[t] = p.w_codes[co * K + (c * p.KH + ky) * p.KW + kx];
-            }
-            const int64_t s = (grp * p.KH + ky) * p.KW + kx;
-            uint8_t* tab = tables.data() + (((co / MR) * S + s) * MR + co % MR) * 16;
-            int m = 0;
-            for (int t = 0; t < g; ++t) m += std::min(r.lo * wt[t], r.hi * wt[t]);
-            for (int idx = 0; idx < 16; ++idx)
-              tab[idx] = static_cast<uint8_t>(field[0][idx] * wt[0] + field[1][idx] * wt[1] +
-                                              field[2][idx] * wt[2] + field[3][idx] * wt[3] - m);
-            min_sum += m;
+        for (int64_t tap = 0; tap < KHW; ++tap) {
+          int wt[4] = {0, 0, 0, 0};
+          for (int t = 0; t < g; ++t) {
+            const int64_t c = grp * g + t;
+            if (co < p.Cout && c < p.Cin) wt[t] = wco[c * KHW + tap];
           }
+          int m = 0;
+          for (int t = 0; t < g; ++t) m += std::min(r.lo * wt[t], r.hi * wt[t]);
+          __m256i e = _mm256_set1_epi16(static_cast<int16_t>(-m));
+          for (int t = 0; t < g; ++t)
+            e = _mm256_add_epi16(e, _mm256_mullo_epi16(fields[t], _mm256_set1_epi16(static_cast<int16_t>(wt[t]))));
+          // entries are in [0, 255]: pack the 16 int16 to bytes, in order
+          const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(e, e), 0x08);
+          const int64_t s = grp * KHW + tap;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(tables.data() + (((co / MR) * S + s) * MR + co % MR) * 16),
+                           _mm256_castsi256_si128(b));
+          min_sum += m;
+        }
       corr[static_cast<size_t>(co)] = static_cast<int32_t>(-min_sum);
     }
   });
