@@ -270,10 +270,16 @@ struct ActLayout {
     const int64_t wo_pad = (p.Wo + seg_px - 1) / seg_px * seg_px;
     Hp = rows;
     Wq = wo_pad + (p.KW - 1) / p.SW;
-    row = Wq * elem;
-    plane = Hp * row;
+    // Row-major over groups: one padded row holds every group (and phase) of its pixels, so the steps
+    // (ky, group, kx) of a tile walk memory with one ascending stride (prefetch friendly).
+    plane = Wq * elem;
     group = p.SW * plane;
-    image = groups * group;
+    row = groups * group;
+    image = Hp * row;
+  }
+  // Index of step (group g, tap ky, kx): the order of the weight panels and of step_offsets.
+  int64_t step(const PackedConvParams& p, int64_t g, int64_t ky, int64_t kx) const {
+    return (ky * groups + g) * p.KW + kx;
   }
   // Byte offset of step (group g, tap ky, kx) from a tile's base.
   int64_t step_offset(const PackedConvParams& p, int64_t g, int64_t ky, int64_t kx) const {
@@ -289,10 +295,9 @@ struct ActLayout {
 // Step offsets for steps s = (g, ky, kx), g-major.
 std::vector<int64_t> step_offsets(const PackedConvParams& p, const ActLayout& L) {
   std::vector<int64_t> offs(static_cast<size_t>(L.groups * p.KH * p.KW));
-  size_t s = 0;
   for (int64_t g = 0; g < L.groups; ++g)
     for (int64_t ky = 0; ky < p.KH; ++ky)
-      for (int64_t kx = 0; kx < p.KW; ++kx) offs[s++] = L.step_offset(p, g, ky, kx);
+      for (int64_t kx = 0; kx < p.KW; ++kx) offs[static_cast<size_t>(L.step(p, g, ky, kx))] = L.step_offset(p, g, ky, kx);
   return offs;
 }
 
@@ -562,7 +567,7 @@ bool run_dot(const PackedConvParams& p) {
             dword |= i16 ? (static_cast<uint32_t>(static_cast<uint16_t>(v)) << (16 * e))
                          : (static_cast<uint32_t>(static_cast<uint8_t>(v)) << (8 * e));
           }
-          const int64_t s = (g * p.KH + ky) * p.KW + kx;
+          const int64_t s = Lay.step(p, g, ky, kx);
           panel[static_cast<size_t>(((co / MR) * S + s) * MR + co % MR)] = static_cast<int32_t>(dword);
         }
     corr[static_cast<size_t>(co)] = i16 ? 0 : static_cast<int32_t>(r.off * sum);
@@ -706,7 +711,7 @@ bool run_lut(const PackedConvParams& p) {
             e = _mm256_add_epi16(e, _mm256_mullo_epi16(fields[t], _mm256_set1_epi16(static_cast<int16_t>(wt[t]))));
           // entries are in [0, 255]: pack the 16 int16 to bytes, in order
           const __m256i b = _mm256_permute4x64_epi64(_mm256_packus_epi16(e, e), 0x08);
-          const int64_t s = grp * KHW + tap;
+          const int64_t s = Lay.step(p, grp, tap / p.KW, tap % p.KW);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(tables.data() + (((co / MR) * S + s) * MR + co % MR) * 16),
                            _mm256_castsi256_si128(b));
           min_sum += m;
@@ -860,7 +865,7 @@ bool run_bitserial(const PackedConvParams& p) {
           const int code = p.w_codes[co * K + (c * p.KH + ky) * p.KW + kx];
           const uint32_t u = p.w_bits == 1 ? static_cast<uint32_t>((code + 1) >> 1)
                                            : static_cast<uint32_t>(code) & ((1u << p.w_bits) - 1u);
-          const int64_t s = ((c / 64) * p.KH + ky) * p.KW + kx;
+          const int64_t s = Lay.step(p, c / 64, ky, kx);
           const uint64_t bit = uint64_t{1} << (c % 64);
           for (int j = 0; j < bp.nw; ++j) {
             const bool set = p.w_bits == 1 ? (j == 0 ? (u & 1u) != 0 : true) : ((u >> j) & 1u) != 0;
