@@ -32,7 +32,9 @@ def _ops(h: int) -> int:
 def _codes(bits: int, gen: torch.Generator) -> torch.Tensor:
     if bits == 1:
         return (torch.randint(0, 2, (COUT, CIN, 3, 3), generator=gen) * 2 - 1).to(torch.int8)
-    return torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (COUT, CIN, 3, 3), generator=gen, dtype=torch.int8)
+    return torch.randint(
+        -(2 ** (bits - 1)), 2 ** (bits - 1), (COUT, CIN, 3, 3), generator=gen, dtype=torch.int8
+    )
 
 
 def _x(h: int) -> torch.Tensor:
@@ -45,8 +47,12 @@ def test_torch_int8(bench, h):
     w = torch.randn(COUT, CIN, 3, 3, generator=torch.Generator().manual_seed(1)) * 0.1
     torch.backends.quantized.engine = "x86"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantize_per_tensor is deprecated in torch 2.13 but still the int8 path
-        qx = torch.quantize_per_tensor(x.contiguous(memory_format=torch.channels_last), 2 / 255, 0, torch.quint8)
+        warnings.simplefilter(
+            "ignore"
+        )  # quantize_per_tensor is deprecated in torch 2.13 but still the int8 path
+        qx = torch.quantize_per_tensor(
+            x.contiguous(memory_format=torch.channels_last), 2 / 255, 0, torch.quint8
+        )
         qw = torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8)
         packed = torch.ops.quantized.conv2d_prepack(qw, None, [1, 1], [1, 1], [1, 1], 1)
     bench(
@@ -94,7 +100,9 @@ def test_ours_quantized_conv2d(bench, h, w_bits, a_bits):
     bias = torch.zeros(COUT)
     a_scale = 2 / (2**a_bits - 1)
     bench(
-        lambda: quantized_conv2d(x, w_packed, (COUT, CIN, 3, 3), w_scale, a_scale, w_bits, a_bits, False, bias, 1, 1),
+        lambda: quantized_conv2d(
+            x, w_packed, (COUT, CIN, 3, 3), w_scale, a_scale, w_bits, a_bits, False, bias, 1, 1
+        ),
         group=f"conv3x3 64->64 1x64x{h}x{h}",
         impl=f"ours quantized_conv2d w{w_bits}a{a_bits}, float -> float ({w_packed.numel()} B weights)",
         ops=_ops(h),

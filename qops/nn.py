@@ -51,6 +51,13 @@ class PackedConv2d(nn.Module):
         w_scale = torch.as_tensor(w_scale, dtype=torch.float32).reshape(-1)
         if w_scale.numel() == 1:
             w_scale = w_scale.expand(cout)
+        # Checked once here: the CUDA kernel does not read the scales back to the host on every call.
+        if w_scale.numel() != cout or not bool(torch.all(torch.isfinite(w_scale) & (w_scale > 0))):
+            raise ValueError(
+                f"w_scale: expected {cout} positive finite steps (or one), got {w_scale.tolist()}"
+            )
+        if not (self.a_scale > 0 and self.a_scale < float("inf")):
+            raise ValueError(f"a_scale: expected a positive finite step, got {a_scale}")
         self.register_buffer("w_packed", w_packed.detach().to(torch.uint8))
         self.register_buffer("w_scale", w_scale.detach().clone().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())

@@ -382,6 +382,16 @@ def test_errors_quantized_conv2d():
         op(xf, packed, shape, ws, 0.1, 4, 4, False, torch.ones(3), [1, 1], [0, 0])
 
 
+def test_errors_packed_conv2d_module():
+    w = torch.randn(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="w_scale: expected 2 positive"):
+        PackedConv2d.from_float(w, torch.tensor([0.1, 0.0]), 0.1, 4, 4)
+    with pytest.raises(ValueError, match="a_scale: expected a positive"):
+        PackedConv2d.from_float(w, torch.tensor([0.1, 0.1]), -1.0, 4, 4)
+    with pytest.raises(ValueError, match="conv: PackedConv2d supports groups=1"):
+        PackedConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, groups=2), 0.1, 0.1, 4, 4)
+
+
 def test_errors_forced_path(monkeypatch):
     x, packed, shape = _ok_args()
     monkeypatch.setenv("QOPS_PACKED_PATH", "simd")
