@@ -306,13 +306,16 @@ int64_t padded_width(const PackedConvParams& p, const ActLayout& L) {
   return std::max(L.Wq * p.SW, p.PW + p.W);
 }
 
-// Output rows per work item of run_blocked: about 4 items per thread, and the item's activation block
-// (its rows plus the KH - SH halo) within ~256 KiB so that it stays in L2 while the tiles use it.
+// Output rows per work item of run_blocked: the item's activation block (its rows plus the KH - SH halo)
+// within ~256 KiB so that it stays in L2 while the tiles use it, and at least 4 items per thread, their
+// number a multiple of the thread count (equal shares: the work per row is uniform).
 int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
-  const int64_t items = 4 * std::max(1, at::get_num_threads());
-  const int64_t balance = std::max<int64_t>(1, (p.N * p.Ho + items - 1) / items);
+  const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t fit = std::max<int64_t>(1, ((256 << 10) / std::max<int64_t>(bytes_per_row, 1) - p.KH) / p.SH + 1);
-  return std::min({p.Ho, balance, fit});
+  int64_t items = std::max<int64_t>(4 * threads, p.N * ((p.Ho + fit - 1) / fit));
+  items = (items + threads - 1) / threads * threads;
+  const int64_t per_image = std::max<int64_t>(1, items / p.N);
+  return std::max<int64_t>(1, (p.Ho + per_image - 1) / per_image);
 }
 
 // The convolution of the vector paths in one parallel region. A work item is a block of R output rows of
