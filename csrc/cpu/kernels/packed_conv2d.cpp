@@ -1,27 +1,29 @@
 // Hot loops of torch.ops.qops.packed_conv2d / quantized_conv2d on CPU, compiled once per ISA (setup.py).
 // The entry point (csrc/cpu/packed_conv2d.cpp) unpacks the bit-plane weights (csrc/include/qops/packed_layout.h)
-// into int8 codes, picks the path and calls packed_conv2d_kernel; each path re-lays out activations and
-// weights for its micro-kernel, runs at::parallel_for over tiles of output pixels, and writes int32 (or
-// dequantized float) NCHW output. Every path computes the same exact integers.
+// into int8 codes, picks the path and calls packed_conv2d_kernel, which builds the path's weight panel and
+// runs one at::parallel_for over blocks of output rows (run_blocked): each work item lays out the
+// activation rows of its block (range check / float quantization fused) in a thread-local buffer, runs
+// the path's register tile over it and writes int32 (or dequantized float) NCHW output. Every path
+// computes the same exact integers. docs/kernels.md describes the paths for users.
 //
 //   scalar     direct convolution on the codes (portable; the only path of the DEFAULT build).
-//   dot        activations as offset codes u = x + 2^(a-1)·signed in [0, 2^a) ("4c": 4 channels of a
-//              pixel in one dword), weights as int8 dwords broadcast per output channel; vpmaddubsw
-//              u8 x s8 -> int16 pairs. Where the pair sum can not saturate, int16 partial sums are
-//              accumulated with vpaddw for L = 32767 / max|pair| steps before vpmaddwd widens them to
-//              int32: low bit-widths need one multiply per 32 MACs instead of two (the int8 kernel's
-//              vpmaddubsw + vpmaddwd). a8 x w8 (the one pair that can saturate) runs on int16 codes with
-//              vpmaddwd. AVX512 builds with VNNI use vpdpbusd (u8 x s8 -> int32, never saturates).
+//   dot        activations as offset codes u = x + 2^(a-1)·signed in [0, 2^a) (4 channels of a pixel in
+//              one dword), weights as int8 dwords broadcast per output channel; vpmaddubsw u8 x s8 ->
+//              int16 pairs. Where the pair sum can not saturate, int16 partial sums are accumulated with
+//              vpaddw for L = 32767 / max|pair| steps before vpmaddwd widens them to int32: low
+//              bit-widths need one multiply per 32 MACs instead of two (the int8 kernel's vpmaddubsw +
+//              vpmaddwd). a8 x w8 (the one pair that can saturate) runs on int16 codes with vpmaddwd.
+//              AVX512 builds with VNNI use vpdpbusd (u8 x s8 -> int32, never saturates).
 //              Signed activations: sum x·w = sum u·w - 2^(a-1)·sum w, padding holds u = 2^(a-1).
 //   lut        (a_bits <= 2) g = 4 / a_bits activations of one pixel form a 4-bit index; per output
-//              channel and step a 16-entry table holds sum_t x_t·w_t for every index (biased to be
-//              unsigned), vpshufb looks up 32 pixels at once and vpaddb accumulates bytes for as many
-//              steps as the range allows before widening: 2·g MACs per byte lookup.
+//              channel and step a 16-entry table holds sum_t x_t·w_t for every index, biased by its own
+//              minimum; vpshufb looks up 32 pixels at once and vpaddb accumulates bytes for
+//              255 / (g·max|w|·(2^a - 1)) steps before widening: g MACs per byte lookup.
 //   bitserial  two's complement bit-planes of activations (64 channels per uint64, per pixel) and of
 //              weights; acc = sum_ij c_i d_j popcount(A_i & W_j) with c, d = ±2^i (the top plane of a
 //              signed operand negative; 1-bit weights ±1 as 2·b - 1, i.e. planes {b: 2, ones: -1}).
 //              AVX2 counts bits with a nibble table (vpshufb), bytes summed with vpsadbw; AVX512 uses
-//              vpopcntq where the CPU has VPOPCNTDQ.
+//              vpopcntq where the CPU has VPOPCNTDQ. (A reference-speed path on AVX2: dot/lut are faster.)
 #include <ATen/Parallel.h>
 
 #include <algorithm>
