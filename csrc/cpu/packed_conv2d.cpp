@@ -151,7 +151,9 @@ PackedConvParams make_params(const ConvShape& s, int64_t w_bits, int64_t a_bits,
   p.w_codes = codes.const_data_ptr<int8_t>();
   p.path = choose_path(p.w_bits, p.a_bits, a_signed);
   const CpuFeatures& f = cpu_features();
-  p.use_vnni = isa() == Isa::AVX512 && f.avx512vnni && p.path == PackedPath::DOT;
+  // vpdpbusd in the dot path: AVX512-VNNI in the AVX512 build, AVX-VNNI (VEX) in the AVX2 build.
+  p.use_vnni = p.path == PackedPath::DOT &&
+               ((isa() == Isa::AVX512 && f.avx512vnni) || (isa() == Isa::AVX2 && f.avxvnni));
   p.use_vpopcntdq = isa() == Isa::AVX512 && f.avx512vpopcntdq;
   return p;
 }

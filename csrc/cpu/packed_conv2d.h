@@ -37,7 +37,8 @@ struct PackedConvParams {
   float* out_f = nullptr;
   const float* out_scale = nullptr;  // [Cout]
   const float* bias = nullptr;       // [Cout] or null
-  // CPU sub-features the AVX512 kernels may use (read by the entry from cpu_features()).
+  // CPU sub-features the kernels may use (read by the entry from cpu_features()): vpdpbusd (AVX512-VNNI
+  // in the AVX512 build, AVX-VNNI in the AVX2 build) and vpopcntq (AVX512-VPOPCNTDQ).
   bool use_vnni = false;
   bool use_vpopcntdq = false;
 };

@@ -487,12 +487,20 @@ void dot_tile(const uint8_t* const* base, const int64_t* offs, int64_t S, int64_
   }
 }
 
+// vpdpbusd: u8 x s8, 4 products summed into int32 without saturation, so one instruction per 32 MACs for
+// every bit pair. Same operands and layout as the U8 modes above. The AVX512 build uses the AVX512-VNNI
+// (EVEX, 256-bit) form, the AVX2 build the AVX-VNNI (VEX) form of AVX2-only CPUs with VNNI; both are
+// chosen at run time from cpu_features() (csrc/cpu/packed_conv2d.cpp).
 #if defined(CPU_CAPABILITY_AVX512)
-// vpdpbusd (AVX512-VNNI, 256-bit form): u8 x s8, 4 products summed into int32 without saturation, so
-// one instruction per 32 MACs for every bit pair. Same operands and layout as the U8 modes above.
+#define QOPS_VNNI_TARGET "avx512vnni"
+#define QOPS_DPBUSD _mm256_dpbusd_epi32
+#else
+#define QOPS_VNNI_TARGET "avxvnni"
+#define QOPS_DPBUSD _mm256_dpbusd_avx_epi32
+#endif
 template <int MR, int NR>
-__attribute__((target("avx512vnni"))) void dot_tile_vnni(const uint8_t* const* base, const int64_t* offs, int64_t S,
-                                                          const int32_t* wp, int32_t (*out)[NR][8]) {
+__attribute__((target(QOPS_VNNI_TARGET))) void dot_tile_vnni(const uint8_t* const* base, const int64_t* offs,
+                                                              int64_t S, const int32_t* wp, int32_t (*out)[NR][8]) {
   __m256i acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
@@ -501,13 +509,14 @@ __attribute__((target("avx512vnni"))) void dot_tile_vnni(const uint8_t* const* b
     for (int j = 0; j < NR; ++j) a[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base[j] + offs[s]));
     for (int i = 0; i < MR; ++i) {
       const __m256i w = _mm256_set1_epi32(wp[s * MR + i]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_dpbusd_epi32(acc[i][j], a[j], w);
+      for (int j = 0; j < NR; ++j) acc[i][j] = QOPS_DPBUSD(acc[i][j], a[j], w);
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[i][j]), acc[i][j]);
 }
-#endif
+#undef QOPS_DPBUSD
+#undef QOPS_VNNI_TARGET
 
 bool run_dot(const PackedConvParams& p) {
   constexpr int MR = kDotMR, NR = kDotNR;
@@ -580,9 +589,7 @@ bool run_dot(const PackedConvParams& p) {
 
   auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][8]) {
     const int32_t* wp = panel.data() + cb * S * MR;
-#if defined(CPU_CAPABILITY_AVX512)
     if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
-#endif
     if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
     if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
     return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
