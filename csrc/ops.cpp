@@ -18,6 +18,16 @@ TORCH_LIBRARY(qops, m) {
       "int quant_min, int quant_max, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
   // y = x + delta * eps / 2, delta = (max - min) / (2^bits - 1), eps from Philox keyed by (seed, index).
   m.def("quant_noise(Tensor x, int bits, int seed, int axis=-1, str dist=\"gaussian\") -> Tensor");
+  // int8 codes [Cout, Cin, kh, kw] -> opaque uint8 bit-plane buffer (csrc/include/qops/packed_layout.h).
+  m.def("pack_weight(Tensor w_codes, int bits) -> Tensor");
+  // Exact int32 convolution of activation codes with packed weight codes, zero padding, bits 1..8.
+  m.def(
+      "packed_conv2d(Tensor x_codes, Tensor w_packed, int[] w_shape, int w_bits, int a_bits, bool a_signed, "
+      "int[2] stride, int[2] padding) -> Tensor");
+  // Float in/out: quantize x, integer convolution, out = acc * (w_scale[c] * a_scale) + bias[c].
+  m.def(
+      "quantized_conv2d(Tensor x, Tensor w_packed, int[] w_shape, Tensor w_scale, float a_scale, int w_bits, "
+      "int a_bits, bool a_signed, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
 }
 
 // The Python module qops._C: loading it registers the ops above; it also reports the build.

@@ -1,0 +1,90 @@
+// Argument checks of torch.ops.qops.pack_weight / packed_conv2d / quantized_conv2d, shared by the CPU
+// entry points (csrc/cpu/packed_conv2d.cpp) and the CUDA binding (csrc/cuda/packed_conv2d_binding.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+#include "qops/checks.h"
+#include "qops/packed_layout.h"
+
+namespace qops {
+
+inline void check_bits(int64_t bits, const char* name) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, name, ": expected a bit-width in 1..8, got ", bits);
+}
+
+// Geometry of one packed convolution.
+struct ConvShape {
+  int64_t N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, Ho, Wo;
+};
+
+// Checks shared by packed_conv2d and quantized_conv2d; returns the geometry.
+inline ConvShape check_conv(const at::Tensor& x, const char* x_name, const at::Tensor& w_packed, at::IntArrayRef w_shape,
+                     int64_t w_bits, int64_t a_bits, at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_dim(x, 4, x_name);
+  check_dtype(w_packed, at::kByte, "w_packed");
+  check_dim(w_packed, 1, "w_packed");
+  check_same_device(w_packed, x, "w_packed", x_name);
+  check_bits(w_bits, "w_bits");
+  check_bits(a_bits, "a_bits");
+  TORCH_CHECK(w_shape.size() == 4, "w_shape: expected [Cout, Cin, kh, kw], got ", w_shape);
+  for (int64_t v : w_shape) TORCH_CHECK(v > 0, "w_shape: expected positive sizes, got ", w_shape);
+  TORCH_CHECK(stride.size() == 2, "stride: expected 2 values, got ", stride);
+  TORCH_CHECK(padding.size() == 2, "padding: expected 2 values, got ", padding);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, "stride: expected values >= 1, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding: expected values >= 0, got ", padding);
+  ConvShape s;
+  s.N = x.size(0);
+  s.Cin = x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.Cout = w_shape[0];
+  s.KH = w_shape[2];
+  s.KW = w_shape[3];
+  s.SH = stride[0];
+  s.SW = stride[1];
+  s.PH = padding[0];
+  s.PW = padding[1];
+  TORCH_CHECK(w_shape[1] == s.Cin, "w_shape: Cin = ", w_shape[1], " does not match the ", s.Cin, " channels of ",
+              x_name, " (shape ", x.sizes(), ")");
+  const int64_t K = s.Cin * s.KH * s.KW;
+  const int64_t want = packed_weight_bytes(s.Cout, K, w_bits);
+  TORCH_CHECK(w_packed.numel() == want, "w_shape: ", w_shape, " at w_bits=", w_bits, " needs a packed buffer of ",
+              want, " bytes, but w_packed has ", w_packed.numel(), " (was it packed with other bits or shape?)");
+  const int64_t hp = s.H + 2 * s.PH, wp = s.W + 2 * s.PW;
+  TORCH_CHECK(hp >= s.KH && wp >= s.KW, x_name, ": padded input ", hp, "x", wp, " is smaller than the kernel ", s.KH,
+              "x", s.KW);
+  s.Ho = (hp - s.KH) / s.SH + 1;
+  s.Wo = (wp - s.KW) / s.SW + 1;
+  // int32 accumulation is exact while K * max|x| * max|w| < 2^31.
+  const double bound = static_cast<double>(K) * std::ldexp(1.0, static_cast<int>(a_bits)) *
+                       std::ldexp(1.0, static_cast<int>(w_bits) - 1);
+  TORCH_CHECK(bound < 2147483647.0, "w_shape: K = Cin*kh*kw = ", K, " is too large for exact int32 accumulation at ",
+              w_bits, "x", a_bits, " bits");
+  return s;
+}
+
+// Checks of quantized_conv2d's float arguments (values of w_scale are checked where they are read).
+inline void check_quantized_args(const at::Tensor& x, const ConvShape& s, const at::Tensor& w_scale, double a_scale,
+                                 const std::optional<at::Tensor>& bias) {
+  check_dtype(x, at::kFloat, "x");
+  check_dtype(w_scale, at::kFloat, "w_scale");
+  check_same_device(w_scale, x, "w_scale", "x");
+  TORCH_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == s.Cout || w_scale.numel() == 1),
+              "w_scale: expected shape [Cout] = [", s.Cout, "] or one element, got ", w_scale.sizes());
+  TORCH_CHECK(std::isfinite(a_scale) && a_scale > 0, "a_scale: expected a positive finite step, got ", a_scale);
+  const float a_scale_f = static_cast<float>(a_scale);
+  TORCH_CHECK(a_scale_f > 0 && std::isfinite(1.f / a_scale_f), "a_scale: ", a_scale, " is not a usable float32 step");
+  if (bias.has_value() && bias->defined()) {
+    check_dtype(*bias, at::kFloat, "bias");
+    check_same_device(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == s.Cout, "bias: expected shape [", s.Cout, "], got ",
+                bias->sizes());
+  }
+}
+
+}  // namespace qops
