@@ -1,0 +1,273 @@
+// The activation passes of mixed_quant_conv (compiled once per ISA, see setup.py):
+//   mqc_act_forward:  x -> xq, every activation variant FQa_j(x) in one read of x, written channels-last in the
+//                     channel order of csrc/include/qops/mixed_quant_conv.h (what oneDNN's convolution wants);
+//   mqc_act_backward: (x, grad xq) -> grad x = sum_j STE_j * grad xq_j, plus the LSQ scale sums of every
+//                     variant, in one pass.
+// x is NCHW- or NHWC-contiguous (the host makes anything else NCHW). NHWC pixels are vectorized over channels
+// directly; NCHW rows are turned into 8-pixel NHWC tiles with 8x8 register transposes first, so both share
+// the per-pixel code. Work is split by image rows (n, h) and every row writes its own scale partial sums, so
+// the sums do not depend on the thread count.
+//
+// Intrinsics rather than at::vec: ATen's vec headers need sleef's AVX declarations, which sleef.h only makes
+// when __AVX2__ is defined by the command line, not by the `#pragma GCC target` of setup.py's wrappers.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags _mm512_undefined_ps() inside its own AVX-512 intrinsics as "may be used uninitialized".
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "qops/fake_quant_math.h"
+#include "qops/mixed_quant_conv.h"
+
+namespace qops::cpu::CPU_CAPABILITY {
+
+namespace {
+
+// ---- a minimal SIMD layer: F (floats), M (lane mask), loads/stores with a tail count ----------------------
+#if defined(CPU_CAPABILITY_AVX512)
+struct Simd {
+  using F = __m512;
+  using M = __mmask16;
+  static constexpr int kWidth = 16;
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static __mmask16 tail(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static F load(const float* p, int64_t n) { return n == kWidth ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(tail(n), p); }
+  static void store(float* p, F v, int64_t n) {
+    if (n == kWidth) _mm512_storeu_ps(p, v);
+    else _mm512_mask_storeu_ps(p, tail(n), v);
+  }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M lor(M a, M b) { return static_cast<M>(a | b); }
+  static F select(M m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  static void lanes(F v, float* out) { _mm512_storeu_ps(out, v); }
+};
+#elif defined(CPU_CAPABILITY_AVX2)
+struct Simd {
+  using F = __m256;
+  using M = __m256;
+  static constexpr int kWidth = 8;
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static __m256i tail(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static F load(const float* p, int64_t n) { return n == kWidth ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, tail(n)); }
+  static void store(float* p, F v, int64_t n) {
+    if (n == kWidth) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, tail(n), v);
+  }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M lor(M a, M b) { return _mm256_or_ps(a, b); }
+  static F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+  static void lanes(F v, float* out) { _mm256_storeu_ps(out, v); }
+};
+#else
+// Portable path: one lane, the same formulas as qops::fq_forward / fq_backward.
+struct Simd {
+  using F = float;
+  using M = bool;
+  static constexpr int kWidth = 1;
+  static F set1(float v) { return v; }
+  static F load(const float* p, int64_t) { return *p; }
+  static void store(float* p, F v, int64_t) { *p = v; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F round(F a) { return std::nearbyint(a); }
+  static F min(F a, F b) { return std::fmin(a, b); }
+  static F max(F a, F b) { return std::fmax(a, b); }
+  static M lt(F a, F b) { return a < b; }
+  static M gt(F a, F b) { return a > b; }
+  static M lor(M a, M b) { return a || b; }
+  static F select(M m, F if_true, F if_false) { return m ? if_true : if_false; }
+  static void lanes(F v, float* out) { *out = v; }
+};
+#endif
+
+using F = Simd::F;
+constexpr int64_t kW = Simd::kWidth;
+constexpr int64_t kTile = 8;  // pixels per NCHW tile (one 8x8 transpose wide)
+
+// ---- noise mode ------------------------------------------------------------------------------------------
+// TODO(quant-noise): x + half_delta * eps(seed, index) once csrc/include/qops/philox.h lands on main.
+
+// One pixel's C channels -> its n_a * C channels of xq.
+inline void forward_pixel(const float* xp, float* out, const MqcActVariants& v, int64_t C, int64_t cb) {
+  const int64_t n_a = v.n;
+  for (int64_t b0 = 0; b0 < C; b0 += cb) {
+    const float* src = xp + b0;
+    for (int64_t j = 0; j < n_a; ++j) {
+      float* dst = out + b0 * n_a + j * cb;
+      if (v.bits[j] == 0) {
+        std::copy(src, src + cb, dst);
+        continue;
+      }
+      const F inv = Simd::set1(v.inv_scale[j]), scale = Simd::set1(v.scale[j]);
+      const F qmin = Simd::set1(v.qmin[j]), qmax = Simd::set1(v.qmax[j]);
+      for (int64_t k = 0; k < cb; k += kW) {
+        const int64_t n = std::min(kW, cb - k);
+        const F q = Simd::round(Simd::mul(Simd::load(src + k, n), inv));
+        Simd::store(dst + k, Simd::mul(Simd::min(Simd::max(q, qmin), qmax), scale), n);
+      }
+    }
+  }
+}
+
+// One pixel: grad x (C channels) from grad xq (n_a * C channels); LSQ scale sums into acc[j]
+// (qops::fq_backward with zero point 0 and grad_factor 1, lane-wise).
+inline void backward_pixel(const float* xp, const float* gp, float* gxo, const MqcActVariants& v, int64_t C,
+                           int64_t cb, F* acc) {
+  const int64_t n_a = v.n;
+  const F zero = Simd::set1(0.f);
+  for (int64_t b0 = 0; b0 < C; b0 += cb) {
+    for (int64_t k = 0; k < cb; k += kW) {
+      const int64_t n = std::min(kW, cb - k);
+      // Tail lanes load as zeros (x = 0, g = 0), so they add nothing to the sums.
+      const F xs = Simd::load(xp + b0 + k, n);
+      F gsum = zero;
+      for (int64_t j = 0; j < n_a; ++j) {
+        const F g = Simd::load(gp + b0 * n_a + j * cb + k, n);
+        if (v.bits[j] == 0 || v.noise) {
+          gsum = Simd::add(gsum, g);
+          continue;
+        }
+        const F inv = Simd::set1(v.inv_scale[j]), scale = Simd::set1(v.scale[j]);
+        const F qmin = Simd::set1(v.qmin[j]), qmax = Simd::set1(v.qmax[j]);
+        const F q = Simd::round(Simd::mul(xs, inv));
+        const auto below = Simd::lt(q, qmin);
+        const auto above = Simd::gt(q, qmax);
+        F ds = Simd::mul(Simd::mul(g, Simd::sub(Simd::mul(q, scale), xs)), inv);
+        ds = Simd::select(below, Simd::mul(g, qmin), ds);
+        ds = Simd::select(above, Simd::mul(g, qmax), ds);
+        acc[j] = Simd::add(acc[j], ds);
+        gsum = Simd::add(gsum, Simd::select(Simd::lor(below, above), zero, g));
+      }
+      Simd::store(gxo + b0 + k, gsum, n);
+    }
+  }
+}
+
+// dst[w * ld_dst + c] = src[c * ld_src + w] for an nc x nw block (nc, nw <= 8).
+inline void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t nc, int64_t nw) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (nc == 8 && nw == 8) {
+    __m256 r0 = _mm256_loadu_ps(src + 0 * ld_src), r1 = _mm256_loadu_ps(src + 1 * ld_src);
+    __m256 r2 = _mm256_loadu_ps(src + 2 * ld_src), r3 = _mm256_loadu_ps(src + 3 * ld_src);
+    __m256 r4 = _mm256_loadu_ps(src + 4 * ld_src), r5 = _mm256_loadu_ps(src + 5 * ld_src);
+    __m256 r6 = _mm256_loadu_ps(src + 6 * ld_src), r7 = _mm256_loadu_ps(src + 7 * ld_src);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(dst + 0 * ld_dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+    _mm256_storeu_ps(dst + 1 * ld_dst, _mm256_permute2f128_ps(s1, s5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ld_dst, _mm256_permute2f128_ps(s2, s6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ld_dst, _mm256_permute2f128_ps(s0, s4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ld_dst, _mm256_permute2f128_ps(s1, s5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ld_dst, _mm256_permute2f128_ps(s2, s6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ld_dst, _mm256_permute2f128_ps(s3, s7, 0x31));
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t w = 0; w < nw; ++w) dst[w * ld_dst + c] = src[c * ld_src + w];
+}
+
+// NCHW row (n, h), pixels [w0, w0 + nw): tile[w][c] = x[n, c, h, w0 + w], and back.
+inline void load_tile(const float* xrow, int64_t HW, int64_t C, int64_t nw, float* tile) {
+  for (int64_t c0 = 0; c0 < C; c0 += 8) transpose_block(xrow + c0 * HW, HW, tile + c0, C, std::min<int64_t>(8, C - c0), nw);
+}
+
+inline void store_tile(const float* tile, int64_t HW, int64_t C, int64_t nw, float* row) {
+  for (int64_t c0 = 0; c0 < C; c0 += 8) transpose_block(tile + c0, C, row + c0 * HW, HW, nw, std::min<int64_t>(8, C - c0));
+}
+
+}  // namespace
+
+void mqc_act_forward(const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
+                     const MqcActVariants& v, int64_t cb, float* xq) {
+  const int64_t ctot = v.n * C, HW = H * W;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(channels_last ? 0 : kTile * C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H;
+      float* out_row = xq + r * W * ctot;
+      if (channels_last) {
+        const float* x_row = x + r * W * C;
+        for (int64_t w = 0; w < W; ++w) forward_pixel(x_row + w * C, out_row + w * ctot, v, C, cb);
+      } else {
+        const float* x_row = x + n * C * HW + h * W;
+        for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+          const int64_t nw = std::min(kTile, W - w0);
+          load_tile(x_row + w0, HW, C, nw, tile.data());
+          for (int64_t w = 0; w < nw; ++w) forward_pixel(tile.data() + w * C, out_row + (w0 + w) * ctot, v, C, cb);
+        }
+      }
+    }
+  });
+}
+
+void mqc_act_backward(const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
+                      const MqcActVariants& v, int64_t cb, const float* gxq, float* gx, double* row_sums) {
+  const int64_t ctot = v.n * C, HW = H * W, n_a = v.n;
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xtile(channels_last ? 0 : kTile * C), gtile(channels_last ? 0 : kTile * C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H;
+      const float* g_row = gxq + r * W * ctot;
+      F acc[kMqcMaxBits];
+      for (int64_t j = 0; j < n_a; ++j) acc[j] = Simd::set1(0.f);
+      if (channels_last) {
+        const float* x_row = x + r * W * C;
+        float* gx_row = gx + r * W * C;
+        for (int64_t w = 0; w < W; ++w) backward_pixel(x_row + w * C, g_row + w * ctot, gx_row + w * C, v, C, cb, acc);
+      } else {
+        const float* x_row = x + n * C * HW + h * W;
+        float* gx_row = gx + n * C * HW + h * W;
+        for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+          const int64_t nw = std::min(kTile, W - w0);
+          load_tile(x_row + w0, HW, C, nw, xtile.data());
+          for (int64_t w = 0; w < nw; ++w)
+            backward_pixel(xtile.data() + w * C, g_row + (w0 + w) * ctot, gtile.data() + w * C, v, C, cb, acc);
+          store_tile(gtile.data(), HW, C, nw, gx_row + w0);
+        }
+      }
+      for (int64_t j = 0; j < n_a; ++j) {
+        float lanes[kW];
+        Simd::lanes(acc[j], lanes);
+        double s = 0.0;
+        for (int64_t k = 0; k < kW; ++k) s += lanes[k];
+        row_sums[r * n_a + j] = s;
+      }
+    }
+  });
+}
+
+}  // namespace qops::cpu::CPU_CAPABILITY

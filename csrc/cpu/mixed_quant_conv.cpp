@@ -1,0 +1,527 @@
+// mixed_quant_conv on the CPU: argument checks, the conv-group plan, the orchestration around oneDNN's
+// convolution (through ATen, channels-last), the small weight kernels, and the CPU registrations.
+//
+// forward:  xq = all activation variants in one pass over x (csrc/cpu/kernels/mixed_quant_conv.cpp)
+//           Wg = merged weight of each conv group (one small pass over the candidate weights)
+//           y  = sum_g conv(xq, Wg) + bias            (usually one group: one oneDNN convolution)
+// backward: recomputes xq and Wg (cheaper in memory than saving xq, one fast pass), then
+//           (grad xq, grad Wg, grad bias) = convolution_backward per group,
+//           grad x and the a_scales LSQ sums      = one pass over x and grad xq,
+//           grad weights, w_scales and probs      = one pass over the candidate weights and grad Wg.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "qops/checks.h"
+#include "qops/cpu_dispatch.h"
+#include "qops/fake_quant_math.h"
+#include "qops/mixed_quant_conv.h"
+#include "qops/mixed_quant_conv_host.h"
+
+QOPS_DECLARE_ISA_FN(void, mqc_act_forward,
+                    (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
+                     const qops::MqcActVariants& v, int64_t cb, float* xq))
+QOPS_DECLARE_ISA_FN(void, mqc_act_backward,
+                    (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
+                     const qops::MqcActVariants& v, int64_t cb, const float* gxq, float* gx, double* row_sums))
+
+namespace qops::mqc {
+
+namespace {
+
+bool valid_bits(int64_t b) { return b == 0 || (b >= 2 && b <= 8); }
+
+void check_bits(c10::IntArrayRef bits, const char* name) {
+  TORCH_CHECK(!bits.empty(), name, ": expected at least one bit-width");
+  TORCH_CHECK(static_cast<int>(bits.size()) <= kMqcMaxBits, name, ": expected at most ", kMqcMaxBits,
+              " bit-widths, got ", bits.size());
+  for (int64_t b : bits) TORCH_CHECK(valid_bits(b), name, ": bit-widths must be 0 (full precision) or 2..8, got ", bits);
+}
+
+// QOPS_MQC_PLAN=auto|merged|split overrides the split rule (tests and benchmarks; the result is the same).
+int plan_mode() {
+  const char* env = std::getenv("QOPS_MQC_PLAN");
+  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return 0;
+  if (std::strcmp(env, "merged") == 0) return 1;
+  if (std::strcmp(env, "split") == 0) return 2;
+  TORCH_CHECK(false, "QOPS_MQC_PLAN: expected auto, merged or split, got '", env, "'");
+  return 0;
+}
+
+}  // namespace
+
+Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& probs, c10::IntArrayRef w_bits,
+                c10::IntArrayRef a_bits, const at::Tensor& w_scales, const at::Tensor& a_scales, bool a_signed,
+                c10::IntArrayRef groups, c10::IntArrayRef dilations, int64_t stride, bool has_bias,
+                std::string_view mode, int64_t seed, bool check_scale_values) {
+  Args a;
+  TORCH_CHECK(mode == "quant" || mode == "noise", "mode: expected \"quant\" or \"noise\", got \"", std::string(mode),
+              "\"");
+  a.noise = mode == "noise";
+  a.seed = seed;
+  a.a_signed = a_signed;
+  a.has_bias = has_bias;
+  check_dtype(x, at::kFloat, "x");
+  check_dim(x, 4, "x");
+  a.N = x.size(0);
+  a.cin = x.size(1);
+  a.H = x.size(2);
+  a.W = x.size(3);
+  TORCH_CHECK(a.cin > 0, "x: expected at least one channel, got shape ", x.sizes());
+  TORCH_CHECK(stride >= 1, "stride: expected >= 1, got ", stride);
+  a.stride = stride;
+
+  a.n_ops = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(a.n_ops >= 1, "weights: expected at least one candidate weight");
+  TORCH_CHECK(a.n_ops <= kMqcMaxOps, "weights: expected at most ", kMqcMaxOps, " candidates, got ", a.n_ops);
+  TORCH_CHECK(static_cast<int64_t>(groups.size()) == a.n_ops, "groups: expected one entry per weight (",
+              a.n_ops, "), got ", groups.size());
+  TORCH_CHECK(static_cast<int64_t>(dilations.size()) == a.n_ops, "dilations: expected one entry per weight (",
+              a.n_ops, "), got ", dilations.size());
+  for (int64_t o = 0; o < a.n_ops; ++o) {
+    const at::Tensor& w = weights[o];
+    const std::string name = "weights[" + std::to_string(o) + "]";
+    check_dtype(w, at::kFloat, name.c_str());
+    check_dim(w, 4, name.c_str());
+    check_same_device(w, x, name.c_str(), "x");
+    const int64_t g = groups[o], d = dilations[o];
+    TORCH_CHECK(g >= 1, "groups: entry ", o, " must be >= 1, got ", g);
+    TORCH_CHECK(d >= 1, "dilations: entry ", o, " must be >= 1, got ", d);
+    if (o == 0) a.cout = w.size(0);
+    TORCH_CHECK(w.size(0) == a.cout, name, ": expected ", a.cout, " output channels like weights[0], got shape ",
+                w.sizes());
+    TORCH_CHECK(a.cin % g == 0, "groups: entry ", o, " (", g, ") does not divide the input channels (", a.cin, ")");
+    TORCH_CHECK(a.cout % g == 0, "groups: entry ", o, " (", g, ") does not divide the output channels (", a.cout,
+                ")");
+    TORCH_CHECK(w.size(1) * g == a.cin, name, ": expected in-channels Cin/groups = ", a.cin / g, ", got shape ",
+                w.sizes());
+    TORCH_CHECK(w.size(2) % 2 == 1 && w.size(3) % 2 == 1, name,
+                ": kernel sizes must be odd (\"same\" padding keeps every candidate centred), got shape ", w.sizes());
+    a.cands.push_back(MqcCandidate{w.size(2), w.size(3), g, d});
+  }
+  TORCH_CHECK(a.cout > 0, "weights: expected at least one output channel");
+
+  check_bits(w_bits, "w_bits");
+  check_bits(a_bits, "a_bits");
+  a.w_bits.assign(w_bits.begin(), w_bits.end());
+  a.a_bits.assign(a_bits.begin(), a_bits.end());
+  a.n_w = static_cast<int64_t>(w_bits.size());
+  a.n_a = static_cast<int64_t>(a_bits.size());
+
+  check_dtype(probs, at::kFloat, "probs");
+  check_same_device(probs, x, "probs", "x");
+  TORCH_CHECK(probs.sizes() == c10::IntArrayRef({a.n_ops, a.n_w, a.n_a}), "probs: expected shape [n_ops, len(w_bits), len(a_bits)] = [",
+              a.n_ops, ", ", a.n_w, ", ", a.n_a, "], got ", probs.sizes());
+  check_dtype(w_scales, at::kFloat, "w_scales");
+  check_same_device(w_scales, x, "w_scales", "x");
+  TORCH_CHECK(w_scales.sizes() == c10::IntArrayRef({a.n_ops, a.n_w}), "w_scales: expected shape [n_ops, len(w_bits)] = [",
+              a.n_ops, ", ", a.n_w, "], got ", w_scales.sizes());
+  check_dtype(a_scales, at::kFloat, "a_scales");
+  check_same_device(a_scales, x, "a_scales", "x");
+  TORCH_CHECK(a_scales.sizes() == c10::IntArrayRef({a.n_a}), "a_scales: expected shape [len(a_bits)] = [", a.n_a,
+              "], got ", a_scales.sizes());
+  if (!a.noise && check_scale_values) {
+    // Only the entries that quantize need a scale; full-precision entries (bits 0) ignore theirs.
+    std::vector<int64_t> wq, aq;
+    for (int64_t i = 0; i < a.n_w; ++i)
+      if (a.w_bits[i] != 0) wq.push_back(i);
+    for (int64_t j = 0; j < a.n_a; ++j)
+      if (a.a_bits[j] != 0) aq.push_back(j);
+    if (!wq.empty()) {
+      at::Tensor s = w_scales.index_select(1, at::tensor(wq, at::kLong).to(w_scales.device()));
+      TORCH_CHECK(s.gt(0).all().item<bool>(), "w_scales: every scale of a quantized entry must be > 0, got ",
+                  w_scales);
+    }
+    if (!aq.empty()) {
+      at::Tensor s = a_scales.index_select(0, at::tensor(aq, at::kLong).to(a_scales.device()));
+      TORCH_CHECK(s.gt(0).all().item<bool>(), "a_scales: every scale of a quantized entry must be > 0, got ",
+                  a_scales);
+    }
+  }
+
+  a.plan = mqc_plan(a.cands.data(), static_cast<int>(a.n_ops), a.cin, a.cout, a.n_a, plan_mode());
+  a.cb = a.cin / a.plan.channel_blocks;
+  return a;
+}
+
+namespace {
+
+std::vector<int64_t> group_padding(const MqcConvGroup& g) {
+  return {g.dilation * (g.kh - 1) / 2, g.dilation * (g.kw - 1) / 2};
+}
+
+at::Tensor layout_for_kernels(const at::Tensor& x) {
+  // The activation kernels read NCHW- or NHWC-contiguous x; anything else is made NCHW once.
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous();
+}
+
+bool is_nhwc(const at::Tensor& x) {
+  // A tensor that is both (C == 1 or H == W == 1) reads the same either way; prefer NCHW indexing.
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor new_xq(const Args& a, const at::Tensor& x) {
+  return at::empty({a.N, a.n_a * a.cin, a.H, a.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor new_wg(const Args& a, int g, const at::Tensor& like) {
+  const MqcConvGroup& grp = a.plan.group[g];
+  return at::zeros({a.cout, a.n_a * a.cin / grp.groups, grp.kh, grp.kw},
+                   like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace
+
+at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::TensorList weights,
+                   const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales,
+                   const std::optional<at::Tensor>& bias) {
+  const at::Tensor x = layout_for_kernels(x_in);
+  at::Tensor xq = new_xq(a, x);
+  k.act_forward(a, x, a_scales, xq);
+  at::Tensor y;
+  for (int g = 0; g < a.plan.n_groups; ++g) {
+    const MqcConvGroup& grp = a.plan.group[g];
+    at::Tensor wg = new_wg(a, g, x);
+    k.merge_weight(a, g, weights, probs, w_scales, wg);
+    at::Tensor yg = at::convolution(xq, wg, g == 0 ? bias : std::nullopt, {a.stride, a.stride}, group_padding(grp),
+                                    {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups);
+    if (g == 0)
+      y = yg;
+    else
+      y.add_(yg);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const Args& a, const Kernels& k, const at::Tensor& grad, const at::Tensor& x_in, at::TensorList weights,
+    const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales, const Mask& mask) {
+  const bool need_data = mask[0] || mask[4];
+  const bool need_weight = mask[1] || mask[2] || mask[3];
+  const bool need_bias = mask[5] && a.has_bias;
+  const at::Tensor x = layout_for_kernels(x_in);
+  const auto opts = x.options();
+  const at::Tensor empty = at::empty({0}, opts);
+  at::Tensor gx = empty, ga = empty, gp = empty, gws = empty, gb = empty;
+  std::vector<at::Tensor> gw_list;
+
+  const at::Tensor gy = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor gxq;
+  std::vector<at::Tensor> gwg;
+  if (need_data || need_weight) {
+    at::Tensor xq = new_xq(a, x);
+    k.act_forward(a, x, a_scales, xq);
+    for (int g = 0; g < a.plan.n_groups; ++g) {
+      const MqcConvGroup& grp = a.plan.group[g];
+      at::Tensor wg = new_wg(a, g, x);
+      k.merge_weight(a, g, weights, probs, w_scales, wg);
+      const bool bias_here = need_bias && need_weight && g == 0;
+      std::vector<int64_t> bias_sizes{a.cout};
+      auto [gxq_g, gw_g, gb_g] = at::convolution_backward(
+          gy, xq, wg, bias_here ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, {a.stride, a.stride},
+          group_padding(grp), {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups,
+          {need_data, need_weight, bias_here});
+      if (need_data) {
+        if (g == 0)
+          gxq = gxq_g;
+        else
+          gxq.add_(gxq_g);
+      }
+      if (need_weight) gwg.push_back(gw_g);
+      if (bias_here) gb = gb_g;
+    }
+  }
+  if (need_bias && !gb.numel()) gb = gy.sum({0, 2, 3});
+
+  if (need_data) {
+    gx = at::empty_like(x);
+    ga = at::empty({a.n_a}, opts);
+    k.act_backward(a, x, a_scales, gxq.contiguous(at::MemoryFormat::ChannelsLast), gx, ga);
+    if (!mask[0]) gx = empty;
+    if (!mask[4]) ga = empty;
+  }
+  if (need_weight) {
+    std::vector<at::Tensor> gws_list;
+    for (const at::Tensor& w : weights) gw_list.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
+    gp = at::empty({a.n_ops, a.n_w, a.n_a}, opts);
+    gws = at::empty({a.n_ops, a.n_w}, opts);
+    k.weight_backward(a, gwg, weights, probs, w_scales, gw_list, gp, gws);
+    if (!mask[1]) gw_list.clear();
+    if (!mask[2]) gp = empty;
+    if (!mask[3]) gws = empty;
+  }
+  return {gx, gw_list, gp, gws, ga, gb};
+}
+
+}  // namespace qops::mqc
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU kernels
+// ---------------------------------------------------------------------------------------------------------
+namespace {
+
+using qops::MqcActVariants;
+using qops::mqc::Args;
+
+MqcActVariants act_variants(const Args& a, const at::Tensor& x, const at::Tensor& a_scales) {
+  MqcActVariants v;
+  v.n = static_cast<int>(a.n_a);
+  v.noise = a.noise;
+  TORCH_CHECK(!a.noise, "mode: \"noise\" is not available yet (it needs quant_noise's Philox stream)");
+  const at::Tensor s = a_scales.contiguous();
+  const float* sp = s.data_ptr<float>();
+  for (int j = 0; j < v.n; ++j) {
+    v.bits[j] = static_cast<int>(a.a_bits[j]);
+    if (v.bits[j] == 0) continue;
+    v.scale[j] = sp[j];
+    v.inv_scale[j] = 1.0f / sp[j];
+    qops::mqc_range(v.bits[j], a.a_signed, &v.qmin[j], &v.qmax[j]);
+  }
+  (void)x;
+  return v;
+}
+
+void cpu_act_forward(const Args& a, const at::Tensor& x, const at::Tensor& a_scales, at::Tensor& xq) {
+  const MqcActVariants v = act_variants(a, x, a_scales);
+  if (x.numel() == 0) return;
+  QOPS_CPU_DISPATCH(mqc_act_forward, x.data_ptr<float>(), qops::mqc::is_nhwc(x), a.N, a.cin, a.H, a.W, v, a.cb,
+                    xq.data_ptr<float>());
+}
+
+void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_scales, const at::Tensor& gxq,
+                      at::Tensor& gx, at::Tensor& ga) {
+  const MqcActVariants v = act_variants(a, x, a_scales);
+  std::vector<double> row_sums(static_cast<size_t>(a.N * a.H * a.n_a), 0.0);
+  if (x.numel() != 0) {
+    QOPS_CPU_DISPATCH(mqc_act_backward, x.data_ptr<float>(), qops::mqc::is_nhwc(x), a.N, a.cin, a.H, a.W, v, a.cb,
+                      gxq.data_ptr<float>(), gx.data_ptr<float>(), row_sums.data());
+  }
+  float* gap = ga.data_ptr<float>();
+  for (int64_t j = 0; j < a.n_a; ++j) {
+    double s = 0.0;
+    for (int64_t r = 0; r < a.N * a.H; ++r) s += row_sums[r * a.n_a + j];
+    gap[j] = v.bits[j] == 0 || v.noise ? 0.f : static_cast<float>(s);
+  }
+}
+
+// Per weight bit-width i of candidate o: scale, 1/scale and range, read once.
+struct WeightQuant {
+  int bits;
+  float scale, inv_scale, qmin, qmax;
+};
+
+std::vector<WeightQuant> weight_quants(const Args& a, const at::Tensor& w_scales) {
+  TORCH_CHECK(!a.noise, "mode: \"noise\" is not available yet (it needs quant_noise's Philox stream)");
+  const at::Tensor s = w_scales.contiguous();
+  const float* sp = s.data_ptr<float>();
+  std::vector<WeightQuant> q(static_cast<size_t>(a.n_ops * a.n_w));
+  for (int64_t o = 0; o < a.n_ops; ++o) {
+    for (int64_t i = 0; i < a.n_w; ++i) {
+      WeightQuant& e = q[o * a.n_w + i];
+      e.bits = static_cast<int>(a.w_bits[i]);
+      e.scale = sp[o * a.n_w + i];
+      e.inv_scale = e.bits == 0 ? 0.f : 1.0f / e.scale;
+      if (e.bits != 0) qops::mqc_range(e.bits, true, &e.qmin, &e.qmax);
+    }
+  }
+  return q;
+}
+
+inline float weight_value(const WeightQuant& e, float w) {
+  return e.bits == 0 ? w : qops::fq_forward(w, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax);
+}
+
+// Index helpers of the merged weight of group g: where element (co, cil, th, tw) of candidate o and variant j
+// lands, as an offset into wg (strides of wg given).
+struct Embed {
+  int64_t cin_o, cout_o, ratio, cout_g, ci_g;
+  const qops::MqcConvGroup* grp;
+  const qops::MqcCandidate* cand;
+};
+
+Embed embed_of(const Args& a, int g, int64_t o) {
+  const qops::MqcConvGroup& grp = a.plan.group[g];
+  const qops::MqcCandidate& c = a.cands[o];
+  return Embed{a.cin / c.groups, a.cout / c.groups, c.dilation / grp.dilation, a.cout / grp.groups,
+               a.n_a * a.cin / grp.groups, &grp, &c};
+}
+
+int group_of(const Args& a, int64_t o) {
+  for (int g = 0; g < a.plan.n_groups; ++g)
+    if ((a.plan.group[g].members >> o) & 1u) return g;
+  return -1;
+}
+
+void cpu_merge_weight(const Args& a, int g, at::TensorList weights, const at::Tensor& probs,
+                      const at::Tensor& w_scales, at::Tensor& wg) {
+  const std::vector<WeightQuant> wq = weight_quants(a, w_scales);
+  const at::Tensor pc = probs.contiguous();
+  const float* p = pc.data_ptr<float>();
+  std::vector<at::Tensor> wc;
+  for (const at::Tensor& w : weights) wc.push_back(w.contiguous());
+  float* out = wg.data_ptr<float>();
+  const int64_t s0 = wg.stride(0), s1 = wg.stride(1), s2 = wg.stride(2), s3 = wg.stride(3);
+  const uint64_t members = a.plan.group[g].members;
+  // One output channel per task: every write of a task lands in its own row of wg.
+  at::parallel_for(0, a.cout, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(static_cast<size_t>(a.n_w));
+    for (int64_t co = begin; co < end; ++co) {
+      for (int64_t o = 0; o < a.n_ops; ++o) {
+        if (!((members >> o) & 1u)) continue;
+        const Embed e = embed_of(a, g, o);
+        const int64_t kh = e.cand->kh, kw = e.cand->kw;
+        const int64_t c0 = (co / e.cout_o) * e.cin_o;    // first input channel of co's candidate group
+        const int64_t base = (co / e.cout_g) * e.ci_g;   // first xq channel of co's conv group
+        const float* w = wc[o].data_ptr<float>() + co * e.cin_o * kh * kw;
+        for (int64_t cil = 0; cil < e.cin_o; ++cil) {
+          for (int64_t th = 0; th < kh; ++th) {
+            for (int64_t tw = 0; tw < kw; ++tw) {
+              const float wv = w[(cil * kh + th) * kw + tw];
+              for (int64_t i = 0; i < a.n_w; ++i) q[i] = weight_value(wq[o * a.n_w + i], wv);
+              int64_t row, col;
+              qops::mqc_tap_position(th, tw, kh, kw, e.ratio, e.grp->kh, e.grp->kw, &row, &col);
+              float* dst = out + co * s0 + row * s2 + col * s3;
+              for (int64_t j = 0; j < a.n_a; ++j) {
+                float acc = 0.f;
+                for (int64_t i = 0; i < a.n_w; ++i) acc += p[(o * a.n_w + i) * a.n_a + j] * q[i];
+                dst[(qops::mqc_xq_channel(j, c0 + cil, a.n_a, a.cb) - base) * s1] += acc;
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::TensorList weights,
+                         const at::Tensor& probs, const at::Tensor& w_scales, std::vector<at::Tensor>& grad_weights,
+                         at::Tensor& grad_probs, at::Tensor& grad_w_scales) {
+  const std::vector<WeightQuant> wq = weight_quants(a, w_scales);
+  const at::Tensor pc = probs.contiguous();
+  const float* p = pc.data_ptr<float>();
+  std::vector<at::Tensor> wc;
+  for (const at::Tensor& w : weights) wc.push_back(w.contiguous());
+  const int64_t n_w = a.n_w, n_a = a.n_a;
+  // One task per (candidate, output channel) with its own partial sums: deterministic for any thread count.
+  const int64_t units = a.n_ops * a.cout;
+  std::vector<double> part_p(static_cast<size_t>(units * n_w * n_a), 0.0), part_s(static_cast<size_t>(units * n_w), 0.0);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(n_w), gs(n_a);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t o = u / a.cout, co = u % a.cout;
+      const int g = group_of(a, o);
+      const Embed e = embed_of(a, g, o);
+      const at::Tensor& gwg = gw[g];
+      const float* gsrc = gwg.data_ptr<float>();
+      const int64_t s0 = gwg.stride(0), s1 = gwg.stride(1), s2 = gwg.stride(2), s3 = gwg.stride(3);
+      const int64_t kh = e.cand->kh, kw = e.cand->kw;
+      const int64_t c0 = (co / e.cout_o) * e.cin_o, base = (co / e.cout_g) * e.ci_g;
+      const float* w = wc[o].data_ptr<float>() + co * e.cin_o * kh * kw;
+      float* gwo = grad_weights[o].data_ptr<float>() + co * e.cin_o * kh * kw;
+      double* pp = part_p.data() + u * n_w * n_a;
+      double* ps = part_s.data() + u * n_w;
+      for (int64_t cil = 0; cil < e.cin_o; ++cil) {
+        for (int64_t th = 0; th < kh; ++th) {
+          for (int64_t tw = 0; tw < kw; ++tw) {
+            const int64_t idx = (cil * kh + th) * kw + tw;
+            const float wv = w[idx];
+            int64_t row, col;
+            qops::mqc_tap_position(th, tw, kh, kw, e.ratio, e.grp->kh, e.grp->kw, &row, &col);
+            const float* src = gsrc + co * s0 + row * s2 + col * s3;
+            for (int64_t j = 0; j < n_a; ++j) gs[j] = src[(qops::mqc_xq_channel(j, c0 + cil, n_a, a.cb) - base) * s1];
+            float gsum = 0.f;
+            for (int64_t i = 0; i < n_w; ++i) {
+              const WeightQuant& wqi = wq[o * n_w + i];
+              const float qi = weight_value(wqi, wv);
+              const float* pr = p + (o * n_w + i) * n_a;
+              float gi = 0.f;
+              for (int64_t j = 0; j < n_a; ++j) {
+                pp[i * n_a + j] += static_cast<double>(gs[j]) * qi;
+                gi += pr[j] * gs[j];
+              }
+              if (wqi.bits == 0) {
+                gsum += gi;
+              } else {
+                const qops::FqGrad fg = qops::fq_backward(wv, gi, wqi.scale, wqi.inv_scale, 0.f, wqi.qmin, wqi.qmax, 1.f);
+                gsum += fg.dx;
+                ps[i] += fg.dscale;
+              }
+            }
+            gwo[idx] = gsum;
+          }
+        }
+      }
+    }
+  });
+  float* gpo = grad_probs.data_ptr<float>();
+  float* gso = grad_w_scales.data_ptr<float>();
+  for (int64_t o = 0; o < a.n_ops; ++o) {
+    for (int64_t k = 0; k < n_w * n_a; ++k) {
+      double s = 0.0;
+      for (int64_t co = 0; co < a.cout; ++co) s += part_p[((o * a.cout + co) * n_w * n_a) + k];
+      gpo[o * n_w * n_a + k] = static_cast<float>(s);
+    }
+    for (int64_t i = 0; i < n_w; ++i) {
+      double s = 0.0;
+      for (int64_t co = 0; co < a.cout; ++co) s += part_s[(o * a.cout + co) * n_w + i];
+      gso[o * n_w + i] = a.w_bits[i] == 0 || a.noise ? 0.f : static_cast<float>(s);
+    }
+  }
+  for (int64_t o = 0; o < a.n_ops; ++o) {
+    // The candidate weights may have come in another layout; hand back the gradient in theirs.
+    if (!weights[o].is_contiguous()) grad_weights[o] = grad_weights[o].contiguous(weights[o].suggest_memory_format());
+  }
+}
+
+const qops::mqc::Kernels kCpuKernels{cpu_act_forward, cpu_merge_weight, cpu_act_backward, cpu_weight_backward};
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+}
+
+at::Tensor mixed_quant_conv_cpu(const at::Tensor& x, at::TensorList weights, const at::Tensor& probs,
+                                at::IntArrayRef w_bits, at::IntArrayRef a_bits, const at::Tensor& w_scales,
+                                const at::Tensor& a_scales, bool a_signed, at::IntArrayRef groups,
+                                at::IntArrayRef dilations, int64_t stride, const std::optional<at::Tensor>& bias,
+                                c10::string_view mode, int64_t seed) {
+  check_cpu(x, "x");
+  const Args a = qops::mqc::check_args(x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups,
+                                       dilations, stride, bias.has_value(), std::string_view(mode.data(), mode.size()),
+                                       seed, true);
+  if (bias.has_value()) {
+    qops::check_dtype(*bias, at::kFloat, "bias");
+    qops::check_same_device(*bias, x, "bias", "x");
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.cout}), "bias: expected shape [", a.cout, "], got ", bias->sizes());
+  }
+  return qops::mqc::forward(a, kCpuKernels, x, weights, probs, w_scales, a_scales, bias);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mixed_quant_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& x, at::TensorList weights,
+                              const at::Tensor& probs, at::IntArrayRef w_bits, at::IntArrayRef a_bits,
+                              const at::Tensor& w_scales, const at::Tensor& a_scales, bool a_signed,
+                              at::IntArrayRef groups, at::IntArrayRef dilations, int64_t stride, bool has_bias,
+                              c10::string_view mode, int64_t seed, std::array<bool, 6> output_mask) {
+  check_cpu(x, "x");
+  const Args a = qops::mqc::check_args(x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups,
+                                       dilations, stride, has_bias, std::string_view(mode.data(), mode.size()), seed,
+                                       true);
+  qops::check_dtype(grad, at::kFloat, "grad");
+  const int64_t ho = (a.H - 1) / a.stride + 1, wo = (a.W - 1) / a.stride + 1;
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, ho, wo}), "grad: expected the output's shape [", a.N,
+              ", ", a.cout, ", ", ho, ", ", wo, "], got ", grad.sizes());
+  return qops::mqc::backward(a, kCpuKernels, grad, x, weights, probs, w_scales, a_scales, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qops, CPU, m) {
+  m.impl("mixed_quant_conv", &mixed_quant_conv_cpu);
+  m.impl("mixed_quant_conv_backward", &mixed_quant_conv_backward_cpu);
+}
