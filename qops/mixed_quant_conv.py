@@ -60,7 +60,20 @@ def mixed_quant_conv(
         [N, Cout, (H - 1) // stride + 1, (W - 1) // stride + 1], channels-last in memory.
     """
     return torch.ops.qops.mixed_quant_conv(
-        x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, bias, mode, seed
+        x,
+        weights,
+        probs,
+        w_bits,
+        a_bits,
+        w_scales,
+        a_scales,
+        a_signed,
+        groups,
+        dilations,
+        stride,
+        bias,
+        mode,
+        seed,
     )
 
 
@@ -70,13 +83,27 @@ def _out_hw(x: torch.Tensor, stride: int) -> tuple:
 
 @torch.library.register_fake("qops::mixed_quant_conv")
 def _mixed_quant_conv_fake(
-    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride=1, bias=None,
-    mode="quant", seed=0,
+    x,
+    weights,
+    probs,
+    w_bits,
+    a_bits,
+    w_scales,
+    a_scales,
+    a_signed,
+    groups,
+    dilations,
+    stride=1,
+    bias=None,
+    mode="quant",
+    seed=0,
 ):
     torch._check(len(weights) > 0, lambda: "weights: expected at least one candidate weight")
     torch._check(stride >= 1, lambda: f"stride: expected >= 1, got {stride}")
     ho, wo = _out_hw(x, stride)
-    return x.new_empty((x.shape[0], weights[0].shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
+    return x.new_empty((x.shape[0], weights[0].shape[0], ho, wo)).contiguous(
+        memory_format=torch.channels_last
+    )
 
 
 def _grad_layout(t: torch.Tensor) -> torch.Tensor:
@@ -90,23 +117,52 @@ def _grad_layout(t: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("qops::mixed_quant_conv_backward")
 def _mixed_quant_conv_backward_fake(
-    grad, x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, has_bias,
-    mode, seed, output_mask,
+    grad,
+    x,
+    weights,
+    probs,
+    w_bits,
+    a_bits,
+    w_scales,
+    a_scales,
+    a_signed,
+    groups,
+    dilations,
+    stride,
+    has_bias,
+    mode,
+    seed,
+    output_mask,
 ):
-    empty = x.new_empty((0,))
-    gx = _grad_layout(x) if output_mask[0] else empty
+    def empty():
+        return x.new_empty((0,))
+
+    gx = _grad_layout(x) if output_mask[0] else empty()
     gw = [_grad_layout(w) for w in weights] if output_mask[1] else []
-    gp = probs.new_empty(probs.shape) if output_mask[2] else empty
-    gws = w_scales.new_empty(w_scales.shape) if output_mask[3] else empty
-    gas = a_scales.new_empty(a_scales.shape) if output_mask[4] else empty
-    gb = x.new_empty((weights[0].shape[0],)) if (output_mask[5] and has_bias) else empty
+    gp = probs.new_empty(probs.shape) if output_mask[2] else empty()
+    gws = w_scales.new_empty(w_scales.shape) if output_mask[3] else empty()
+    gas = a_scales.new_empty(a_scales.shape) if output_mask[4] else empty()
+    gb = x.new_empty((weights[0].shape[0],)) if (output_mask[5] and has_bias) else empty()
     return gx, gw, gp, gws, gas, gb
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, bias, mode, seed) = (
-        inputs
-    )
+    (
+        x,
+        weights,
+        probs,
+        w_bits,
+        a_bits,
+        w_scales,
+        a_scales,
+        a_signed,
+        groups,
+        dilations,
+        stride,
+        bias,
+        mode,
+        seed,
+    ) = inputs
     ctx.save_for_backward(x, probs, w_scales, a_scales, *weights)
     ctx.n_ops = len(weights)
     ctx.static = (list(w_bits), list(a_bits), bool(a_signed), list(groups), list(dilations), int(stride))
@@ -122,10 +178,31 @@ def _backward(ctx, grad):
     # needs_input_grad, and the tuple returned, can be shorter than the schema.
     need = list(ctx.needs_input_grad) + [False] * (14 - len(ctx.needs_input_grad))
     need_w = any(need[1]) if isinstance(need[1], (list, tuple)) else bool(need[1])
-    mask = [bool(need[0]), need_w, bool(need[2]), bool(need[5]), bool(need[6]), bool(need[11]) and ctx.has_bias]
+    mask = [
+        bool(need[0]),
+        need_w,
+        bool(need[2]),
+        bool(need[5]),
+        bool(need[6]),
+        bool(need[11]) and ctx.has_bias,
+    ]
     gx, gw, gp, gws, gas, gb = torch.ops.qops.mixed_quant_conv_backward(
-        grad, x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride,
-        ctx.has_bias, ctx.mode, ctx.seed, mask,
+        grad,
+        x,
+        weights,
+        probs,
+        w_bits,
+        a_bits,
+        w_scales,
+        a_scales,
+        a_signed,
+        groups,
+        dilations,
+        stride,
+        ctx.has_bias,
+        ctx.mode,
+        ctx.seed,
+        mask,
     )
     grads = [None] * 14
     grads[0] = gx if mask[0] else None
@@ -138,3 +215,12 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("qops::mixed_quant_conv", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("mixed_quant_conv: double backward (gradients of gradients) is not supported")
+
+
+torch.library.register_autograd(
+    "qops::mixed_quant_conv_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)

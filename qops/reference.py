@@ -25,7 +25,7 @@ def mixed_quant_conv(
     bias: torch.Tensor | None = None,
     mode: str = "quant",
     seed: int = 0,
-    skip_zero_probs: bool = False,
+    terms=None,
 ) -> torch.Tensor:
     """The QuantNAS supernet layer written as its definition (Shvetsov et al., "QuantNAS for super
     resolution: searching for efficient quantization-friendly architectures against quantization
@@ -36,8 +36,9 @@ def mixed_quant_conv(
     with FQ the LSQ fake quantization (torch's learnable fake quantize, zero point 0), weights signed
     [-2^(b-1), 2^(b-1)-1], activations [0, 2^b-1] (or signed), bits 0 = full precision, "same" padding
     dilation*(k-1)/2 per side. mode "noise" replaces each FQ by quant_noise with the per-stream seeds of
-    :func:`mixed_quant_conv_noise_seeds`. ``skip_zero_probs`` leaves out terms whose probability is
-    exactly 0 (the naive baseline "over the non-zero terms"; the value is the same).
+    :func:`mixed_quant_conv_noise_seeds`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum
+    to those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks
+    use as the baseline.
     """
     if mode not in ("quant", "noise"):
         raise RuntimeError(f'mode: expected "quant" or "noise", got "{mode}"')
@@ -50,7 +51,9 @@ def mixed_quant_conv(
             return torch.ops.qops.quant_noise(t, bits, stream_seed)
         qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         zero_point = torch.zeros(1, dtype=torch.float32, device=t.device)
-        return torch._fake_quantize_learnable_per_tensor_affine(t, scale.reshape(1), zero_point, qmin, qmax, 1.0)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            t, scale.reshape(1), zero_point, qmin, qmax, 1.0
+        )
 
     xq = [fq(x, a_scales[j], b, a_signed, a_seeds[j]) for j, b in enumerate(a_bits)]
     y = None
@@ -60,11 +63,13 @@ def mixed_quant_conv(
         for i, wb in enumerate(w_bits):
             wq = None
             for j in range(len(a_bits)):
-                if skip_zero_probs and probs[o, i, j].item() == 0.0:
+                if terms is not None and not terms[o][i][j]:
                     continue
                 if wq is None:
                     wq = fq(w, w_scales[o, i], wb, True, w_seeds[o][i])
-                term = probs[o, i, j] * torch.nn.functional.conv2d(xq[j], wq, None, stride, padding, d, groups[o])
+                term = probs[o, i, j] * torch.nn.functional.conv2d(
+                    xq[j], wq, None, stride, padding, d, groups[o]
+                )
                 y = term if y is None else y + term
     if y is None:  # every term skipped: the sum is 0
         n, _, h, w_ = x.shape

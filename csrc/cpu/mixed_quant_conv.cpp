@@ -10,6 +10,7 @@
 //           grad weights, w_scales and probs      = one pass over the candidate weights and grad Wg.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -182,12 +183,18 @@ at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::
                    const std::optional<at::Tensor>& bias) {
   const at::Tensor x = layout_for_kernels(x_in);
   at::Tensor xq = new_xq(a, x);
-  k.act_forward(a, x, a_scales, xq);
+  {
+    RECORD_FUNCTION("mixed_quant_conv::act_forward", {});
+    k.act_forward(a, x, a_scales, xq);
+  }
   at::Tensor y;
   for (int g = 0; g < a.plan.n_groups; ++g) {
     const MqcConvGroup& grp = a.plan.group[g];
     at::Tensor wg = new_wg(a, g, x);
-    k.merge_weight(a, g, weights, probs, w_scales, wg);
+    {
+      RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
+      k.merge_weight(a, g, weights, probs, w_scales, wg);
+    }
     at::Tensor yg = at::convolution(xq, wg, g == 0 ? bias : std::nullopt, {a.stride, a.stride}, group_padding(grp),
                                     {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups);
     if (g == 0)
@@ -206,8 +213,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const bool need_bias = mask[5] && a.has_bias;
   const at::Tensor x = layout_for_kernels(x_in);
   const auto opts = x.options();
-  const at::Tensor empty = at::empty({0}, opts);
-  at::Tensor gx = empty, ga = empty, gp = empty, gws = empty, gb = empty;
+  // Outputs that were not asked for come back as (distinct) empty tensors.
+  auto empty = [&] { return at::empty({0}, opts); };
+  at::Tensor gx = empty(), ga = empty(), gp = empty(), gws = empty(), gb = empty();
   std::vector<at::Tensor> gw_list;
 
   const at::Tensor gy = grad.contiguous(at::MemoryFormat::ChannelsLast);
@@ -215,11 +223,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   std::vector<at::Tensor> gwg;
   if (need_data || need_weight) {
     at::Tensor xq = new_xq(a, x);
-    k.act_forward(a, x, a_scales, xq);
+    {
+      RECORD_FUNCTION("mixed_quant_conv::act_forward", {});
+      k.act_forward(a, x, a_scales, xq);
+    }
     for (int g = 0; g < a.plan.n_groups; ++g) {
       const MqcConvGroup& grp = a.plan.group[g];
       at::Tensor wg = new_wg(a, g, x);
-      k.merge_weight(a, g, weights, probs, w_scales, wg);
+      {
+        RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
+        k.merge_weight(a, g, weights, probs, w_scales, wg);
+      }
       const bool bias_here = need_bias && need_weight && g == 0;
       std::vector<int64_t> bias_sizes{a.cout};
       auto [gxq_g, gw_g, gb_g] = at::convolution_backward(
@@ -241,19 +255,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   if (need_data) {
     gx = at::empty_like(x);
     ga = at::empty({a.n_a}, opts);
+    RECORD_FUNCTION("mixed_quant_conv::act_backward", {});
     k.act_backward(a, x, a_scales, gxq.contiguous(at::MemoryFormat::ChannelsLast), gx, ga);
-    if (!mask[0]) gx = empty;
-    if (!mask[4]) ga = empty;
+    if (!mask[0]) gx = empty();
+    if (!mask[4]) ga = empty();
   }
   if (need_weight) {
     std::vector<at::Tensor> gws_list;
     for (const at::Tensor& w : weights) gw_list.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
     gp = at::empty({a.n_ops, a.n_w, a.n_a}, opts);
     gws = at::empty({a.n_ops, a.n_w}, opts);
+    RECORD_FUNCTION("mixed_quant_conv::weight_backward", {});
     k.weight_backward(a, gwg, weights, probs, w_scales, gw_list, gp, gws);
     if (!mask[1]) gw_list.clear();
-    if (!mask[2]) gp = empty;
-    if (!mask[3]) gws = empty;
+    if (!mask[2]) gp = empty();
+    if (!mask[3]) gws = empty();
   }
   return {gx, gw_list, gp, gws, ga, gb};
 }
