@@ -435,3 +435,104 @@ def test_random_layer_sets_smoke():
         cands = rng.sample(POOL, 5)
         args, leaves = make_case(cands, [2, 4, 8], [4, 8], cin=12, cout=6, h=9, w=8, seed=rng.randrange(1000))
         check_against_reference(args, leaves)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU) and CUDA
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_triton_matches_reference(layout):
+    from qops.triton.mixed_quant_conv import mixed_quant_conv as triton_mixed_quant_conv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args, leaves = make_case(
+        [(1, 1, 1, 1), (3, 3, 3, 1), (3, 1, 1, 2)],
+        [0, 4],
+        [3, 8, 0],
+        a_signed=True,
+        stride=2,
+        layout=layout,
+        seed=3,
+    )
+    args, leaves = _to(args, leaves, device)
+    check_against_reference(args, leaves, fn=triton_mixed_quant_conv)
+
+
+@pytest.mark.triton
+def test_triton_act_passes_match_cpu_kernels():
+    """The Triton activation passes give the C++ kernels' xq, grad x and scale sums."""
+    from qops.triton.mixed_quant_conv import act_backward, act_forward
+
+    x = torch.randn(2, 5, 3, 7) * 2
+    a_scales = torch.tensor([0.3, 0.05, 1.0])
+    a_bits = [2, 8, 0]
+    xq = act_forward(x, a_scales, a_bits, False)
+    expected = torch.cat(
+        [
+            torch.fake_quantize_per_tensor_affine(x, 0.3, 0, 0, 3),
+            torch.fake_quantize_per_tensor_affine(x, 0.05, 0, 0, 255),
+            x,
+        ],
+        dim=1,
+    )
+    assert torch.equal(xq, expected)
+    g = torch.randn_like(xq)
+    gx, ga = act_backward(x, g, a_scales, a_bits, False)
+    xr, sr = x.clone().requires_grad_(), a_scales.clone().requires_grad_()
+    y = _fused_act_reference(xr, sr, a_bits)
+    gx_ref, ga_ref = torch.autograd.grad(y, [xr, sr], g)
+    assert torch.allclose(gx, gx_ref)
+    assert torch.allclose(ga, ga_ref, rtol=1e-4, atol=1e-5)
+
+
+def _fused_act_reference(x, a_scales, a_bits):
+    parts = []
+    for j, b in enumerate(a_bits):
+        if b == 0:
+            parts.append(x)
+        else:
+            zp = torch.zeros(1)
+            parts.append(
+                torch._fake_quantize_learnable_per_tensor_affine(x, a_scales[j : j + 1], zp, 0, 2**b - 1, 1.0)
+            )
+    return torch.cat(parts, 1)
+
+
+def _to(args, leaves, device):
+    if device == "cpu":
+        return args, leaves
+    moved = {id(t): t.detach().to(device).requires_grad_() for t in leaves}
+
+    def conv(a):
+        if isinstance(a, torch.Tensor):
+            return moved.get(id(a), a.to(device))
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            return [conv(t) for t in a]
+        return a
+
+    return tuple(conv(a) for a in args), [moved[id(t)] for t in leaves]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("plan", ["auto", "split"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cuda_matches_reference(monkeypatch, plan, layout):
+    monkeypatch.setenv("QOPS_MQC_PLAN", plan)
+    args, leaves = make_case(POOL, [0, 4, 8], [4, 8], cin=12, cout=6, stride=2, layout=layout, seed=21)
+    args, leaves = _to(args, leaves, "cuda")
+    check_against_reference(args, leaves)
+
+
+@pytest.mark.cuda
+def test_cuda_quantnas_layer_equals_cpu():
+    cands = [(1, 1, 1, 1), (3, 3, 1, 1), (5, 5, 1, 1), (3, 3, 3, 1)]
+    args, leaves = make_case(cands, [4, 8], [4, 8], cin=36, cout=36, n=2, h=16, w=16, seed=8)
+    y_cpu = mixed_quant_conv(*args)
+    g_cpu = torch.autograd.grad(y_cpu.sum(), leaves)
+    cargs, cleaves = _to(args, leaves, "cuda")
+    y = mixed_quant_conv(*cargs)
+    g = torch.autograd.grad(y.sum(), cleaves)
+    assert rel_err(y.cpu(), y_cpu) <= FWD_TOL
+    for a, b in zip(g, g_cpu, strict=True):
+        assert rel_err(a.cpu(), b) <= GRAD_TOL

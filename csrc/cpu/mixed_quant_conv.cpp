@@ -491,7 +491,8 @@ void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::T
   }
   for (int64_t o = 0; o < a.n_ops; ++o) {
     // The candidate weights may have come in another layout; hand back the gradient in theirs.
-    if (!weights[o].is_contiguous()) grad_weights[o] = grad_weights[o].contiguous(weights[o].suggest_memory_format());
+    if (!weights[o].is_contiguous() && weights[o].is_contiguous(at::MemoryFormat::ChannelsLast))
+      grad_weights[o] = grad_weights[o].contiguous(at::MemoryFormat::ChannelsLast);
   }
 }
 
