@@ -5,7 +5,8 @@ Layers (shared/DESIGN.md, issue 5):
   quantnas: c=36 -> 36, candidates 1x1, 3x3, 5x5, 3x3 with 3 groups, bits {4, 8} tied (8 terms),
             batch 16 of 48x48;
   rfdn:     c=48 -> 48, candidates 1x1, 3x3, 5x5, 3x3 with 3 groups, bits {4, 8} tied, batch 16 of 48x48.
-Each case runs on NCHW input (what a model hands over by default) and on channels-last input (what the
+"fused" picks the convolution engine by the op's rule (NNPACK's FFT for the dense 5x5 window, stride 1),
+"fused-onednn" forces oneDNN for every convolution (QOPS_MQC_ENGINE). Each case runs on NCHW input (what a model hands over by default) and on channels-last input (what the
 fused op returns, so a stack of fused layers stays channels-last). Peak memory of one forward + backward
 (bytes allocated by torch above what existed before, from the profiler's allocation events) is in
 extra_info.peak_mb and in the report's table.
@@ -82,9 +83,11 @@ def peak_bytes(fn) -> int:
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("impl", ["naive", "fused", "fused-onednn"])
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_mixed_quant_conv_fwd_bwd(bench, layer, impl, layout):
+def test_mixed_quant_conv_fwd_bwd(bench, monkeypatch, layer, impl, layout):
+    # fused: the engine rule (NNPACK for the 5x5 window); fused-onednn: oneDNN for every convolution.
+    monkeypatch.setenv("QOPS_MQC_ENGINE", "onednn" if impl == "fused-onednn" else "auto")
     args, leaves, terms, macs = _layer(layer, layout == "channels_last")
     _step(impl, args, leaves, terms)  # warm up (oneDNN primitive caches)
     peak = peak_bytes(lambda: _step(impl, args, leaves, terms))

@@ -120,6 +120,7 @@ def test_matches_reference(cand_idx, w_bits, a_bits, a_signed, stride, bias, lay
     check_against_reference(args, leaves)
 
 
+@pytest.mark.parametrize("engine", ["auto", "onednn", "nnpack"])
 @pytest.mark.parametrize("plan", ["auto", "merged", "split"])
 @pytest.mark.parametrize(
     "cands",
@@ -130,9 +131,11 @@ def test_matches_reference(cand_idx, w_bits, a_bits, a_signed, stride, bias, lay
         [(3, 3, 3, 1), (5, 5, 6, 1)],  # grouped only: native grouped convolution
     ],
 )
-def test_every_plan_matches_reference(monkeypatch, plan, cands):
+def test_every_plan_matches_reference(monkeypatch, engine, plan, cands):
     monkeypatch.setenv("QOPS_MQC_PLAN", plan)
-    args, leaves = make_case(cands, [4, 8], [4, 8], cin=12, cout=6, stride=2, seed=3)
+    monkeypatch.setenv("QOPS_MQC_ENGINE", engine)
+    # Stride 1 lets NNPACK take the dense groups; stride 2 is covered by the hypothesis test.
+    args, leaves = make_case(cands, [4, 8], [4, 8], cin=12, cout=6, stride=1, seed=3)
     check_against_reference(args, leaves)
 
 
@@ -140,7 +143,9 @@ def count_convolutions(args) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         with torch.no_grad():
             mixed_quant_conv(*args)
-    return sum(1 for e in prof.events() if e.name == "aten::convolution")
+    return sum(
+        1 for e in prof.events() if e.name in ("aten::convolution", "aten::_nnpack_spatial_convolution")
+    )
 
 
 @pytest.mark.parametrize(
@@ -157,9 +162,30 @@ def test_split_rule(cands, convs):
     assert count_convolutions(args) == convs
 
 
+def test_engine_choice(monkeypatch):
+    """auto: NNPACK for a dense 5x5 window at stride 1 (where torch has NNPACK), oneDNN otherwise."""
+
+    def engines(args):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.no_grad():
+                mixed_quant_conv(*args)
+        return {e.name for e in prof.events() if "convolution" in e.name and e.name.startswith("aten::")}
+
+    five, _ = make_case([(5, 5, 1, 1), (3, 3, 3, 1)], [4], [4], seed=1)
+    three, _ = make_case([(3, 3, 1, 1), (1, 1, 1, 1)], [4], [4], seed=1)
+    strided, _ = make_case([(5, 5, 1, 1)], [4], [4], stride=2, seed=1)
+    nnpack = "aten::_nnpack_spatial_convolution"
+    assert (nnpack in engines(five)) == torch._nnpack_available()
+    assert nnpack not in engines(three) and nnpack not in engines(strided)
+    monkeypatch.setenv("QOPS_MQC_ENGINE", "onednn")
+    assert nnpack not in engines(five)
+
+
 @pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
+@pytest.mark.parametrize("engine", ["onednn", "nnpack"])  # xq channels-last / NCHW
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_each_isa(isa, layout):
+def test_each_isa(monkeypatch, isa, engine, layout):
+    monkeypatch.setenv("QOPS_MQC_ENGINE", engine)
     if ["DEFAULT", "AVX2", "AVX512"].index(isa) > ["DEFAULT", "AVX2", "AVX512"].index(qops._C.max_cpu_isa()):
         pytest.skip(f"{isa} not supported here")
     best = qops._C.max_cpu_isa()

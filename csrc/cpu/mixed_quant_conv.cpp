@@ -25,10 +25,11 @@
 
 QOPS_DECLARE_ISA_FN(void, mqc_act_forward,
                     (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
-                     const qops::MqcActVariants& v, int64_t cb, float* xq))
+                     const qops::MqcActVariants& v, int64_t cb, float* xq, bool xq_channels_last))
 QOPS_DECLARE_ISA_FN(void, mqc_act_backward,
                     (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
-                     const qops::MqcActVariants& v, int64_t cb, const float* gxq, float* gx, double* row_sums))
+                     const qops::MqcActVariants& v, int64_t cb, const float* gxq, bool gxq_channels_last,
+                     float* gx, double* unit_sums))
 
 namespace qops::mqc {
 
@@ -41,6 +42,18 @@ void check_bits(c10::IntArrayRef bits, const char* name) {
   TORCH_CHECK(static_cast<int>(bits.size()) <= kMqcMaxBits, name, ": expected at most ", kMqcMaxBits,
               " bit-widths, got ", bits.size());
   for (int64_t b : bits) TORCH_CHECK(valid_bits(b), name, ": bit-widths must be 0 (full precision) or 2..8, got ", bits);
+}
+
+// QOPS_MQC_ENGINE=auto|onednn|nnpack picks the CPU convolution engine (tests and benchmarks). auto: NNPACK
+// for dense, undilated, stride-1 groups with windows of 5x5 taps or more, where its FFT convolution beats
+// oneDNN's direct one about twofold on AVX2 (bench/bench_mixed_quant_conv.py); oneDNN otherwise.
+int engine_mode() {
+  const char* env = std::getenv("QOPS_MQC_ENGINE");
+  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return 0;
+  if (std::strcmp(env, "onednn") == 0) return 1;
+  if (std::strcmp(env, "nnpack") == 0) return 2;
+  TORCH_CHECK(false, "QOPS_MQC_ENGINE: expected auto, onednn or nnpack, got '", env, "'");
+  return 0;
 }
 
 // QOPS_MQC_PLAN=auto|merged|split overrides the split rule (tests and benchmarks; the result is the same).
@@ -146,6 +159,14 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
 
   a.plan = mqc_plan(a.cands.data(), static_cast<int>(a.n_ops), a.cin, a.cout, a.n_a, plan_mode());
   a.cb = a.cin / a.plan.channel_blocks;
+  const int engine = x.is_cpu() ? engine_mode() : 1;
+  for (int g = 0; g < a.plan.n_groups && engine != 1; ++g) {
+    const MqcConvGroup& grp = a.plan.group[g];
+    const bool possible = a.N > 0 && a.stride == 1 && grp.groups == 1 && grp.dilation == 1 && grp.kh <= 15 &&
+                          grp.kw <= 15 && at::_nnpack_available();
+    a.nnpack[g] = possible && (engine == 2 || grp.kh * grp.kw >= 25);
+    if (a.nnpack[g]) a.xq_channels_last = false;
+  }
   return a;
 }
 
@@ -167,13 +188,32 @@ bool is_nhwc(const at::Tensor& x) {
 }
 
 at::Tensor new_xq(const Args& a, const at::Tensor& x) {
-  return at::empty({a.N, a.n_a * a.cin, a.H, a.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  return at::empty({a.N, a.n_a * a.cin, a.H, a.W},
+                   x.options().memory_format(a.xq_channels_last ? at::MemoryFormat::ChannelsLast
+                                                                : at::MemoryFormat::Contiguous));
 }
 
 at::Tensor new_wg(const Args& a, int g, const at::Tensor& like) {
   const MqcConvGroup& grp = a.plan.group[g];
+  // NNPACK wants an NCHW kernel; oneDNN/cuDNN take the channels-last one that matches xq.
   return at::zeros({a.cout, a.n_a * a.cin / grp.groups, grp.kh, grp.kw},
-                   like.options().memory_format(at::MemoryFormat::ChannelsLast));
+                   like.options().memory_format(a.nnpack[g] ? at::MemoryFormat::Contiguous
+                                                            : at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor merged_weight(const Args& a, const Kernels& k, int g, const at::Tensor& like, at::TensorList weights,
+                         const at::Tensor& probs, const at::Tensor& w_scales) {
+  at::Tensor wg = new_wg(a, g, like);
+  RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
+  k.merge_weight(a, g, weights, probs, w_scales, wg);
+  return wg;
+}
+
+at::Tensor activation_variants(const Args& a, const Kernels& k, const at::Tensor& x, const at::Tensor& a_scales) {
+  at::Tensor xq = new_xq(a, x);
+  RECORD_FUNCTION("mixed_quant_conv::act_forward", {});
+  k.act_forward(a, x, a_scales, xq);
+  return xq;
 }
 
 }  // namespace
@@ -182,27 +222,22 @@ at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::
                    const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales,
                    const std::optional<at::Tensor>& bias) {
   const at::Tensor x = layout_for_kernels(x_in);
-  at::Tensor xq = new_xq(a, x);
-  {
-    RECORD_FUNCTION("mixed_quant_conv::act_forward", {});
-    k.act_forward(a, x, a_scales, xq);
-  }
+  const at::Tensor xq = activation_variants(a, k, x, a_scales);
   at::Tensor y;
   for (int g = 0; g < a.plan.n_groups; ++g) {
     const MqcConvGroup& grp = a.plan.group[g];
-    at::Tensor wg = new_wg(a, g, x);
-    {
-      RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
-      k.merge_weight(a, g, weights, probs, w_scales, wg);
-    }
-    at::Tensor yg = at::convolution(xq, wg, g == 0 ? bias : std::nullopt, {a.stride, a.stride}, group_padding(grp),
-                                    {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups);
+    const at::Tensor wg = merged_weight(a, k, g, x, weights, probs, w_scales);
+    const std::optional<at::Tensor> b = g == 0 ? bias : std::nullopt;
+    at::Tensor yg = a.nnpack[g] ? at::_nnpack_spatial_convolution(xq, wg, b, group_padding(grp), {1, 1})
+                                : at::convolution(xq, wg, b, {a.stride, a.stride}, group_padding(grp),
+                                                  {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups);
     if (g == 0)
       y = yg;
     else
       y.add_(yg);
   }
-  return y;
+  // One output layout whatever the engines: channels-last (what oneDNN/cuDNN give for channels-last xq).
+  return y.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -218,28 +253,32 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   at::Tensor gx = empty(), ga = empty(), gp = empty(), gws = empty(), gb = empty();
   std::vector<at::Tensor> gw_list;
 
-  const at::Tensor gy = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  // grad y in xq's layout, so that every convolution below reads one layout.
+  const at::Tensor gy = grad.contiguous(a.xq_channels_last ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous);
   at::Tensor gxq;
   std::vector<at::Tensor> gwg;
   if (need_data || need_weight) {
-    at::Tensor xq = new_xq(a, x);
-    {
-      RECORD_FUNCTION("mixed_quant_conv::act_forward", {});
-      k.act_forward(a, x, a_scales, xq);
-    }
+    const at::Tensor xq = activation_variants(a, k, x, a_scales);
     for (int g = 0; g < a.plan.n_groups; ++g) {
       const MqcConvGroup& grp = a.plan.group[g];
-      at::Tensor wg = new_wg(a, g, x);
-      {
-        RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
-        k.merge_weight(a, g, weights, probs, w_scales, wg);
-      }
+      const at::Tensor wg = merged_weight(a, k, g, x, weights, probs, w_scales);
       const bool bias_here = need_bias && need_weight && g == 0;
+      const bool data_here = need_data && !a.nnpack[g];
       std::vector<int64_t> bias_sizes{a.cout};
-      auto [gxq_g, gw_g, gb_g] = at::convolution_backward(
-          gy, xq, wg, bias_here ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, {a.stride, a.stride},
-          group_padding(grp), {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups,
-          {need_data, need_weight, bias_here});
+      at::Tensor gxq_g, gw_g, gb_g;
+      if (data_here || need_weight) {
+        std::tie(gxq_g, gw_g, gb_g) = at::convolution_backward(
+            gy, xq, wg, bias_here ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, {a.stride, a.stride},
+            group_padding(grp), {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups,
+            {data_here, need_weight, bias_here});
+      }
+      if (need_data && a.nnpack[g]) {
+        // Stride 1, "same" padding: the input gradient is the correlation of grad y with the kernel flipped
+        // and its channel axes swapped, a forward convolution that NNPACK runs with its FFT.
+        const at::Tensor wt = wg.flip({2, 3}).transpose(0, 1).contiguous();
+        gxq_g = at::_nnpack_spatial_convolution(gy, wt, std::nullopt, group_padding(grp), {1, 1});
+      }
       if (need_data) {
         if (g == 0)
           gxq = gxq_g;
@@ -255,13 +294,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   if (need_data) {
     gx = at::empty_like(x);
     ga = at::empty({a.n_a}, opts);
+    if (!gxq.is_contiguous() && !gxq.is_contiguous(at::MemoryFormat::ChannelsLast))
+      gxq = gxq.contiguous(a.xq_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
     RECORD_FUNCTION("mixed_quant_conv::act_backward", {});
-    k.act_backward(a, x, a_scales, gxq.contiguous(at::MemoryFormat::ChannelsLast), gx, ga);
+    k.act_backward(a, x, a_scales, gxq, gx, ga);
     if (!mask[0]) gx = empty();
     if (!mask[4]) ga = empty();
   }
   if (need_weight) {
-    std::vector<at::Tensor> gws_list;
     for (const at::Tensor& w : weights) gw_list.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
     gp = at::empty({a.n_ops, a.n_w, a.n_a}, opts);
     gws = at::empty({a.n_ops, a.n_w}, opts);
@@ -306,21 +346,25 @@ void cpu_act_forward(const Args& a, const at::Tensor& x, const at::Tensor& a_sca
   const MqcActVariants v = act_variants(a, x, a_scales);
   if (x.numel() == 0) return;
   QOPS_CPU_DISPATCH(mqc_act_forward, x.data_ptr<float>(), qops::mqc::is_nhwc(x), a.N, a.cin, a.H, a.W, v, a.cb,
-                    xq.data_ptr<float>());
+                    xq.data_ptr<float>(), a.xq_channels_last);
 }
 
 void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_scales, const at::Tensor& gxq,
                       at::Tensor& gx, at::Tensor& ga) {
   const MqcActVariants v = act_variants(a, x, a_scales);
-  std::vector<double> row_sums(static_cast<size_t>(a.N * a.H * a.n_a), 0.0);
+  // One partial sum per work unit (image row or channel plane, whichever the kernel walks).
+  const int64_t units = std::max(a.N * a.H, a.N * a.cin);
+  std::vector<double> unit_sums(static_cast<size_t>(units * a.n_a), 0.0);
+  // gxq comes channels-last from oneDNN/cuDNN, NCHW from NNPACK (a tensor that is both reads the same).
+  const bool gxq_cl = !gxq.is_contiguous();
   if (x.numel() != 0) {
     QOPS_CPU_DISPATCH(mqc_act_backward, x.data_ptr<float>(), qops::mqc::is_nhwc(x), a.N, a.cin, a.H, a.W, v, a.cb,
-                      gxq.data_ptr<float>(), gx.data_ptr<float>(), row_sums.data());
+                      gxq.data_ptr<float>(), gxq_cl, gx.data_ptr<float>(), unit_sums.data());
   }
   float* gap = ga.data_ptr<float>();
   for (int64_t j = 0; j < a.n_a; ++j) {
     double s = 0.0;
-    for (int64_t r = 0; r < a.N * a.H; ++r) s += row_sums[r * a.n_a + j];
+    for (int64_t r = 0; r < units; ++r) s += unit_sums[r * a.n_a + j];
     gap[j] = v.bits[j] == 0 || v.noise ? 0.f : static_cast<float>(s);
   }
 }

@@ -135,38 +135,41 @@ inline void forward_pixel(const float* xp, float* out, const MqcActVariants& v, 
   }
 }
 
-// One pixel: grad x (C channels) from grad xq (n_a * C channels); LSQ scale sums into acc[j]
-// (qops::fq_backward with zero point 0 and grad_factor 1, lane-wise).
+// A run of `len` values: grad x from the variants' grads g + j * g_stride (j = 0..n_a-1); LSQ scale sums
+// into acc[j] (qops::fq_backward with zero point 0 and grad_factor 1, lane-wise).
+inline void backward_span(const float* xp, const float* g0, int64_t g_stride, float* gxo, const MqcActVariants& v,
+                          int64_t len, F* acc) {
+  const F zero = Simd::set1(0.f);
+  for (int64_t k = 0; k < len; k += kW) {
+    const int64_t n = std::min(kW, len - k);
+    // Tail lanes load as zeros (x = 0, g = 0), so they add nothing to the sums.
+    const F xs = Simd::load(xp + k, n);
+    F gsum = zero;
+    for (int64_t j = 0; j < v.n; ++j) {
+      const F g = Simd::load(g0 + j * g_stride + k, n);
+      if (v.bits[j] == 0 || v.noise) {
+        gsum = Simd::add(gsum, g);
+        continue;
+      }
+      const F inv = Simd::set1(v.inv_scale[j]), scale = Simd::set1(v.scale[j]);
+      const F qmin = Simd::set1(v.qmin[j]), qmax = Simd::set1(v.qmax[j]);
+      const F q = Simd::round(Simd::mul(xs, inv));
+      const auto below = Simd::lt(q, qmin);
+      const auto above = Simd::gt(q, qmax);
+      F ds = Simd::mul(Simd::mul(g, Simd::sub(Simd::mul(q, scale), xs)), inv);
+      ds = Simd::select(below, Simd::mul(g, qmin), ds);
+      ds = Simd::select(above, Simd::mul(g, qmax), ds);
+      acc[j] = Simd::add(acc[j], ds);
+      gsum = Simd::add(gsum, Simd::select(Simd::lor(below, above), zero, g));
+    }
+    Simd::store(gxo + k, gsum, n);
+  }
+}
+
+// One pixel: grad x (C channels) from grad xq (n_a * C channels, blocks of cb).
 inline void backward_pixel(const float* xp, const float* gp, float* gxo, const MqcActVariants& v, int64_t C,
                            int64_t cb, F* acc) {
-  const int64_t n_a = v.n;
-  const F zero = Simd::set1(0.f);
-  for (int64_t b0 = 0; b0 < C; b0 += cb) {
-    for (int64_t k = 0; k < cb; k += kW) {
-      const int64_t n = std::min(kW, cb - k);
-      // Tail lanes load as zeros (x = 0, g = 0), so they add nothing to the sums.
-      const F xs = Simd::load(xp + b0 + k, n);
-      F gsum = zero;
-      for (int64_t j = 0; j < n_a; ++j) {
-        const F g = Simd::load(gp + b0 * n_a + j * cb + k, n);
-        if (v.bits[j] == 0 || v.noise) {
-          gsum = Simd::add(gsum, g);
-          continue;
-        }
-        const F inv = Simd::set1(v.inv_scale[j]), scale = Simd::set1(v.scale[j]);
-        const F qmin = Simd::set1(v.qmin[j]), qmax = Simd::set1(v.qmax[j]);
-        const F q = Simd::round(Simd::mul(xs, inv));
-        const auto below = Simd::lt(q, qmin);
-        const auto above = Simd::gt(q, qmax);
-        F ds = Simd::mul(Simd::mul(g, Simd::sub(Simd::mul(q, scale), xs)), inv);
-        ds = Simd::select(below, Simd::mul(g, qmin), ds);
-        ds = Simd::select(above, Simd::mul(g, qmax), ds);
-        acc[j] = Simd::add(acc[j], ds);
-        gsum = Simd::add(gsum, Simd::select(Simd::lor(below, above), zero, g));
-      }
-      Simd::store(gxo + b0 + k, gsum, n);
-    }
-  }
+  for (int64_t b0 = 0; b0 < C; b0 += cb) backward_span(xp + b0, gp + b0 * v.n, cb, gxo + b0, v, cb, acc);
 }
 
 // dst[w * ld_dst + c] = src[c * ld_src + w] for an nc x nw block (nc, nw <= 8).
@@ -212,60 +215,100 @@ inline void store_tile(const float* tile, int64_t HW, int64_t C, int64_t nw, flo
 }  // namespace
 
 void mqc_act_forward(const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
-                     const MqcActVariants& v, int64_t cb, float* xq) {
+                     const MqcActVariants& v, int64_t cb, float* xq, bool xq_channels_last) {
   const int64_t ctot = v.n * C, HW = H * W;
+  if (!channels_last && !xq_channels_last) {
+    // NCHW -> NCHW: every (n, c) plane of x becomes n_a planes of xq, contiguous runs of H * W.
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      MqcActVariants one = v;
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t n = u / C, c = u % C;
+        for (int64_t j = 0; j < v.n; ++j) {
+          one.n = 1;
+          one.bits[0] = v.bits[j];
+          one.scale[0] = v.scale[j];
+          one.inv_scale[0] = v.inv_scale[j];
+          one.qmin[0] = v.qmin[j];
+          one.qmax[0] = v.qmax[j];
+          forward_pixel(x + u * HW, xq + (n * ctot + mqc_xq_channel(j, c, v.n, cb)) * HW, one, HW, HW);
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(channels_last ? 0 : kTile * C);
+    std::vector<float> xtile(channels_last ? 0 : kTile * C), otile(xq_channels_last ? 0 : kTile * ctot);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, h = r % H;
-      float* out_row = xq + r * W * ctot;
-      if (channels_last) {
-        const float* x_row = x + r * W * C;
-        for (int64_t w = 0; w < W; ++w) forward_pixel(x_row + w * C, out_row + w * ctot, v, C, cb);
-      } else {
-        const float* x_row = x + n * C * HW + h * W;
-        for (int64_t w0 = 0; w0 < W; w0 += kTile) {
-          const int64_t nw = std::min(kTile, W - w0);
-          load_tile(x_row + w0, HW, C, nw, tile.data());
-          for (int64_t w = 0; w < nw; ++w) forward_pixel(tile.data() + w * C, out_row + (w0 + w) * ctot, v, C, cb);
+      for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+        const int64_t nw = std::min(kTile, W - w0);
+        const float* xt = x + (r * W + w0) * C;  // NHWC pixels of this tile
+        if (!channels_last) {
+          load_tile(x + n * C * HW + h * W + w0, HW, C, nw, xtile.data());
+          xt = xtile.data();
         }
+        float* ot = xq_channels_last ? xq + (r * W + w0) * ctot : otile.data();
+        for (int64_t w = 0; w < nw; ++w) forward_pixel(xt + w * C, ot + w * ctot, v, C, cb);
+        if (!xq_channels_last) store_tile(otile.data(), HW, ctot, nw, xq + n * ctot * HW + h * W + w0);
       }
     }
   });
 }
 
 void mqc_act_backward(const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
-                      const MqcActVariants& v, int64_t cb, const float* gxq, float* gx, double* row_sums) {
+                      const MqcActVariants& v, int64_t cb, const float* gxq, bool gxq_channels_last, float* gx,
+                      double* unit_sums) {
   const int64_t ctot = v.n * C, HW = H * W, n_a = v.n;
+  auto finish = [&](F* acc, int64_t unit) {
+    for (int64_t j = 0; j < n_a; ++j) {
+      float lanes[kW];
+      Simd::lanes(acc[j], lanes);
+      double s = 0.0;
+      for (int64_t k = 0; k < kW; ++k) s += lanes[k];
+      unit_sums[unit * n_a + j] = s;
+    }
+  };
+  if (!channels_last && !gxq_channels_last) {
+    // NCHW x and grad xq: plane by plane, H * W contiguous values of each variant. Units: the N * C planes.
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t n = u / C, c = u % C;
+        F acc[kMqcMaxBits];
+        for (int64_t j = 0; j < n_a; ++j) acc[j] = Simd::set1(0.f);
+        // Variant j's plane of channel c sits cb planes after variant j-1's (mqc_xq_channel).
+        const float* g0 = gxq + (n * ctot + mqc_xq_channel(0, c, n_a, cb)) * HW;
+        backward_span(x + u * HW, g0, cb * HW, gx + u * HW, v, HW, acc);
+        finish(acc, u);
+      }
+    });
+    return;
+  }
+  // Row by row (units: the N * H rows), 8-pixel tiles transposed where a tensor is NCHW.
   at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xtile(channels_last ? 0 : kTile * C), gtile(channels_last ? 0 : kTile * C);
+    std::vector<float> xtile(channels_last ? 0 : kTile * C), gxtile(channels_last ? 0 : kTile * C);
+    std::vector<float> gtile(gxq_channels_last ? 0 : kTile * ctot);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, h = r % H;
-      const float* g_row = gxq + r * W * ctot;
       F acc[kMqcMaxBits];
       for (int64_t j = 0; j < n_a; ++j) acc[j] = Simd::set1(0.f);
-      if (channels_last) {
-        const float* x_row = x + r * W * C;
-        float* gx_row = gx + r * W * C;
-        for (int64_t w = 0; w < W; ++w) backward_pixel(x_row + w * C, g_row + w * ctot, gx_row + w * C, v, C, cb, acc);
-      } else {
-        const float* x_row = x + n * C * HW + h * W;
-        float* gx_row = gx + n * C * HW + h * W;
-        for (int64_t w0 = 0; w0 < W; w0 += kTile) {
-          const int64_t nw = std::min(kTile, W - w0);
-          load_tile(x_row + w0, HW, C, nw, xtile.data());
-          for (int64_t w = 0; w < nw; ++w)
-            backward_pixel(xtile.data() + w * C, g_row + (w0 + w) * ctot, gtile.data() + w * C, v, C, cb, acc);
-          store_tile(gtile.data(), HW, C, nw, gx_row + w0);
+      for (int64_t w0 = 0; w0 < W; w0 += kTile) {
+        const int64_t nw = std::min(kTile, W - w0);
+        const float* xt = x + (r * W + w0) * C;
+        float* gxt = gx + (r * W + w0) * C;
+        const float* gt = gxq + (r * W + w0) * ctot;
+        if (!channels_last) {
+          load_tile(x + n * C * HW + h * W + w0, HW, C, nw, xtile.data());
+          xt = xtile.data();
+          gxt = gxtile.data();
         }
+        if (!gxq_channels_last) {
+          load_tile(gxq + n * ctot * HW + h * W + w0, HW, ctot, nw, gtile.data());
+          gt = gtile.data();
+        }
+        for (int64_t w = 0; w < nw; ++w) backward_pixel(xt + w * C, gt + w * ctot, gxt + w * C, v, C, cb, acc);
+        if (!channels_last) store_tile(gxtile.data(), HW, C, nw, gx + n * C * HW + h * W + w0);
       }
-      for (int64_t j = 0; j < n_a; ++j) {
-        float lanes[kW];
-        Simd::lanes(acc[j], lanes);
-        double s = 0.0;
-        for (int64_t k = 0; k < kW; ++k) s += lanes[k];
-        row_sums[r * n_a + j] = s;
-      }
+      finish(acc, r);
     }
   });
 }

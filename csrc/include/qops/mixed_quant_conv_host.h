@@ -27,6 +27,10 @@ struct Args {
   std::vector<int64_t> w_bits, a_bits;
   MqcPlan plan;
   int64_t cb = 1;  // channels per block of xq: cin / plan.channel_blocks
+  // Engine of each conv group: NNPACK (CPU, FFT/Winograd, forward and input gradient) or the device's default
+  // (oneDNN / cuDNN through at::convolution). xq is NCHW when any group uses NNPACK, channels-last otherwise.
+  bool nnpack[kMqcMaxOps] = {};
+  bool xq_channels_last = true;
 };
 
 // Checks every argument (RuntimeError naming it) and plans the conv groups. `check_scale_values` reads the
