@@ -57,7 +57,7 @@ def mixed_quant_conv(
         seed: noise mode's seed; stream seeds per variant as in qops.reference.mixed_quant_conv_noise_seeds.
 
     Returns:
-        [N, Cout, (H - 1) // stride + 1, (W - 1) // stride + 1], channels-last in memory.
+        [N, Cout, (H - 1) // stride + 1, (W - 1) // stride + 1], channels-last in memory if x is, else NCHW.
     """
     return torch.ops.qops.mixed_quant_conv(
         x,
@@ -101,9 +101,10 @@ def _mixed_quant_conv_fake(
     torch._check(len(weights) > 0, lambda: "weights: expected at least one candidate weight")
     torch._check(stride >= 1, lambda: f"stride: expected >= 1, got {stride}")
     ho, wo = _out_hw(x, stride)
-    return x.new_empty((x.shape[0], weights[0].shape[0], ho, wo)).contiguous(
-        memory_format=torch.channels_last
-    )
+    y = x.new_empty((x.shape[0], weights[0].shape[0], ho, wo))
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def _grad_layout(t: torch.Tensor) -> torch.Tensor:

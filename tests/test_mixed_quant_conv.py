@@ -207,12 +207,18 @@ def test_quantnas_layer_shape_and_bits_tied():
     check_against_reference(args, leaves)
 
 
-def test_output_is_channels_last_and_deterministic():
-    args, _ = make_case(POOL[:3], [4, 8], [4, 8], seed=5)
-    y1 = mixed_quant_conv(*args)
-    y2 = mixed_quant_conv(*args)
-    assert y1.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(y1, y2)
+@pytest.mark.parametrize("engine", ["onednn", "nnpack"])
+def test_output_layout_follows_x_and_is_deterministic(monkeypatch, engine):
+    monkeypatch.setenv("QOPS_MQC_ENGINE", engine)
+    for layout in ("nchw", "channels_last"):
+        args, _ = make_case(POOL[:3], [4, 8], [4, 8], seed=5, layout=layout)
+        y1 = mixed_quant_conv(*args)
+        y2 = mixed_quant_conv(*args)
+        if layout == "channels_last":
+            assert y1.is_contiguous(memory_format=torch.channels_last) and not y1.is_contiguous()
+        else:
+            assert y1.is_contiguous()
+        assert torch.equal(y1, y2)
 
 
 def test_zero_batch():

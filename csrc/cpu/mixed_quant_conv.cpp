@@ -196,7 +196,7 @@ at::Tensor new_xq(const Args& a, const at::Tensor& x) {
 at::Tensor new_wg(const Args& a, int g, const at::Tensor& like) {
   const MqcConvGroup& grp = a.plan.group[g];
   // NNPACK wants an NCHW kernel; oneDNN/cuDNN take the channels-last one that matches xq.
-  return at::zeros({a.cout, a.n_a * a.cin / grp.groups, grp.kh, grp.kw},
+  return at::empty({a.cout, a.n_a * a.cin / grp.groups, grp.kh, grp.kw},
                    like.options().memory_format(a.nnpack[g] ? at::MemoryFormat::Contiguous
                                                             : at::MemoryFormat::ChannelsLast));
 }
@@ -207,6 +207,22 @@ at::Tensor merged_weight(const Args& a, const Kernels& k, int g, const at::Tenso
   RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
   k.merge_weight(a, g, weights, probs, w_scales, wg);
   return wg;
+}
+
+// wt[ci][co][KH-1-r][KW-1-c] = wg[co][ci][r][c]: the kernel of the input gradient (small; one serial pass
+// instead of flip + transpose + copy, three parallel regions).
+at::Tensor flipped_transpose(const at::Tensor& wg_in) {
+  const at::Tensor wg = wg_in.contiguous();
+  const int64_t co_n = wg.size(0), ci_n = wg.size(1), kh = wg.size(2), kw = wg.size(3);
+  at::Tensor wt = at::empty({ci_n, co_n, kh, kw}, wg.options());
+  const float* src = wg.data_ptr<float>();
+  float* dst = wt.data_ptr<float>();
+  for (int64_t co = 0; co < co_n; ++co)
+    for (int64_t ci = 0; ci < ci_n; ++ci)
+      for (int64_t r = 0; r < kh; ++r)
+        for (int64_t c = 0; c < kw; ++c)
+          dst[((ci * co_n + co) * kh + (kh - 1 - r)) * kw + (kw - 1 - c)] = src[((co * ci_n + ci) * kh + r) * kw + c];
+  return wt;
 }
 
 at::Tensor activation_variants(const Args& a, const Kernels& k, const at::Tensor& x, const at::Tensor& a_scales) {
@@ -236,8 +252,8 @@ at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::
     else
       y.add_(yg);
   }
-  // One output layout whatever the engines: channels-last (what oneDNN/cuDNN give for channels-last xq).
-  return y.contiguous(at::MemoryFormat::ChannelsLast);
+  // The output takes x's layout (as torch's convolution does), whatever the engines produced.
+  return y.contiguous(is_nhwc(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -276,7 +292,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
       if (need_data && a.nnpack[g]) {
         // Stride 1, "same" padding: the input gradient is the correlation of grad y with the kernel flipped
         // and its channel axes swapped, a forward convolution that NNPACK runs with its FFT.
-        const at::Tensor wt = wg.flip({2, 3}).transpose(0, 1).contiguous();
+        const at::Tensor wt = flipped_transpose(wg);
         gxq_g = at::_nnpack_spatial_convolution(gy, wt, std::nullopt, group_padding(grp), {1, 1});
       }
       if (need_data) {
@@ -369,6 +385,9 @@ void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_sc
   }
 }
 
+// Work (multiply-adds) below which the weight kernels run in one task.
+constexpr int64_t kSerialWork = int64_t{1} << 18;
+
 // Per weight bit-width i of candidate o: scale, 1/scale and range, read once.
 struct WeightQuant {
   int bits;
@@ -427,10 +446,18 @@ void cpu_merge_weight(const Args& a, int g, at::TensorList weights, const at::Te
   float* out = wg.data_ptr<float>();
   const int64_t s0 = wg.stride(0), s1 = wg.stride(1), s2 = wg.stride(2), s3 = wg.stride(3);
   const uint64_t members = a.plan.group[g].members;
-  // One output channel per task: every write of a task lands in its own row of wg.
-  at::parallel_for(0, a.cout, 1, [&](int64_t begin, int64_t end) {
+  // One output channel per task: every write of a task lands in its own row of wg. Small layers run in one
+  // task: a parallel region costs more than the work, and much more when the cores are shared.
+  int64_t row_work = 0;
+  for (int64_t o = 0; o < a.n_ops; ++o)
+    if ((members >> o) & 1u) row_work += a.cin / a.cands[o].groups * a.cands[o].kh * a.cands[o].kw * a.n_w * a.n_a;
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(row_work, 1));
+  at::parallel_for(0, a.cout, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(static_cast<size_t>(a.n_w));
     for (int64_t co = begin; co < end; ++co) {
+      for (int64_t k = 0; k < wg.size(1); ++k)
+        for (int64_t r = 0; r < wg.size(2); ++r)
+          for (int64_t c = 0; c < wg.size(3); ++c) out[co * s0 + k * s1 + r * s2 + c * s3] = 0.f;
       for (int64_t o = 0; o < a.n_ops; ++o) {
         if (!((members >> o) & 1u)) continue;
         const Embed e = embed_of(a, g, o);
@@ -470,8 +497,12 @@ void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::T
   const int64_t n_w = a.n_w, n_a = a.n_a;
   // One task per (candidate, output channel) with its own partial sums: deterministic for any thread count.
   const int64_t units = a.n_ops * a.cout;
+  int64_t unit_work = 0;
+  for (int64_t o = 0; o < a.n_ops; ++o) unit_work += a.cin / a.cands[o].groups * a.cands[o].kh * a.cands[o].kw;
+  unit_work = std::max<int64_t>(1, unit_work * n_w * n_a / a.n_ops);
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / unit_work);
   std::vector<double> part_p(static_cast<size_t>(units * n_w * n_a), 0.0), part_s(static_cast<size_t>(units * n_w), 0.0);
-  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(n_w), gs(n_a);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t o = u / a.cout, co = u % a.cout;

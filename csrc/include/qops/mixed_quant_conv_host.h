@@ -47,7 +47,8 @@ using Mask = std::array<bool, 6>;
 struct Kernels {
   // xq [N, n_a*cin, H, W] channels-last, from x (NCHW- or NHWC-contiguous).
   void (*act_forward)(const Args&, const at::Tensor& x, const at::Tensor& a_scales, at::Tensor& xq);
-  // Merged weight of conv group g: wg [cout, n_a*cin/G, KH, KW] channels-last, zero-filled by the caller.
+  // Merged weight of conv group g into wg [cout, n_a*cin/G, KH, KW] (strides as allocated: channels-last, or
+  // NCHW for NNPACK groups); every element is written.
   void (*merge_weight)(const Args&, int g, at::TensorList weights, const at::Tensor& probs,
                        const at::Tensor& w_scales, at::Tensor& wg);
   // gx (x's layout) and ga [n_a] from x and gxq (channels-last, like xq).
