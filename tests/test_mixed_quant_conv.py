@@ -568,3 +568,34 @@ def test_cuda_quantnas_layer_equals_cpu():
     assert rel_err(y.cpu(), y_cpu) <= FWD_TOL
     for a, b in zip(g, g_cpu, strict=True):
         assert rel_err(a.cpu(), b) <= GRAD_TOL
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # identical initial weights on both ranks (DDP also broadcasts them)
+    m = MixedQuantConv2d(4, 4, [dict(kernel=1), dict(kernel=3)], w_bits=(4, 8), a_bits=(4, 8))
+    ddp = torch.nn.parallel.DistributedDataParallel(m)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x = torch.rand(2, 4, 6, 6, generator=torch.Generator().manual_seed(rank)) * (rank + 1)  # per-rank data
+    for _ in range(2):
+        opt.zero_grad()
+        ddp(x).square().mean().backward()
+        opt.step()
+    out[rank] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    dist.destroy_process_group()
+
+
+def test_ddp_keeps_replicas_identical():
+    """Data-driven scale init and every gradient stay in sync across DDP ranks (gloo, 2 processes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    assert torch.equal(out[0], out[1])
