@@ -30,6 +30,8 @@ QOPS_DECLARE_ISA_FN(void, mqc_act_backward,
                     (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
                      const qops::MqcActVariants& v, int64_t cb, const float* gxq, bool gxq_channels_last,
                      float* gx, double* unit_sums))
+QOPS_DECLARE_ISA_FN(void, mqc_merge_weight_rows, (const qops::MqcWeightJob& job, int64_t co_begin, int64_t co_end))
+QOPS_DECLARE_ISA_FN(void, mqc_weight_backward_units, (const qops::MqcWeightJob& job, int64_t u_begin, int64_t u_end))
 
 namespace qops::mqc {
 
@@ -385,187 +387,136 @@ void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_sc
   }
 }
 
-// Work (multiply-adds) below which the weight kernels run in one task.
+// Work (multiply-adds) below which the weight kernels run in one task: a parallel region costs more than
+// that, and much more when the cores are shared.
 constexpr int64_t kSerialWork = int64_t{1} << 18;
 
-// Per weight bit-width i of candidate o: scale, 1/scale and range, read once.
-struct WeightQuant {
-  int bits;
-  float scale, inv_scale, qmin, qmax;
-};
-
-std::vector<WeightQuant> weight_quants(const Args& a, const at::Tensor& w_scales) {
+std::vector<qops::MqcWeightQuant> weight_quants(const Args& a, const at::Tensor& w_scales) {
   TORCH_CHECK(!a.noise, "mode: \"noise\" is not available yet (it needs quant_noise's Philox stream)");
   const at::Tensor s = w_scales.contiguous();
   const float* sp = s.data_ptr<float>();
-  std::vector<WeightQuant> q(static_cast<size_t>(a.n_ops * a.n_w));
+  std::vector<qops::MqcWeightQuant> q(static_cast<size_t>(a.n_ops * a.n_w));
   for (int64_t o = 0; o < a.n_ops; ++o) {
     for (int64_t i = 0; i < a.n_w; ++i) {
-      WeightQuant& e = q[o * a.n_w + i];
+      qops::MqcWeightQuant& e = q[o * a.n_w + i];
       e.bits = static_cast<int>(a.w_bits[i]);
+      if (e.bits == 0) continue;
       e.scale = sp[o * a.n_w + i];
-      e.inv_scale = e.bits == 0 ? 0.f : 1.0f / e.scale;
-      if (e.bits != 0) qops::mqc_range(e.bits, true, &e.qmin, &e.qmax);
+      e.inv_scale = 1.0f / e.scale;
+      qops::mqc_range(e.bits, true, &e.qmin, &e.qmax);
     }
   }
   return q;
 }
 
-inline float weight_value(const WeightQuant& e, float w) {
-  return e.bits == 0 ? w : qops::fq_forward(w, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax);
+// xq channel of (j, c) for every variant and input channel, so the weight loops do no divisions.
+std::vector<int64_t> xq_channels(const Args& a) {
+  std::vector<int64_t> t(static_cast<size_t>(a.n_a * a.cin));
+  for (int64_t j = 0; j < a.n_a; ++j)
+    for (int64_t c = 0; c < a.cin; ++c) t[j * a.cin + c] = qops::mqc_xq_channel(j, c, a.n_a, a.cb);
+  return t;
 }
 
-// Index helpers of the merged weight of group g: where element (co, cil, th, tw) of candidate o and variant j
-// lands, as an offset into wg (strides of wg given).
-struct Embed {
-  int64_t cin_o, cout_o, ratio, cout_g, ci_g;
-  const qops::MqcConvGroup* grp;
-  const qops::MqcCandidate* cand;
+// Everything the weight kernels need for conv group g; `keep` holds the tensors the pointers point into.
+struct WeightJob {
+  qops::MqcWeightJob job;
+  std::vector<qops::MqcWeightQuant> quant;
+  std::vector<int64_t> xch;
+  std::vector<at::Tensor> keep;
+  int64_t row_work = 0;  // multiply-adds per output channel
 };
 
-Embed embed_of(const Args& a, int g, int64_t o) {
+void init_job(WeightJob& wj, const Args& a, int g, at::TensorList weights, const at::Tensor& probs,
+              const at::Tensor& w_scales) {
   const qops::MqcConvGroup& grp = a.plan.group[g];
-  const qops::MqcCandidate& c = a.cands[o];
-  return Embed{a.cin / c.groups, a.cout / c.groups, c.dilation / grp.dilation, a.cout / grp.groups,
-               a.n_a * a.cin / grp.groups, &grp, &c};
+  qops::MqcWeightJob& job = wj.job;
+  wj.quant = weight_quants(a, w_scales);
+  wj.xch = xq_channels(a);
+  wj.keep.push_back(probs.contiguous());
+  job.cin = a.cin;
+  job.cout = a.cout;
+  job.n_w = a.n_w;
+  job.n_a = a.n_a;
+  job.probs = wj.keep.back().data_ptr<float>();
+  job.xch = wj.xch.data();
+  job.quant = wj.quant.data();
+  job.kh = grp.kh;
+  job.kw = grp.kw;
+  job.groups = grp.groups;
+  job.ci_g = a.n_a * a.cin / grp.groups;
+  for (int64_t o = 0; o < a.n_ops; ++o) {
+    if (!((grp.members >> o) & 1u)) continue;
+    wj.keep.push_back(weights[o].contiguous());
+    qops::MqcWeightJob::Member& m = job.member[job.n_members++];
+    const qops::MqcCandidate& c = a.cands[o];
+    m.w = wj.keep.back().data_ptr<float>();
+    m.o = o;
+    m.kh = c.kh;
+    m.kw = c.kw;
+    m.groups = c.groups;
+    m.ratio = c.dilation / grp.dilation;
+    wj.row_work += a.cin / c.groups * c.kh * c.kw * a.n_w * a.n_a;
+  }
 }
 
-int group_of(const Args& a, int64_t o) {
-  for (int g = 0; g < a.plan.n_groups; ++g)
-    if ((a.plan.group[g].members >> o) & 1u) return g;
-  return -1;
+void set_strides(qops::MqcWeightJob& job, const at::Tensor& t) {
+  job.s0 = t.stride(0);
+  job.s1 = t.stride(1);
+  job.s2 = t.stride(2);
+  job.s3 = t.stride(3);
 }
 
 void cpu_merge_weight(const Args& a, int g, at::TensorList weights, const at::Tensor& probs,
                       const at::Tensor& w_scales, at::Tensor& wg) {
-  const std::vector<WeightQuant> wq = weight_quants(a, w_scales);
-  const at::Tensor pc = probs.contiguous();
-  const float* p = pc.data_ptr<float>();
-  std::vector<at::Tensor> wc;
-  for (const at::Tensor& w : weights) wc.push_back(w.contiguous());
-  float* out = wg.data_ptr<float>();
-  const int64_t s0 = wg.stride(0), s1 = wg.stride(1), s2 = wg.stride(2), s3 = wg.stride(3);
-  const uint64_t members = a.plan.group[g].members;
-  // One output channel per task: every write of a task lands in its own row of wg. Small layers run in one
-  // task: a parallel region costs more than the work, and much more when the cores are shared.
-  int64_t row_work = 0;
-  for (int64_t o = 0; o < a.n_ops; ++o)
-    if ((members >> o) & 1u) row_work += a.cin / a.cands[o].groups * a.cands[o].kh * a.cands[o].kw * a.n_w * a.n_a;
-  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(row_work, 1));
+  WeightJob wj;
+  init_job(wj, a, g, weights, probs, w_scales);
+  wj.job.wg = wg.data_ptr<float>();
+  set_strides(wj.job, wg);
+  // One output channel per task: every write of a task lands in its own row of wg.
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(wj.row_work, 1));
   at::parallel_for(0, a.cout, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(static_cast<size_t>(a.n_w));
-    for (int64_t co = begin; co < end; ++co) {
-      for (int64_t k = 0; k < wg.size(1); ++k)
-        for (int64_t r = 0; r < wg.size(2); ++r)
-          for (int64_t c = 0; c < wg.size(3); ++c) out[co * s0 + k * s1 + r * s2 + c * s3] = 0.f;
-      for (int64_t o = 0; o < a.n_ops; ++o) {
-        if (!((members >> o) & 1u)) continue;
-        const Embed e = embed_of(a, g, o);
-        const int64_t kh = e.cand->kh, kw = e.cand->kw;
-        const int64_t c0 = (co / e.cout_o) * e.cin_o;    // first input channel of co's candidate group
-        const int64_t base = (co / e.cout_g) * e.ci_g;   // first xq channel of co's conv group
-        const float* w = wc[o].data_ptr<float>() + co * e.cin_o * kh * kw;
-        for (int64_t cil = 0; cil < e.cin_o; ++cil) {
-          for (int64_t th = 0; th < kh; ++th) {
-            for (int64_t tw = 0; tw < kw; ++tw) {
-              const float wv = w[(cil * kh + th) * kw + tw];
-              for (int64_t i = 0; i < a.n_w; ++i) q[i] = weight_value(wq[o * a.n_w + i], wv);
-              int64_t row, col;
-              qops::mqc_tap_position(th, tw, kh, kw, e.ratio, e.grp->kh, e.grp->kw, &row, &col);
-              float* dst = out + co * s0 + row * s2 + col * s3;
-              for (int64_t j = 0; j < a.n_a; ++j) {
-                float acc = 0.f;
-                for (int64_t i = 0; i < a.n_w; ++i) acc += p[(o * a.n_w + i) * a.n_a + j] * q[i];
-                dst[(qops::mqc_xq_channel(j, c0 + cil, a.n_a, a.cb) - base) * s1] += acc;
-              }
-            }
-          }
-        }
-      }
-    }
+    QOPS_CPU_DISPATCH(mqc_merge_weight_rows, wj.job, begin, end);
   });
 }
 
 void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::TensorList weights,
                          const at::Tensor& probs, const at::Tensor& w_scales, std::vector<at::Tensor>& grad_weights,
                          at::Tensor& grad_probs, at::Tensor& grad_w_scales) {
-  const std::vector<WeightQuant> wq = weight_quants(a, w_scales);
-  const at::Tensor pc = probs.contiguous();
-  const float* p = pc.data_ptr<float>();
-  std::vector<at::Tensor> wc;
-  for (const at::Tensor& w : weights) wc.push_back(w.contiguous());
   const int64_t n_w = a.n_w, n_a = a.n_a;
-  // One task per (candidate, output channel) with its own partial sums: deterministic for any thread count.
-  const int64_t units = a.n_ops * a.cout;
-  int64_t unit_work = 0;
-  for (int64_t o = 0; o < a.n_ops; ++o) unit_work += a.cin / a.cands[o].groups * a.cands[o].kh * a.cands[o].kw;
-  unit_work = std::max<int64_t>(1, unit_work * n_w * n_a / a.n_ops);
-  const int64_t grain = std::max<int64_t>(1, kSerialWork / unit_work);
-  std::vector<double> part_p(static_cast<size_t>(units * n_w * n_a), 0.0), part_s(static_cast<size_t>(units * n_w), 0.0);
-  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(n_w), gs(n_a);
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t o = u / a.cout, co = u % a.cout;
-      const int g = group_of(a, o);
-      const Embed e = embed_of(a, g, o);
-      const at::Tensor& gwg = gw[g];
-      const float* gsrc = gwg.data_ptr<float>();
-      const int64_t s0 = gwg.stride(0), s1 = gwg.stride(1), s2 = gwg.stride(2), s3 = gwg.stride(3);
-      const int64_t kh = e.cand->kh, kw = e.cand->kw;
-      const int64_t c0 = (co / e.cout_o) * e.cin_o, base = (co / e.cout_g) * e.ci_g;
-      const float* w = wc[o].data_ptr<float>() + co * e.cin_o * kh * kw;
-      float* gwo = grad_weights[o].data_ptr<float>() + co * e.cin_o * kh * kw;
-      double* pp = part_p.data() + u * n_w * n_a;
-      double* ps = part_s.data() + u * n_w;
-      for (int64_t cil = 0; cil < e.cin_o; ++cil) {
-        for (int64_t th = 0; th < kh; ++th) {
-          for (int64_t tw = 0; tw < kw; ++tw) {
-            const int64_t idx = (cil * kh + th) * kw + tw;
-            const float wv = w[idx];
-            int64_t row, col;
-            qops::mqc_tap_position(th, tw, kh, kw, e.ratio, e.grp->kh, e.grp->kw, &row, &col);
-            const float* src = gsrc + co * s0 + row * s2 + col * s3;
-            for (int64_t j = 0; j < n_a; ++j) gs[j] = src[(qops::mqc_xq_channel(j, c0 + cil, n_a, a.cb) - base) * s1];
-            float gsum = 0.f;
-            for (int64_t i = 0; i < n_w; ++i) {
-              const WeightQuant& wqi = wq[o * n_w + i];
-              const float qi = weight_value(wqi, wv);
-              const float* pr = p + (o * n_w + i) * n_a;
-              float gi = 0.f;
-              for (int64_t j = 0; j < n_a; ++j) {
-                pp[i * n_a + j] += static_cast<double>(gs[j]) * qi;
-                gi += pr[j] * gs[j];
-              }
-              if (wqi.bits == 0) {
-                gsum += gi;
-              } else {
-                const qops::FqGrad fg = qops::fq_backward(wv, gi, wqi.scale, wqi.inv_scale, 0.f, wqi.qmin, wqi.qmax, 1.f);
-                gsum += fg.dx;
-                ps[i] += fg.dscale;
-              }
-            }
-            gwo[idx] = gsum;
-          }
-        }
+  std::vector<double> sum_p(static_cast<size_t>(a.n_ops * n_w * n_a), 0.0), sum_s(static_cast<size_t>(a.n_ops * n_w), 0.0);
+  for (int g = 0; g < a.plan.n_groups; ++g) {
+    WeightJob wj;
+    init_job(wj, a, g, weights, probs, w_scales);
+    qops::MqcWeightJob& job = wj.job;
+    const at::Tensor gwg = gw[g];
+    job.gwg = gwg.data_ptr<float>();
+    set_strides(job, gwg);
+    for (int m = 0; m < job.n_members; ++m) job.member[m].grad_w = grad_weights[job.member[m].o].data_ptr<float>();
+    // One task per (member, output channel) with its own partial sums: deterministic for any thread count.
+    const int64_t units = job.n_members * a.cout;
+    std::vector<double> part_p(static_cast<size_t>(units * n_w * n_a), 0.0), part_s(static_cast<size_t>(units * n_w), 0.0);
+    job.part_p = part_p.data();
+    job.part_s = part_s.data();
+    const int64_t unit_work = std::max<int64_t>(1, wj.row_work / std::max(job.n_members, 1));
+    at::parallel_for(0, units, std::max<int64_t>(1, kSerialWork / unit_work), [&](int64_t begin, int64_t end) {
+      QOPS_CPU_DISPATCH(mqc_weight_backward_units, job, begin, end);
+    });
+    for (int m = 0; m < job.n_members; ++m) {
+      const int64_t o = job.member[m].o;
+      for (int64_t co = 0; co < a.cout; ++co) {
+        const int64_t u = m * a.cout + co;
+        for (int64_t k = 0; k < n_w * n_a; ++k) sum_p[o * n_w * n_a + k] += part_p[u * n_w * n_a + k];
+        for (int64_t i = 0; i < n_w; ++i) sum_s[o * n_w + i] += part_s[u * n_w + i];
       }
     }
-  });
+  }
   float* gpo = grad_probs.data_ptr<float>();
   float* gso = grad_w_scales.data_ptr<float>();
+  for (int64_t k = 0; k < a.n_ops * n_w * n_a; ++k) gpo[k] = static_cast<float>(sum_p[k]);
+  for (int64_t k = 0; k < a.n_ops * n_w; ++k)
+    gso[k] = a.w_bits[k % n_w] == 0 || a.noise ? 0.f : static_cast<float>(sum_s[k]);
   for (int64_t o = 0; o < a.n_ops; ++o) {
-    for (int64_t k = 0; k < n_w * n_a; ++k) {
-      double s = 0.0;
-      for (int64_t co = 0; co < a.cout; ++co) s += part_p[((o * a.cout + co) * n_w * n_a) + k];
-      gpo[o * n_w * n_a + k] = static_cast<float>(s);
-    }
-    for (int64_t i = 0; i < n_w; ++i) {
-      double s = 0.0;
-      for (int64_t co = 0; co < a.cout; ++co) s += part_s[(o * a.cout + co) * n_w + i];
-      gso[o * n_w + i] = a.w_bits[i] == 0 || a.noise ? 0.f : static_cast<float>(s);
-    }
-  }
-  for (int64_t o = 0; o < a.n_ops; ++o) {
-    // The candidate weights may have come in another layout; hand back the gradient in theirs.
+    // The candidate weights may have come channels-last; hand back the gradient in their layout.
     if (!weights[o].is_contiguous() && weights[o].is_contiguous(at::MemoryFormat::ChannelsLast))
       grad_weights[o] = grad_weights[o].contiguous(at::MemoryFormat::ChannelsLast);
   }

@@ -313,4 +313,110 @@ void mqc_act_backward(const float* x, bool channels_last, int64_t N, int64_t C, 
   });
 }
 
+// ---- the weight passes (small tensors; the host splits output channels into tasks) -----------------------
+namespace {
+
+inline float weight_value(const MqcWeightQuant& e, float w) {
+  return e.bits == 0 ? w : fq_forward(w, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax);
+}
+
+}  // namespace
+
+void mqc_merge_weight_rows(const MqcWeightJob& job, int64_t co_begin, int64_t co_end) {
+  const int64_t n_w = job.n_w, n_a = job.n_a, cout_g = job.cout / job.groups;
+  float q[kMqcMaxBits];
+  for (int64_t co = co_begin; co < co_end; ++co) {
+    for (int64_t k = 0; k < job.ci_g; ++k)
+      for (int64_t r = 0; r < job.kh; ++r)
+        for (int64_t c = 0; c < job.kw; ++c) job.wg[co * job.s0 + k * job.s1 + r * job.s2 + c * job.s3] = 0.f;
+    const int64_t base = (co / cout_g) * job.ci_g;  // first xq channel of co's conv group
+    for (int m = 0; m < job.n_members; ++m) {
+      const MqcWeightJob::Member& mb = job.member[m];
+      const int64_t cin_o = job.cin / mb.groups, cout_o = job.cout / mb.groups;
+      const int64_t c0 = (co / cout_o) * cin_o;  // first input channel of co's candidate group
+      const float* w = mb.w + co * cin_o * mb.kh * mb.kw;
+      const MqcWeightQuant* wq = job.quant + mb.o * n_w;
+      const float* pr = job.probs + mb.o * n_w * n_a;
+      for (int64_t cil = 0; cil < cin_o; ++cil) {
+        const int64_t* xch = job.xch + c0 + cil;
+        for (int64_t th = 0; th < mb.kh; ++th) {
+          for (int64_t tw = 0; tw < mb.kw; ++tw) {
+            const float wv = w[(cil * mb.kh + th) * mb.kw + tw];
+            for (int64_t i = 0; i < n_w; ++i) q[i] = weight_value(wq[i], wv);
+            int64_t row, col;
+            mqc_tap_position(th, tw, mb.kh, mb.kw, mb.ratio, job.kh, job.kw, &row, &col);
+            float* dst = job.wg + co * job.s0 + row * job.s2 + col * job.s3;
+            for (int64_t j = 0; j < n_a; ++j) {
+              float acc = 0.f;
+              for (int64_t i = 0; i < n_w; ++i) acc += pr[i * n_a + j] * q[i];
+              dst[(xch[j * job.cin] - base) * job.s1] += acc;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void mqc_weight_backward_units(const MqcWeightJob& job, int64_t u_begin, int64_t u_end) {
+  const int64_t n_w = job.n_w, n_a = job.n_a, cout_g = job.cout / job.groups;
+  float gs[kMqcMaxBits];
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    const int m = static_cast<int>(u / job.cout);
+    const int64_t co = u % job.cout;
+    const MqcWeightJob::Member& mb = job.member[m];
+    const int64_t cin_o = job.cin / mb.groups, cout_o = job.cout / mb.groups;
+    const int64_t c0 = (co / cout_o) * cin_o, base = (co / cout_g) * job.ci_g;
+    const int64_t row_len = cin_o * mb.kh * mb.kw;
+    const float* w = mb.w + co * row_len;
+    float* gw = mb.grad_w + co * row_len;
+    const MqcWeightQuant* wq = job.quant + mb.o * n_w;
+    const float* pr = job.probs + mb.o * n_w * n_a;
+    double* pp = job.part_p + u * n_w * n_a;
+    double* ps = job.part_s + u * n_w;
+    float acc_p[kMqcMaxBits * kMqcMaxBits] = {};
+    float acc_s[kMqcMaxBits] = {};
+    for (int64_t cil = 0; cil < cin_o; ++cil) {
+      const int64_t* xch = job.xch + c0 + cil;
+      for (int64_t th = 0; th < mb.kh; ++th) {
+        for (int64_t tw = 0; tw < mb.kw; ++tw) {
+          const int64_t idx = (cil * mb.kh + th) * mb.kw + tw;
+          const float wv = w[idx];
+          int64_t row, col;
+          mqc_tap_position(th, tw, mb.kh, mb.kw, mb.ratio, job.kh, job.kw, &row, &col);
+          const float* src = job.gwg + co * job.s0 + row * job.s2 + col * job.s3;
+          for (int64_t j = 0; j < n_a; ++j) gs[j] = src[(xch[j * job.cin] - base) * job.s1];
+          float gsum = 0.f;
+          for (int64_t i = 0; i < n_w; ++i) {
+            const MqcWeightQuant& e = wq[i];
+            const float qi = weight_value(e, wv);
+            float gi = 0.f;
+            for (int64_t j = 0; j < n_a; ++j) {
+              acc_p[i * n_a + j] += gs[j] * qi;
+              gi += pr[i * n_a + j] * gs[j];
+            }
+            if (e.bits == 0) {
+              gsum += gi;
+            } else {
+              const FqGrad fg = fq_backward(wv, gi, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax, 1.f);
+              gsum += fg.dx;
+              acc_s[i] += fg.dscale;
+            }
+          }
+          gw[idx] = gsum;
+        }
+      }
+      // Flush the float partials to double once per input channel: short float sums, exact-ish totals.
+      for (int64_t k = 0; k < n_w * n_a; ++k) {
+        pp[k] += acc_p[k];
+        acc_p[k] = 0.f;
+      }
+      for (int64_t i = 0; i < n_w; ++i) {
+        ps[i] += acc_s[i];
+        acc_s[i] = 0.f;
+      }
+    }
+  }
+}
+
 }  // namespace qops::cpu::CPU_CAPABILITY

@@ -67,6 +67,32 @@ struct MqcActVariants {
   int64_t seed[kMqcMaxBits] = {};
 };
 
+// Weight bit-width i of candidate o as the CPU weight kernels take it (values read on the host).
+struct MqcWeightQuant {
+  int bits = 0;  // 0: full precision
+  float scale = 1.f, inv_scale = 1.f, qmin = 0.f, qmax = 0.f;
+};
+
+// One conv group's weight work for the CPU kernels (csrc/cpu/kernels/mixed_quant_conv.cpp).
+struct MqcWeightJob {
+  int64_t cin = 0, cout = 0, n_w = 0, n_a = 0;
+  const float* probs = nullptr;          // [n_ops, n_w, n_a]
+  const int64_t* xch = nullptr;          // [n_a * cin]: mqc_xq_channel(j, c)
+  const MqcWeightQuant* quant = nullptr; // [n_ops * n_w]
+  int64_t kh = 1, kw = 1, groups = 1;    // the group's window and channel groups
+  int n_members = 0;
+  struct Member {
+    const float* w = nullptr;  // [cout, cin / groups, kh, kw] contiguous
+    float* grad_w = nullptr;   // same (backward)
+    int64_t o = 0, kh = 1, kw = 1, groups = 1, ratio = 1;
+  } member[kMqcMaxOps];
+  float* wg = nullptr;        // merged weight (forward) ...
+  const float* gwg = nullptr; // ... or its gradient (backward)
+  int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, ci_g = 0;  // its strides and channels per conv group
+  double* part_p = nullptr;   // backward: [n_members * cout][n_w * n_a] partial sums of grad probs
+  double* part_s = nullptr;   // backward: [n_members * cout][n_w] partial sums of grad w_scales
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // The split rule (host only). Cost of a conv group, in multiply-adds per output pixel:
 //     Cout * (n_a * Cin / G) * KH * KW                      the convolution itself (dense within its G blocks)
