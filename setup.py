@@ -88,7 +88,9 @@ def extensions():
     build_dir = os.path.join(ROOT, "build")
     isa_sources, isa_defines = _isa_wrappers(build_dir)
     # Relative paths keep object names short and stable; ISA wrappers come last (see ISAS).
-    sources = ["csrc/ops.cpp"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = ["csrc/ops.cpp"] + sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     sources += [os.path.relpath(p, ROOT) for p in isa_sources]
     debug = os.environ.get("QOPS_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
@@ -98,12 +100,17 @@ def extensions():
     if _want_cuda(torch):
         if os.environ.get("QOPS_CUDA_ARCH"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["QOPS_CUDA_ARCH"]
-        sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-        sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp")))
+        sources += sorted(
+            os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+        )
+        sources += sorted(
+            os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*_binding.cpp"))
+        )
         nvcc = ["-O3", "-std=c++20", "-lineinfo"]
         return [
             CUDAExtension(
-                "qops._C", sources,
+                "qops._C",
+                sources,
                 extra_compile_args={"cxx": cxx + ["-DQOPS_WITH_CUDA"], "nvcc": nvcc + ["-DQOPS_WITH_CUDA"]},
                 **kwargs,
             )

@@ -18,9 +18,12 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "(or `make install` in the repository)."
     ) from e
 
+from .fake_quant import fake_quant as fake_quant  # noqa: E402  (LSQ: torch.ops.qops.fake_quant)
 from . import mixed_quant_conv as _mixed_quant_conv  # noqa: E402,F401  (fake + autograd of the supernet op)
 
 __version__ = "0.1.0"
+
+from .quant_noise import quant_noise  # noqa: E402  (fake + autograd of torch.ops.qops.quant_noise)
 
 
 def cpu_isa() -> str:
@@ -43,4 +46,9 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-__all__ = ["cpu_isa", "set_cpu_isa", "cpu_features", "built_with_cuda", "torch"]
+try:  # Triton twins (torch.ops.qops_triton.*): only where triton is installed
+    from .triton import quant_noise as _triton_quant_noise  # noqa: E402,F401
+except ImportError:  # pragma: no cover - triton is optional
+    pass
+
+__all__ = ["cpu_isa", "set_cpu_isa", "cpu_features", "built_with_cuda", "quant_noise", "torch"]

@@ -10,6 +10,305 @@ from __future__ import annotations
 import torch
 
 
+def _per_channel_axis(x: torch.Tensor, axis: int) -> int:
+    if not -x.dim() <= axis < x.dim():
+        raise RuntimeError(f"axis: {axis} is out of range for a tensor with {x.dim()} dimensions")
+    return axis % x.dim()
+
+
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """LSQ fake quantization (Esser et al., "Learned Step Size Quantization", ICLR 2020) as torch's
+    built-ins compute it: ``torch._fake_quantize_learnable_per_tensor_affine`` for ``axis == -1``
+    (``scale`` / ``zero_point`` with one element), ``..._per_channel_affine`` along ``axis`` otherwise
+    (other negative axes count from the end; the last axis per channel is ``x.dim() - 1``).
+
+    y = (clamp(zp + round(x * (1/s)), quant_min, quant_max) - zp) * s with round half to even and
+    zp = clamp(round(zero_point)). float16/bfloat16 inputs are computed in float32 and rounded back.
+    """
+    dtype = x.dtype
+    xf = x.float()
+    s = scale.detach().float().reshape(-1)
+    z = zero_point.detach().float().reshape(-1)
+    if axis == -1:
+        y = torch._fake_quantize_learnable_per_tensor_affine(xf, s, z, quant_min, quant_max, grad_factor)
+    else:
+        axis = _per_channel_axis(x, axis)
+        y = torch._fake_quantize_learnable_per_channel_affine(
+            xf, s, z, axis, quant_min, quant_max, grad_factor
+        )
+    return y.to(dtype)
+
+
+def fake_quant_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_scale, grad_zero_point) of :func:`fake_quant` as torch's built-in backward ops compute
+    them (``torch.ops.aten._fake_quantize_learnable_per_{tensor,channel}_affine_backward``).
+
+    Two quirks of the built-ins are corrected so that the reference states the intended semantics:
+    an empty ``x`` gives zero grad_scale / grad_zero_point (the per-tensor built-in returns scale and
+    zero_point themselves), and a 1-D ``x`` per channel gives one gradient per channel (the per-channel
+    built-in sums over no dimension, which torch reads as "all dimensions"). Gradients come back in the
+    dtypes and shapes of ``x``, ``scale`` and ``zero_point``.
+    """
+    gf = grad.float()
+    xf = x.float()
+    s = scale.detach().float().reshape(-1)
+    z = zero_point.detach().float().reshape(-1)
+    if x.numel() == 0:
+        dx = torch.zeros_like(xf)
+        ds, dz = torch.zeros_like(s), torch.zeros_like(z)
+    elif axis == -1:
+        dx, ds, dz = torch.ops.aten._fake_quantize_learnable_per_tensor_affine_backward(
+            gf, xf, s, z, quant_min, quant_max, grad_factor
+        )
+    else:
+        axis = _per_channel_axis(x, axis)
+        if x.dim() == 1:
+            gf, xf = gf.unsqueeze(1), xf.unsqueeze(1)
+        dx, ds, dz = torch.ops.aten._fake_quantize_learnable_per_channel_affine_backward(
+            gf, xf, s, z, axis, quant_min, quant_max, grad_factor
+        )
+        dx = dx.reshape(x.shape)
+    return (
+        dx.to(x.dtype),
+        ds.reshape(scale.shape).to(scale.dtype),
+        dz.reshape(zero_point.shape).to(zero_point.dtype),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# quant_noise: Philox4x32-10 noise, bit for bit as csrc/include/qops/philox.h defines it.
+# uint32 arithmetic is emulated on int64 tensors (values kept in [0, 2^32)); float32 arithmetic is
+# torch's, which rounds every + - * / sqrt correctly; the fused multiply-adds of the header are
+# emulated exactly (fma_f32), so the reference reproduces the kernels' floats exactly.
+
+_U32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+NOISE_DISTS = ("gaussian", "uniform")
+QUANT_NOISE_STREAM = 0  # the stream word of torch.ops.qops.quant_noise (philox.h kQuantNoiseStream)
+
+
+def _mulhilo32(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of the 64-bit product m * a, a an int64 tensor in [0, 2^32).
+    m is split into 16-bit halves so that no partial product leaves int64."""
+    p_lo = a * (m & 0xFFFF)  # < 2^48
+    p_hi = a * (m >> 16)  # < 2^48; the product is p_hi * 2^16 + p_lo
+    t = p_lo + ((p_hi & 0xFFFF) << 16)  # low 48 bits, with carry
+    return (p_hi >> 16) + (t >> 32), t & _U32
+
+
+def philox4x32_10(counter: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """Random123's Philox4x32-10 block function. counter: int64 tensor [..., 4] of uint32 words;
+    key: two uint32 words. Returns the four output words as int64 [..., 4] in [0, 2^32)."""
+    c0, c1, c2, c3 = (counter[..., i].to(torch.int64) & _U32 for i in range(4))
+    k0, k1 = key[0] & _U32, key[1] & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_WEYL[0]) & _U32
+        k1 = (k1 + _PHILOX_WEYL[1]) & _U32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def philox_bits(seed: int, stream: int, groups: torch.Tensor) -> torch.Tensor:
+    """The raw words [..., 4] of the given groups (elements 4g..4g+3): key = the seed's two 32-bit
+    halves (two's complement), counter = (g low, g high, stream, 0)."""
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    g = groups.to(torch.int64)
+    counter = torch.stack([g & _U32, g >> 32, torch.full_like(g, stream & _U32), torch.zeros_like(g)], dim=-1)
+    return philox4x32_10(counter, (s & _U32, s >> 32))
+
+
+def fma_f32(a, b, c) -> torch.Tensor:
+    """Correctly rounded float32 a*b + c (one rounding), like fmaf / __fmaf_rn / tl.fma.
+    The product is exact in float64; the float64 sum is made round-to-odd (exact error by TwoSum),
+    which rounds correctly to float32 afterwards (53 >= 2*24 + 2 bits)."""
+    a, b, c = (torch.as_tensor(v, dtype=torch.float32).to(torch.float64) for v in (a, b, c))
+    p = a * b
+    s = p + c
+    bv = s - p
+    err = (p - (s - bv)) + (c - bv)
+    bits = s.view(torch.int64)
+    even = (bits & 1) == 0
+    away = (s > 0) == (err > 0)  # the exact value lies farther from zero than s
+    bits = torch.where((err != 0) & even, bits + torch.where(away, 1, -1), bits)
+    return bits.view(torch.float64).to(torch.float32)
+
+
+def sqrt_f32(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root (IEEE sqrtf, __fsqrt_rn, tl.sqrt_rn). torch.sqrt on
+    float32 CPU tensors is not always correctly rounded (about 1 in 30 results is 1 ulp off), so
+    round the float64 root and correct it by comparing x with the squares of the midpoints to the
+    neighbouring floats (exact in float64: a midpoint has 25 significant bits)."""
+    xd = x.to(torch.float64)
+    r = torch.sqrt(xd).to(torch.float32)
+    up = torch.nextafter(r, torch.tensor(float("inf")))
+    down = torch.nextafter(r, torch.tensor(0.0))
+    mid_up = (r.double() + up.double()) * 0.5
+    mid_down = (r.double() + down.double()) * 0.5
+    r = torch.where(mid_up * mid_up <= xd, up, r)
+    return torch.where((r > 0) & (mid_down * mid_down > xd), down, r)
+
+
+def div_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 a / b: the float64 quotient rounds correctly to float32
+    (53 >= 2*24 + 2), whatever torch's float32 division kernel does."""
+    return (a.to(torch.float64) / b.to(torch.float64)).to(torch.float32)
+
+
+_F = float.fromhex
+_LN = [
+    _F("0x1.745d18p-3"),
+    _F("0x1.c71c72p-3"),
+    _F("0x1.24924ap-2"),
+    _F("0x1.99999ap-2"),
+    _F("0x1.555556p-1"),
+]
+_LN2_HI, _LN2_LO = _F("0x1.62e4p-1"), _F("0x1.7f7d1cp-20")
+_SIN = [
+    _F("0x1.507834p-13"),
+    _F("-0x1.32d2ccp-8"),
+    _F("0x1.466bc6p-4"),
+    _F("-0x1.4abbcep-1"),
+    _F("0x1.921fb6p+0"),
+]
+_COS = [
+    _F("-0x1.a6d1f2p-16"),
+    _F("0x1.e1f506p-11"),
+    _F("-0x1.55d3c8p-6"),
+    _F("0x1.03c1f0p-2"),
+    _F("-0x1.3bd3ccp+0"),
+]
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _philox_unit(w: torch.Tensor) -> torch.Tensor:
+    """u(w) = ((w >> 8) | 1) * 2^-24 in (0, 1), exact."""
+    return ((w >> 8) | 1).to(torch.float32) * _F("0x1p-24")
+
+
+def _philox_log(u: torch.Tensor) -> torch.Tensor:
+    """ln u as philox_log in philox.h: u = 2^e m, m in [2/3, 4/3), 2 atanh((m-1)/(m+1))."""
+    ix = u.view(torch.int32).to(torch.int64)
+    e = (ix - 0x3F2AAAAB) >> 23
+    m = (ix - e * (1 << 23)).to(torch.int32).view(torch.float32)
+    f = m - 1.0
+    s = div_f32(f, f + 2.0)
+    z = s * s
+    p = fma_f32(_f32(_LN[0]), z, _f32(_LN[1]))
+    for coef in _LN[2:]:
+        p = fma_f32(p, z, _f32(coef))
+    ln_m = fma_f32(s * z, p, s + s)
+    ef = e.to(torch.float32)
+    return fma_f32(ef, _f32(_LN2_HI), fma_f32(ef, _f32(_LN2_LO), ln_m))
+
+
+def _philox_sincos_turn(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin)(2 pi u(w)) as philox_sincos_turn in philox.h."""
+    a = (w >> 8) | 1
+    q = (a + (1 << 21)) >> 22
+    r = (a - (q << 22)).to(torch.float32) * _F("0x1p-22")
+    x2 = r * r
+    ps = fma_f32(_f32(_SIN[0]), x2, _f32(_SIN[1]))
+    for coef in _SIN[2:]:
+        ps = fma_f32(ps, x2, _f32(coef))
+    sn = r * ps
+    pc = fma_f32(_f32(_COS[0]), x2, _f32(_COS[1]))
+    for coef in _COS[2:]:
+        pc = fma_f32(pc, x2, _f32(coef))
+    cs = fma_f32(pc, x2, _f32(1.0))
+    swap = (q & 1) != 0
+    c = torch.where(swap, sn, cs)
+    s = torch.where(swap, cs, sn)
+    return torch.where(((q + 1) & 2) != 0, -c, c), torch.where((q & 2) != 0, -s, s)
+
+
+def philox_noise(
+    numel: int, seed: int, stream: int = QUANT_NOISE_STREAM, dist: str = "gaussian", offset: int = 0
+) -> torch.Tensor:
+    """eps of the elements offset .. offset+numel-1 of (seed, stream) as float32 [numel]: the noise
+    quant_noise adds (before scaling by delta/2). Gaussian: Box-Muller on the word pairs (0, 1) and
+    (2, 3) of each group of four elements; uniform: 2u - 1 per word. csrc/include/qops/philox.h has
+    the exact definition."""
+    if dist not in NOISE_DISTS:
+        raise ValueError(f"dist: expected one of {NOISE_DISTS}, got {dist!r}")
+    first, last = offset // 4, (offset + numel + 3) // 4
+    r = philox_bits(seed, stream, torch.arange(first, last, dtype=torch.int64))
+    if dist == "uniform":
+        eps = ((r >> 8) | 1).to(torch.float32) * _F("0x1p-23") - 1.0
+    else:
+        z = []
+        for pair in (0, 2):
+            radius = sqrt_f32(-2.0 * _philox_log(_philox_unit(r[:, pair])))
+            c, s = _philox_sincos_turn(r[:, pair + 1])
+            z += [radius * c, radius * s]
+        eps = torch.stack(z, dim=-1)
+    start = offset - 4 * first
+    return eps.reshape(-1)[start : start + numel]
+
+
+def quant_noise(
+    x: torch.Tensor,
+    bits: int,
+    seed: int,
+    axis: int = -1,
+    dist: str = "gaussian",
+    *,
+    stream: int = QUANT_NOISE_STREAM,
+) -> torch.Tensor:
+    """Quantization noise (QuantNAS, arXiv:2210.17512): y = x + delta * eps / 2 with
+    delta = (max - min) / (2^bits - 1) over the tensor (axis = -1) or per index of `axis`, eps ~ N(0, 1)
+    or U(-1, 1) from philox_noise(x.numel(), seed, stream, dist) in x's logical row-major order.
+    delta = 0 leaves x unchanged. Computed in float32 (float64 for float64 x) and rounded to x's dtype.
+    `stream` is not part of the op: it lets other references (mixed_quant_conv, mode "noise")
+    reproduce kernels that draw from other streams of the same seed."""
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.detach().to(device="cpu", dtype=acc)
+    if x.numel() == 0:
+        return x.detach().clone()
+    if axis == -1:
+        lo, hi = torch.aminmax(xf)
+    else:
+        ax = axis % x.dim()
+        moved = xf.movedim(ax, 0).reshape(x.shape[ax], -1)
+        lo, hi = torch.aminmax(moved, dim=1)
+        view = [1] * x.dim()
+        view[ax] = x.shape[ax]
+        lo, hi = lo.view(view), hi.view(view)
+    levels = torch.tensor(2**bits - 1, dtype=acc)
+    half_delta = (div_f32(hi - lo, levels) if acc == torch.float32 else (hi - lo) / levels) * 0.5
+    eps = philox_noise(x.numel(), seed, stream, dist).view(x.shape)
+    if acc == torch.float32:
+        y = fma_f32(half_delta.expand(x.shape), eps, xf)
+    else:  # float64: not fused, so within an ulp of the kernels' fma
+        y = half_delta * eps.to(acc) + xf
+    y = torch.where(half_delta == 0, xf, y)
+    return y.to(device=x.device, dtype=x.dtype)
+
+
 def mixed_quant_conv(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -35,27 +334,28 @@ def mixed_quant_conv(
 
     with FQ the LSQ fake quantization (torch's learnable fake quantize, zero point 0), weights signed
     [-2^(b-1), 2^(b-1)-1], activations [0, 2^b-1] (or signed), bits 0 = full precision, "same" padding
-    dilation*(k-1)/2 per side. mode "noise" replaces each FQ by quant_noise with the per-stream seeds of
-    :func:`mixed_quant_conv_noise_seeds`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum
+    dilation*(k-1)/2 per side. mode "noise" replaces each FQ by :func:`quant_noise` (gaussian) of the
+    call's seed on the streams of :func:`mixed_quant_conv_noise_streams`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum
     to those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks
     use as the baseline.
     """
     if mode not in ("quant", "noise"):
         raise RuntimeError(f'mode: expected "quant" or "noise", got "{mode}"')
-    a_seeds, w_seeds = mixed_quant_conv_noise_seeds(seed, len(weights), len(w_bits), len(a_bits))
+    a_streams, w_streams = mixed_quant_conv_noise_streams(len(weights), len(w_bits), len(a_bits))
 
-    def fq(t, scale, bits, signed, stream_seed):
+    def fq(t, scale, bits, signed, stream):
         if bits == 0:
             return t
         if mode == "noise":
-            return torch.ops.qops.quant_noise(t, bits, stream_seed)
+            # The kernels add noise without differentiating through the range: identity gradient.
+            return t + (quant_noise(t, bits, seed, stream=stream) - t).detach()
         qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
         zero_point = torch.zeros(1, dtype=torch.float32, device=t.device)
         return torch._fake_quantize_learnable_per_tensor_affine(
             t, scale.reshape(1), zero_point, qmin, qmax, 1.0
         )
 
-    xq = [fq(x, a_scales[j], b, a_signed, a_seeds[j]) for j, b in enumerate(a_bits)]
+    xq = [fq(x, a_scales[j], b, a_signed, a_streams[j]) for j, b in enumerate(a_bits)]
     y = None
     for o, w in enumerate(weights):
         d = dilations[o]
@@ -66,7 +366,7 @@ def mixed_quant_conv(
                 if terms is not None and not terms[o][i][j]:
                     continue
                 if wq is None:
-                    wq = fq(w, w_scales[o, i], wb, True, w_seeds[o][i])
+                    wq = fq(w, w_scales[o, i], wb, True, w_streams[o][i])
                 term = probs[o, i, j] * torch.nn.functional.conv2d(
                     xq[j], wq, None, stride, padding, d, groups[o]
                 )
@@ -79,25 +379,11 @@ def mixed_quant_conv(
     return y
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def mixed_quant_conv_noise_seeds(seed: int, n_ops: int, n_w_bits: int, n_a_bits: int):
-    """The quant_noise seeds of mixed_quant_conv's noise mode (csrc/include/qops/mixed_quant_conv.h,
-    mqc_stream_seed): stream s of a call with seed `seed` uses splitmix64(seed + s) as a non-negative
-    int63, with s = j for activation variant j and s = n_a_bits + o * n_w_bits + i for weight o at
-    weight bit-width i. Returns (a_seeds[j], w_seeds[o][i])."""
-
-    def stream(s: int) -> int:
-        return _splitmix64((seed + s) & _MASK64) >> 1
-
-    a_seeds = [stream(j) for j in range(n_a_bits)]
-    w_seeds = [[stream(n_a_bits + o * n_w_bits + i) for i in range(n_w_bits)] for o in range(n_ops)]
-    return a_seeds, w_seeds
+def mixed_quant_conv_noise_streams(n_ops: int, n_w_bits: int, n_a_bits: int):
+    """Philox streams (csrc/include/qops/philox.h) of mixed_quant_conv's noise mode: every noise tensor of a
+    call draws from the call's seed on its own stream, 1 + j for activation variant j and
+    1 + n_a_bits + o * n_w_bits + i for weight o at weight bit-width i (stream 0 is quant_noise's own;
+    csrc/include/qops/mixed_quant_conv.h, mqc_noise_stream). Returns (a_streams[j], w_streams[o][i])."""
+    a_streams = [1 + j for j in range(n_a_bits)]
+    w_streams = [[1 + n_a_bits + o * n_w_bits + i for i in range(n_w_bits)] for o in range(n_ops)]
+    return a_streams, w_streams

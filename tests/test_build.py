@@ -43,7 +43,9 @@ def test_env_caps_isa_in_a_fresh_process():
     out = subprocess.run(
         [sys.executable, "-c", "import qops; print(qops.cpu_isa())"],
         env={**__import__("os").environ, "QOPS_CPU_ISA": "DEFAULT"},
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == "DEFAULT"
 
@@ -58,7 +60,9 @@ def test_no_wide_vector_code_outside_isa_namespaces():
     if shutil.which("objdump") is None:
         pytest.skip("objdump not found")
     so = qops._C.__file__
-    dis = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True).stdout
+    dis = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", so], capture_output=True, text=True
+    ).stdout
     bad = set()
     func = None
     for line in dis.splitlines():

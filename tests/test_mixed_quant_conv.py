@@ -263,12 +263,90 @@ def test_backward_output_mask_skips_unneeded():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# noise mode
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ["onednn", "nnpack"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_noise_matches_reference(monkeypatch, engine, layout):
+    monkeypatch.setenv("QOPS_MQC_ENGINE", engine)
+    args, leaves = make_case(POOL[:6], [0, 3, 8], [2, 0, 8], layout=layout, seed=5)
+    y = mixed_quant_conv(*args, mode="noise", seed=1234)
+    y_ref = reference(*args, mode="noise", seed=1234)
+    assert rel_err(y, y_ref) <= FWD_TOL
+    gy = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, leaves, gy)
+    grads_ref = torch.autograd.grad(y_ref, leaves, gy, allow_unused=True)
+    for a, b in zip(grads, grads_ref, strict=True):
+        if b is None:  # scales: unused in noise mode
+            assert a.abs().max() == 0
+        else:
+            assert rel_err(a, b) <= GRAD_TOL
+
+
+def _identity_layer(x, a_bits, mode="noise", seed=0):
+    """A 1x1 identity convolution at full-precision weights: y = sum_j probs[j] * noisy_j(x)."""
+    c = x.shape[1]
+    w = torch.eye(c).view(c, c, 1, 1)
+    probs = torch.full((1, 1, len(a_bits)), 1.0 / len(a_bits))
+    return mixed_quant_conv(
+        x,
+        [w],
+        probs,
+        [0],
+        a_bits,
+        torch.ones(1, 1),
+        torch.ones(len(a_bits)),
+        False,
+        [1],
+        [1],
+        1,
+        None,
+        mode,
+        seed,
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_noise_statistics(bits):
+    """y - x = delta/2 * eps with eps ~ N(0, 1), delta = (max - min) / (2^bits - 1) over x."""
+    x = torch.rand(4, 8, 32, 32) * 3 - 1
+    y = _identity_layer(x, [bits], seed=7)
+    eps = (y - x) / (((x.max() - x.min()) / (2**bits - 1)) / 2)
+    assert abs(eps.mean().item()) < 0.02
+    assert abs(eps.std().item() - 1) < 0.02
+    assert abs((eps.abs() < 1).float().mean().item() - 0.6827) < 0.01
+
+
+def test_noise_determinism_and_streams():
+    x = torch.randn(2, 4, 9, 9)
+    y1 = _identity_layer(x, [4], seed=3)
+    assert torch.equal(y1, _identity_layer(x, [4], seed=3))  # same seed, same noise
+    assert not torch.equal(y1, _identity_layer(x, [4], seed=4))  # another seed, other noise
+    # Two variants with the same bit-width draw from different streams: their average has less noise.
+    y2 = _identity_layer(x, [4, 4], seed=3)
+    assert not torch.equal(y2, y1)
+    ratio = (y2 - x).std() / (y1 - x).std()
+    assert abs(ratio.item() - 0.5**0.5) < 0.05
+    # quant_noise draws stream 0 of the same seed: variant 0 (stream 1) is independent of it.
+    assert not torch.equal(y1, qops.quant_noise(x, 4, 3))
+
+
+def test_noise_ignores_scales():
+    args, _ = make_case(POOL[:2], [4], [4], seed=0)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    args[5] = -torch.ones(2, 1)  # would be rejected in quant mode
+    y = torch.ops.qops.mixed_quant_conv(*args, "noise", 0)
+    assert torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # torch.library.opcheck and torch.compile
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["quant", "noise"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_opcheck(layout):
+def test_opcheck(layout, mode):
     args, _ = make_case([(3, 3, 1, 1), (1, 3, 3, 1)], [0, 4], [2, 8], stride=2, layout=layout, seed=11)
-    torch.library.opcheck(torch.ops.qops.mixed_quant_conv.default, args)
+    torch.library.opcheck(torch.ops.qops.mixed_quant_conv.default, (*args, mode, 5))
     x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = args
     ho, wo = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
     grad = torch.randn(x.shape[0], weights[0].shape[0], ho, wo)
@@ -290,8 +368,8 @@ def test_opcheck(layout):
             dilations,
             stride,
             True,
-            "quant",
-            0,
+            mode,
+            5,
             mask,
         )
         torch.library.opcheck(torch.ops.qops.mixed_quant_conv_backward.default, bargs)
@@ -376,6 +454,20 @@ def test_module_compiles():
     assert rel_err(y, m(x)) <= FWD_TOL
     y.sum().backward()
     assert m.alphas.grad is not None and m.weights[2].grad is not None
+
+
+def test_module_noise_fused_equals_naive():
+    torch.manual_seed(0)
+    fused = MixedQuantConv2d(6, 6, BASIC, mode="noise", impl="fused")
+    naive = MixedQuantConv2d(6, 6, BASIC, mode="noise", impl="naive")
+    naive.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 6, 8, 8)
+    y_f, y_n = fused(x, seed=11), naive(x, seed=11)
+    assert rel_err(y_f, y_n) <= FWD_TOL
+    torch.manual_seed(5)
+    y_a = fused(x)
+    torch.manual_seed(5)
+    assert torch.equal(y_a, fused(x))  # the drawn seed follows torch's generator
 
 
 def test_module_state_dict_round_trip():

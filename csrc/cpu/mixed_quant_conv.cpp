@@ -161,6 +161,8 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
 
   a.plan = mqc_plan(a.cands.data(), static_cast<int>(a.n_ops), a.cin, a.cout, a.n_a, plan_mode());
   a.cb = a.cin / a.plan.channel_blocks;
+  // Noise mode on the CPU writes xq plane by plane (NCHW), where the noise's logical order runs contiguously.
+  if (a.noise && x.is_cpu()) a.xq_channels_last = false;
   const int engine = x.is_cpu() ? engine_mode() : 1;
   for (int g = 0; g < a.plan.n_groups && engine != 1; ++g) {
     const MqcConvGroup& grp = a.plan.group[g];
@@ -178,9 +180,10 @@ std::vector<int64_t> group_padding(const MqcConvGroup& g) {
   return {g.dilation * (g.kh - 1) / 2, g.dilation * (g.kw - 1) / 2};
 }
 
-at::Tensor layout_for_kernels(const at::Tensor& x) {
-  // The activation kernels read NCHW- or NHWC-contiguous x; anything else is made NCHW once.
-  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+at::Tensor layout_for_kernels(const Args& a, const at::Tensor& x) {
+  // The activation kernels read NCHW- or NHWC-contiguous x; anything else is made NCHW once. Noise mode
+  // reads NCHW only: its noise follows the logical (NCHW) order, which then runs contiguously.
+  if (x.is_contiguous() || (!a.noise && x.is_contiguous(at::MemoryFormat::ChannelsLast))) return x;
   return x.contiguous();
 }
 
@@ -239,7 +242,7 @@ at::Tensor activation_variants(const Args& a, const Kernels& k, const at::Tensor
 at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::TensorList weights,
                    const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales,
                    const std::optional<at::Tensor>& bias) {
-  const at::Tensor x = layout_for_kernels(x_in);
+  const at::Tensor x = layout_for_kernels(a, x_in);
   const at::Tensor xq = activation_variants(a, k, x, a_scales);
   at::Tensor y;
   for (int g = 0; g < a.plan.n_groups; ++g) {
@@ -264,7 +267,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   const bool need_data = mask[0] || mask[4];
   const bool need_weight = mask[1] || mask[2] || mask[3];
   const bool need_bias = mask[5] && a.has_bias;
-  const at::Tensor x = layout_for_kernels(x_in);
+  const at::Tensor x = layout_for_kernels(a, x_in);
   const auto opts = x.options();
   // Outputs that were not asked for come back as (distinct) empty tensors.
   auto empty = [&] { return at::empty({0}, opts); };
@@ -316,6 +319,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
       gxq = gxq.contiguous(a.xq_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
     RECORD_FUNCTION("mixed_quant_conv::act_backward", {});
     k.act_backward(a, x, a_scales, gxq, gx, ga);
+    // grad x in x's own layout, as the fake kernel promises (differs only where noise mode made x NCHW).
+    if (is_nhwc(x_in) && !is_nhwc(gx)) gx = gx.contiguous(at::MemoryFormat::ChannelsLast);
     if (!mask[0]) gx = empty();
     if (!mask[4]) ga = empty();
   }
@@ -346,7 +351,20 @@ MqcActVariants act_variants(const Args& a, const at::Tensor& x, const at::Tensor
   MqcActVariants v;
   v.n = static_cast<int>(a.n_a);
   v.noise = a.noise;
-  TORCH_CHECK(!a.noise, "mode: \"noise\" is not available yet (it needs quant_noise's Philox stream)");
+  v.seed = a.seed;
+  if (a.noise) {
+    float lo = 0.f, hi = 0.f;
+    if (x.numel() != 0) {
+      const auto [mn, mx] = at::aminmax(x);
+      lo = mn.item<float>();
+      hi = mx.item<float>();
+    }
+    for (int j = 0; j < v.n; ++j) {
+      v.bits[j] = static_cast<int>(a.a_bits[j]);
+      if (v.bits[j] != 0) v.half_delta[j] = qops::mqc_half_delta(lo, hi, v.bits[j]);
+    }
+    return v;
+  }
   const at::Tensor s = a_scales.contiguous();
   const float* sp = s.data_ptr<float>();
   for (int j = 0; j < v.n; ++j) {
@@ -356,7 +374,6 @@ MqcActVariants act_variants(const Args& a, const at::Tensor& x, const at::Tensor
     v.inv_scale[j] = 1.0f / sp[j];
     qops::mqc_range(v.bits[j], a.a_signed, &v.qmin[j], &v.qmax[j]);
   }
-  (void)x;
   return v;
 }
 
@@ -391,11 +408,26 @@ void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_sc
 // that, and much more when the cores are shared.
 constexpr int64_t kSerialWork = int64_t{1} << 18;
 
-std::vector<qops::MqcWeightQuant> weight_quants(const Args& a, const at::Tensor& w_scales) {
-  TORCH_CHECK(!a.noise, "mode: \"noise\" is not available yet (it needs quant_noise's Philox stream)");
+std::vector<qops::MqcWeightQuant> weight_quants(const Args& a, at::TensorList weights, const at::Tensor& w_scales) {
+  std::vector<qops::MqcWeightQuant> q(static_cast<size_t>(a.n_ops * a.n_w));
+  if (a.noise) {
+    for (int64_t o = 0; o < a.n_ops; ++o) {
+      const auto [mn, mx] = at::aminmax(weights[o]);
+      const float lo = mn.item<float>(), hi = mx.item<float>();
+      for (int64_t i = 0; i < a.n_w; ++i) {
+        qops::MqcWeightQuant& e = q[o * a.n_w + i];
+        e.bits = static_cast<int>(a.w_bits[i]);
+        if (e.bits == 0) continue;
+        e.noise = true;
+        e.half_delta = qops::mqc_half_delta(lo, hi, e.bits);
+        e.seed = a.seed;
+        e.stream = qops::mqc_weight_stream(a.n_a, a.n_w, o, i);
+      }
+    }
+    return q;
+  }
   const at::Tensor s = w_scales.contiguous();
   const float* sp = s.data_ptr<float>();
-  std::vector<qops::MqcWeightQuant> q(static_cast<size_t>(a.n_ops * a.n_w));
   for (int64_t o = 0; o < a.n_ops; ++o) {
     for (int64_t i = 0; i < a.n_w; ++i) {
       qops::MqcWeightQuant& e = q[o * a.n_w + i];
@@ -430,7 +462,7 @@ void init_job(WeightJob& wj, const Args& a, int g, at::TensorList weights, const
               const at::Tensor& w_scales) {
   const qops::MqcConvGroup& grp = a.plan.group[g];
   qops::MqcWeightJob& job = wj.job;
-  wj.quant = weight_quants(a, w_scales);
+  wj.quant = weight_quants(a, weights, w_scales);
   wj.xch = xq_channels(a);
   wj.keep.push_back(probs.contiguous());
   job.cin = a.cin;

@@ -107,9 +107,9 @@ def _act_backward_kernel(
         quant = tl.load(quant_ptr + j) != 0
         inv = 1.0 / s
         q = _round_half_even(xv * inv)
-        below = q < qmin
+        below = ~(q >= qmin)  # NaN counts as below, as in qops' fake_quant_math.h
         above = q > qmax
-        ds = tl.where(below, g * qmin, tl.where(above, g * qmax, g * (q * s - xv) * inv))
+        ds = tl.where(below, g * qmin, tl.where(above, g * qmax, g * tl.fma(q, s, -xv) * inv))
         gsum += tl.where(quant & (below | above), 0.0, g)
         tl.store(part_ptr + pid * N_A + j, tl.sum(tl.where(quant & m, ds, 0.0), axis=0))
     tl.store(gx_ptr + e, gsum, mask=m)

@@ -51,7 +51,8 @@ struct Simd {
   static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
-  static M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
+  static M nge(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_NGE_UQ); }
   static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M lor(M a, M b) { return static_cast<M>(a | b); }
   static F select(M m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
@@ -77,7 +78,8 @@ struct Simd {
   static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
-  static M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }
+  static M nge(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_NGE_UQ); }
   static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M lor(M a, M b) { return _mm256_or_ps(a, b); }
   static F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
@@ -98,7 +100,8 @@ struct Simd {
   static F round(F a) { return std::nearbyint(a); }
   static F min(F a, F b) { return std::fmin(a, b); }
   static F max(F a, F b) { return std::fmax(a, b); }
-  static M lt(F a, F b) { return a < b; }
+  static F fmsub(F a, F b, F c) { return std::fma(a, b, -c); }
+  static M nge(F a, F b) { return !(a >= b); }
   static M gt(F a, F b) { return a > b; }
   static M lor(M a, M b) { return a || b; }
   static F select(M m, F if_true, F if_false) { return m ? if_true : if_false; }
@@ -111,7 +114,22 @@ constexpr int64_t kW = Simd::kWidth;
 constexpr int64_t kTile = 8;  // pixels per NCHW tile (one 8x8 transpose wide)
 
 // ---- noise mode ------------------------------------------------------------------------------------------
-// TODO(quant-noise): x + half_delta * eps(seed, index) once csrc/include/qops/philox.h lands on main.
+// dst[k] = mqc_noisy(x[k], half_delta, seed, stream, first + k) for k < len: Philox groups of four elements
+// where the logical indices allow (philox_normal4), single elements at the ends. The same bits as quant_noise.
+inline void noise_span(const float* x, float* dst, int64_t len, int64_t first, float half_delta, int64_t seed,
+                       uint32_t stream) {
+  if (half_delta == 0.f) {
+    std::copy(x, x + len, dst);
+    return;
+  }
+  int64_t k = 0;
+  for (; k < len && ((first + k) & 3) != 0; ++k) dst[k] = mqc_noisy(x[k], half_delta, seed, stream, first + k);
+  for (; k + 4 <= len; k += 4) {
+    const Float4 eps = philox_normal4(seed, stream, static_cast<uint64_t>(first + k) >> 2);
+    for (int l = 0; l < 4; ++l) dst[k + l] = std::fma(half_delta, eps.v[l], x[k + l]);
+  }
+  for (; k < len; ++k) dst[k] = mqc_noisy(x[k], half_delta, seed, stream, first + k);
+}
 
 // One pixel's C channels -> its n_a * C channels of xq.
 inline void forward_pixel(const float* xp, float* out, const MqcActVariants& v, int64_t C, int64_t cb) {
@@ -153,10 +171,11 @@ inline void backward_span(const float* xp, const float* g0, int64_t g_stride, fl
       }
       const F inv = Simd::set1(v.inv_scale[j]), scale = Simd::set1(v.scale[j]);
       const F qmin = Simd::set1(v.qmin[j]), qmax = Simd::set1(v.qmax[j]);
+      // As qops::fq_backward: q = rint(x / s) (one rounding), NaN counts as below, y - x = fma(q, s, -x).
       const F q = Simd::round(Simd::mul(xs, inv));
-      const auto below = Simd::lt(q, qmin);
+      const auto below = Simd::nge(q, qmin);
       const auto above = Simd::gt(q, qmax);
-      F ds = Simd::mul(Simd::mul(g, Simd::sub(Simd::mul(q, scale), xs)), inv);
+      F ds = Simd::mul(Simd::mul(g, Simd::fmsub(q, scale, xs)), inv);
       ds = Simd::select(below, Simd::mul(g, qmin), ds);
       ds = Simd::select(above, Simd::mul(g, qmax), ds);
       acc[j] = Simd::add(acc[j], ds);
@@ -224,6 +243,12 @@ void mqc_act_forward(const float* x, bool channels_last, int64_t N, int64_t C, i
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / C, c = u % C;
         for (int64_t j = 0; j < v.n; ++j) {
+          if (v.noise && v.bits[j] != 0) {
+            // Plane u of x holds the logical (NCHW) indices u * HW .. u * HW + HW - 1.
+            noise_span(x + u * HW, xq + (n * ctot + mqc_xq_channel(j, c, v.n, cb)) * HW, HW, u * HW, v.half_delta[j],
+                       v.seed, mqc_act_stream(j));
+            continue;
+          }
           one.n = 1;
           one.bits[0] = v.bits[j];
           one.scale[0] = v.scale[j];
@@ -316,8 +341,11 @@ void mqc_act_backward(const float* x, bool channels_last, int64_t N, int64_t C, 
 // ---- the weight passes (small tensors; the host splits output channels into tasks) -----------------------
 namespace {
 
-inline float weight_value(const MqcWeightQuant& e, float w) {
-  return e.bits == 0 ? w : fq_forward(w, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax);
+// Weight element `index` (logical, in its candidate's kernel) at weight bit-width e.
+inline float weight_value(const MqcWeightQuant& e, float w, int64_t index) {
+  if (e.bits == 0) return w;
+  if (e.noise) return mqc_noisy(w, e.half_delta, e.seed, e.stream, static_cast<uint64_t>(index));
+  return fq_forward(w, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax);
 }
 
 }  // namespace
@@ -341,8 +369,9 @@ void mqc_merge_weight_rows(const MqcWeightJob& job, int64_t co_begin, int64_t co
         const int64_t* xch = job.xch + c0 + cil;
         for (int64_t th = 0; th < mb.kh; ++th) {
           for (int64_t tw = 0; tw < mb.kw; ++tw) {
-            const float wv = w[(cil * mb.kh + th) * mb.kw + tw];
-            for (int64_t i = 0; i < n_w; ++i) q[i] = weight_value(wq[i], wv);
+            const int64_t idx = (cil * mb.kh + th) * mb.kw + tw;
+            const float wv = w[idx];
+            for (int64_t i = 0; i < n_w; ++i) q[i] = weight_value(wq[i], wv, co * cin_o * mb.kh * mb.kw + idx);
             int64_t row, col;
             mqc_tap_position(th, tw, mb.kh, mb.kw, mb.ratio, job.kh, job.kw, &row, &col);
             float* dst = job.wg + co * job.s0 + row * job.s2 + col * job.s3;
@@ -389,13 +418,13 @@ void mqc_weight_backward_units(const MqcWeightJob& job, int64_t u_begin, int64_t
           float gsum = 0.f;
           for (int64_t i = 0; i < n_w; ++i) {
             const MqcWeightQuant& e = wq[i];
-            const float qi = weight_value(e, wv);
+            const float qi = weight_value(e, wv, co * row_len + idx);
             float gi = 0.f;
             for (int64_t j = 0; j < n_a; ++j) {
               acc_p[i * n_a + j] += gs[j] * qi;
               gi += pr[i * n_a + j] * gs[j];
             }
-            if (e.bits == 0) {
+            if (e.bits == 0 || e.noise) {  // noise: identity gradient, no scale
               gsum += gi;
             } else {
               const FqGrad fg = fq_backward(wv, gi, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax, 1.f);

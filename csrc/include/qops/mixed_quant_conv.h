@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "qops/fake_quant_math.h"
+#include "qops/philox.h"
 
 namespace qops {
 
@@ -43,34 +44,45 @@ QOPS_HD int64_t mqc_xq_channel(int64_t j, int64_t c, int64_t n_a, int64_t cb) {
   return (c / cb) * n_a * cb + j * cb + c % cb;
 }
 
-// Noise mode: the quant_noise seed of stream s (s = j for activation variant j, n_a + o * n_w + i for weight o
-// at weight bit-width i) of a call with `seed`: splitmix64(seed + s) >> 1, a non-negative int63, so that the
-// streams of one call, and of calls with neighbouring seeds, are unrelated. Mirrored in
-// qops/reference.py (mixed_quant_conv_noise_seeds).
-QOPS_HD int64_t mqc_stream_seed(int64_t seed, int64_t s) {
-  uint64_t z = static_cast<uint64_t>(seed) + static_cast<uint64_t>(s) + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<int64_t>(z >> 1);
+// Noise mode: each noise tensor of a call draws from the call's seed on its own Philox stream
+// (csrc/include/qops/philox.h; stream 0 is quant_noise's): 1 + j for activation variant j, 1 + n_a + o * n_w + i
+// for weight o at weight bit-width i. Element e of a tensor is its logical row-major index (NCHW for x,
+// [cout, cin/groups, kh, kw] for weights). Mirrored in qops/reference.py (mixed_quant_conv_noise_streams).
+QOPS_HD uint32_t mqc_act_stream(int64_t j) { return static_cast<uint32_t>(1 + j); }
+QOPS_HD uint32_t mqc_weight_stream(int64_t n_a, int64_t n_w, int64_t o, int64_t i) {
+  return static_cast<uint32_t>(1 + n_a + o * n_w + i);
+}
+
+// quant_noise's half step of a tensor with range [lo, hi] at `bits`: ((hi - lo) / (2^b - 1)) * 0.5, in float;
+// the noisy value is fma(half_delta, eps, v) (v itself when half_delta == 0), as quant_noise computes it.
+QOPS_HD float mqc_half_delta(float lo, float hi, int bits) {
+  return ((hi - lo) / static_cast<float>((1 << bits) - 1)) * 0.5f;
+}
+
+QOPS_HD float mqc_noisy(float v, float half_delta, int64_t seed, uint32_t stream, uint64_t index) {
+  return half_delta == 0.f ? v : philox_detail::fma32(half_delta, philox_normal(seed, stream, index), v);
 }
 
 // The activation variants as the CPU kernels take them (values read on the host): variant j is FQ with
 // scale[j] / inv_scale[j] = 1 / scale[j] and range [qmin[j], qmax[j]], bits[j] == 0 = identity; in noise mode
-// it is x + half_delta[j] * eps(seed[j], NCHW index of the element) instead.
+// it is mqc_noisy(x, half_delta[j], seed, mqc_act_stream(j), NCHW index of the element) instead.
 struct MqcActVariants {
   int n = 0;
   bool noise = false;
   int bits[kMqcMaxBits] = {};
   float scale[kMqcMaxBits] = {}, inv_scale[kMqcMaxBits] = {}, qmin[kMqcMaxBits] = {}, qmax[kMqcMaxBits] = {};
   float half_delta[kMqcMaxBits] = {};
-  int64_t seed[kMqcMaxBits] = {};
+  int64_t seed = 0;
 };
 
 // Weight bit-width i of candidate o as the CPU weight kernels take it (values read on the host).
 struct MqcWeightQuant {
   int bits = 0;  // 0: full precision
   float scale = 1.f, inv_scale = 1.f, qmin = 0.f, qmax = 0.f;
+  bool noise = false;  // noise mode: mqc_noisy(w, half_delta, seed, stream, index in w) instead of FQ
+  float half_delta = 0.f;
+  int64_t seed = 0;
+  uint32_t stream = 0;
 };
 
 // One conv group's weight work for the CPU kernels (csrc/cpu/kernels/mixed_quant_conv.cpp).

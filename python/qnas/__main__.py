@@ -1,0 +1,3 @@
+from qnas.cli import main
+
+main()

@@ -1,0 +1,260 @@
+"""The `qnas` command (also `python -m qnas`), built on click.
+
+Bad input raises qnas.errors.QnasError somewhere below; here it becomes one line on stderr and
+exit code 2, with the traceback only behind `--debug` (or QNAS_DEBUG=1). Subcommands are added to
+the `cli` group below, one function each.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from qnas.errors import QnasError
+
+_debug = {"on": os.environ.get("QNAS_DEBUG") == "1"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="qnas", prog_name="qnas")
+def cli(debug: bool) -> None:
+    """Quantization-friendly super-resolution: search (QuantNAS), strategy (DQSS), train (FQSR),
+    eval, cost, report, export, upscale."""
+    if debug:
+        _debug["on"] = True
+
+
+@cli.command("eval")
+@click.option(
+    "--model", "model_name", metavar="NAME", help="Upscaler to evaluate: 'bicubic' (MATLAB imresize)."
+)
+@click.option(
+    "--checkpoint",
+    metavar="RUN",
+    type=click.Path(path_type=str),
+    help="A run folder (or its model.pt) written by `qnas train`, `search`, `strategy`.",
+)
+@click.option(
+    "--data",
+    default="builtin",
+    show_default=True,
+    help="'builtin' (validation split), 'builtin:train', or a folder (plain images, DIV2K, HR/ + LR_bicubic/).",
+)
+@click.option(
+    "--scale", type=int, default=None, help="Upscaling factor: 2, 3 or 4 (a checkpoint knows its own)."
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option(
+    "--save-images",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    metavar="DIR",
+    help="Write each upscaled image to DIR/<name>.png.",
+)
+def eval_command(
+    model_name: str | None,
+    checkpoint: str | None,
+    data: str,
+    scale: int | None,
+    fmt: str,
+    save_images: str | None,
+) -> None:
+    """PSNR/SSIM (Y channel, scale-pixel border cropped, MATLAB protocol) per image and mean."""
+    import json
+
+    from qnas.data.datasets import check_scale, eval_dataset
+    from qnas.evaluate import bicubic_upscaler, evaluate, format_table
+
+    if (model_name is None) == (checkpoint is None):
+        raise click.UsageError("give exactly one of --model bicubic or --checkpoint RUN")
+    if checkpoint is not None:
+        from qnas.train.network import load_network, network_scale, network_upscaler
+
+        net, blob = load_network(checkpoint)
+        own = network_scale(blob["network"])
+        if scale is not None and scale != own:
+            raise QnasError(f"--scale {scale}: {checkpoint} is a x{own} network")
+        scale, upscale, label = own, network_upscaler(net), checkpoint
+    else:
+        if model_name != "bicubic":
+            raise QnasError(
+                f"unknown model {model_name!r} for eval: expected 'bicubic' (or use --checkpoint RUN)"
+            )
+        if scale is None:
+            raise click.UsageError("--scale is required with --model bicubic")
+        scale = check_scale(scale)
+        upscale, label = bicubic_upscaler(scale), model_name
+    dataset = eval_dataset(data, scale)
+    result = evaluate(upscale, dataset, scale, save_dir=save_images)
+    if fmt == "json":
+        click.echo(json.dumps({"model": label, "data": data, **result}, indent=2))
+    else:
+        where = f"{data} (validation split)" if data == "builtin" else data
+        title = f"{label} x{scale} on {where}: {len(dataset)} images, PSNR/SSIM on Y, {scale}-pixel border cropped"
+        click.echo(format_table(result, title))
+
+
+def _train_options(f):
+    """The options every training-like command shares (they define TrainOptions)."""
+    opts = [
+        click.option(
+            "--data", default="builtin", show_default=True, help="Training data ('builtin' = train split)."
+        ),
+        click.option("--steps", type=int, default=1500, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option(
+            "--patch-size", type=int, default=64, show_default=True, help="HR patch side in pixels."
+        ),
+        click.option("--lr", type=float, default=5e-4, show_default=True, help="Adam learning rate."),
+        click.option(
+            "--schedule",
+            type=click.Choice(["cosine", "step", "constant"]),
+            default="cosine",
+            show_default=True,
+        ),
+        click.option("--warmup-steps", type=int, default=0, show_default=True),
+        click.option(
+            "--ema", type=float, default=0.0, show_default=True, help="EMA decay of the weights (0 = off)."
+        ),
+        click.option(
+            "--grad-clip", type=float, default=0.0, show_default=True, help="Max gradient norm (0 = off)."
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--checkpoint-every", type=int, default=100, show_default=True),
+        click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@cli.command("train")
+@click.option("--model", "model_name", metavar="NAME", help="A registered SR model (see `qnas cost --help`).")
+@click.option(
+    "--model-args", default=None, metavar="JSON", help="Constructor overrides, e.g. '{\"n_resblocks\": 8}'."
+)
+@click.option("--scale", type=int, required=True, help="Upscaling factor: 2, 3 or 4.")
+@_train_options
+def train_command(model_name, model_args, scale, quiet, resume, out, **kw) -> None:
+    """Train an SR network (L1, Adam, cosine/step schedule); --resume continues a killed run exactly."""
+    import json
+
+    from qnas.sr import build_model, model_config
+    from qnas.train.train import TrainOptions, train
+
+    if model_name is None:
+        raise click.UsageError("give --model NAME")
+    try:
+        extra = json.loads(model_args) if model_args else {}
+    except json.JSONDecodeError as e:
+        raise QnasError(f"--model-args: not valid JSON ({e})") from e
+    if not isinstance(extra, dict):
+        raise QnasError("--model-args: expected a JSON object")
+    with torch_meta():
+        cfg = model_config(build_model(model_name, scale, **extra))
+    network = {"kind": "sr", "model": cfg}
+    summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
+    click.echo(
+        f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
+    )
+
+
+def torch_meta():
+    """Builds modules on the meta device: only to read a config, nothing is allocated."""
+    import torch
+
+    return torch.device("meta")
+
+
+@cli.command("cost")
+@click.option(
+    "--model",
+    "model_name",
+    metavar="NAME",
+    help="A registered model: edsr, edsr-baseline, srresnet, rfdn, rfdn-paper, rfdn-l (docs/models.md).",
+)
+@click.option(
+    "--arch",
+    "arch_file",
+    metavar="FILE",
+    help='A JSON model config {"model": NAME, "scale": S, "kwargs": {...}} (what a checkpoint stores). '
+    "QuantNAS genotype files are not accepted yet.",
+)
+@click.option(
+    "--scale", type=int, default=None, help="Upscaling factor 2, 3 or 4 (with --arch: taken from the file)."
+)
+@click.option("--lr-size", required=True, metavar="HxW", help="LR input size in pixels, e.g. 48x48 (or 48).")
+@click.option(
+    "--bits",
+    type=float,
+    default=None,
+    metavar="B",
+    help="Bit-width for the weights and activations of every conv/linear that does not set its own "
+    "w_bits/a_bits (default: 32, full precision).",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def cost_command(
+    model_name: str | None,
+    arch_file: str | None,
+    scale: int | None,
+    lr_size: str,
+    bits: float | None,
+    fmt: str,
+) -> None:
+    """Per-layer and total MACs, parameters, BitOps (MACs x b_w x b_a) and weight memory of a model
+    at an LR input size. The model is built on the meta device: nothing is computed or allocated."""
+    import torch
+
+    from qnas.cost import count_cost, parse_lr_size
+    from qnas.sr import build_from_config, build_model, read_model_config
+
+    if (model_name is None) == (arch_file is None):
+        raise QnasError("give exactly one of --model NAME or --arch FILE")
+    size = parse_lr_size(lr_size)
+    if bits is not None and not (1 <= bits <= 32):
+        raise QnasError(f"--bits {bits:g} is out of range (1..32)")
+    if bits is not None and bits.is_integer():
+        bits = int(bits)
+    with torch.device("meta"):
+        if arch_file is not None:
+            cfg = read_model_config(arch_file)
+            if scale is not None and cfg.get("scale") != scale:
+                raise QnasError(f"--scale {scale} differs from the scale {cfg.get('scale')!r} in {arch_file}")
+            try:
+                model = build_from_config(cfg)
+            except QnasError as e:
+                raise QnasError(f"{arch_file}: {e}") from e
+        else:
+            if scale is None:
+                raise QnasError("--scale is required with --model (2, 3 or 4)")
+            model = build_model(model_name, scale)
+    result = count_cost(model, size, bits)
+    click.echo(result.to_json() if fmt == "json" else result.format_table())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script; exit codes: 0 ok, 2 bad input or usage, 130 interrupted."""
+    try:
+        cli.main(args=argv, prog_name="qnas", standalone_mode=False)
+    except QnasError as e:
+        if _debug["on"]:
+            raise
+        print(f"qnas: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:  # usage errors: unknown option, bad value, missing argument
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("qnas: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

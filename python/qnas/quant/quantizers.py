@@ -1,0 +1,382 @@
+"""Uniform fake quantizers with different rules for the step size and its gradient.
+
+A quantizer maps x to s·clamp(round(x/s), qmin, qmax) (half-to-even rounding, zero point 0), where
+(qmin, qmax) = (−2^(b−1), 2^(b−1)−1) for signed tensors (weights, signed activations) and (0, 2^b−1)
+for unsigned ones. `axis` selects one step per index of that axis (per output channel for weights).
+The strategies (all usable for weights and for activations unless stated):
+
+- ``lsq``: learned step, LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020): init
+  2·mean|x|/√qmax, gradient scaled by 1/√(numel·qmax); runs on torch.ops.qops.fake_quant.
+- ``pact``: learned clipping value α (Choi et al., "PACT: Parameterized Clipping Activation for
+  Quantized Neural Networks", 2018): s = α/qmax, gradient to α only from clipped elements.
+- ``dorefa``: DoReFa-Net (Zhou et al., 2016): weights through tanh normalised to [−1, 1],
+  activations clipped to [−1, 1] or [0, 1]; no learned parameters.
+- ``hwgq``: half-wave Gaussian quantizer (Cai et al., "Deep Learning with Low Precision by
+  Half-wave Gaussian Quantization", CVPR 2017): the MSE-optimal uniform step for a (half-)Gaussian
+  of the tensor's standard deviation; activations only.
+- ``minmax``: s = max|x|/qmax.
+- ``percentile``: s = percentile(|x|, p)/qmax (p = 99.99 by default).
+- ``mse``: the clipping value on a grid in (0, max|x|] that minimizes ‖Q(x) − x‖².
+
+Statistics-based steps (minmax, percentile, mse, hwgq) are computed from the first batch seen
+and then tracked with an exponential moving average in training mode (`momentum`); `freeze()`
+stops tracking (post-training quantization calibrates, then freezes). All steps are kept as
+positive values; the straight-through estimator passes gradients to x inside the clipping range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qnas.errors import QnasError
+
+
+def quant_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-bit code, two's complement when signed."""
+    if not 1 <= int(bits) <= 16:
+        raise QnasError(f"bits: {bits} is outside 1..16")
+    if signed:
+        return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bits > 1 else (-1, 1)
+    return 0, 2**bits - 1
+
+
+def _reduce_dims(x: torch.Tensor, axis: int | None) -> list[int]:
+    return [d for d in range(x.dim()) if axis is None or d != axis % x.dim()]
+
+
+def _per_axis(v: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshapes a per-axis vector (or a scalar) so that it broadcasts against x."""
+    if axis is None:
+        return v.reshape([1] * x.dim()) if x.dim() else v.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return v.reshape(shape)
+
+
+def _amax(x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return x.detach().abs().amax().reshape(1)
+    return x.detach().abs().amax(dim=_reduce_dims(x, axis))
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class Quantizer(nn.Module):
+    """Base class: a uniform symmetric fake quantizer of `bits` bits (see module docstring)."""
+
+    strategy = "base"
+    weight_ok = True
+    activation_ok = True
+
+    def __init__(
+        self, bits: int, *, signed: bool, axis: int | None = None, channels: int = 1, momentum: float = 0.1
+    ):
+        super().__init__()
+        self.qmin, self.qmax = quant_range(bits, signed)
+        self.bits, self.signed, self.axis = int(bits), bool(signed), axis
+        self.momentum = float(momentum)
+        n = channels if axis is not None else 1
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self._channels = n
+
+    # Subclasses: `scale()` returns the current step (shape [n]); `_init(x)` sets it from data.
+    def scale(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _track(self, x: torch.Tensor) -> None:
+        """Statistics-based strategies update their step in training mode; learned ones do not."""
+
+    def freeze(self) -> None:
+        self.frozen.fill_(True)
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.axis is None else f"axis={self.axis}"
+        return f"bits={self.bits}, signed={self.signed}, {axis}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self._init(x)
+            self.initialized.fill_(True)
+        elif self.training and not bool(self.frozen):
+            with torch.no_grad():
+                self._track(x)
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization with the current step; gradients to x by the straight-through estimator."""
+        s = self.scale().detach()
+        if self.axis is None:
+            return torch.ops.qops.fake_quant(
+                x, s.reshape(1), torch.zeros(1, device=x.device), -1, self.qmin, self.qmax, 1.0
+            )
+        zp = torch.zeros_like(s)
+        return torch.ops.qops.fake_quant(x, s, zp, self.axis % x.dim(), self.qmin, self.qmax, 1.0)
+
+
+class _StatQuantizer(Quantizer):
+    """A step computed from statistics of the data (EMA in training mode), not learned."""
+
+    def __init__(self, bits: int, **kw):
+        super().__init__(bits, **kw)
+        self.register_buffer("step", torch.ones(self._channels))
+
+    def scale(self) -> torch.Tensor:
+        return self.step
+
+    def _clip(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _init(self, x: torch.Tensor) -> None:
+        self.step.copy_(self._clip(x).clamp_min(1e-8) / self.qmax)
+
+    def _track(self, x: torch.Tensor) -> None:
+        new = self._clip(x).clamp_min(1e-8) / self.qmax
+        self.step.mul_(1 - self.momentum).add_(new, alpha=self.momentum)
+
+
+class MinMaxQuantizer(_StatQuantizer):
+    strategy = "minmax"
+
+    def _clip(self, x):
+        return _amax(x, self.axis)
+
+
+class PercentileQuantizer(_StatQuantizer):
+    strategy = "percentile"
+
+    def __init__(self, bits: int, *, percentile: float = 99.99, **kw):
+        super().__init__(bits, **kw)
+        if not 0 < percentile <= 100:
+            raise QnasError(f"percentile: {percentile} is outside (0, 100]")
+        self.percentile = float(percentile)
+
+    def _clip(self, x):
+        a = x.detach().abs().float()
+        q = self.percentile / 100
+        if self.axis is None:
+            flat = a.reshape(-1)
+            # torch.quantile is limited to 2^24 elements: subsample deterministically beyond that.
+            if flat.numel() > 1 << 24:
+                flat = flat[:: flat.numel() // (1 << 24) + 1]
+            return torch.quantile(flat, q).reshape(1)
+        a = a.movedim(self.axis % x.dim(), 0).reshape(x.shape[self.axis], -1)
+        return torch.quantile(a, q, dim=1)
+
+
+class MSEQuantizer(_StatQuantizer):
+    """Clipping value minimizing the quantization MSE over `grid` candidates c·max|x|, c ∈ (0, 1]."""
+
+    strategy = "mse"
+
+    def __init__(self, bits: int, *, grid: int = 80, **kw):
+        super().__init__(bits, **kw)
+        self.grid = int(grid)
+
+    def _clip(self, x):
+        x = x.detach().float()
+        amax = _amax(x, self.axis).clamp_min(1e-8)
+        best_err, best = None, amax
+        for k in range(1, self.grid + 1):
+            clip = amax * (k / self.grid)
+            s = _per_axis(clip / self.qmax, x, self.axis)
+            err = ((torch.clamp(torch.round(x / s), self.qmin, self.qmax) * s - x) ** 2).sum(
+                dim=_reduce_dims(x, self.axis)
+            )
+            err = err.reshape(-1)
+            if best_err is None:
+                best_err, best = err, clip.clone()
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, clip, best)
+        return best
+
+
+class HWGQQuantizer(_StatQuantizer):
+    """Step = σ·Δ*(bits), Δ* the MSE-optimal uniform step for a unit (half-)Gaussian (Cai et al. 2017).
+
+    Unsigned activations see the half-wave case (x > 0 after ReLU): σ is the RMS of the positive
+    part and Δ* minimizes the error of a half-normal; signed ones use the full normal."""
+
+    strategy = "hwgq"
+    weight_ok = False
+
+    @staticmethod
+    def optimal_step(bits: int, signed: bool) -> float:
+        """Δ* for a unit Gaussian (signed) or half-Gaussian (unsigned), found numerically."""
+        return _optimal_gaussian_step(bits, signed)
+
+    def _clip(self, x):
+        x = x.detach().float()
+        dims = _reduce_dims(x, self.axis)
+        if self.signed:
+            sigma = x.pow(2).mean(dim=dims).sqrt()
+        else:
+            pos = x.clamp_min(0)
+            n = (x > 0).sum(dim=dims).clamp_min(1)
+            sigma = (pos.pow(2).sum(dim=dims) / n).sqrt()
+        return sigma.reshape(-1) * self.optimal_step(self.bits, self.signed) * self.qmax
+
+
+_GAUSS_STEP_CACHE: dict[tuple[int, bool], float] = {}
+
+
+def _optimal_gaussian_step(bits: int, signed: bool) -> float:
+    key = (bits, signed)
+    if key not in _GAUSS_STEP_CACHE:
+        from scipy import integrate, optimize, stats
+
+        qmin, qmax = quant_range(bits, signed)
+        lo = 0.0 if not signed else -12.0  # the half-wave case only sees x > 0 (ReLU)
+        pdf = stats.norm.pdf
+
+        def mse(step: float) -> float:
+            def err(x):
+                q = min(max(round(x / step), qmin), qmax) * step
+                return (x - q) ** 2 * pdf(x)
+
+            # Integrate piecewise between the rounding thresholds, where the integrand is smooth.
+            cuts = [(k + 0.5) * step for k in range(qmin, qmax) if lo < (k + 0.5) * step < 12.0]
+            edges = [lo, *cuts, 12.0]
+            return sum(integrate.quad(err, a, b)[0] for a, b in zip(edges[:-1], edges[1:], strict=True))
+
+        res = optimize.minimize_scalar(mse, bounds=(1e-3, 4.0), method="bounded", options={"xatol": 1e-6})
+        _GAUSS_STEP_CACHE[key] = float(res.x)
+    return _GAUSS_STEP_CACHE[key]
+
+
+class LSQQuantizer(Quantizer):
+    """Learned step size (Esser et al., ICLR 2020) on torch.ops.qops.fake_quant."""
+
+    strategy = "lsq"
+
+    def __init__(self, bits: int, **kw):
+        super().__init__(bits, **kw)
+        self.step = nn.Parameter(torch.ones(self._channels))
+
+    def scale(self) -> torch.Tensor:
+        return self.step
+
+    def _init(self, x: torch.Tensor) -> None:
+        mean_abs = x.detach().abs().mean(dim=_reduce_dims(x, self.axis)).reshape(-1)
+        self.step.data.copy_((2 * mean_abs / math.sqrt(max(self.qmax, 1))).clamp_min(1e-8))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        per_scale = x.numel() // self.step.numel()
+        grad_factor = 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
+        # LSQ keeps the step positive by construction of its gradient; guard against a step
+        # pushed through zero by a large learning rate.
+        s = self.step.abs().clamp_min(1e-8)
+        zp = torch.zeros_like(s)
+        axis = -1 if self.axis is None else self.axis % x.dim()
+        return torch.ops.qops.fake_quant(x, s, zp, axis, self.qmin, self.qmax, grad_factor)
+
+
+class PACTQuantizer(Quantizer):
+    """Learned clipping value α (Choi et al. 2018): y = s·round(clip(x)/s), s = α/qmax.
+
+    The gradient to α is 1 for x above α (and −1 below −α when signed), 0 inside: PACT's rule, which
+    differs from LSQ in ignoring the rounding error inside the range."""
+
+    strategy = "pact"
+
+    def __init__(self, bits: int, **kw):
+        super().__init__(bits, **kw)
+        self.alpha = nn.Parameter(torch.ones(self._channels))
+
+    def scale(self) -> torch.Tensor:
+        return self.alpha.detach().abs() / self.qmax
+
+    def _init(self, x: torch.Tensor) -> None:
+        self.alpha.data.copy_(_amax(x, self.axis).clamp_min(1e-8))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = _per_axis(self.alpha.abs().clamp_min(1e-8), x, self.axis)
+        lo = -alpha if self.signed else torch.zeros_like(alpha)
+        clipped = torch.minimum(torch.maximum(x, lo), alpha)
+        s = alpha.detach() / self.qmax
+        return _ste_round(clipped / s) * s
+
+
+class DoReFaQuantizer(Quantizer):
+    """DoReFa-Net (Zhou et al. 2016). Weights: w' = tanh(w)/max|tanh(w)| quantized on [−1, 1]
+    (signed) and rescaled by max|w| so the layer keeps its magnitude; activations: clipped to [0, 1]
+    (unsigned) or [−1, 1] (signed) and quantized there. No learned parameters."""
+
+    strategy = "dorefa"
+
+    def __init__(self, bits: int, *, weight: bool = False, **kw):
+        super().__init__(bits, **kw)
+        self.weight = bool(weight)
+        self.register_buffer("step", torch.full((self._channels,), 1.0 / max(self.qmax, 1)))
+
+    def scale(self) -> torch.Tensor:
+        return self.step
+
+    def _init(self, x: torch.Tensor) -> None:
+        pass
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = 1.0 / max(self.qmax, 1)
+        if self.weight:
+            t = torch.tanh(x)
+            tmax = _per_axis(_amax(t, self.axis).clamp_min(1e-8), x, self.axis)
+            mag = _per_axis(_amax(x, self.axis).clamp_min(1e-8), x, self.axis)
+            q = torch.clamp(_ste_round(t / tmax / s), self.qmin, self.qmax) * s
+            return q * mag
+        lo = -1.0 if self.signed else 0.0
+        return torch.clamp(_ste_round(torch.clamp(x, lo, 1.0) / s), self.qmin, self.qmax) * s
+
+
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    q.strategy: q
+    for q in (
+        LSQQuantizer,
+        PACTQuantizer,
+        DoReFaQuantizer,
+        HWGQQuantizer,
+        MinMaxQuantizer,
+        PercentileQuantizer,
+        MSEQuantizer,
+    )
+}
+
+
+def build_quantizer(
+    name: str,
+    bits: int,
+    *,
+    kind: str,
+    signed: bool | None = None,
+    channels: int = 1,
+    per_channel: bool = False,
+    **kw,
+) -> Quantizer:
+    """A quantizer by strategy name for `kind` "weight" (signed, per output channel when
+    `per_channel`) or "activation" (unsigned unless `signed`, per tensor)."""
+    if name not in QUANTIZERS:
+        raise QnasError(f"quantizer: unknown '{name}' (known: {', '.join(sorted(QUANTIZERS))})")
+    cls = QUANTIZERS[name]
+    if kind == "weight":
+        if not cls.weight_ok:
+            raise QnasError(f"quantizer: '{name}' quantizes activations only")
+        axis = 0 if per_channel else None
+        extra = {"weight": True} if cls is DoReFaQuantizer else {}
+        return cls(
+            bits, signed=True if signed is None else signed, axis=axis, channels=channels, **extra, **kw
+        )
+    if kind == "activation":
+        if not cls.activation_ok:
+            raise QnasError(f"quantizer: '{name}' quantizes weights only")
+        return cls(bits, signed=bool(signed), axis=None, **kw)
+    raise QnasError(f"kind: expected 'weight' or 'activation', got {kind!r}")

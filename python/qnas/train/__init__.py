@@ -1,0 +1,1 @@
+"""Training, search and post-training quantization loops, and the run folder they write."""

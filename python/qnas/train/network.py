@@ -1,0 +1,129 @@
+"""How a run's network is described, rebuilt and stored, whatever produced it.
+
+A network config is a JSON object with a "kind":
+- {"kind": "sr", "model": {"name", "scale", "kwargs"}}: a registered SR model (qnas.sr), optionally
+  with "quant": {...} for a quantized variant (added by the quantization code that registers it);
+- other kinds ("genotype" for a QuantNAS-derived network, ...) are registered by the code that
+  defines them with `register_network_kind`.
+model.pt = {"format": MODEL_FORMAT, "network": network config, "model": state_dict, "train": {...}}:
+everything needed to rebuild and evaluate the network without the command line that trained it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qnas.errors import CheckpointError, QnasError
+
+MODEL_FORMAT = "qnas-model/1"
+
+_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def register_network_kind(kind: str, builder: Callable[[dict], nn.Module]) -> None:
+    """Makes build_network({"kind": kind, ...}) call builder(config)."""
+    _BUILDERS[kind] = builder
+
+
+def _build_sr(cfg: dict) -> nn.Module:
+    from qnas.sr import build_from_config
+
+    if "model" not in cfg:
+        raise QnasError('network config of kind "sr" needs "model"')
+    quant = cfg.get("quant")
+    if quant:
+        from qnas.quant.apply import quantize_network  # registered by the quantization code
+
+        return quantize_network(build_from_config(cfg["model"]), quant)
+    return build_from_config(cfg["model"])
+
+
+register_network_kind("sr", _build_sr)
+
+
+def build_network(cfg: dict) -> nn.Module:
+    """Rebuilds a network from its config (see module docstring)."""
+    if not isinstance(cfg, dict) or "kind" not in cfg:
+        raise QnasError('a network config must be a JSON object with a "kind"')
+    kind = cfg["kind"]
+    if kind not in _BUILDERS:
+        _load_plugins()
+    if kind not in _BUILDERS:
+        raise QnasError(f"network kind {kind!r} is unknown (known: {', '.join(sorted(_BUILDERS))})")
+    return _BUILDERS[kind](cfg)
+
+
+def _load_plugins() -> None:
+    """Imports the modules that register further network kinds (they are optional at import time)."""
+    import importlib
+
+    for mod in ("qnas.nas.derive",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # the module itself, not something it imports, is absent
+            if e.name != mod:
+                raise
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """A run folder's model.pt, or the given file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+        if not p.exists():
+            raise CheckpointError(
+                f"{path}: no model.pt (did the run finish? `qnas train --resume` continues it)"
+            )
+    return p
+
+
+def load_network(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """(network with its trained weights, in eval mode; the whole model.pt dict) from a run folder or
+    a model.pt file. Every failure is a one-line CheckpointError naming the file."""
+    from qnas.train.run import load_torch_file
+
+    p = model_file(path)
+    blob = load_torch_file(p, "model file")
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT or "network" not in blob:
+        raise CheckpointError(f"{p}: not a qnas model file (expected format {MODEL_FORMAT})")
+    net = build_network(blob["network"])
+    try:
+        net.load_state_dict(blob["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{p}: weights do not match the network it describes ({first[:160]})") from e
+    net.eval()
+    return net, blob
+
+
+def model_blob(network_cfg: dict, model: nn.Module, **extra: Any) -> dict:
+    return {"format": MODEL_FORMAT, "network": network_cfg, "model": model.state_dict(), **extra}
+
+
+def network_scale(cfg: dict) -> int:
+    """The upscaling factor of a network config."""
+    if "scale" in cfg:
+        return int(cfg["scale"])
+    if isinstance(cfg.get("model"), dict) and "scale" in cfg["model"]:
+        return int(cfg["model"]["scale"])
+    raise QnasError("network config has no scale")
+
+
+def network_upscaler(net: nn.Module):
+    """An upscale_fn for qnas.evaluate.evaluate: LR [1,3,h,w] in [0,1] -> SR clamped to [0,1]."""
+    import torch
+
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    net = net.to(memory_format=torch.channels_last)  # oneDNN's fast path on CPU
+
+    def upscale(lr):
+        with torch.inference_mode():
+            x = lr.to(device).contiguous(memory_format=torch.channels_last)
+            return net(x).clamp_(0, 1).contiguous().cpu()
+
+    return upscale
