@@ -28,9 +28,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Value of x under activation variant j (quant mode).
-__device__ __forceinline__ float act_value(const MqcCudaActs& v, int j, float xv) {
+// Value of x element `index` (logical NCHW) under activation variant j.
+__device__ __forceinline__ float act_value(const MqcCudaActs& v, int j, float xv, int64_t index) {
   if (v.bits[j] == 0) return xv;
+  if (v.noise) {
+    const float hd = mqc_half_delta(v.minmax[0], v.minmax[1], v.bits[j]);
+    return mqc_noisy(xv, hd, v.seed, mqc_act_stream(j), static_cast<uint64_t>(index));
+  }
   const float s = v.scales[j];
   return fq_forward(xv, s, 1.0f / s, 0.f, v.qmin[j], v.qmax[j]);
 }
@@ -42,8 +46,9 @@ __global__ void act_forward_kernel(const float* __restrict__ x, bool channels_la
     const int64_t k = e % ctot, p = e / ctot;  // xq channel, pixel (n, h, w)
     const int64_t blk = k / (v.n * cb), j = (k % (v.n * cb)) / cb, c = blk * cb + k % cb;
     const int64_t n = p / (H * W), hw = p % (H * W);
-    const float xv = channels_last ? x[p * C + c] : x[(n * C + c) * H * W + hw];
-    xq[e] = act_value(v, static_cast<int>(j), xv);
+    const int64_t logical = (n * C + c) * H * W + hw;
+    const float xv = channels_last ? x[p * C + c] : x[logical];
+    xq[e] = act_value(v, static_cast<int>(j), xv, logical);
   }
 }
 
@@ -84,10 +89,15 @@ __global__ void act_backward_kernel(const float* __restrict__ x, bool channels_l
   }
 }
 
-// Weight value of candidate m (row o of probs) at weight bit-width i.
-__device__ __forceinline__ float weight_value(const MqcCudaWeights& p, int64_t o, int i, float wv) {
+// Element `index` of candidate `cand`'s kernel at weight bit-width i.
+__device__ __forceinline__ float weight_value(const MqcCudaWeights& p, const MqcCudaCand& cand, int i, float wv,
+                                              int64_t index) {
   if (p.bits[i] == 0) return wv;
-  const float s = p.w_scales[o * p.n_w + i];
+  if (p.noise) {
+    const float hd = mqc_half_delta(cand.minmax[0], cand.minmax[1], p.bits[i]);
+    return mqc_noisy(wv, hd, p.seed, mqc_weight_stream(p.n_a, p.n_w, cand.index, i), static_cast<uint64_t>(index));
+  }
+  const float s = p.w_scales[cand.index * p.n_w + i];
   return fq_forward(wv, s, 1.0f / s, 0.f, p.qmin[i], p.qmax[i]);
 }
 
@@ -108,9 +118,10 @@ __global__ void merge_weight_kernel(MqcCudaWeights p, MqcCudaGroup g, float* __r
       if (dr % cand.ratio != 0 || dc % cand.ratio != 0) continue;
       const int64_t th = dr / cand.ratio + (cand.kh - 1) / 2, tw = dc / cand.ratio + (cand.kw - 1) / 2;
       if (th < 0 || th >= cand.kh || tw < 0 || tw >= cand.kw) continue;
-      const float wv = cand.w[((co * cin_o + (c - (co / cout_o) * cin_o)) * cand.kh + th) * cand.kw + tw];
+      const int64_t wi = ((co * cin_o + (c - (co / cout_o) * cin_o)) * cand.kh + th) * cand.kw + tw;
+      const float wv = cand.w[wi];
       for (int i = 0; i < p.n_w; ++i)
-        acc += p.probs[(cand.index * p.n_w + i) * p.n_a + j] * weight_value(p, cand.index, i, wv);
+        acc += p.probs[(cand.index * p.n_w + i) * p.n_a + j] * weight_value(p, cand, i, wv, wi);
     }
     wg[e] = acc;
   }
@@ -140,7 +151,7 @@ __global__ void weight_backward_kernel(MqcCudaWeights p, MqcCudaGroup g, const f
     const float wv = cand.w[e];
     float g_sum = 0.f;
     for (int i = 0; i < p.n_w; ++i) {
-      const float qi = weight_value(p, o, i, wv);
+      const float qi = weight_value(p, cand, i, wv, e);
       float gi = 0.f;
       for (int j = 0; j < p.n_a; ++j) {
         acc_p[i * p.n_a + j] += gs[j] * qi;

@@ -17,7 +17,7 @@ struct MqcCudaActs {
   bool noise = false;
   int bits[kMqcMaxBits] = {};
   float qmin[kMqcMaxBits] = {}, qmax[kMqcMaxBits] = {};
-  int64_t seed[kMqcMaxBits] = {};  // noise mode: stream seed of variant j
+  int64_t seed = 0;                // noise mode: the call's seed (stream mqc_act_stream(j))
   const float* scales = nullptr;   // [n] device
   const float* minmax = nullptr;   // noise mode: device [2] = (min, max) of x
 };
@@ -43,7 +43,7 @@ struct MqcCudaWeights {
   bool noise = false;
   int bits[kMqcMaxBits] = {};
   float qmin[kMqcMaxBits] = {}, qmax[kMqcMaxBits] = {};
-  int64_t seed0 = 0;          // noise mode: the call's seed (stream n_a + o * n_w + i)
+  int64_t seed = 0;           // noise mode: the call's seed (stream mqc_weight_stream(n_a, n_w, o, i))
   const float* probs = nullptr;     // [n_ops, n_w, n_a] device
   const float* w_scales = nullptr;  // [n_ops, n_w] device
 };

@@ -1,6 +1,9 @@
 // CUDA registration of mixed_quant_conv: the orchestration shared with the CPU (qops::mqc::forward/backward
 // in csrc/cpu/mixed_quant_conv.cpp: cuDNN's convolution through ATen in between) with the CUDA kernels of
-// csrc/cuda/mixed_quant_conv.cu. Scale positivity is checked with one host sync per call, like the CPU.
+// csrc/cuda/mixed_quant_conv.cu. Scale positivity is checked with one host sync per call, like the CPU;
+// noise mode's ranges stay on the device.
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -26,14 +29,18 @@ void check_launch(cudaError_t err, const char* what) {
 
 bool is_nhwc(const at::Tensor& x) { return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
-void reject_noise(const Args& a) {
-  TORCH_CHECK(!a.noise, "mode: \"noise\" is not available yet on CUDA (it needs quant_noise's Philox stream)");
+// (min, max) of t as a device tensor [2] (noise mode's range; no host sync).
+at::Tensor device_minmax(const at::Tensor& t) {
+  const auto [mn, mx] = at::aminmax(t);
+  return at::stack({mn, mx});
 }
 
-qc::MqcCudaActs act_params(const Args& a, const at::Tensor& a_scales) {
+qc::MqcCudaActs act_params(const Args& a, const at::Tensor& a_scales, const at::Tensor& minmax) {
   qc::MqcCudaActs v;
   v.n = static_cast<int>(a.n_a);
   v.noise = a.noise;
+  v.seed = a.seed;
+  v.minmax = minmax.defined() ? minmax.data_ptr<float>() : nullptr;
   for (int j = 0; j < v.n; ++j) {
     v.bits[j] = static_cast<int>(a.a_bits[j]);
     if (v.bits[j] != 0) qops::mqc_range(v.bits[j], a.a_signed, &v.qmin[j], &v.qmax[j]);
@@ -43,18 +50,18 @@ qc::MqcCudaActs act_params(const Args& a, const at::Tensor& a_scales) {
 }
 
 void cuda_act_forward(const Args& a, const at::Tensor& x, const at::Tensor& a_scales, at::Tensor& xq) {
-  reject_noise(a);
   const at::Tensor s = a_scales.contiguous();
-  check_launch(qc::mqc_act_forward(x.data_ptr<float>(), is_nhwc(x), a.N, a.cin, a.H, a.W, act_params(a, s), a.cb,
+  const at::Tensor minmax = a.noise && x.numel() != 0 ? device_minmax(x) : at::Tensor();
+  check_launch(qc::mqc_act_forward(x.data_ptr<float>(), is_nhwc(x), a.N, a.cin, a.H, a.W, act_params(a, s, minmax), a.cb,
                                    xq.data_ptr<float>(), current_stream(x)),
                "act_forward");
 }
 
 void cuda_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_scales, const at::Tensor& gxq,
                        at::Tensor& gx, at::Tensor& ga) {
-  reject_noise(a);
   const at::Tensor s = a_scales.contiguous();
-  check_launch(qc::mqc_act_backward(x.data_ptr<float>(), is_nhwc(x), a.N, a.cin, a.H, a.W, act_params(a, s), a.cb,
+  check_launch(qc::mqc_act_backward(x.data_ptr<float>(), is_nhwc(x), a.N, a.cin, a.H, a.W,
+                                    act_params(a, s, at::Tensor()), a.cb,
                                     gxq.data_ptr<float>(), gx.data_ptr<float>(), ga.data_ptr<float>(),
                                     current_stream(x)),
                "act_backward");
@@ -68,7 +75,7 @@ qc::MqcCudaWeights weight_params(const Args& a, const at::Tensor& probs, const a
   p.n_a = a.n_a;
   p.cb = a.cb;
   p.noise = a.noise;
-  p.seed0 = a.seed;
+  p.seed = a.seed;
   for (int64_t i = 0; i < a.n_w; ++i) {
     p.bits[i] = static_cast<int>(a.w_bits[i]);
     if (p.bits[i] != 0) qops::mqc_range(p.bits[i], true, &p.qmin[i], &p.qmax[i]);
@@ -79,7 +86,7 @@ qc::MqcCudaWeights weight_params(const Args& a, const at::Tensor& probs, const a
 }
 
 qc::MqcCudaGroup group_params(const Args& a, int g, const std::vector<at::Tensor>& weights,
-                              std::vector<at::Tensor>* grad_weights) {
+                              const std::vector<at::Tensor>& minmax, std::vector<at::Tensor>* grad_weights) {
   const qops::MqcConvGroup& grp = a.plan.group[g];
   qc::MqcCudaGroup out;
   out.kh = grp.kh;
@@ -95,6 +102,7 @@ qc::MqcCudaGroup group_params(const Args& a, int g, const std::vector<at::Tensor
     c.groups = a.cands[o].groups;
     c.ratio = a.cands[o].dilation / grp.dilation;
     c.index = o;
+    c.minmax = a.noise ? minmax[o].data_ptr<float>() : nullptr;
   }
   return out;
 }
@@ -105,12 +113,19 @@ std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   return out;
 }
 
+std::vector<at::Tensor> weight_ranges(const Args& a, const std::vector<at::Tensor>& weights) {
+  std::vector<at::Tensor> out;
+  if (a.noise)
+    for (const at::Tensor& w : weights) out.push_back(device_minmax(w));
+  return out;
+}
+
 void cuda_merge_weight(const Args& a, int g, at::TensorList weights, const at::Tensor& probs,
                        const at::Tensor& w_scales, at::Tensor& wg) {
-  reject_noise(a);
   const std::vector<at::Tensor> wc = contiguous_all(weights);
+  const std::vector<at::Tensor> ranges = weight_ranges(a, wc);
   const at::Tensor pc = probs.contiguous(), sc = w_scales.contiguous();
-  check_launch(qc::mqc_merge_weight(weight_params(a, pc, sc), group_params(a, g, wc, nullptr), wg.data_ptr<float>(),
+  check_launch(qc::mqc_merge_weight(weight_params(a, pc, sc), group_params(a, g, wc, ranges, nullptr), wg.data_ptr<float>(),
                                     current_stream(wg)),
                "merge_weight");
 }
@@ -118,15 +133,15 @@ void cuda_merge_weight(const Args& a, int g, at::TensorList weights, const at::T
 void cuda_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::TensorList weights,
                           const at::Tensor& probs, const at::Tensor& w_scales, std::vector<at::Tensor>& grad_weights,
                           at::Tensor& grad_probs, at::Tensor& grad_w_scales) {
-  reject_noise(a);
   const std::vector<at::Tensor> wc = contiguous_all(weights);
+  const std::vector<at::Tensor> ranges = weight_ranges(a, wc);
   const at::Tensor pc = probs.contiguous(), sc = w_scales.contiguous();
   grad_probs.zero_();
   grad_w_scales.zero_();
   const qc::MqcCudaWeights p = weight_params(a, pc, sc);
   for (int g = 0; g < a.plan.n_groups; ++g) {
     const at::Tensor gwg = gw[g].contiguous(at::MemoryFormat::ChannelsLast);
-    check_launch(qc::mqc_weight_backward(p, group_params(a, g, wc, &grad_weights), gwg.data_ptr<float>(),
+    check_launch(qc::mqc_weight_backward(p, group_params(a, g, wc, ranges, &grad_weights), gwg.data_ptr<float>(),
                                          grad_probs.data_ptr<float>(), grad_w_scales.data_ptr<float>(),
                                          current_stream(gwg)),
                  "weight_backward");
