@@ -6,7 +6,8 @@ Layers (shared/DESIGN.md, issue 5):
             batch 16 of 48x48;
   rfdn:     c=48 -> 48, candidates 1x1, 3x3, 5x5, 3x3 with 3 groups, bits {4, 8} tied, batch 16 of 48x48.
 "fused" picks the convolution engine by the op's rule (NNPACK's FFT for the dense 5x5 window, stride 1),
-"fused-onednn" forces oneDNN for every convolution (QOPS_MQC_ENGINE). Each case runs on NCHW input (what a model hands over by default) and on channels-last input (what the
+"fused-onednn" forces oneDNN for every convolution (QOPS_MQC_ENGINE). A last group times noise mode (quantization noise instead of
+fake quantization), the naive loop calling torch.ops.qops.quant_noise per tensor. Each case runs on NCHW input (what a model hands over by default) and on channels-last input (what the
 fused op returns, so a stack of fused layers stays channels-last). Peak memory of one forward + backward
 (bytes allocated by torch above what existed before, from the profiler's allocation events) is in
 extra_info.peak_mb and in the report's table.
@@ -56,13 +57,50 @@ def _layer(name: str, channels_last: bool):
     return args, leaves, terms, macs
 
 
-def _step(impl, args, leaves, terms):
+def _naive_noise_loop(
+    x,
+    weights,
+    probs,
+    w_bits,
+    a_bits,
+    w_scales,
+    a_scales,
+    a_signed,
+    groups,
+    dilations,
+    stride,
+    bias,
+    terms,
+    seed=0,
+):
+    """The per-term loop of noise mode with torch.ops.qops.quant_noise (one seed per noise tensor; the same
+    statistics as the fused op's streams, other numbers), identity gradients."""
+
+    def noisy(t, bits, k):
+        return t if bits == 0 else t + (torch.ops.qops.quant_noise(t.detach(), bits, seed + k) - t).detach()
+
+    xq = [noisy(x, b, j) for j, b in enumerate(a_bits)]
+    y = 0
+    for o, w in enumerate(weights):
+        pad = (dilations[o] * (w.shape[2] - 1) // 2, dilations[o] * (w.shape[3] - 1) // 2)
+        for i, wb in enumerate(w_bits):
+            wq = noisy(w, wb, 100 + o * len(w_bits) + i)
+            for j in range(len(a_bits)):
+                if terms[o][i][j]:
+                    conv = torch.nn.functional.conv2d(xq[j], wq, None, stride, pad, dilations[o], groups[o])
+                    y = y + probs[o, i, j] * conv
+    return y + bias.reshape(1, -1, 1, 1)
+
+
+def _step(impl, args, leaves, terms, mode="quant"):
     for t in leaves:
         t.grad = None
-    if impl == "naive":
+    if impl == "naive" and mode == "noise":
+        y = _naive_noise_loop(*args, terms)
+    elif impl == "naive":
         y = naive_loop(*args, terms=terms)
     else:
-        y = fused(*args)
+        y = fused(*args, mode=mode)
     y.backward(torch.ones_like(y))
 
 
@@ -97,5 +135,21 @@ def test_mixed_quant_conv_fwd_bwd(bench, monkeypatch, layer, impl, layout):
         impl=f"{impl} ({layout})",
         baseline=(impl == "naive" and layout == "nchw"),
         ops=6 * macs,  # the naive terms' multiply-adds, forward + two backward convolutions
+        peak_mb=round(peak / 2**20, 1),
+    )
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused"])
+def test_mixed_quant_conv_noise_fwd_bwd(bench, impl):
+    """Noise mode (QuantNAS' search mode), the QuantNAS layer, NCHW input."""
+    args, leaves, terms, macs = _layer("quantnas", False)
+    _step(impl, args, leaves, terms, "noise")
+    peak = peak_bytes(lambda: _step(impl, args, leaves, terms, "noise"))
+    bench(
+        lambda: _step(impl, args, leaves, terms, "noise"),
+        group="mixed_quant_conv quantnas c=36 noise mode fwd+bwd",
+        impl=f"{impl} (nchw)",
+        baseline=impl == "naive",
+        ops=6 * macs,
         peak_mb=round(peak / 2**20, 1),
     )

@@ -30,6 +30,13 @@ QOPS_DECLARE_ISA_FN(void, mqc_act_backward,
                     (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
                      const qops::MqcActVariants& v, int64_t cb, const float* gxq, bool gxq_channels_last,
                      float* gx, double* unit_sums))
+// quant_noise's per-ISA passes (csrc/cpu/kernels/quant_noise.cpp, declared as in csrc/cpu/quant_noise.cpp): noise
+// mode draws its numbers through them, with the same (seed, stream, logical index) -> eps and fma as quant_noise.
+QOPS_DECLARE_ISA_FN(void, quant_noise_range_float,
+                    (const float* x, int64_t outer, int64_t channels, int64_t inner, float* lo, float* hi))
+QOPS_DECLARE_ISA_FN(void, quant_noise_apply_float,
+                    (const float* x, float* y, const float* half_delta, int64_t numel, int64_t channels,
+                     int64_t inner, int64_t seed, uint32_t stream, int dist))
 QOPS_DECLARE_ISA_FN(void, mqc_merge_weight_rows, (const qops::MqcWeightJob& job, int64_t co_begin, int64_t co_end))
 QOPS_DECLARE_ISA_FN(void, mqc_weight_backward_units, (const qops::MqcWeightJob& job, int64_t u_begin, int64_t u_end))
 
@@ -354,11 +361,7 @@ MqcActVariants act_variants(const Args& a, const at::Tensor& x, const at::Tensor
   v.seed = a.seed;
   if (a.noise) {
     float lo = 0.f, hi = 0.f;
-    if (x.numel() != 0) {
-      const auto [mn, mx] = at::aminmax(x);
-      lo = mn.item<float>();
-      hi = mx.item<float>();
-    }
+    if (x.numel() != 0) QOPS_CPU_DISPATCH(quant_noise_range_float, x.data_ptr<float>(), 1, 1, x.numel(), &lo, &hi);
     for (int j = 0; j < v.n; ++j) {
       v.bits[j] = static_cast<int>(a.a_bits[j]);
       if (v.bits[j] != 0) v.half_delta[j] = qops::mqc_half_delta(lo, hi, v.bits[j]);
@@ -377,9 +380,35 @@ MqcActVariants act_variants(const Args& a, const at::Tensor& x, const at::Tensor
   return v;
 }
 
+// Noise mode (x and xq NCHW): variant j is quant_noise's pass over all of x on stream 1 + j (its vectorized
+// Philox), then copied into xq's channel blocks.
+void cpu_act_forward_noise(const Args& a, const MqcActVariants& v, const at::Tensor& x, at::Tensor& xq) {
+  TORCH_CHECK(x.is_contiguous() && xq.is_contiguous(), "mixed_quant_conv: noise mode expects NCHW x and xq");
+  const int64_t numel = x.numel(), HW = a.H * a.W, ctot = a.n_a * a.cin, blocks = a.cin / a.cb;
+  const float* xp = x.data_ptr<float>();
+  float* out = xq.data_ptr<float>();
+  at::Tensor tmp = at::empty({numel}, x.options());
+  for (int64_t j = 0; j < a.n_a; ++j) {
+    const float* src = xp;
+    if (v.bits[j] != 0) {
+      QOPS_CPU_DISPATCH(quant_noise_apply_float, xp, tmp.data_ptr<float>(), &v.half_delta[j], numel, 1, numel, v.seed,
+                        qops::mqc_act_stream(j), static_cast<int>(qops::NoiseDist::kGaussian));
+      src = tmp.data_ptr<float>();
+    }
+    at::parallel_for(0, a.N * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t n = u / blocks, b = u % blocks;
+        const float* from = src + (n * a.cin + b * a.cb) * HW;
+        std::copy(from, from + a.cb * HW, out + (n * ctot + b * a.n_a * a.cb + j * a.cb) * HW);
+      }
+    });
+  }
+}
+
 void cpu_act_forward(const Args& a, const at::Tensor& x, const at::Tensor& a_scales, at::Tensor& xq) {
   const MqcActVariants v = act_variants(a, x, a_scales);
   if (x.numel() == 0) return;
+  if (a.noise) return cpu_act_forward_noise(a, v, x, xq);
   QOPS_CPU_DISPATCH(mqc_act_forward, x.data_ptr<float>(), qops::mqc::is_nhwc(x), a.N, a.cin, a.H, a.W, v, a.cb,
                     xq.data_ptr<float>(), a.xq_channels_last);
 }
@@ -408,20 +437,28 @@ void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_sc
 // that, and much more when the cores are shared.
 constexpr int64_t kSerialWork = int64_t{1} << 18;
 
-std::vector<qops::MqcWeightQuant> weight_quants(const Args& a, at::TensorList weights, const at::Tensor& w_scales) {
+// The weights at every bit-width; noise mode also fills `noisy` with each noisy candidate kernel (quant_noise's
+// pass over it on stream mqc_weight_stream, so its logical indices are the kernel's own).
+std::vector<qops::MqcWeightQuant> weight_quants(const Args& a, at::TensorList weights, const at::Tensor& w_scales,
+                                                std::vector<at::Tensor>* noisy) {
   std::vector<qops::MqcWeightQuant> q(static_cast<size_t>(a.n_ops * a.n_w));
   if (a.noise) {
     for (int64_t o = 0; o < a.n_ops; ++o) {
-      const auto [mn, mx] = at::aminmax(weights[o]);
-      const float lo = mn.item<float>(), hi = mx.item<float>();
+      const at::Tensor w = weights[o].contiguous();
+      float lo = 0.f, hi = 0.f;
+      QOPS_CPU_DISPATCH(quant_noise_range_float, w.data_ptr<float>(), 1, 1, w.numel(), &lo, &hi);
       for (int64_t i = 0; i < a.n_w; ++i) {
         qops::MqcWeightQuant& e = q[o * a.n_w + i];
         e.bits = static_cast<int>(a.w_bits[i]);
         if (e.bits == 0) continue;
         e.noise = true;
         e.half_delta = qops::mqc_half_delta(lo, hi, e.bits);
-        e.seed = a.seed;
-        e.stream = qops::mqc_weight_stream(a.n_a, a.n_w, o, i);
+        at::Tensor buf = at::empty_like(w);
+        QOPS_CPU_DISPATCH(quant_noise_apply_float, w.data_ptr<float>(), buf.data_ptr<float>(), &e.half_delta,
+                          w.numel(), 1, w.numel(), a.seed, qops::mqc_weight_stream(a.n_a, a.n_w, o, i),
+                          static_cast<int>(qops::NoiseDist::kGaussian));
+        e.noisy = buf.data_ptr<float>();
+        noisy->push_back(buf);
       }
     }
     return q;
@@ -462,7 +499,7 @@ void init_job(WeightJob& wj, const Args& a, int g, at::TensorList weights, const
               const at::Tensor& w_scales) {
   const qops::MqcConvGroup& grp = a.plan.group[g];
   qops::MqcWeightJob& job = wj.job;
-  wj.quant = weight_quants(a, weights, w_scales);
+  wj.quant = weight_quants(a, weights, w_scales, &wj.keep);
   wj.xch = xq_channels(a);
   wj.keep.push_back(probs.contiguous());
   job.cin = a.cin;

@@ -113,24 +113,6 @@ using F = Simd::F;
 constexpr int64_t kW = Simd::kWidth;
 constexpr int64_t kTile = 8;  // pixels per NCHW tile (one 8x8 transpose wide)
 
-// ---- noise mode ------------------------------------------------------------------------------------------
-// dst[k] = mqc_noisy(x[k], half_delta, seed, stream, first + k) for k < len: Philox groups of four elements
-// where the logical indices allow (philox_normal4), single elements at the ends. The same bits as quant_noise.
-inline void noise_span(const float* x, float* dst, int64_t len, int64_t first, float half_delta, int64_t seed,
-                       uint32_t stream) {
-  if (half_delta == 0.f) {
-    std::copy(x, x + len, dst);
-    return;
-  }
-  int64_t k = 0;
-  for (; k < len && ((first + k) & 3) != 0; ++k) dst[k] = mqc_noisy(x[k], half_delta, seed, stream, first + k);
-  for (; k + 4 <= len; k += 4) {
-    const Float4 eps = philox_normal4(seed, stream, static_cast<uint64_t>(first + k) >> 2);
-    for (int l = 0; l < 4; ++l) dst[k + l] = std::fma(half_delta, eps.v[l], x[k + l]);
-  }
-  for (; k < len; ++k) dst[k] = mqc_noisy(x[k], half_delta, seed, stream, first + k);
-}
-
 // One pixel's C channels -> its n_a * C channels of xq.
 inline void forward_pixel(const float* xp, float* out, const MqcActVariants& v, int64_t C, int64_t cb) {
   const int64_t n_a = v.n;
@@ -243,12 +225,6 @@ void mqc_act_forward(const float* x, bool channels_last, int64_t N, int64_t C, i
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / C, c = u % C;
         for (int64_t j = 0; j < v.n; ++j) {
-          if (v.noise && v.bits[j] != 0) {
-            // Plane u of x holds the logical (NCHW) indices u * HW .. u * HW + HW - 1.
-            noise_span(x + u * HW, xq + (n * ctot + mqc_xq_channel(j, c, v.n, cb)) * HW, HW, u * HW, v.half_delta[j],
-                       v.seed, mqc_act_stream(j));
-            continue;
-          }
           one.n = 1;
           one.bits[0] = v.bits[j];
           one.scale[0] = v.scale[j];
@@ -344,7 +320,7 @@ namespace {
 // Weight element `index` (logical, in its candidate's kernel) at weight bit-width e.
 inline float weight_value(const MqcWeightQuant& e, float w, int64_t index) {
   if (e.bits == 0) return w;
-  if (e.noise) return mqc_noisy(w, e.half_delta, e.seed, e.stream, static_cast<uint64_t>(index));
+  if (e.noise) return e.noisy[index];
   return fq_forward(w, e.scale, e.inv_scale, 0.f, e.qmin, e.qmax);
 }
 

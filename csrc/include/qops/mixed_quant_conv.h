@@ -79,10 +79,9 @@ struct MqcActVariants {
 struct MqcWeightQuant {
   int bits = 0;  // 0: full precision
   float scale = 1.f, inv_scale = 1.f, qmin = 0.f, qmax = 0.f;
-  bool noise = false;  // noise mode: mqc_noisy(w, half_delta, seed, stream, index in w) instead of FQ
+  bool noise = false;             // noise mode: noisy[index in the kernel] instead of FQ
   float half_delta = 0.f;
-  int64_t seed = 0;
-  uint32_t stream = 0;
+  const float* noisy = nullptr;   // the noisy kernel (quant_noise's pass, stream mqc_weight_stream)
 };
 
 // One conv group's weight work for the CPU kernels (csrc/cpu/kernels/mixed_quant_conv.cpp).
