@@ -383,7 +383,7 @@ def mixed_quant_conv_noise_streams(n_ops: int, n_w_bits: int, n_a_bits: int):
     """Philox streams (csrc/include/qops/philox.h) of mixed_quant_conv's noise mode: every noise tensor of a
     call draws from the call's seed on its own stream, 1 + j for activation variant j and
     1 + n_a_bits + o * n_w_bits + i for weight o at weight bit-width i (stream 0 is quant_noise's own;
-    csrc/include/qops/mixed_quant_conv.h, mqc_noise_stream). Returns (a_streams[j], w_streams[o][i])."""
+    csrc/include/qops/mixed_quant_conv.h, mqc_act_stream / mqc_weight_stream). Returns (a_streams[j], w_streams[o][i])."""
     a_streams = [1 + j for j in range(n_a_bits)]
     w_streams = [[1 + n_a_bits + o * n_w_bits + i for i in range(n_w_bits)] for o in range(n_ops)]
     return a_streams, w_streams

@@ -221,6 +221,19 @@ def test_output_layout_follows_x_and_is_deterministic(monkeypatch, engine):
         assert torch.equal(y1, y2)
 
 
+def test_channels_last_weights():
+    """Candidate kernels in channels-last memory: same values, gradients in the kernels' layout."""
+    args, leaves = make_case(POOL[:3], [4, 8], [4, 8], seed=9)
+    cl = [w.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for w in args[1]]
+    args = (args[0], cl, *args[2:])
+    leaves = [args[0], *cl, *leaves[1 + len(cl) :]]
+    check_against_reference(args, leaves)
+    y = mixed_quant_conv(*args)
+    grads = torch.autograd.grad(y.sum(), cl)
+    for g, w in zip(grads, cl, strict=True):
+        assert g.stride() == w.stride()
+
+
 def test_zero_batch():
     args, _ = make_case(POOL[:2], [4], [4], n=0, seed=0)
     y = mixed_quant_conv(*args)
