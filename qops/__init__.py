@@ -18,8 +18,8 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "(or `make install` in the repository)."
     ) from e
 
-from .mixed_quant_conv import mixed_quant_conv  # noqa: E402  (fake + autograd of the supernet op)
 from .fake_quant import fake_quant as fake_quant  # noqa: E402  (LSQ: torch.ops.qops.fake_quant)
+from .mixed_quant_conv import mixed_quant_conv  # noqa: E402  (fake + autograd of the supernet op)
 
 __version__ = "0.1.0"
 
@@ -51,4 +51,12 @@ try:  # Triton twins (torch.ops.qops_triton.*): only where triton is installed
 except ImportError:  # pragma: no cover - triton is optional
     pass
 
-__all__ = ["cpu_isa", "set_cpu_isa", "cpu_features", "built_with_cuda", "quant_noise", "mixed_quant_conv", "torch"]
+__all__ = [
+    "cpu_isa",
+    "set_cpu_isa",
+    "cpu_features",
+    "built_with_cuda",
+    "quant_noise",
+    "mixed_quant_conv",
+    "torch",
+]
