@@ -22,6 +22,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 # Python registrations (fake tensors, autograd) and the documented wrappers of each op.
 from . import packed  # noqa: E402,F401  (pack_weight, packed_conv2d, quantized_conv2d)
 from .fake_quant import fake_quant as fake_quant  # noqa: E402  (LSQ: torch.ops.qops.fake_quant)
+from .mixed_quant_conv import mixed_quant_conv  # noqa: E402  (fake + autograd of the supernet op)
 from .quant_noise import quant_noise  # noqa: E402  (fake + autograd of torch.ops.qops.quant_noise)
 
 __version__ = "0.1.0"
@@ -52,4 +53,13 @@ try:  # Triton twins (torch.ops.qops_triton.*): only where triton is installed
 except ImportError:  # pragma: no cover - triton is optional
     pass
 
-__all__ = ["cpu_isa", "set_cpu_isa", "cpu_features", "built_with_cuda", "fake_quant", "quant_noise", "torch"]
+__all__ = [
+    "cpu_isa",
+    "set_cpu_isa",
+    "cpu_features",
+    "built_with_cuda",
+    "fake_quant",
+    "quant_noise",
+    "mixed_quant_conv",
+    "torch",
+]
