@@ -138,26 +138,57 @@ def _train_options(f):
 @click.option(
     "--model-args", default=None, metavar="JSON", help="Constructor overrides, e.g. '{\"n_resblocks\": 8}'."
 )
-@click.option("--scale", type=int, required=True, help="Upscaling factor: 2, 3 or 4.")
+@click.option(
+    "--arch",
+    "arch_file",
+    metavar="FILE",
+    type=click.Path(path_type=str),
+    help="A QuantNAS genotype (RUN/genotype.json of `qnas search`, or `qnas genotype`): retrain the derived "
+    "network from scratch at its searched bits (LSQ per-channel weights, --act-quantizer activations).",
+)
+@click.option(
+    "--act-quantizer",
+    type=click.Choice(["hwgq", "lsq"]),
+    default="hwgq",
+    show_default=True,
+    help="Activation quantizer of a --arch network (QuantNAS retrains with HWGQ).",
+)
+@click.option(
+    "--scale", type=int, default=None, help="Upscaling factor: 2, 3 or 4 (with --arch: from the file)."
+)
 @_train_options
-def train_command(model_name, model_args, scale, quiet, resume, out, **kw) -> None:
+def train_command(model_name, model_args, arch_file, act_quantizer, scale, quiet, resume, out, **kw) -> None:
     """Train an SR network (L1, Adam, cosine/step schedule); --resume continues a killed run exactly."""
     import json
 
-    from qnas.sr import build_model, model_config
     from qnas.train.train import TrainOptions, train
 
-    if model_name is None:
-        raise click.UsageError("give --model NAME")
-    try:
-        extra = json.loads(model_args) if model_args else {}
-    except json.JSONDecodeError as e:
-        raise QnasError(f"--model-args: not valid JSON ({e})") from e
-    if not isinstance(extra, dict):
-        raise QnasError("--model-args: expected a JSON object")
-    with torch_meta():
-        cfg = model_config(build_model(model_name, scale, **extra))
-    network = {"kind": "sr", "model": cfg}
+    if (model_name is None) == (arch_file is None):
+        raise click.UsageError("give exactly one of --model NAME or --arch FILE")
+    if arch_file is not None:
+        from qnas.nas.derive import genotype_network_config, read_genotype
+
+        if model_args:
+            raise click.UsageError("--model-args applies to --model only")
+        genotype = read_genotype(arch_file)
+        if scale is not None and scale != genotype["scale"]:
+            raise QnasError(f"--scale {scale}: {arch_file} is a x{genotype['scale']} genotype")
+        scale = int(genotype["scale"])
+        network = genotype_network_config(genotype, act_quantizer)
+    else:
+        from qnas.sr import build_model, model_config
+
+        if scale is None:
+            raise click.UsageError("--scale is required with --model (2, 3 or 4)")
+        try:
+            extra = json.loads(model_args) if model_args else {}
+        except json.JSONDecodeError as e:
+            raise QnasError(f"--model-args: not valid JSON ({e})") from e
+        if not isinstance(extra, dict):
+            raise QnasError("--model-args: expected a JSON object")
+        with torch_meta():
+            cfg = model_config(build_model(model_name, scale, **extra))
+        network = {"kind": "sr", "model": cfg}
     summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
     click.echo(
         f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
@@ -182,8 +213,8 @@ def torch_meta():
     "--arch",
     "arch_file",
     metavar="FILE",
-    help='A JSON model config {"model": NAME, "scale": S, "kwargs": {...}} (what a checkpoint stores). '
-    "QuantNAS genotype files are not accepted yet.",
+    help='A JSON model config {"model": NAME, "scale": S, "kwargs": {...}} (what a checkpoint stores), '
+    "or a QuantNAS genotype (RUN/genotype.json): the derived network at its searched bits.",
 )
 @click.option(
     "--scale", type=int, default=None, help="Upscaling factor 2, 3 or 4 (with --arch: taken from the file)."
@@ -222,19 +253,203 @@ def cost_command(
         bits = int(bits)
     with torch.device("meta"):
         if arch_file is not None:
+            from qnas.nas.derive import DerivedNetwork, is_genotype, read_genotype
+
             cfg = read_model_config(arch_file)
             if scale is not None and cfg.get("scale") != scale:
                 raise QnasError(f"--scale {scale} differs from the scale {cfg.get('scale')!r} in {arch_file}")
-            try:
-                model = build_from_config(cfg)
-            except QnasError as e:
-                raise QnasError(f"{arch_file}: {e}") from e
+            if is_genotype(cfg):
+                model = DerivedNetwork(read_genotype(arch_file))
+            else:
+                try:
+                    model = build_from_config(cfg)
+                except QnasError as e:
+                    raise QnasError(f"{arch_file}: {e}") from e
         else:
             if scale is None:
                 raise QnasError("--scale is required with --model (2, 3 or 4)")
             model = build_model(model_name, scale)
     result = count_cost(model, size, bits)
     click.echo(result.to_json() if fmt == "json" else result.format_table())
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise QnasError(f"{option} {text!r}: expected comma-separated integers, e.g. 4,8") from None
+
+
+@cli.command("search")
+@click.option(
+    "--space",
+    default="basic",
+    show_default=True,
+    metavar="basic|rfdn|FILE",
+    help="A builtin search space or a space JSON file (docs/search_spaces.md).",
+)
+@click.option(
+    "--ops",
+    default=None,
+    metavar="OP,...",
+    help="Replace the space's default candidate ops (one op: a bits-only search on a fixed architecture).",
+)
+@click.option(
+    "--data", default="builtin", show_default=True, help="Training images (both splits come from them)."
+)
+@click.option("--scale", type=int, default=4, show_default=True, help="Upscaling factor: 2, 3 or 4.")
+@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--patch-size", type=int, default=96, show_default=True, help="HR patch side in pixels.")
+@click.option(
+    "--bits",
+    default="4,8",
+    show_default=True,
+    metavar="B,...",
+    help="Weight bit-widths (0 = full precision).",
+)
+@click.option("--a-bits", default=None, metavar="B,...", help="Activation bit-widths (default: --bits).")
+@click.option(
+    "--untie-bits", is_flag=True, help="Search weight and activation bits separately (default: tied)."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["noise", "quant"]),
+    default="noise",
+    show_default=True,
+    help="noise: quantization noise (QuantNAS); quant: LSQ fake quantization.",
+)
+@click.option(
+    "--impl",
+    type=click.Choice(["fused", "naive"]),
+    default="fused",
+    show_default=True,
+    help="fused: torch.ops.qops.mixed_quant_conv; naive: the per-candidate loop (baseline).",
+)
+@click.option("--no-adq", is_flag=True, help="Plain residuals instead of ADQ (ablation).")
+@click.option("--single-pass", is_flag=True, help="One forward-backward updates weights and alphas.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the weights.")
+@click.option(
+    "--alpha-lr", type=float, default=3e-4, show_default=True, help="Adam learning rate of the alphas."
+)
+@click.option("--grad-clip", type=float, default=5.0, show_default=True)
+@click.option("--entropy-coef", type=float, default=1e-3, show_default=True, help="Final entropy weight.")
+@click.option(
+    "--entropy-warmup",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="Fraction of the steps with no entropy term; it then grows linearly to --entropy-coef.",
+)
+@click.option(
+    "--penalty",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of the BitOps penalty (expected BitOps / their initial value).",
+)
+@click.option(
+    "--alpha-warmup",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of the steps that train the weights only.",
+)
+@click.option(
+    "--alpha-split",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction of the training images that train the alphas (the rest train the weights).",
+)
+@click.option(
+    "--lr-size", default="180x320", show_default=True, metavar="HxW", help="LR size BitOps are reported for."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def search_command(space, ops, bits, a_bits, untie_bits, no_adq, lr_size, out, resume, quiet, **kw) -> None:
+    """QuantNAS: search operations and bit-widths jointly; writes RUN/genotype.json and alpha plots."""
+    from qnas.cost import parse_lr_size
+    from qnas.nas.search import SearchOptions, search
+    from qnas.sr.common import check_scale
+
+    check_scale(kw["scale"])
+    opts = SearchOptions(
+        space=space,
+        ops=[o.strip() for o in ops.split(",") if o.strip()] if ops else None,
+        bits=_int_list(bits, "--bits"),
+        a_bits=_int_list(a_bits, "--a-bits"),
+        tie_bits=not untie_bits,
+        adq=not no_adq,
+        lr_size=list(parse_lr_size(lr_size)),
+        **kw,
+    )
+    summary = search(opts, out, resume=resume, progress=not quiet)
+    click.echo(
+        f"searched {summary['steps']} steps in {summary['seconds']:.0f} s: {summary['genotype']} "
+        f"({summary['bitops'] / 1e9:.2f} GBitOps at LR {opts.lr_size[0]}x{opts.lr_size[1]})"
+    )
+
+
+@cli.command("genotype")
+@click.option("--space", default="basic", show_default=True, metavar="basic|rfdn|FILE")
+@click.option("--scale", type=int, required=True, help="Upscaling factor: 2, 3 or 4.")
+@click.option("--op", required=True, metavar="OP", help="The op of every layer, e.g. conv3x3.")
+@click.option(
+    "--bits", type=int, required=True, metavar="B", help="Bits of every weight and activation (0 = fp)."
+)
+@click.option("--no-adq", is_flag=True, help="Plain residuals instead of ADQ.")
+@click.option("--lr-size", default="180x320", show_default=True, metavar="HxW")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Genotype JSON file to write.")
+def genotype_command(space, scale, op, bits, no_adq, lr_size, out) -> None:
+    """Write the genotype of a fixed architecture of a space (every layer one op, uniform bits): the
+    uniform-quantization baseline to retrain with `qnas train --arch`."""
+    import json
+
+    from qnas.cost import parse_lr_size
+    from qnas.nas.derive import genotype_cost, uniform_genotype
+    from qnas.spaces import load_space
+    from qnas.train.run import atomic_write_bytes
+
+    if bits != 0 and not 2 <= bits <= 8:
+        raise QnasError(f"--bits {bits}: expected 0 (full precision) or 2..8")
+    g = uniform_genotype(load_space(space), scale, op, bits, adq=not no_adq)
+    g["cost"] = genotype_cost(g, parse_lr_size(lr_size))
+    path = os.path.abspath(out)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(g, indent=2) + "\n").encode())
+    click.echo(
+        f"{out}: {g['space']['name']} x{scale}, every layer {op} at {bits} bits, {g['cost']['bitops'] / 1e9:.2f} GBitOps"
+    )
+
+
+@cli.command("report")
+@click.argument("runs", nargs=-1, metavar="RUN...")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=str), help="Folder for the report."
+)
+@click.option(
+    "--data", default="builtin", show_default=True, help="Evaluation images ('builtin': validation split)."
+)
+@click.option(
+    "--lr-size", default="180x320", show_default=True, metavar="HxW", help="LR size BitOps are counted for."
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def report_command(runs, out, data, lr_size, quiet) -> None:
+    """Compare trained runs (folders with model.pt) and 'bicubic': report.json, pareto.png (PSNR vs
+    BitOps), report.md."""
+    from qnas.cost import parse_lr_size
+    from qnas.nas.report import build_report, markdown_table
+
+    report = build_report(list(runs), out, data=data, lr_size=parse_lr_size(lr_size), progress=not quiet)
+    click.echo(markdown_table(report))
+    click.echo(f"\n{out}/report.json, {out}/pareto.png, {out}/report.md")
 
 
 def main(argv: list[str] | None = None) -> None:

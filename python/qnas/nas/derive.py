@@ -1,0 +1,187 @@
+"""Genotypes (what a search found) and the networks derived from them.
+
+A genotype file (RUN/genotype.json) is self-contained:
+
+    {"format": "qnas-genotype/1",
+     "space": {...the whole space document...}, "scale": 4, "candidates": null | [ops],
+     "adq": true,
+     "layers": {"head1": {"op": "conv3x3", "w_bits": 4, "a_bits": 4}, "cell.conv1": {...}, ...},
+     "cost": {"lr_size": [h, w], "bitops": ..., "macs": ..., "params": ...},   (informative)
+     "search": {...}}                                                              (informative)
+
+"layers" has one entry per architecture slot (cells that share their slots share the choice).
+Importing this module registers the network kind "genotype" (qnas.train.network):
+{"kind": "genotype", "scale": S, "genotype": {...}, "act_quantizer": "hwgq" | "lsq"}, which builds the
+derived network with LSQ per-channel weights and HWGQ (or LSQ) activations at the searched bits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qnas.errors import QnasError
+from qnas.nas.graph import GraphModule, LayerSite, compile_space, stage_channels
+from qnas.nas.layers import ACT_QUANTIZERS, DerivedLayer
+from qnas.spaces import load_space, op_stages
+from qnas.train.network import register_network_kind
+
+GENOTYPE_FORMAT = "qnas-genotype/1"
+
+
+class DerivedNetwork(nn.Module):
+    """The network a genotype describes: the space's graph with one quantized op per layer."""
+
+    def __init__(self, genotype: dict, act_quantizer: str = "hwgq"):
+        super().__init__()
+        if act_quantizer not in ACT_QUANTIZERS:
+            raise QnasError(
+                f"act_quantizer: expected one of {', '.join(ACT_QUANTIZERS)}, got {act_quantizer!r}"
+            )
+        check_genotype(genotype)
+        compiled = compile_space(genotype["space"], genotype["scale"], genotype.get("candidates"))
+        layers = genotype["layers"]
+        self.scale = compiled.scale
+        self.in_channels = int(compiled.space.get("colors", 3))
+        self.genotype = genotype
+
+        def make_layer(site: LayerSite) -> nn.Module:
+            choice = layers[site.slot]
+            op = compiled.ops[choice["op"]]
+            return DerivedLayer(
+                op_stages(op),
+                stage_channels(op, site.in_ch, site.out_ch),
+                choice["w_bits"],
+                choice["a_bits"],
+                site.act,
+                act_quantizer,
+            )
+
+        self.net = GraphModule(compiled.graph, make_layer, bool(genotype.get("adq", True)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, None)
+
+
+def check_genotype(g: Any, where: str = "genotype") -> None:
+    """Structure of a genotype (the space inside is validated too); QnasError naming `where`."""
+    if not isinstance(g, dict):
+        raise QnasError(f"{where}: a genotype must be a JSON object")
+    if g.get("format") != GENOTYPE_FORMAT:
+        raise QnasError(
+            f"{where}: not a QuantNAS genotype (format {g.get('format')!r}, expected {GENOTYPE_FORMAT!r})"
+        )
+    for key in ("space", "scale", "layers"):
+        if key not in g:
+            raise QnasError(f'{where}: missing "{key}"')
+    space = load_space(g["space"]) if isinstance(g["space"], dict) else None
+    if space is None:
+        raise QnasError(f'{where}: "space" must be the space document (a JSON object)')
+    compiled = compile_space(space, g["scale"], g.get("candidates"))
+    layers = g["layers"]
+    if not isinstance(layers, dict):
+        raise QnasError(f'{where}: "layers" must be an object slot -> choice')
+    missing = [s for s in compiled.slots if s not in layers]
+    if missing:
+        raise QnasError(f"{where}: no choice for layer(s) {', '.join(missing)}")
+    extra = [s for s in layers if s not in compiled.slots]
+    if extra:
+        raise QnasError(f"{where}: layer(s) {', '.join(extra)} are not in space {space['name']!r}")
+    for slot, ch in layers.items():
+        if not isinstance(ch, dict) or not {"op", "w_bits", "a_bits"} <= set(ch):
+            raise QnasError(f'{where}: layer {slot}: expected {{"op", "w_bits", "a_bits"}}')
+        if ch["op"] not in compiled.ops:
+            raise QnasError(f"{where}: layer {slot}: unknown op {ch['op']!r}")
+        for k in ("w_bits", "a_bits"):
+            b = ch[k]
+            if isinstance(b, bool) or not isinstance(b, int) or (b != 0 and not 2 <= b <= 8):
+                raise QnasError(f"{where}: layer {slot}: {k} {b!r} is not in {{0, 2..8}}")
+        for site in compiled.slot_sites(slot):
+            op = compiled.ops[ch["op"]]
+            for st, (ci, co) in zip(op_stages(op), stage_channels(op, site.in_ch, site.out_ch), strict=True):
+                if ci % st["groups"] or co % st["groups"]:
+                    raise QnasError(
+                        f"{where}: layer {slot}: {ch['op']} has groups={st['groups']}, which does not divide {ci} -> {co}"
+                    )
+
+
+def read_genotype(path: str | os.PathLike) -> dict:
+    """A genotype from a file (or a run folder holding genotype.json); one-line QnasError otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "genotype.json"
+    try:
+        g = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise QnasError(f"{p}: file not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QnasError(f"{p}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise QnasError(f"{p}: cannot read ({e.strerror})") from e
+    try:
+        check_genotype(g, str(p))
+    except QnasError as e:
+        msg = str(e)
+        raise QnasError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from e
+    return g
+
+
+def is_genotype(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("format") == GENOTYPE_FORMAT
+
+
+def uniform_genotype(
+    space: dict, scale: int, op: str, bits: int, *, adq: bool = True, candidates: list[str] | None = None
+) -> dict:
+    """The fixed architecture of a space with every layer set to `op` at `bits` (weights and activations),
+    the uniform-quantization baseline. Layers whose own candidate list lacks `op` take their first one."""
+    space = load_space(space)
+    compiled = compile_space(space, scale, candidates)
+    if op not in compiled.ops:
+        raise QnasError(f"--op: unknown op {op!r} (known: {', '.join(sorted(compiled.ops))})")
+    layers = {
+        slot: {"op": op if op in cands else cands[0], "w_bits": int(bits), "a_bits": int(bits)}
+        for slot, cands in compiled.slots.items()
+    }
+    return {
+        "format": GENOTYPE_FORMAT,
+        "space": space,
+        "scale": compiled.scale,
+        "candidates": candidates,
+        "adq": adq,
+        "layers": layers,
+    }
+
+
+def genotype_cost(genotype: dict, lr_size: tuple[int, int]) -> dict:
+    """MACs, parameters and BitOps (qnas.cost) of the derived network at an LR input size."""
+    from qnas.cost import count_cost
+
+    with torch.device("meta"):
+        net = DerivedNetwork(genotype)
+    c = count_cost(net, lr_size, name=f"genotype:{genotype['space']['name']}")
+    return {"lr_size": list(lr_size), "bitops": c.bitops, "macs": c.macs, "params": c.params}
+
+
+def _build_genotype_network(cfg: dict) -> nn.Module:
+    if "genotype" not in cfg:
+        raise QnasError('network config of kind "genotype" needs "genotype"')
+    return DerivedNetwork(cfg["genotype"], cfg.get("act_quantizer", "hwgq"))
+
+
+def genotype_network_config(genotype: dict, act_quantizer: str = "hwgq") -> dict:
+    """The network config (qnas.train.network) of a genotype's derived network."""
+    return {
+        "kind": "genotype",
+        "scale": int(genotype["scale"]),
+        "genotype": genotype,
+        "act_quantizer": act_quantizer,
+    }
+
+
+register_network_kind("genotype", _build_genotype_network)

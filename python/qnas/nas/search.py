@@ -1,0 +1,390 @@
+"""The QuantNAS search loop (`qnas search`): DARTS-style alternating first-order updates, or one pass.
+
+Per step (Shvetsov et al., arXiv:2208.14839; Liu et al., "DARTS", ICLR 2019, first-order variant):
+  1. architecture step (from --alpha-warmup on): a batch of the alpha split of the TRAINING images,
+     loss = L1 + entropy_coef(t) · Σ H(probs) + penalty · E[BitOps] / E0[BitOps], gradients to the alphas
+     only (weights frozen), Adam(--alpha-lr, betas (0.5, 0.999)) step;
+  2. weight step: a batch of the weight split, loss = L1 with the probabilities held fixed, gradients to
+     weights, biases and LSQ steps, clipped to norm --grad-clip, Adam(--lr) with a cosine schedule.
+With --single-pass (the one-pass scheme DQSS uses) one forward-backward of the regularized loss on a
+batch of all training images updates both. The validation images of the data set are never used here.
+
+Everything that decides the result is in the checkpoint (weights, alphas, both optimizers, the schedule,
+both batch samplers, torch's RNG: noise mode draws its seeds from it), so `--resume` continues a killed
+search to the same genotype as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qnas.errors import QnasError
+from qnas.nas.derive import GENOTYPE_FORMAT, genotype_cost
+from qnas.nas.graph import compile_space
+from qnas.nas.regularizers import BitOpsPenalty, entropy_coef
+from qnas.nas.supernet import IMPLS, MODES, Supernet
+from qnas.spaces import load_space
+from qnas.train.run import RunDir, atomic_write_bytes
+
+#: BitOps are reported for this LR input by default: the LR side of a 1280x720 output at x4 (the usual
+#: reference frame of efficient SR), whatever the scale.
+DEFAULT_LR_SIZE = (180, 320)
+
+
+@dataclass
+class SearchOptions:
+    """Options of `qnas search` that define the result."""
+
+    space: str = "basic"
+    ops: list[str] | None = None  # replaces the space's default candidate list (bits-only search: one op)
+    scale: int = 4
+    data: str = "builtin"
+    steps: int = 300
+    batch_size: int = 8
+    patch_size: int = 96
+    bits: list[int] = field(default_factory=lambda: [4, 8])
+    a_bits: list[int] | None = None  # None: the same as bits
+    tie_bits: bool = True
+    mode: str = "noise"
+    impl: str = "fused"
+    adq: bool = True
+    single_pass: bool = False
+    lr: float = 1e-3
+    alpha_lr: float = 3e-4
+    grad_clip: float = 5.0
+    entropy_coef: float = 1e-3
+    entropy_warmup: float = 0.25
+    penalty: float = 0.0
+    alpha_warmup: float = 0.0
+    alpha_split: float = 0.5
+    seed: int = 0
+    checkpoint_every: int = 50
+    lr_size: list[int] = field(default_factory=lambda: list(DEFAULT_LR_SIZE))
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "patch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise QnasError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if self.mode not in MODES:
+            raise QnasError(f"--mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.impl not in IMPLS:
+            raise QnasError(f"--impl: expected one of {', '.join(IMPLS)}, got {self.impl!r}")
+        for name in ("lr", "alpha_lr"):
+            if not getattr(self, name) > 0:
+                raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        for name in ("entropy_warmup", "alpha_warmup"):
+            if not 0 <= getattr(self, name) < 1:
+                raise QnasError(
+                    f"--{name.replace('_', '-')}: a fraction of the steps in [0, 1), got {getattr(self, name)}"
+                )
+        if not 0 < self.alpha_split < 1:
+            raise QnasError(
+                f"--alpha-split: a fraction of the training images in (0, 1), got {self.alpha_split}"
+            )
+        if self.entropy_coef < 0 or self.penalty < 0 or self.grad_clip < 0:
+            raise QnasError("--entropy-coef, --penalty and --grad-clip must not be negative")
+
+
+def split_images(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(weight images, alpha images): every image i with floor((i+1)·f) > floor(i·f) goes to the alphas
+    (f = 0.5: the odd ones), so both splits interleave the data set's order. Needs n >= 2."""
+    alpha = [i for i in range(n) if int((i + 1) * fraction) > int(i * fraction)]
+    if not alpha:
+        alpha = [n - 1]
+    weight = [i for i in range(n) if i not in alpha]
+    if not weight:
+        weight, alpha = alpha[:-1], alpha[-1:]
+    return weight, alpha
+
+
+def _subset(data, idx: list[int]):
+    from qnas.data.datasets import TrainPatches
+
+    return TrainPatches(
+        [data.names[i] for i in idx],
+        [data.hr_images[i] for i in idx],
+        [data.lr_images[i] for i in idx],
+        data.scale,
+        data.patch_size,
+    )
+
+
+def build_supernet(opts: SearchOptions, space: dict | None = None) -> Supernet:
+    space = load_space(opts.space) if space is None else space
+    compiled = compile_space(space, opts.scale, opts.ops)
+    return Supernet(
+        compiled,
+        w_bits=opts.bits,
+        a_bits=opts.a_bits,
+        tie_bits=opts.tie_bits,
+        mode=opts.mode,
+        impl=opts.impl,
+        adq=opts.adq,
+    )
+
+
+def search(
+    opts: SearchOptions, out: str | Path, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Runs a search into the run folder `out`; returns {"steps", "genotype", "bitops", "seconds", "run"}.
+
+    Writes RUN/config.json, metrics.jsonl (+ TensorBoard), checkpoint.pt, and at the end genotype.json,
+    alphas.png (final probabilities per layer) and search.png (losses, entropy, expected BitOps)."""
+    from tqdm import tqdm
+
+    from qnas.data.datasets import PatchSampler, train_dataset
+    from qnas.train.train import _compare_config
+
+    opts.check()
+    space = load_space(opts.space)
+    run = RunDir(out)
+    config = json.loads(json.dumps({"search": dataclasses.asdict(opts), "space": space}))
+    if resume:
+        if not run.has_checkpoint():
+            raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")
+        _compare_config(run.read_config(), config, run.path)
+    elif run.has_checkpoint() or (run.path / "genotype.json").exists():
+        raise QnasError(
+            f"{run.path}: already holds a run; pass --resume to continue it or choose another --out"
+        )
+
+    torch.manual_seed(opts.seed)
+    net = build_supernet(opts, space).to(memory_format=torch.channels_last)
+    net.train()
+    data = train_dataset(opts.data, opts.scale, opts.patch_size, progress=progress)
+    if opts.single_pass:
+        w_data, a_data = data, None
+    else:
+        if len(data) < 2:
+            raise QnasError(
+                f"--data {opts.data}: the alternating search needs at least 2 training images "
+                "(one split for the weights, one for the alphas); use --single-pass"
+            )
+        w_idx, a_idx = split_images(len(data), opts.alpha_split)
+        w_data, a_data = _subset(data, w_idx), _subset(data, a_idx)
+    w_sampler = PatchSampler(w_data, opts.batch_size, seed=opts.seed)
+    a_sampler = PatchSampler(a_data, opts.batch_size, seed=opts.seed + 1) if a_data is not None else None
+
+    weights, alphas = net.weight_parameters(), net.alpha_parameters()
+    w_opt = torch.optim.Adam(weights, lr=opts.lr)
+    a_opt = torch.optim.Adam(alphas, lr=opts.alpha_lr, betas=(0.5, 0.999))
+    w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=opts.steps, eta_min=opts.lr / 100)
+    pixels = opts.lr_size[0] * opts.lr_size[1]
+    with torch.no_grad():
+        initial_bitops = float(net.expected_bitops_per_pixel(net.probs())) * pixels
+    step = 0
+    if resume:
+        state = run.load_checkpoint()
+        net.load_state_dict(state["model"])
+        w_opt.load_state_dict(state["w_opt"])
+        a_opt.load_state_dict(state["a_opt"])
+        w_sched.load_state_dict(state["w_sched"])
+        w_sampler.load_state_dict(state["w_sampler"])
+        if a_sampler is not None:
+            a_sampler.load_state_dict(state["a_sampler"])
+        torch.set_rng_state(state["rng"])
+        initial_bitops = float(state["initial_bitops"])
+        step = int(state["step"])
+        run.truncate_metrics(step)
+    else:
+        run.write_config(config)
+    penalty = BitOpsPenalty(opts.penalty, initial_bitops / pixels)
+
+    def checkpoint() -> None:
+        run.save_checkpoint(
+            {
+                "step": step,
+                "model": net.state_dict(),
+                "w_opt": w_opt.state_dict(),
+                "a_opt": a_opt.state_dict(),
+                "w_sched": w_sched.state_dict(),
+                "w_sampler": w_sampler.state_dict(),
+                "a_sampler": a_sampler.state_dict() if a_sampler is not None else None,
+                "rng": torch.get_rng_state(),
+                "initial_bitops": initial_bitops,
+            }
+        )
+
+    alpha_start = int(opts.alpha_warmup * opts.steps)
+    bar = tqdm(
+        total=opts.steps, initial=step, desc=f"search {run.path.name}", disable=not progress, unit="step"
+    )
+    t_start = time.perf_counter()
+    rec: dict[str, float] = {}
+    try:
+        while step < opts.steps:
+            t0 = time.perf_counter()
+            ent_w = entropy_coef(step, opts.steps, opts.entropy_coef, opts.entropy_warmup)
+            update_alphas = step >= alpha_start
+            a_batch = _batch(a_sampler) if (update_alphas and a_sampler is not None) else None
+            rec = search_step(
+                net,
+                w_opt,
+                a_opt,
+                _batch(w_sampler),
+                a_batch,
+                update_alphas=update_alphas,
+                entropy_weight=ent_w,
+                penalty=penalty,
+                grad_clip=opts.grad_clip,
+                step=step,
+            )
+            w_sched.step()
+            step += 1
+            with torch.no_grad():
+                probs = net.probs()
+                expected = float(net.expected_bitops_per_pixel(probs)) * pixels
+                rec.setdefault("entropy", float(net.entropy(probs)))
+            rec.update(
+                entropy_coef=ent_w,
+                expected_bitops=expected,
+                lr=w_opt.param_groups[0]["lr"],
+                step_time_s=time.perf_counter() - t0,
+            )
+            run.log(step, **rec)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{rec['loss']:.4f}", H=f"{rec['entropy']:.2f}", GBitOps=f"{expected / 1e9:.1f}"
+            )
+            if step % opts.checkpoint_every == 0 or step == opts.steps:
+                checkpoint()
+    finally:
+        bar.close()
+        run.close()
+
+    genotype = make_genotype(net, opts, space, initial_bitops)
+    atomic_write_bytes(run.path / "genotype.json", (json.dumps(genotype, indent=2) + "\n").encode())
+    from qnas.nas.plots import plot_alphas, plot_search_curves
+
+    plot_alphas(
+        net, run.path / "alphas.png", title=f"{space['name']} x{opts.scale}, {opts.mode}, step {step}"
+    )
+    plot_search_curves(run.read_metrics(), run.path / "search.png")
+    return {
+        "steps": step,
+        "genotype": str(run.path / "genotype.json"),
+        "bitops": genotype["cost"]["bitops"],
+        "seconds": time.perf_counter() - t_start,
+        "run": str(run.path),
+    }
+
+
+def search_step(
+    net: Supernet,
+    w_opt: torch.optim.Optimizer,
+    a_opt: torch.optim.Optimizer,
+    w_batch: tuple[torch.Tensor, torch.Tensor],
+    a_batch: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    update_alphas: bool,
+    entropy_weight: float,
+    penalty: BitOpsPenalty,
+    grad_clip: float,
+    step: int = 0,
+) -> dict[str, float]:
+    """One search step (module docstring): with `a_batch`, the architecture step on it then the weight step
+    on `w_batch` (alternating); without, one pass on `w_batch` that updates the weights and, if
+    `update_alphas`, the alphas. Returns the values to log (losses, entropy, penalty)."""
+    l1 = nn.L1Loss()
+    weights = [p for g in w_opt.param_groups for p in g["params"]]
+    alphas = [p for g in a_opt.param_groups for p in g["params"]]
+    rec: dict[str, float] = {}
+    if a_batch is None:
+        lr_img, hr_img = w_batch
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
+        probs = net.probs() if update_alphas else _detached(net.probs())
+        rec_loss = l1(net(lr_img, probs), hr_img)
+        _check_finite(rec_loss, step)
+        loss = (
+            rec_loss + _regularizers(net, probs, entropy_weight, penalty, rec) if update_alphas else rec_loss
+        )
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(weights, grad_clip)
+        w_opt.step()
+        if update_alphas:
+            a_opt.step()
+        rec["loss"] = rec_loss.item()
+        return rec
+    lr_a, hr_a = a_batch
+    a_opt.zero_grad(set_to_none=True)
+    probs = net.probs()
+    a_loss = l1(net(lr_a, probs), hr_a)
+    _check_finite(a_loss, step)
+    # Gradients to the alphas only: autograd skips the weight gradients of every convolution on the way.
+    (a_loss + _regularizers(net, probs, entropy_weight, penalty, rec)).backward(inputs=alphas)
+    a_opt.step()
+    rec["loss_alpha"] = a_loss.item()
+    lr_w, hr_w = w_batch
+    w_opt.zero_grad(set_to_none=True)
+    w_loss = l1(net(lr_w, _detached(net.probs())), hr_w)
+    _check_finite(w_loss, step)
+    w_loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(weights, grad_clip)
+    w_opt.step()
+    rec["loss"] = w_loss.item()
+    return rec
+
+
+def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitops: float) -> dict:
+    """The argmax genotype of a supernet, with its cost and the search it came from."""
+    layers = net.choices()
+    g = {
+        "format": GENOTYPE_FORMAT,
+        "space": space,
+        "scale": opts.scale,
+        "candidates": opts.ops,
+        "adq": opts.adq,
+        "layers": layers,
+    }
+    g["cost"] = genotype_cost(g, tuple(opts.lr_size))
+    with torch.no_grad():
+        expected = float(net.expected_bitops_per_pixel(net.probs())) * opts.lr_size[0] * opts.lr_size[1]
+    g["search"] = {
+        "mode": opts.mode,
+        "impl": opts.impl,
+        "bits": opts.bits,
+        "a_bits": opts.a_bits if opts.a_bits is not None else opts.bits,
+        "tie_bits": opts.tie_bits,
+        "steps": opts.steps,
+        "penalty": opts.penalty,
+        "single_pass": opts.single_pass,
+        "initial_expected_bitops": initial_bitops,
+        "final_expected_bitops": expected,
+    }
+    return g
+
+
+def _batch(sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    lr_img, hr_img = next(sampler)
+    return lr_img.contiguous(memory_format=torch.channels_last), hr_img
+
+
+def _detached(probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in probs.items()}
+
+
+def _regularizers(net: Supernet, probs, ent_w: float, penalty: BitOpsPenalty, rec: dict) -> torch.Tensor:
+    """entropy_coef · H + penalty · E/E0 (logged into rec)."""
+    h = net.entropy(probs)
+    e = net.expected_bitops_per_pixel(probs)
+    pen = penalty(e)
+    rec["entropy"] = float(h.detach())
+    rec["penalty"] = float(pen.detach())
+    rec["bitops_ratio"] = float(penalty.normalized(e).detach())
+    return ent_w * h + pen
+
+
+def _check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise QnasError(f"search diverged at step {step} (loss {loss.item()}); lower --lr or --alpha-lr")

@@ -1,0 +1,566 @@
+"""The QuantNAS supernet: every searched layer mixes all its (op, weight bits, activation bits) candidates
+with one joint softmax (Shvetsov et al., "QuantNAS for super resolution: searching for efficient
+quantization-friendly architectures against quantization noise", arXiv:2208.14839; the mixing is DARTS',
+Liu et al., "DARTS: Differentiable Architecture Search", ICLR 2019).
+
+A layer's candidates are single convolutions, mixed by one call of torch.ops.qops.mixed_quant_conv (all
+kernels merged into one convolution), and composites (two convolutions in sequence: 3x1 then 1x3, ...),
+which are no single convolution and run beside it in Python, term by term. Both share the layer's input
+activation quantizer and its bias, and draw from the same joint probabilities:
+
+    y = sum_{o single} sum_{i,j} p[o,i,j] conv_o(FQa_j(x), FQw_i(W_o))
+      + sum_{o composite} sum_{i,j} p[o,i,j] conv_o2(FQa_j(relu(conv_o1(FQa_j(x), FQw_i(W_o1)))), FQw_i(W_o2))
+      + bias,      x = relu(input) (activations unsigned; act "none": signed, no relu)
+
+with FQ the LSQ fake quantization (mode "quant") or quantization noise (mode "noise"). Architecture
+parameters live in the Supernet, one tensor per slot (layers of cells that share a slot share them).
+
+impl "naive" is the honest baseline: the per-term loop of qops.reference.mixed_quant_conv (torch's own
+learnable fake quantization) for the single convolutions, torch's fake quantization for the composites,
+and in noise mode torch.randn noise as the QuantNAS code draws it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qops
+from qnas.errors import QnasError
+from qnas.nas.graph import (
+    CompiledSpace,
+    GraphModule,
+    LayerSite,
+    conv2d_same,
+    kaiming_uniform,
+    op_macs_per_pixel,
+)
+from qnas.spaces import is_single_conv, op_stages
+from qops import reference
+from qops.mixed_quant_conv import mixed_quant_conv
+
+MODES = ("quant", "noise")
+IMPLS = ("fused", "naive")
+FULL_PRECISION_BITS = 32
+
+
+def cost_bits(b: int) -> int:
+    """Bits as BitOps count them: 0 (full precision) counts as 32."""
+    return FULL_PRECISION_BITS if b == 0 else int(b)
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def _grad_scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """t in the forward, gradient times factor in the backward (LSQ's step-size gradient scale)."""
+    scaled = t * factor
+    return (t - scaled).detach() + scaled
+
+
+def _positive(scale: torch.Tensor) -> torch.Tensor:
+    """A learned step kept positive, as qnas.quant's LSQ does: an Adam step can push a small step through
+    zero; |s| (floored) keeps the quantizer defined and the gradient pointing the same way."""
+    return scale.abs().clamp_min(1e-8)
+
+
+def _sub_seed(seed: int, k: int) -> int:
+    """Independent noise seeds for the k-th noisy tensor of a layer call (splitmix-style spread)."""
+    return (seed + 0x9E3779B97F4A7C15 * (k + 1)) % (1 << 62)
+
+
+def _pad(window: tuple[int, int]) -> tuple[int, int]:
+    return (window[0] - 1) // 2, (window[1] - 1) // 2
+
+
+def _embed(w: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """A kernel zero-padded (centred) to a larger odd window: the same "same"-padded convolution."""
+    dh, dw = (window[0] - w.shape[2]) // 2, (window[1] - w.shape[3]) // 2
+    return F.pad(w, (dw, dw, dh, dh)) if dh or dw else w
+
+
+def _block_noise(h: torch.Tensor, widths: list[int], bits: int, seed: int) -> torch.Tensor:
+    """Quantization noise with one range per block of channels (each block is one term's tensor)."""
+    if len(set(widths)) == 1:
+        # Channels are the fastest dimension of a channels-last tensor: split them into blocks in place.
+        n, c, hh, ww = h.shape
+        if h.is_contiguous(memory_format=torch.channels_last):
+            v = h.permute(0, 2, 3, 1).view(n, hh, ww, len(widths), widths[0])
+            return qops.quant_noise(v, bits, seed, axis=3).view(n, hh, ww, c).permute(0, 3, 1, 2)
+        v = h.reshape(n, len(widths), widths[0], hh, ww)
+        return qops.quant_noise(v, bits, seed, axis=1).view(n, c, hh, ww)
+    parts, start = [], 0
+    for k, w in enumerate(widths):
+        parts.append(qops.quant_noise(h[:, start : start + w], bits, _sub_seed(seed, k)))
+        start += w
+    return torch.cat(parts, 1)
+
+
+def allowed_mask(n_ops: int, w_bits: list[int], a_bits: list[int], tie_bits: bool) -> torch.Tensor:
+    """[n_ops, n_w, n_a] booleans: with tied bits only w_bits[i] == a_bits[j] entries are candidates."""
+    mask = torch.ones(n_ops, len(w_bits), len(a_bits), dtype=torch.bool)
+    if tie_bits:
+        tie = torch.tensor([[wb == ab for ab in a_bits] for wb in w_bits], dtype=torch.bool)
+        if not tie.any():
+            raise QnasError(
+                f"bits: tied weight/activation bits need a common value, got {w_bits} and {a_bits}"
+            )
+        mask &= tie.unsqueeze(0)
+    return mask
+
+
+class SearchLayer(nn.Module):
+    """One searched layer (see the module docstring). Called as layer(x, probs_by_slot)."""
+
+    def __init__(
+        self,
+        site: LayerSite,
+        ops: dict[str, dict],
+        w_bits: list[int],
+        a_bits: list[int],
+        allowed: torch.Tensor,
+        mode: str,
+        impl: str,
+    ):
+        super().__init__()
+        self.slot, self.mode, self.impl = site.slot, mode, impl
+        self.in_ch, self.out_ch = site.in_ch, site.out_ch
+        self.w_bits, self.a_bits = list(w_bits), list(a_bits)
+        self.relu = site.act == "relu"
+        self.a_signed = not self.relu
+        self.candidates = list(site.candidates)
+        self.single_idx = [k for k, c in enumerate(site.candidates) if is_single_conv(ops[c])]
+        self.composite_idx = [k for k, c in enumerate(site.candidates) if not is_single_conv(ops[c])]
+        n_w, n_a = len(w_bits), len(a_bits)
+        self._terms = allowed.tolist()  # [o][i][j], candidate order
+        weights, self.groups, self.dilations = [], [], []
+        for k in self.single_idx:
+            st = op_stages(ops[site.candidates[k]])[0]
+            kh, kw = st["kernel"]
+            weights.append(nn.Parameter(kaiming_uniform((site.out_ch, site.in_ch // st["groups"], kh, kw))))
+            self.groups.append(st["groups"])
+            self.dilations.append(st["dilation"])
+        self.weights = nn.ParameterList(weights)
+        self.w_scales = nn.Parameter(torch.ones(max(len(weights), 1), n_w))
+        self.a_scales = nn.Parameter(torch.ones(n_a))
+        self.bias = nn.Parameter(torch.zeros(site.out_ch))
+        self.composites = nn.ModuleList(
+            CompositeBranch(ops[site.candidates[k]], site.in_ch, site.out_ch, n_w, n_a)
+            for k in self.composite_idx
+        )
+        stages = [op_stages(ops[site.candidates[k]]) for k in self.composite_idx]
+        self._stacked_composites = bool(stages) and all(
+            len(st) == 2 and all(conv["groups"] == 1 and conv["dilation"] == 1 for conv in st)
+            for st in stages
+        )
+        self._stack_windows = (
+            [tuple(max(st[k]["kernel"][d] for st in stages) for d in (0, 1)) for k in (0, 1)]
+            if self._stacked_composites
+            else []
+        )
+        # Single candidates first in the slot's order lets the fused op take a view of the probs.
+        self._single_prefix = self.single_idx == list(range(len(self.single_idx)))
+        self.register_buffer(
+            "single_index", torch.tensor(self.single_idx, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("scales_initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.scales_initialized)
+
+    # -- LSQ ----------------------------------------------------------------------------------------
+    def _qmax(self, bits: int, signed: bool) -> int:
+        return qrange(bits, signed)[1]
+
+    def w_grad_factor(self, numel: int, bits: int) -> float:
+        return 1.0 / math.sqrt(numel * self._qmax(bits, True)) if bits else 1.0
+
+    def a_grad_factor(self, x: torch.Tensor, bits: int, signed: bool) -> float:
+        return 1.0 / math.sqrt(x[0].numel() * self._qmax(bits, signed)) if bits else 1.0
+
+    @torch.no_grad()
+    def _init_scales(self, x: torch.Tensor) -> None:
+        """LSQ's data-driven init 2 mean|v| / sqrt(qmax), once (buffer scales_initialized keeps it)."""
+        for o, w in enumerate(self.weights):
+            for i, b in enumerate(self.w_bits):
+                if b:
+                    self.w_scales[o, i] = 2 * w.abs().mean() / math.sqrt(self._qmax(b, True))
+        for j, b in enumerate(self.a_bits):
+            if b:
+                self.a_scales[j] = 2 * x.abs().mean() / math.sqrt(self._qmax(b, self.a_signed))
+        self.w_scales.clamp_(min=1e-8)
+        self.a_scales.clamp_(min=1e-8)
+        for br in self.composites:
+            br.init_scales(x, self.w_bits, self.a_bits)
+
+    # -- quantizers (per tensor, zero point 0) -------------------------------------------------------
+    def fq(
+        self, t: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool, gf: float, seed: int
+    ) -> torch.Tensor:
+        """Fake quantization of t (mode quant) or quantization noise (mode noise) at `bits`."""
+        if bits == 0:
+            return t
+        if self.mode == "noise":
+            if self.impl == "naive":  # what the QuantNAS code does: torch's RNG, range of the tensor
+                lo, hi = torch.aminmax(t.detach())
+                noise = (hi - lo) / (2**bits - 1) * torch.randn_like(t) / 2
+                return t + noise
+            return qops.quant_noise(t, bits, seed)
+        qmin, qmax = qrange(bits, signed)
+        zp = torch.zeros(1, device=t.device)
+        s = _positive(scale).reshape(1)
+        if self.impl == "naive":
+            return torch._fake_quantize_learnable_per_tensor_affine(t, s, zp, qmin, qmax, gf)
+        return qops.fake_quant(t, s, zp, -1, qmin, qmax, gf)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, probs_by_slot: dict[str, torch.Tensor]) -> torch.Tensor:
+        probs = probs_by_slot[self.slot]
+        if self.relu:
+            x = F.relu(x)
+        if self.mode == "quant" and not self._initialized:
+            self._init_scales(x)
+            self.scales_initialized.fill_(True)
+            self._initialized = True
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if self.mode == "noise" else 0
+        y = None
+        if self.weights:
+            y = self._single(x, probs, seed)
+        if self.composites:
+            xq: dict[int, torch.Tensor] = {}
+
+            def act_variant(j: int) -> torch.Tensor:
+                if j not in xq:
+                    b = self.a_bits[j]
+                    gf = self.a_grad_factor(x, b, self.a_signed)
+                    xq[j] = self.fq(x, self.a_scales[j], b, self.a_signed, gf, _sub_seed(seed, 1000 + j))
+                return xq[j]
+
+            if self.impl == "fused" and self._stacked_composites:
+                t = self._composites_stacked(act_variant, probs, seed)
+            else:
+                t = self._composites_per_term(act_variant, probs, seed)
+            y = t if y is None else y + t
+            if not self.weights:
+                y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+    def _composites_per_term(self, act_variant, probs: torch.Tensor, seed: int) -> torch.Tensor:
+        """Every (composite, i, j) term on its own: the definition, and the naive baseline."""
+        y = None
+        for c, (k, br) in enumerate(zip(self.composite_idx, self.composites, strict=True)):
+            for i in range(len(self.w_bits)):
+                for j in range(len(self.a_bits)):
+                    if self._terms[k][i][j]:
+                        term = probs[k, i, j] * br(
+                            self, act_variant(j), i, j, _sub_seed(seed, 2000 + 64 * c + 8 * i + j)
+                        )
+                        y = term if y is None else y + term
+        return y
+
+    def _composites_stacked(self, act_variant, probs: torch.Tensor, seed: int) -> torch.Tensor:
+        """All two-stage composites at once, per activation bit-width j: the first convolutions of every
+        allowed (composite, i) term side by side as one convolution (kernels zero-embedded in the largest
+        window), their quantized outputs through one second convolution whose input blocks carry
+        probs[o,i,j] * FQw_i(second kernel). Same sum as _composites_per_term, 2 convolutions per j
+        instead of 2 per term."""
+        w1_win = self._stack_windows[0]
+        w2_win = self._stack_windows[1]
+        y = None
+        for j, ab in enumerate(self.a_bits):
+            blocks = [
+                (c, i)
+                for c, k in enumerate(self.composite_idx)
+                for i in range(len(self.w_bits))
+                if self._terms[k][i][j]
+            ]
+            if not blocks:
+                continue
+            first, second, mid_scales, widths = [], [], [], []
+            for c, i in blocks:
+                br, wb = self.composites[c], self.w_bits[i]
+                w1, w2 = br.weights[0], br.weights[1]
+                sd = _sub_seed(seed, 3000 + 64 * c + 8 * i + j)
+                first.append(
+                    _embed(
+                        self.fq(w1, br.w_scales[0, i], wb, True, self.w_grad_factor(w1.numel(), wb), sd),
+                        w1_win,
+                    )
+                )
+                w2q = self.fq(
+                    w2, br.w_scales[1, i], wb, True, self.w_grad_factor(w2.numel(), wb), _sub_seed(sd, 1)
+                )
+                second.append(probs[self.composite_idx[c], i, j] * _embed(w2q, w2_win))
+                widths.append(w1.shape[0])
+                mid_scales.append(br.mid_scales[0, j].expand(w1.shape[0]))
+            xj = act_variant(j)
+            h = F.relu(F.conv2d(xj, torch.cat(first), None, 1, _pad(w1_win)))
+            if ab:
+                if self.mode == "quant":
+                    # One LSQ step per block; gradient scale 1/sqrt(numel*qmax) of the block's own tensor.
+                    hw = h.shape[2] * h.shape[3]
+                    qmax = qrange(ab, False)[1]
+                    factors = torch.cat(
+                        [torch.full((w,), 1.0 / math.sqrt(w * hw * qmax), dtype=h.dtype) for w in widths]
+                    )
+                    scale = _positive(_grad_scaled(torch.cat(mid_scales), factors))
+                    h = qops.fake_quant(h, scale, torch.zeros_like(scale), 1, 0, qmax, 1.0)
+                else:
+                    h = _block_noise(h, widths, ab, _sub_seed(seed, 4000 + j))
+            yj = F.conv2d(h, torch.cat(second, 1), None, 1, _pad(w2_win))
+            y = yj if y is None else y + yj
+        return y
+
+    def _single(self, x: torch.Tensor, probs: torch.Tensor, seed: int) -> torch.Tensor:
+        p = probs[: len(self.single_idx)] if self._single_prefix else probs.index_select(0, self.single_index)
+        if self.mode == "quant":
+            wf = torch.tensor(
+                [[self.w_grad_factor(w.numel(), b) for b in self.w_bits] for w in self.weights], dtype=x.dtype
+            )
+            af = torch.tensor([self.a_grad_factor(x, b, self.a_signed) for b in self.a_bits], dtype=x.dtype)
+            w_scales = _positive(_grad_scaled(self.w_scales, wf))
+            a_scales = _positive(_grad_scaled(self.a_scales, af))
+        else:
+            w_scales, a_scales = self.w_scales, self.a_scales
+        if self.impl == "fused":
+            return mixed_quant_conv(
+                x,
+                list(self.weights),
+                p,
+                self.w_bits,
+                self.a_bits,
+                w_scales,
+                a_scales,
+                self.a_signed,
+                self.groups,
+                self.dilations,
+                1,
+                self.bias,
+                self.mode,
+                seed,
+            )
+        terms = [self._terms[k] for k in self.single_idx]
+        if self.mode == "quant":
+            return reference.mixed_quant_conv(
+                x,
+                list(self.weights),
+                p,
+                self.w_bits,
+                self.a_bits,
+                w_scales,
+                a_scales,
+                self.a_signed,
+                self.groups,
+                self.dilations,
+                1,
+                self.bias,
+                "quant",
+                0,
+                terms=terms,
+            )
+        # Naive noise: the per-term loop with torch.randn noise (reference.mixed_quant_conv's noise mode
+        # reproduces the kernels' Philox streams in pure torch, far slower than anything a user would write).
+        xq = {}
+        y = None
+        for o, w in enumerate(self.weights):
+            for i, wb in enumerate(self.w_bits):
+                wq = None
+                for j, ab in enumerate(self.a_bits):
+                    if not terms[o][i][j]:
+                        continue
+                    if j not in xq:
+                        xq[j] = self.fq(x, a_scales[j], ab, self.a_signed, 1.0, 0)
+                    if wq is None:
+                        wq = self.fq(w, w_scales[o, i], wb, True, 1.0, 0)
+                    term = p[o, i, j] * conv2d_same(xq[j], wq, self.groups[o], self.dilations[o])
+                    y = term if y is None else y + term
+        return y + self.bias.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.slot}: {self.in_ch}->{self.out_ch}, candidates={self.candidates}, w_bits={self.w_bits}, "
+            f"a_bits={self.a_bits}, mode={self.mode}, impl={self.impl}"
+        )
+
+
+class CompositeBranch(nn.Module):
+    """A composite candidate (convolutions in sequence) of a SearchLayer: kernels, LSQ steps of each
+    stage's weights per weight bit-width, and of the activations between stages per activation bit-width."""
+
+    def __init__(self, op: dict, in_ch: int, out_ch: int, n_w: int, n_a: int):
+        super().__init__()
+        self.stages = op_stages(op)
+        ws, cin = [], in_ch
+        for k, st in enumerate(self.stages):
+            cout = out_ch if k == len(self.stages) - 1 else out_ch * st["width"]
+            kh, kw = st["kernel"]
+            ws.append(nn.Parameter(kaiming_uniform((cout, cin // st["groups"], kh, kw))))
+            cin = cout
+        self.weights = nn.ParameterList(ws)
+        self.w_scales = nn.Parameter(torch.ones(len(ws), n_w))
+        self.mid_scales = nn.Parameter(torch.ones(max(len(ws) - 1, 1), n_a))
+
+    @torch.no_grad()
+    def init_scales(self, x: torch.Tensor, w_bits: list[int], a_bits: list[int]) -> None:
+        """LSQ init: weight steps from each kernel, the steps between stages from the full-precision
+        activations the stage sees on this first batch (x: the layer's input after its relu)."""
+        h = x
+        for s, (st, w) in enumerate(zip(self.stages, self.weights, strict=True)):
+            for i, b in enumerate(w_bits):
+                if b:
+                    self.w_scales[s, i] = max(2 * w.abs().mean().item() / math.sqrt(qrange(b, True)[1]), 1e-8)
+            if s > 0:
+                h = F.relu(h)
+                for j, b in enumerate(a_bits):
+                    if b:
+                        self.mid_scales[s - 1, j] = max(
+                            2 * h.abs().mean().item() / math.sqrt(qrange(b, False)[1]), 1e-8
+                        )
+            h = conv2d_same(h, w, st["groups"], st["dilation"])
+
+    def forward(self, layer: SearchLayer, xq: torch.Tensor, i: int, j: int, seed: int) -> torch.Tensor:
+        wb, ab = layer.w_bits[i], layer.a_bits[j]
+        h = xq
+        for s, (st, w) in enumerate(zip(self.stages, self.weights, strict=True)):
+            if s > 0:
+                h = F.relu(h)
+                h = layer.fq(
+                    h,
+                    self.mid_scales[s - 1, j],
+                    ab,
+                    False,
+                    layer.a_grad_factor(h, ab, False),
+                    _sub_seed(seed, s),
+                )
+            wq = layer.fq(
+                w, self.w_scales[s, i], wb, True, layer.w_grad_factor(w.numel(), wb), _sub_seed(seed, 100 + s)
+            )
+            h = conv2d_same(h, wq, st["groups"], st["dilation"])
+        return h
+
+
+class Supernet(nn.Module):
+    """The whole search network of a compiled space: a GraphModule of SearchLayers plus the architecture
+    parameters ``alphas[slot]`` [n_ops, n_w_bits, n_a_bits] (named parameters, apart from the weights)."""
+
+    def __init__(
+        self,
+        compiled: CompiledSpace,
+        w_bits: list[int] = (4, 8),
+        a_bits: list[int] | None = None,
+        tie_bits: bool = True,
+        mode: str = "noise",
+        impl: str = "fused",
+        adq: bool = True,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise QnasError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
+        if impl not in IMPLS:
+            raise QnasError(f"--impl: expected one of {', '.join(IMPLS)}, got {impl!r}")
+        a_bits = list(w_bits) if a_bits is None else list(a_bits)
+        for name, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+            if not bits or any(b != 0 and not 2 <= b <= 8 for b in bits) or len(set(bits)) != len(bits):
+                raise QnasError(f"--bits: {name} must be distinct values in {{0, 2..8}}, got {list(bits)}")
+        self.compiled = compiled
+        self.scale = compiled.scale
+        self.w_bits, self.a_bits, self.tie_bits = list(w_bits), list(a_bits), bool(tie_bits)
+        self.mode, self.impl, self.adq = mode, impl, adq
+        self.in_channels = int(compiled.space.get("colors", 3))
+        self.slots = list(compiled.slots)
+        self.alphas = nn.ParameterDict()
+        masks = {}
+        for slot, cands in compiled.slots.items():
+            masks[slot] = allowed_mask(len(cands), self.w_bits, self.a_bits, tie_bits)
+            self.alphas[_key(slot)] = nn.Parameter(
+                1e-3 * torch.randn(len(cands), len(self.w_bits), len(self.a_bits))
+            )
+        self._masks = masks
+        for slot, m in masks.items():
+            self.register_buffer(f"allowed_{_key(slot)}", m, persistent=False)
+
+        def make_layer(site: LayerSite) -> nn.Module:
+            return SearchLayer(site, compiled.ops, self.w_bits, self.a_bits, masks[site.slot], mode, impl)
+
+        self.net = GraphModule(compiled.graph, make_layer, adq)
+        # BitOps per LR pixel of every (op, w, a) term, summed over the sites of a slot.
+        for slot in self.slots:
+            cost = torch.zeros(
+                len(compiled.slots[slot]), len(self.w_bits), len(self.a_bits), dtype=torch.float64
+            )
+            for site in compiled.slot_sites(slot):
+                for o, c in enumerate(site.candidates):
+                    macs = op_macs_per_pixel(compiled.ops[c], site.in_ch, site.out_ch) * site.pixels
+                    for i, wb in enumerate(self.w_bits):
+                        for j, ab in enumerate(self.a_bits):
+                            cost[o, i, j] += macs * cost_bits(wb) * cost_bits(ab)
+            self.register_buffer(f"bitops_{_key(slot)}", cost, persistent=False)
+
+    # -- architecture -------------------------------------------------------------------------------
+    def allowed(self, slot: str) -> torch.Tensor:
+        return getattr(self, f"allowed_{_key(slot)}")
+
+    def probs(self) -> dict[str, torch.Tensor]:
+        """Joint softmax over the allowed (op, w_bits, a_bits) entries of every slot (others exactly 0)."""
+        out = {}
+        for slot in self.slots:
+            a = self.alphas[_key(slot)]
+            logits = a.masked_fill(~self.allowed(slot), float("-inf"))
+            out[slot] = torch.softmax(logits.flatten(), 0).view_as(a)
+        return out
+
+    def forward(self, x: torch.Tensor, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.net(x, self.probs() if probs is None else probs)
+
+    def expected_bitops_per_pixel(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_sites Σ probs · BitOps of each term, per LR input pixel (differentiable in the probs)."""
+        total = None
+        for slot in self.slots:
+            cost = getattr(self, f"bitops_{_key(slot)}").to(probs[slot].dtype)
+            term = (probs[slot] * cost).sum()
+            total = term if total is None else total + term
+        return total
+
+    def entropy(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ_slots H(probs[slot]) = -Σ p log p over the allowed entries (each shared slot once)."""
+        total = None
+        for slot in self.slots:
+            p = probs[slot][self.allowed(slot)]
+            h = -(p * torch.log(p.clamp_min(1e-30))).sum()
+            total = h if total is None else total + h
+        return total
+
+    def choices(self) -> dict[str, dict[str, Any]]:
+        """The argmax (op, w_bits, a_bits) of every slot with its probability."""
+        out = {}
+        with torch.no_grad():
+            for slot, p in self.probs().items():
+                flat = int(torch.argmax(p.flatten()))
+                o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
+                i, j = divmod(rest, len(self.a_bits))
+                out[slot] = {
+                    "op": self.compiled.slots[slot][o],
+                    "w_bits": self.w_bits[i],
+                    "a_bits": self.a_bits[j],
+                    "prob": round(float(p.flatten()[flat]), 6),
+                }
+        return out
+
+    def alpha_parameters(self) -> list[nn.Parameter]:
+        return list(self.alphas.values())
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        ids = {id(p) for p in self.alphas.values()}
+        return [p for p in self.parameters() if id(p) not in ids]
+
+
+def _key(slot: str) -> str:
+    """A slot as a parameter name (dots are not allowed there; node names are identifiers, so '-' is free)."""
+    return slot.replace(".", "-")

@@ -1,0 +1,328 @@
+"""`qnas search` end to end on a tiny space: run folder, genotype, plots, exact resume after a kill; the
+genotype -> `qnas train --arch` -> `qnas eval` / `qnas cost --arch` / `qnas report` round trip; CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_nas_supernet import tiny_space
+
+from qnas.cli import main
+from qnas.nas.derive import DerivedNetwork, read_genotype
+from qnas.nas.search import split_images
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for milliseconds per step; one thread (tiny shapes gain nothing from two, and on a shared
+# machine a second thread waits for a core at every parallel region).
+FAST = ["--scale", "2", "--batch-size", "2", "--patch-size", "16", "--quiet"]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python")]),
+    "OMP_NUM_THREADS": "1",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(capsys, *args):
+    """The `qnas` entry point in this process: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("space") / "tiny.json"
+    p.write_text(json.dumps(tiny_space(["conv1x1", "conv3x3", "conv3x1_1x3"])))
+    return p
+
+
+@pytest.fixture(scope="module")
+def search_run(space_file, tmp_path_factory):
+    run = tmp_path_factory.mktemp("search") / "run"
+    torch.set_num_threads(1)
+    main(
+        [
+            "search",
+            "--space",
+            str(space_file),
+            *FAST,
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "3",
+            "--penalty",
+            "0.1",
+            "--out",
+            str(run),
+        ]
+    )
+    return run
+
+
+def test_search_run_folder(search_run):
+    names = {p.name for p in search_run.iterdir()}
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "genotype.json",
+        "alphas.png",
+        "search.png",
+    } <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    for png in ("alphas.png", "search.png"):
+        assert (search_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    recs = [json.loads(line) for line in (search_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert {
+        "loss",
+        "loss_alpha",
+        "entropy",
+        "entropy_coef",
+        "penalty",
+        "expected_bitops",
+        "step_time_s",
+    } <= set(recs[-1])
+    assert recs[0]["penalty"] == pytest.approx(0.1, rel=0.05)  # normalized by the initial expected BitOps
+    g = json.loads((search_run / "genotype.json").read_text())
+    assert g["format"] == "qnas-genotype/1" and g["scale"] == 2 and g["space"]["name"] == "tiny"
+    assert set(g["layers"]) == {"head", "block.a", "block.skip", "block.b", "up"}
+    for choice in g["layers"].values():
+        assert choice["w_bits"] == choice["a_bits"] in (4, 8)  # tied by default
+    assert g["cost"]["lr_size"] == [180, 320] and g["cost"]["bitops"] > 0
+    assert g["search"]["mode"] == "noise" and g["search"]["steps"] == 6
+
+
+def test_genotype_derives_a_network_whose_cost_matches(search_run, capsys):
+    g = read_genotype(search_run)  # a run folder is accepted for its genotype.json
+    net = DerivedNetwork(g)
+    assert net(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
+    code, out, err = run_cli(
+        capsys, "cost", "--arch", search_run / "genotype.json", "--lr-size", "180x320", "--format", "json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["bitops"] == g["cost"]["bitops"]
+
+
+def test_search_resume_after_kill_equals_uninterrupted(space_file, tmp_path, capsys):
+    args = [
+        "search",
+        "--space",
+        space_file,
+        *FAST,
+        "--steps",
+        "14",
+        "--checkpoint-every",
+        "2",
+        "--mode",
+        "quant",
+    ]
+    assert run_cli(capsys, *args, "--out", tmp_path / "a")[0] == 0
+    killed = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qnas", *map(str, args), "--out", str(killed)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        m = killed / "metrics.jsonl"
+        if m.exists() and m.read_text().count("\n") >= 5:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "genotype.json").exists(), "the search finished before it could be killed"
+    code, _, err = run_cli(capsys, *args, "--out", killed, "--resume")
+    assert code == 0, err
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ga, gb = (json.loads((r / "genotype.json").read_text()) for r in (tmp_path / "a", killed))
+    assert ga["layers"] == gb["layers"]
+    logged = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 15))
+
+
+def test_single_pass_quant_naive_no_adq(space_file, tmp_path, capsys):
+    code, out, err = run_cli(
+        capsys, "search", "--space", space_file, *FAST, "--steps", "2", "--single-pass", "--mode", "quant",
+        "--impl", "naive", "--no-adq", "--bits", "2,4,8", "--untie-bits", "--out", tmp_path / "r",
+    )  # fmt: skip
+    assert code == 0, err
+    g = json.loads((tmp_path / "r" / "genotype.json").read_text())
+    assert g["adq"] is False and g["search"]["single_pass"] and g["search"]["bits"] == [2, 4, 8]
+    rec = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_alpha" not in rec and "entropy" in rec
+
+
+def test_bits_only_search_and_uniform_genotype(space_file, tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys,
+        "search",
+        "--space",
+        space_file,
+        *FAST,
+        "--steps",
+        "1",
+        "--ops",
+        "conv3x3",
+        "--out",
+        tmp_path / "r",
+    )
+    assert code == 0, err
+    g = json.loads((tmp_path / "r" / "genotype.json").read_text())
+    assert {c["op"] for s, c in g["layers"].items() if s != "block.skip"} == {"conv3x3"}
+    code, out, err = run_cli(
+        capsys,
+        "genotype",
+        "--space",
+        "basic",
+        "--scale",
+        "4",
+        "--op",
+        "conv3x3",
+        "--bits",
+        "4",
+        "--out",
+        tmp_path / "u4.json",
+    )
+    assert code == 0, err
+    u4 = read_genotype(tmp_path / "u4.json")
+    assert {(c["op"], c["w_bits"], c["a_bits"]) for c in u4["layers"].values()} == {("conv3x3", 4, 4)}
+    assert "GBitOps" in out
+
+
+def test_train_eval_report_round_trip(search_run, tmp_path, capsys):
+    train = [
+        "train",
+        "--arch",
+        search_run / "genotype.json",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "16",
+        "--quiet",
+    ]
+    code, _, err = run_cli(capsys, *train, "--out", tmp_path / "searched")
+    assert code == 0, err
+    blob = torch.load(tmp_path / "searched" / "model.pt", weights_only=True)
+    assert blob["network"]["kind"] == "genotype" and blob["network"]["act_quantizer"] == "hwgq"
+    code, out, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "searched", "--format", "json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["scale"] == 2 and len(res["images"]) == 5
+
+    g = tmp_path / "u8.json"
+    code, _, err = run_cli(
+        capsys,
+        "genotype",
+        "--space",
+        search_run / "genotype.json",
+        "--scale",
+        "2",
+        "--op",
+        "conv3x3",
+        "--bits",
+        "8",
+        "--out",
+        g,
+    )
+    assert code == 2 and "qnas-space/1" in err  # a genotype is not a space file
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(json.loads((search_run / "genotype.json").read_text())["space"]))
+    code, _, err = run_cli(
+        capsys, "genotype", "--space", space, "--scale", "2", "--op", "conv3x3", "--bits", "8", "--out", g
+    )
+    assert code == 0, err
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--arch",
+        g,
+        "--act-quantizer",
+        "lsq",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "16",
+        "--quiet",
+        "--out",
+        tmp_path / "u8",
+    )
+    assert code == 0, err
+
+    report = tmp_path / "report"
+    code, out, err = run_cli(
+        capsys, "report", "bicubic", tmp_path / "searched", tmp_path / "u8", "--out", report, "--quiet"
+    )
+    assert code == 0, err
+    assert "| bicubic |" in out and "| searched" in out
+    r = json.loads((report / "report.json").read_text())
+    assert [m["name"] for m in r["models"]] == ["bicubic", "searched", "u8"]
+    for m in r["models"]:
+        assert {"psnr", "ssim", "bitops"} <= set(m) and 5 < m["psnr"] < 60
+    assert r["models"][0]["bitops"] is None and r["models"][2]["bitops"] > r["models"][1]["bitops"] > 0
+    assert (report / "pareto.png").read_bytes()[:4] == b"\x89PNG" and (report / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["search", "--space", "nope", "--out", "{tmp}/r"], "unknown search space 'nope'"),
+        (["search", "--ops", "conv9x9", "--out", "{tmp}/r"], "conv9x9"),
+        (["search", "--bits", "4,9", "--out", "{tmp}/r"], "--bits"),
+        (["search", "--steps", "0", "--out", "{tmp}/r"], "--steps"),
+        (["search", "--scale", "5", "--out", "{tmp}/r"], "scale 5"),
+        (["train", "--arch", "{tmp}/missing.json", "--out", "{tmp}/r"], "missing.json"),
+        (["train", "--arch", "{tmp}/bad.json", "--out", "{tmp}/r"], "bad.json"),
+        (["train", "--arch", "{tmp}/wrong.json", "--out", "{tmp}/r"], "not a QuantNAS genotype"),
+        (["train", "--arch", "{tmp}/nolayer.json", "--out", "{tmp}/r"], "no choice for layer(s) head"),
+        (["cost", "--arch", "{tmp}/nolayer.json", "--lr-size", "8"], "no choice for layer(s) head"),
+        (["report", "{tmp}", "--out", "{tmp}/rep"], "model.pt"),
+        (["report", "bicubic", "--out", "{tmp}/rep"], "trained RUN"),
+    ],
+)
+def test_cli_errors_are_one_line(args, needle, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{oops")
+    (tmp_path / "wrong.json").write_text(json.dumps({"format": "something-else"}))
+    g = {"format": "qnas-genotype/1", "space": tiny_space(["conv3x3"]), "scale": 2, "layers": {}}
+    (tmp_path / "nolayer.json").write_text(json.dumps(g))
+    extra = [] if args[0] == "cost" else ["--quiet"]
+    code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args], *extra)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_split_images_interleaves():
+    assert split_images(10, 0.5) == ([0, 2, 4, 6, 8], [1, 3, 5, 7, 9])
+    w, a = split_images(2, 0.5)
+    assert w and a and not set(w) & set(a)
+    w, a = split_images(7, 0.3)
+    assert sorted(w + a) == list(range(7)) and len(a) == 2

@@ -1,0 +1,257 @@
+"""The QuantNAS supernet (qnas.nas.supernet): fused vs naive, joint probabilities, entropy, BitOps and its
+penalty, the entropy schedule, ADQ, and genotype -> derived network -> cost consistency."""
+
+import math
+
+import pytest
+import torch
+
+from qnas.cost import count_cost
+from qnas.nas.adq import ADQ
+from qnas.nas.derive import DerivedNetwork, genotype_cost, uniform_genotype
+from qnas.nas.graph import compile_space
+from qnas.nas.regularizers import BitOpsPenalty, entropy_coef
+from qnas.nas.supernet import SearchLayer, Supernet
+from qnas.spaces import load_space
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from a second thread, and on a shared machine it waits for a core at every
+    parallel region."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_space(candidates, channels=6):
+    """Head, a residual cell of two layers repeated twice with shared slots, upsampler: every node kind the
+    builtin spaces use, at a size that runs in milliseconds."""
+    return {
+        "name": "tiny",
+        "channels": channels,
+        "candidates": candidates,
+        "cells": {
+            "block": [
+                {"name": "a", "op": "layer", "out": "c"},
+                {"name": "skip", "op": "layer", "inputs": ["input"], "out": "c", "candidates": ["conv1x1"]},
+                {"name": "b", "op": "layer", "inputs": ["a"], "out": "c"},
+                {"name": "sum", "op": "add", "inputs": ["b", "skip"]},
+            ]
+        },
+        "network": [
+            {"name": "head", "op": "layer", "out": "c"},
+            {"name": "body", "op": "residual", "cell": "block", "repeat": 2, "alphas": "block"},
+            {"name": "up", "op": "layer", "out": "colors*scale*scale"},
+            {"name": "ps", "op": "pixel_shuffle"},
+        ],
+    }
+
+
+MIXED = ["conv1x1", "conv3x3", "conv3x1_1x3", "conv5x5", "conv5x1_1x5", "conv3x3_g3"]
+
+
+def _pair(candidates, mode="quant", bits=(6, 8), tie=True, seed=0):
+    torch.manual_seed(seed)
+    c = compile_space(load_space(tiny_space(candidates)), 2)
+    fused = Supernet(c, w_bits=list(bits), tie_bits=tie, mode=mode, impl="fused")
+    with torch.no_grad():
+        for a in fused.alphas.values():
+            a.normal_()
+        # Non-zero biases: with zero ones a layer's output is exactly 0 wherever its quantized input is,
+        # and relu's gradient at exactly 0 then depends on the last ulp of two exact summation orders.
+        for name, p in fused.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    naive = Supernet(c, w_bits=list(bits), tie_bits=tie, mode=mode, impl="naive")
+    naive.load_state_dict(fused.state_dict())
+    return fused, naive
+
+
+@pytest.mark.parametrize("candidates", [MIXED, ["conv3x1_1x3", "conv5x1_1x5"], ["conv3x3", "growth2_3x3"]])
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_equals_naive(candidates, tie):
+    """The whole supernet gives the same output, and every layer, fed the input and output gradient it
+    sees inside the network, the same output and gradients (input, probabilities, every parameter).
+
+    Gradients are compared layer by layer because quantization makes the network's gradient piecewise:
+    relu at 0 and the LSQ clamp at qmax + 1/2 are continuous in the forward but jump in the backward, so
+    an ulp of difference between two exact summation orders upstream can move one element across such a
+    point and change a gradient downstream by a whole term. Inside one layer both see the same input."""
+    fused, naive = _pair(candidates, tie=tie)
+    x = torch.rand(2, 3, 10, 10)
+    torch.testing.assert_close(fused(x), naive(x), rtol=1e-4, atol=1e-6)
+
+    seen = {}
+
+    def capture(name):
+        def hook(mod, args, out):
+            seen[name] = (args[0].detach(), args[1][mod.slot].detach())
+            out.register_hook(lambda g: seen.__setitem__(name, (*seen[name][:2], g.detach())))
+
+        return hook
+
+    layers = {n: m for n, m in fused.named_modules() if isinstance(m, SearchLayer)}
+    handles = [m.register_forward_hook(capture(n)) for n, m in layers.items()]
+    y = fused(x)
+    y.backward(torch.randn_like(y))
+    for h in handles:
+        h.remove()
+    twins = dict(naive.named_modules())
+    for name, layer in layers.items():
+        xin, probs, gout = seen[name]
+        # The same state: both networks set their LSQ steps from the activations they saw, which agree
+        # only to an ulp, and an ulp moves weights that sit on a rounding boundary to another level.
+        twins[name].load_state_dict(layer.state_dict())
+        results = []
+        for mod in (layer, twins[name]):
+            mod.zero_grad(set_to_none=True)
+            xi, pi = xin.clone().requires_grad_(), probs.clone().requires_grad_()
+            out = mod(xi, {mod.slot: pi})
+            out.backward(gout)
+            # Entries outside the tied bits have probability 0 in the supernet (the softmax masks them);
+            # only the allowed ones have a gradient that means anything.
+            grads = {"input": xi.grad, "probs": pi.grad * fused.allowed(mod.slot)}
+            grads.update({k: p.grad for k, p in mod.named_parameters()})
+            results.append((out, grads))
+        (out_f, g_f), (out_n, g_n) = results
+        torch.testing.assert_close(out_f, out_n, rtol=1e-4, atol=1e-6, msg=name)
+        for k, gn in g_n.items():
+            gf = g_f[k]
+            if gn is None:
+                assert gf is None or not gf.any(), (name, k)
+                continue
+            err = (gf - gn).abs().max() / gn.abs().max().clamp_min(1e-12)
+            assert err < 2e-3, (name, k, float(err))
+
+
+def test_fused_equals_naive_channels_last():
+    fused, naive = _pair(MIXED)
+    x = torch.rand(2, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        fused.to(memory_format=torch.channels_last)(x), naive(x.contiguous()), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_noise_mode_runs_and_is_seeded_by_torch():
+    fused, naive = _pair(MIXED, mode="noise")
+    x = torch.rand(2, 3, 10, 10)
+    torch.manual_seed(3)
+    a = fused(x)
+    torch.manual_seed(3)
+    b = fused(x)
+    torch.manual_seed(4)
+    c = fused(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Same distribution of outputs as the naive loop with torch.randn noise (a loose check of scale).
+    with torch.no_grad():
+        clean = Supernet(fused.compiled, w_bits=[8], mode="quant", impl="naive")
+    assert a.shape == naive(x).shape == clean(x).shape
+    (a.square().mean()).backward()
+    assert all(p.grad is not None for p in fused.alpha_parameters())
+
+
+def test_probs_joint_softmax_and_tied_bits():
+    net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), w_bits=[4, 8], mode="quant")
+    probs = net.probs()
+    assert set(probs) == {"head", "block.a", "block.skip", "block.b", "up"}
+    p = probs["head"]
+    assert p.shape == (len(MIXED), 2, 2)
+    assert torch.allclose(p.sum(), torch.tensor(1.0))
+    assert (p[:, 0, 1] == 0).all() and (p[:, 1, 0] == 0).all()  # w4a8 / w8a4 are not candidates
+    untied = Supernet(net.compiled, w_bits=[4, 8], tie_bits=False, mode="quant").probs()["head"]
+    assert (untied > 0).all()
+
+
+def test_entropy_of_uniform_alphas():
+    net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), w_bits=[4, 8], mode="quant")
+    with torch.no_grad():
+        for a in net.alphas.values():
+            a.zero_()
+    h = float(net.entropy(net.probs()).detach())
+    # 4 slots with 6 ops x 2 tied bits = 12 choices, the skip slot 1 op x 2 bits.
+    assert h == pytest.approx(4 * math.log(12) + math.log(2), rel=1e-6)
+
+
+def test_expected_bitops_of_a_one_hot_supernet_equals_the_derived_network_cost():
+    space = load_space(tiny_space(MIXED))
+    net = Supernet(compile_space(space, 2), w_bits=[4, 8], mode="quant")
+    g = uniform_genotype(space, 2, "conv3x1_1x3", 4)
+    g["layers"]["block.a"] = {"op": "conv5x5", "w_bits": 8, "a_bits": 8}
+    g["layers"]["up"] = {"op": "conv3x3_g3", "w_bits": 8, "a_bits": 8}
+    probs = {}
+    for slot, cands in net.compiled.slots.items():
+        ch = g["layers"][slot]
+        p = torch.zeros(len(cands), 2, 2)
+        p[cands.index(ch["op"]), [4, 8].index(ch["w_bits"]), [4, 8].index(ch["a_bits"])] = 1
+        probs[slot] = p
+    expected = float(net.expected_bitops_per_pixel(probs)) * 20 * 30
+    assert expected == genotype_cost(g, (20, 30))["bitops"]
+    # ... and qnas.cost on the network itself agrees (a real forward on CPU, not only the meta device).
+    assert count_cost(DerivedNetwork(g, "lsq"), (20, 30)).bitops == expected
+
+
+def test_penalty_is_normalized_by_the_initial_expected_bitops():
+    net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), mode="quant")
+    e0 = float(net.expected_bitops_per_pixel(net.probs()))
+    pen = BitOpsPenalty(0.3, e0)
+    assert float(pen(net.expected_bitops_per_pixel(net.probs()))) == pytest.approx(0.3)
+    with torch.no_grad():  # all mass on the cheapest term of every slot: the ratio drops below 1
+        for slot in net.slots:
+            a = net.alphas[slot.replace(".", "-")]
+            a.fill_(-30)
+            a[0, 0, 0] = 30  # conv1x1 (first candidate) at 6 bits
+    assert float(pen.normalized(net.expected_bitops_per_pixel(net.probs()))) < 0.2
+    with pytest.raises(ValueError):
+        BitOpsPenalty(1.0, 0.0)
+
+
+def test_penalty_gradient_prefers_cheap_ops():
+    net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), w_bits=[4, 8], mode="quant")
+    e = net.expected_bitops_per_pixel(net.probs())
+    e.backward()
+    g = net.alphas["head"].grad
+    assert g[MIXED.index("conv1x1"), 0, 0] < g[MIXED.index("conv5x5"), 1, 1]
+
+
+def test_entropy_schedule():
+    steps, coef = 100, 1e-2
+    w = [entropy_coef(t, steps, coef, 0.25) for t in range(steps)]
+    assert w[:25] == [0.0] * 25
+    assert w[-1] == pytest.approx(coef)
+    assert all(b >= a for a, b in zip(w, w[1:], strict=False))  # never decreases
+    assert 0 < w[60] < coef
+    assert entropy_coef(50, 100, 0.0, 0.25) == 0.0
+    assert entropy_coef(0, 10, coef, 0.0) == 0.0 and entropy_coef(9, 10, coef, 0.0) == pytest.approx(coef)
+
+
+def test_adq_formula_and_ablation():
+    torch.manual_seed(0)
+    adq = ADQ(4)
+    x = torch.randn(3, 4, 5, 5) * 2
+    f = lambda t: 0.5 * t  # noqa: E731
+    sigma = x.std(dim=(1, 2, 3), keepdim=True)
+    expected = f(adq.bn(x)) * (1.5 * sigma + 0.0) + x
+    torch.testing.assert_close(adq(x, f), expected)
+    assert float(adq.w) == 1.5 and float(adq.b) == 0.0
+    no_adq = Supernet(compile_space(load_space(tiny_space(["conv3x3"])), 2), mode="quant", adq=False)
+    assert not any(isinstance(m, ADQ) for m in no_adq.modules())
+    assert any(isinstance(m, ADQ) for m in Supernet(no_adq.compiled, mode="quant").modules())
+
+
+def test_genotype_choice_is_the_argmax():
+    net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), w_bits=[4, 8], mode="quant")
+    with torch.no_grad():
+        net.alphas["head"][MIXED.index("conv5x1_1x5"), 1, 1] = 5.0
+    ch = net.choices()["head"]
+    assert (ch["op"], ch["w_bits"], ch["a_bits"]) == ("conv5x1_1x5", 8, 8) and ch["prob"] > 0.9
+
+
+def test_search_layer_state_round_trip():
+    fused, _ = _pair(MIXED)
+    fused(torch.rand(1, 3, 8, 8))  # LSQ steps initialised from data
+    again = Supernet(fused.compiled, w_bits=[6, 8], mode="quant")
+    again.load_state_dict(fused.state_dict())
+    layers = [m for m in again.modules() if isinstance(m, SearchLayer)]
+    assert layers and all(m._initialized for m in layers)
