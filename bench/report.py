@@ -17,8 +17,10 @@ def main(path: str) -> None:
     print(
         f"\nmachine: {cpu}, {mi.get('cpu', {}).get('count', '?')} cores, python {mi.get('python_version', '?')}"
     )
-    print("| group | impl | median ms | GB/s | GOP/s | speedup vs baseline |")
-    print("|---|---|---:|---:|---:|---:|")
+    # Suites that measure memory put peak_mb in extra_info; the column shows only then.
+    mem = any("peak_mb" in b["extra_info"] for b in data["benchmarks"])
+    print("| group | impl | median ms | GB/s | GOP/s | speedup vs baseline |" + (" peak MB |" if mem else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if mem else ""))
     for group in sorted(groups):
         rows = groups[group]
         base = [r for r in rows if r["extra_info"].get("baseline")]
@@ -29,7 +31,13 @@ def main(path: str) -> None:
             gbs = f"{info['bytes'] / t / 1e9:.2f}" if info.get("bytes") else ""
             gops = f"{info['ops'] / t / 1e9:.1f}" if info.get("ops") else ""
             speed = f"{base_t / t:.2f}x" if base_t else ""
-            print(f"| {group} | {info.get('impl', r['name'])} | {t * 1e3:.3f} | {gbs} | {gops} | {speed} |")
+            peak = (
+                f" {info['peak_mb']} |" if mem and info.get("peak_mb") is not None else (" |" if mem else "")
+            )
+            print(
+                f"| {group} | {info.get('impl', r['name'])} | {t * 1e3:.3f} | {gbs} | {gops} | {speed} |"
+                + peak
+            )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,18 @@ TORCH_LIBRARY(qops, m) {
       "int quant_min, int quant_max, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
   // y = x + delta * eps / 2, delta = (max - min) / (2^bits - 1), eps from Philox keyed by (seed, index).
   m.def("quant_noise(Tensor x, int bits, int seed, int axis=-1, str dist=\"gaussian\") -> Tensor");
+  // The QuantNAS supernet layer: y = sum_{o,i,j} probs[o,i,j] * conv_o(FQa_j(x), FQw_i(weights[o])) + bias,
+  // computed as one (or a few) convolutions of all activation variants with merged weights.
+  m.def(
+      "mixed_quant_conv(Tensor x, Tensor[] weights, Tensor probs, int[] w_bits, int[] a_bits, Tensor w_scales, "
+      "Tensor a_scales, bool a_signed, int[] groups, int[] dilations, int stride=1, Tensor? bias=None, "
+      "str mode=\"quant\", int seed=0) -> Tensor");
+  // Every gradient of mixed_quant_conv: (grad_x, grad_weights, grad_probs, grad_w_scales, grad_a_scales,
+  // grad_bias); output_mask says which are wanted (in that order), the others come back empty.
+  m.def(
+      "mixed_quant_conv_backward(Tensor grad, Tensor x, Tensor[] weights, Tensor probs, int[] w_bits, "
+      "int[] a_bits, Tensor w_scales, Tensor a_scales, bool a_signed, int[] groups, int[] dilations, int stride, "
+      "bool has_bias, str mode, int seed, bool[6] output_mask) -> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The Python module qops._C: loading it registers the ops above; it also reports the build.

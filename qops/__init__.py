@@ -18,6 +18,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "(or `make install` in the repository)."
     ) from e
 
+from . import mixed_quant_conv as _mixed_quant_conv  # noqa: E402,F401  (fake + autograd of the supernet op)
 from .fake_quant import fake_quant as fake_quant  # noqa: E402  (LSQ: torch.ops.qops.fake_quant)
 
 __version__ = "0.1.0"

@@ -307,3 +307,83 @@ def quant_noise(
         y = half_delta * eps.to(acc) + xf
     y = torch.where(half_delta == 0, xf, y)
     return y.to(device=x.device, dtype=x.dtype)
+
+
+def mixed_quant_conv(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    probs: torch.Tensor,
+    w_bits: list[int],
+    a_bits: list[int],
+    w_scales: torch.Tensor,
+    a_scales: torch.Tensor,
+    a_signed: bool,
+    groups: list[int],
+    dilations: list[int],
+    stride: int = 1,
+    bias: torch.Tensor | None = None,
+    mode: str = "quant",
+    seed: int = 0,
+    terms=None,
+) -> torch.Tensor:
+    """The QuantNAS supernet layer written as its definition (Shvetsov et al., "QuantNAS for super
+    resolution: searching for efficient quantization-friendly architectures against quantization
+    noise"): the probability-weighted sum of every (operation, weight bits, activation bits) term,
+
+        y = sum_{o,i,j} probs[o,i,j] * conv_o(FQa_j(x), FQw_i(weights[o])) + bias,
+
+    with FQ the LSQ fake quantization (torch's learnable fake quantize, zero point 0), weights signed
+    [-2^(b-1), 2^(b-1)-1], activations [0, 2^b-1] (or signed), bits 0 = full precision, "same" padding
+    dilation*(k-1)/2 per side. mode "noise" replaces each FQ by :func:`quant_noise` (gaussian) of the
+    call's seed on the streams of :func:`mixed_quant_conv_noise_streams`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum
+    to those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks
+    use as the baseline.
+    """
+    if mode not in ("quant", "noise"):
+        raise RuntimeError(f'mode: expected "quant" or "noise", got "{mode}"')
+    a_streams, w_streams = mixed_quant_conv_noise_streams(len(weights), len(w_bits), len(a_bits))
+
+    def fq(t, scale, bits, signed, stream):
+        if bits == 0:
+            return t
+        if mode == "noise":
+            # The kernels add noise without differentiating through the range: identity gradient.
+            return t + (quant_noise(t, bits, seed, stream=stream) - t).detach()
+        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        zero_point = torch.zeros(1, dtype=torch.float32, device=t.device)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            t, scale.reshape(1), zero_point, qmin, qmax, 1.0
+        )
+
+    xq = [fq(x, a_scales[j], b, a_signed, a_streams[j]) for j, b in enumerate(a_bits)]
+    y = None
+    for o, w in enumerate(weights):
+        d = dilations[o]
+        padding = (d * (w.shape[2] - 1) // 2, d * (w.shape[3] - 1) // 2)
+        for i, wb in enumerate(w_bits):
+            wq = None
+            for j in range(len(a_bits)):
+                if terms is not None and not terms[o][i][j]:
+                    continue
+                if wq is None:
+                    wq = fq(w, w_scales[o, i], wb, True, w_streams[o][i])
+                term = probs[o, i, j] * torch.nn.functional.conv2d(
+                    xq[j], wq, None, stride, padding, d, groups[o]
+                )
+                y = term if y is None else y + term
+    if y is None:  # every term skipped: the sum is 0
+        n, _, h, w_ = x.shape
+        y = x.new_zeros(n, weights[0].shape[0], (h - 1) // stride + 1, (w_ - 1) // stride + 1)
+    if bias is not None:
+        y = y + bias.reshape(1, -1, 1, 1)
+    return y
+
+
+def mixed_quant_conv_noise_streams(n_ops: int, n_w_bits: int, n_a_bits: int):
+    """Philox streams (csrc/include/qops/philox.h) of mixed_quant_conv's noise mode: every noise tensor of a
+    call draws from the call's seed on its own stream, 1 + j for activation variant j and
+    1 + n_a_bits + o * n_w_bits + i for weight o at weight bit-width i (stream 0 is quant_noise's own;
+    csrc/include/qops/mixed_quant_conv.h, mqc_noise_stream). Returns (a_streams[j], w_streams[o][i])."""
+    a_streams = [1 + j for j in range(n_a_bits)]
+    w_streams = [[1 + n_a_bits + o * n_w_bits + i for i in range(n_w_bits)] for o in range(n_ops)]
+    return a_streams, w_streams
