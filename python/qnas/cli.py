@@ -138,30 +138,149 @@ def _train_options(f):
 @click.option(
     "--model-args", default=None, metavar="JSON", help="Constructor overrides, e.g. '{\"n_resblocks\": 8}'."
 )
-@click.option("--scale", type=int, required=True, help="Upscaling factor: 2, 3 or 4.")
+@click.option("--scale", type=int, default=None, help="Upscaling factor: 2, 3 or 4 (with --init: the run's).")
+@click.option(
+    "--quant",
+    type=click.Choice(["none", "fqsr", "uniform"]),
+    default="none",
+    show_default=True,
+    help="fqsr: fully quantized (every conv, skip, input and output; FQSR). uniform: conv weights and "
+    "inputs except first/last layers, skips in float (the common baseline). docs/quantization.md.",
+)
+@click.option(
+    "--bits", type=int, default=None, help="Bit-width of weights and activations with --quant (2..8)."
+)
+@click.option(
+    "--quantizer",
+    default=None,
+    metavar="NAME",
+    help="Quantizer of --quant uniform (default lsq; any of qnas.quant.QUANTIZERS); fqsr uses its own.",
+)
+@click.option(
+    "--skip-bits", type=int, default=None, help="--quant fqsr: bits of the skip connections (default --bits)."
+)
+@click.option(
+    "--calibration-weight",
+    type=float,
+    default=None,
+    help="--quant fqsr: weight of the calibration loss mean|Q(x)-x| (default 0.3; 0 = off).",
+)
+@click.option(
+    "--init",
+    "init_run",
+    default=None,
+    metavar="FP_RUN",
+    type=click.Path(path_type=str),
+    help="Start from the weights of a full-precision run (its model config is used).",
+)
 @_train_options
-def train_command(model_name, model_args, scale, quiet, resume, out, **kw) -> None:
-    """Train an SR network (L1, Adam, cosine/step schedule); --resume continues a killed run exactly."""
+def train_command(
+    model_name,
+    model_args,
+    scale,
+    quant,
+    bits,
+    quantizer,
+    skip_bits,
+    calibration_weight,
+    init_run,
+    quiet,
+    resume,
+    out,
+    **kw,
+) -> None:
+    """Train an SR network (L1, Adam, cosine/step schedule); --resume continues a killed run exactly.
+    With --quant, a quantized network (quantization-aware training), usually fine-tuned from --init."""
     import json
 
     from qnas.sr import build_model, model_config
     from qnas.train.train import TrainOptions, train
 
-    if model_name is None:
-        raise click.UsageError("give --model NAME")
+    init_state, init_cfg = None, None
+    if init_run is not None:
+        from qnas.train.network import load_network
+
+        _, blob = load_network(init_run)
+        if blob["network"].get("kind") != "sr" or blob["network"].get("quant"):
+            raise QnasError(
+                f"--init {init_run}: expected a full-precision SR run (`qnas train` without --quant)"
+            )
+        init_cfg, init_state = blob["network"]["model"], blob["model"]
+    if model_name is None and init_cfg is None:
+        raise click.UsageError("give --model NAME (or --init FP_RUN)")
     try:
         extra = json.loads(model_args) if model_args else {}
     except json.JSONDecodeError as e:
         raise QnasError(f"--model-args: not valid JSON ({e})") from e
     if not isinstance(extra, dict):
         raise QnasError("--model-args: expected a JSON object")
-    with torch_meta():
-        cfg = model_config(build_model(model_name, scale, **extra))
+    if init_cfg is not None:
+        if scale is not None and scale != init_cfg["scale"]:
+            raise QnasError(f"--scale {scale}: {init_run} is a x{init_cfg['scale']} network")
+        scale = init_cfg["scale"]
+        if model_name is not None:
+            with torch_meta():
+                wanted = model_config(build_model(model_name, scale, **extra))
+            if wanted != init_cfg:
+                raise QnasError(
+                    f"--init {init_run}: checkpoint of another model ({init_cfg['name']} "
+                    f"{json.dumps(init_cfg['kwargs'], sort_keys=True)[:80]}), not --model {model_name}"
+                )
+        cfg = init_cfg
+    else:
+        if scale is None:
+            raise click.UsageError("--scale is required (2, 3 or 4)")
+        with torch_meta():
+            cfg = model_config(build_model(model_name, scale, **extra))
     network = {"kind": "sr", "model": cfg}
-    summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
+    if quant != "none":
+        network["quant"] = _quant_plan(cfg, quant, bits, quantizer, skip_bits, calibration_weight)
+    elif any(v is not None for v in (bits, quantizer, skip_bits, calibration_weight)):
+        raise QnasError("--bits/--quantizer/--skip-bits/--calibration-weight need --quant fqsr|uniform")
+    if init_state is not None and "quant" in network:
+        from qnas.quant.apply import load_float_weights
+        from qnas.train.network import build_network
+
+        qnet = build_network(network)
+        load_float_weights(qnet, init_state, init_run)
+        init_state = qnet.state_dict()
+    extra_config = {"init": init_run} if init_run else None
+    summary = train(
+        network,
+        TrainOptions(scale=scale, **kw),
+        out,
+        resume=resume,
+        progress=not quiet,
+        init_state=init_state,
+        extra_config=extra_config,
+    )
     click.echo(
         f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
     )
+
+
+def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight) -> dict:
+    """The resolved per-layer plan of `qnas train --quant` (qnas.quant.apply)."""
+    from qnas.quant.apply import check_bits, check_quantizer, resolve_plan
+    from qnas.sr import build_from_config
+
+    if bits is None:
+        raise QnasError(f"--quant {scheme} needs --bits (2..8)")
+    quant: dict = {"scheme": scheme, "bits": check_bits(bits)}
+    if scheme == "uniform":
+        if skip_bits is not None or calibration_weight is not None:
+            raise QnasError("--skip-bits and --calibration-weight apply to --quant fqsr only")
+        quant["quantizer"] = check_quantizer(quantizer or "lsq", "weight")
+    else:
+        if quantizer is not None:
+            raise QnasError("--quantizer applies to --quant uniform (fqsr uses FQSR's quantizer)")
+        if skip_bits is not None:
+            quant["skip_bits"] = check_bits(skip_bits, "--skip-bits")
+        if calibration_weight is not None:
+            if not calibration_weight >= 0:
+                raise QnasError(f"--calibration-weight: must be >= 0, got {calibration_weight}")
+            quant["calibration_weight"] = calibration_weight
+    return resolve_plan(build_from_config(cfg), quant)
 
 
 def torch_meta():
@@ -235,6 +354,40 @@ def cost_command(
             model = build_model(model_name, scale)
     result = count_cost(model, size, bits)
     click.echo(result.to_json() if fmt == "json" else result.format_table())
+
+
+@cli.command("inspect")
+@click.argument("run", type=click.Path(path_type=str))
+@click.option(
+    "--lr-size", default="16x16", show_default=True, metavar="HxW", help="Size of the traced input."
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--strict", is_flag=True, help="Exit with code 1 when any operation stays in float.")
+def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
+    """Every operation between the input and the output of a run's network, with the quantization
+    (bits, step) of what it computes on; operations that stay in floating point are marked FLOAT."""
+    import json
+
+    import torch
+
+    from qnas.cost import parse_lr_size
+    from qnas.quant.apply import describe_plan
+    from qnas.quant.inspect import format_trace, trace_network
+    from qnas.train.network import load_network
+
+    h, w = parse_lr_size(lr_size)
+    net, blob = load_network(run)
+    plan = getattr(net, "qnas_quant", None)
+    channels = int(getattr(net, "in_channels", 3))
+    x = torch.rand(1, channels, h, w, generator=torch.Generator().manual_seed(0))
+    trace = trace_network(net, x)
+    what = describe_plan(plan) if plan else "full precision"
+    if fmt == "json":
+        click.echo(json.dumps({"run": run, "quant": what, **trace.to_dict()}, indent=2))
+    else:
+        click.echo(format_trace(trace, f"{run}: {what}; input 1x{channels}x{h}x{w}"))
+    if strict and trace.float_rows:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -162,6 +162,7 @@ def train(
         )
 
     loss_fn = nn.L1Loss()
+    auxiliary_loss = getattr(model, "auxiliary_loss", None)
     bar = tqdm(
         total=opts.steps, initial=step, desc=f"train {run.path.name}", disable=not progress, unit="step"
     )
@@ -174,9 +175,12 @@ def train(
             lr_img = lr_img.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(lr_img), hr_img)
-            if not torch.isfinite(loss):
-                raise QnasError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-            loss.backward()
+            # Auxiliary terms a network defines for itself (FQSR's calibration loss, qnas.quant.apply).
+            aux = auxiliary_loss() if auxiliary_loss is not None else None
+            total = loss if aux is None else loss + aux
+            if not torch.isfinite(total):
+                raise QnasError(f"training diverged at step {step} (loss {total.item()}); lower --lr")
+            total.backward()
             if opts.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             optimizer.step()
@@ -185,9 +189,11 @@ def train(
                 ema.update_parameters(model)
             step += 1
             loss_value = loss.item()
+            extra = {} if aux is None else {"aux_loss": aux.item()}
             run.log(
                 step,
                 loss=loss_value,
+                **extra,
                 lr=optimizer.param_groups[0]["lr"],
                 step_time_s=time.perf_counter() - t0,
             )
