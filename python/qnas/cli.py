@@ -157,7 +157,10 @@ def _train_options(f):
     help="Quantizer of --quant uniform (default lsq; any of qnas.quant.QUANTIZERS); fqsr uses its own.",
 )
 @click.option(
-    "--skip-bits", type=int, default=None, help="--quant fqsr: bits of the skip connections (default --bits)."
+    "--skip-bits",
+    type=int,
+    default=None,
+    help="--quant fqsr: bits of the skip connections (default max(--bits, 8)).",
 )
 @click.option(
     "--calibration-weight",
@@ -354,6 +357,72 @@ def cost_command(
             model = build_model(model_name, scale)
     result = count_cost(model, size, bits)
     click.echo(result.to_json() if fmt == "json" else result.format_table())
+
+
+@cli.command("strategy")
+@click.option(
+    "--checkpoint",
+    required=True,
+    metavar="FP_RUN",
+    type=click.Path(path_type=str),
+    help="A full-precision run (`qnas train` without --quant) whose network is quantized.",
+)
+@click.option(
+    "--quantizers",
+    default="all",
+    show_default=True,
+    metavar="LIST",
+    help="Comma-separated strategies (lsq,pact,dorefa,hwgq,minmax,percentile,mse) or 'all'. "
+    "One quantizer = uniform quantization with it (the baseline).",
+)
+@click.option("--bits", type=int, required=True, help="Bit-width of weights and activations (2..8).")
+@click.option(
+    "--mode",
+    type=click.Choice(["ptq", "qat"]),
+    default="ptq",
+    show_default=True,
+    help="ptq: weights frozen, match the full-precision output on calibration patches; "
+    "qat: strategies, quantizers and weights trained in one pass per step on the task loss.",
+)
+@click.option("--data", default="builtin", show_default=True, help="Calibration/training data (train split).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimization steps.")
+@click.option(
+    "--calib-batches", type=int, default=8, show_default=True, help="Batches of the calibration set."
+)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--patch-size", type=int, default=64, show_default=True, help="HR patch side in pixels.")
+@click.option(
+    "--lr", type=float, default=1e-4, show_default=True, help="Adam lr of the network weights (qat)."
+)
+@click.option(
+    "--arch-lr", type=float, default=0.05, show_default=True, help="Adam lr of the strategy logits."
+)
+@click.option(
+    "--quant-lr", type=float, default=1e-3, show_default=True, help="Adam lr of LSQ steps and PACT clips."
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["factorized", "fused"]),
+    default="factorized",
+    show_default=True,
+    help="How a mixed layer is computed: one convolution of the mixed input and weight, or "
+    "torch.ops.qops.mixed_quant_conv (docs/quantization.md).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def strategy_command(checkpoint, out, quiet, **kw) -> None:
+    """DQSS: search the quantizer of every layer's weights and inputs (post-training or
+    quantization-aware); writes RUN/strategy.json and RUN/model.pt for `qnas eval --checkpoint RUN`."""
+    from qnas.train.strategy import StrategyOptions, run_strategy
+
+    summary = run_strategy(checkpoint, StrategyOptions(**kw), out, progress=not quiet)
+    counts = summary["counts"]
+    w = ", ".join(f"{k} {v}" for k, v in sorted(counts["weight"].items()))
+    a = ", ".join(f"{k} {v}" for k, v in sorted(counts["activation"].items()))
+    click.echo(
+        f"{summary['mode']} search in {summary['seconds']:.0f} s: weights [{w}], activations [{a}]: {out}"
+    )
 
 
 @cli.command("inspect")
