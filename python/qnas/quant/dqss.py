@@ -256,11 +256,11 @@ def searched_layers(model: nn.Module, example: torch.Tensor | None = None) -> di
 def _probe_with(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
     convs: dict[str, bool] = {}
     names = {m: n for n, m in model.named_modules()}
-    hooks = [
-        m.register_forward_hook(lambda m, a, o: convs.setdefault(names[m], bool((a[0] >= 0).all())))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
+
+    def hook(m, args, out) -> None:
+        convs.setdefault(names[m], bool((args[0] >= 0).all()))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     was = model.training
     try:
         model.eval()
