@@ -10,7 +10,8 @@ each operation belongs to. Each tensor gets a domain:
 - ``int``: exact integer arithmetic on quantized operands: a convolution of quantized input and
   weight (int32 accumulator; its bias is an int32 at the product of the steps), a sum of two
   quantized tensors, or a re-arrangement (view, pixel shuffle, ReLU, zero padding) of such values;
-- ``requant``: an element-wise affine step with a constant (mean shift, scalar multiply, PReLU, …)
+- ``requant``: an element-wise affine step with a constant (mean shift, scalar multiply, PReLU,
+  inference batch norm, …)
   on integer or input values. Integer inference folds it into the next quantizer's requantization,
   so it is fine exactly when a quantizer consumes it;
 - ``float``: anything else.
@@ -83,6 +84,13 @@ _AFFINE = {
     "hardtanh",
     "clamp",
     "clamp_",
+}
+# Inference batch norm is a per-channel affine map: folded into the requantization like a bias.
+_AFFINE |= {
+    "native_batch_norm",
+    "_native_batch_norm_legit_no_training",
+    "_native_batch_norm_legit",
+    "batch_norm",
 }
 _TENSOR_BINARY = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 
