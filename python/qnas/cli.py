@@ -308,6 +308,14 @@ def torch_meta():
     "QuantNAS genotype files are not accepted yet.",
 )
 @click.option(
+    "--checkpoint",
+    "run_dir",
+    metavar="RUN",
+    type=click.Path(path_type=str),
+    help="A run folder: its network as trained (quantized layers count with their own bits). Runs one "
+    "real forward pass on the CPU.",
+)
+@click.option(
     "--scale", type=int, default=None, help="Upscaling factor 2, 3 or 4 (with --arch: taken from the file)."
 )
 @click.option("--lr-size", required=True, metavar="HxW", help="LR input size in pixels, e.g. 48x48 (or 48).")
@@ -323,6 +331,7 @@ def torch_meta():
 def cost_command(
     model_name: str | None,
     arch_file: str | None,
+    run_dir: str | None,
     scale: int | None,
     lr_size: str,
     bits: float | None,
@@ -335,13 +344,23 @@ def cost_command(
     from qnas.cost import count_cost, parse_lr_size
     from qnas.sr import build_from_config, build_model, read_model_config
 
-    if (model_name is None) == (arch_file is None):
-        raise QnasError("give exactly one of --model NAME or --arch FILE")
+    if sum(v is not None for v in (model_name, arch_file, run_dir)) != 1:
+        raise QnasError("give exactly one of --model NAME, --arch FILE or --checkpoint RUN")
     size = parse_lr_size(lr_size)
     if bits is not None and not (1 <= bits <= 32):
         raise QnasError(f"--bits {bits:g} is out of range (1..32)")
     if bits is not None and bits.is_integer():
         bits = int(bits)
+    if run_dir is not None:
+        from qnas.train.network import load_network, network_scale
+
+        net, blob = load_network(run_dir)
+        own = network_scale(blob["network"])
+        if scale is not None and scale != own:
+            raise QnasError(f"--scale {scale}: {run_dir} is a x{own} network")
+        result = count_cost(net, size, bits, name=blob["network"].get("model", {}).get("name"))
+        click.echo(result.to_json() if fmt == "json" else result.format_table())
+        return
     with torch.device("meta"):
         if arch_file is not None:
             cfg = read_model_config(arch_file)
