@@ -10,7 +10,14 @@ import qops
 
 
 def test_ops_registered():
-    for name in ("fake_quant", "fake_quant_backward", "quant_noise", "pack_weight", "packed_conv2d", "quantized_conv2d"):
+    for name in (
+        "fake_quant",
+        "fake_quant_backward",
+        "quant_noise",
+        "pack_weight",
+        "packed_conv2d",
+        "quantized_conv2d",
+    ):
         assert hasattr(torch.ops.qops, name), name
 
 

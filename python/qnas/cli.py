@@ -154,45 +154,176 @@ def _train_options(f):
     help="Activation quantizer of a --arch network (QuantNAS retrains with HWGQ).",
 )
 @click.option(
-    "--scale", type=int, default=None, help="Upscaling factor: 2, 3 or 4 (with --arch: from the file)."
+    "--scale",
+    type=int,
+    default=None,
+    help="Upscaling factor: 2, 3 or 4 (with --arch or --init: taken from there).",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(["none", "fqsr", "uniform"]),
+    default="none",
+    show_default=True,
+    help="fqsr: fully quantized (every conv, skip, input and output; FQSR). uniform: conv weights and "
+    "inputs except first/last layers, skips in float (the common baseline). docs/quantization.md.",
+)
+@click.option(
+    "--bits", type=int, default=None, help="Bit-width of weights and activations with --quant (2..8)."
+)
+@click.option(
+    "--quantizer",
+    default=None,
+    metavar="NAME",
+    help="Quantizer of --quant uniform (default lsq; any of qnas.quant.QUANTIZERS); fqsr uses its own.",
+)
+@click.option(
+    "--skip-bits",
+    type=int,
+    default=None,
+    help="--quant fqsr: bits of the skip connections (default max(--bits, 8)).",
+)
+@click.option(
+    "--calibration-weight",
+    type=float,
+    default=None,
+    help="--quant fqsr: weight of the calibration loss mean|Q(x)-x| (default 0.3; 0 = off).",
+)
+@click.option(
+    "--init",
+    "init_run",
+    default=None,
+    metavar="FP_RUN",
+    type=click.Path(path_type=str),
+    help="Start from the weights of a full-precision run (its model config is used).",
 )
 @_train_options
-def train_command(model_name, model_args, arch_file, act_quantizer, scale, quiet, resume, out, **kw) -> None:
-    """Train an SR network (L1, Adam, cosine/step schedule); --resume continues a killed run exactly."""
+def train_command(
+    model_name,
+    model_args,
+    arch_file,
+    act_quantizer,
+    scale,
+    quant,
+    bits,
+    quantizer,
+    skip_bits,
+    calibration_weight,
+    init_run,
+    quiet,
+    resume,
+    out,
+    **kw,
+) -> None:
+    """Train an SR network (L1, Adam, cosine/step schedule); --resume continues a killed run exactly.
+    With --quant, a quantized network (quantization-aware training), usually fine-tuned from --init."""
     import json
 
     from qnas.train.train import TrainOptions, train
 
-    if (model_name is None) == (arch_file is None):
-        raise click.UsageError("give exactly one of --model NAME or --arch FILE")
     if arch_file is not None:
         from qnas.nas.derive import genotype_network_config, read_genotype
 
-        if model_args:
-            raise click.UsageError("--model-args applies to --model only")
+        if model_name is not None or model_args or init_run is not None or quant != "none":
+            raise click.UsageError(
+                "--arch retrains a genotype: it takes none of --model/--model-args/--init/--quant"
+            )
         genotype = read_genotype(arch_file)
         if scale is not None and scale != genotype["scale"]:
             raise QnasError(f"--scale {scale}: {arch_file} is a x{genotype['scale']} genotype")
         scale = int(genotype["scale"])
         network = genotype_network_config(genotype, act_quantizer)
-    else:
-        from qnas.sr import build_model, model_config
+        summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
+        click.echo(
+            f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
+        )
+        return
+    from qnas.sr import build_model, model_config
 
+    init_state, init_cfg = None, None
+    if init_run is not None:
+        from qnas.train.network import load_network
+
+        _, blob = load_network(init_run)
+        if blob["network"].get("kind") != "sr" or blob["network"].get("quant"):
+            raise QnasError(
+                f"--init {init_run}: expected a full-precision SR run (`qnas train` without --quant)"
+            )
+        init_cfg, init_state = blob["network"]["model"], blob["model"]
+    if model_name is None and init_cfg is None:
+        raise click.UsageError("give --model NAME (or --init FP_RUN)")
+    try:
+        extra = json.loads(model_args) if model_args else {}
+    except json.JSONDecodeError as e:
+        raise QnasError(f"--model-args: not valid JSON ({e})") from e
+    if not isinstance(extra, dict):
+        raise QnasError("--model-args: expected a JSON object")
+    if init_cfg is not None:
+        if scale is not None and scale != init_cfg["scale"]:
+            raise QnasError(f"--scale {scale}: {init_run} is a x{init_cfg['scale']} network")
+        scale = init_cfg["scale"]
+        if model_name is not None:
+            with torch_meta():
+                wanted = model_config(build_model(model_name, scale, **extra))
+            if wanted != init_cfg:
+                raise QnasError(
+                    f"--init {init_run}: checkpoint of another model ({init_cfg['name']} "
+                    f"{json.dumps(init_cfg['kwargs'], sort_keys=True)[:80]}), not --model {model_name}"
+                )
+        cfg = init_cfg
+    else:
         if scale is None:
-            raise click.UsageError("--scale is required with --model (2, 3 or 4)")
-        try:
-            extra = json.loads(model_args) if model_args else {}
-        except json.JSONDecodeError as e:
-            raise QnasError(f"--model-args: not valid JSON ({e})") from e
-        if not isinstance(extra, dict):
-            raise QnasError("--model-args: expected a JSON object")
+            raise click.UsageError("--scale is required (2, 3 or 4)")
         with torch_meta():
             cfg = model_config(build_model(model_name, scale, **extra))
-        network = {"kind": "sr", "model": cfg}
-    summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
+    network = {"kind": "sr", "model": cfg}
+    if quant != "none":
+        network["quant"] = _quant_plan(cfg, quant, bits, quantizer, skip_bits, calibration_weight)
+    elif any(v is not None for v in (bits, quantizer, skip_bits, calibration_weight)):
+        raise QnasError("--bits/--quantizer/--skip-bits/--calibration-weight need --quant fqsr|uniform")
+    if init_state is not None and "quant" in network:
+        from qnas.quant.apply import load_float_weights
+        from qnas.train.network import build_network
+
+        qnet = build_network(network)
+        load_float_weights(qnet, init_state, init_run)
+        init_state = qnet.state_dict()
+    extra_config = {"init": init_run} if init_run else None
+    summary = train(
+        network,
+        TrainOptions(scale=scale, **kw),
+        out,
+        resume=resume,
+        progress=not quiet,
+        init_state=init_state,
+        extra_config=extra_config,
+    )
     click.echo(
         f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
     )
+
+
+def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight) -> dict:
+    """The resolved per-layer plan of `qnas train --quant` (qnas.quant.apply)."""
+    from qnas.quant.apply import check_bits, check_quantizer, resolve_plan
+    from qnas.sr import build_from_config
+
+    if bits is None:
+        raise QnasError(f"--quant {scheme} needs --bits (2..8)")
+    quant: dict = {"scheme": scheme, "bits": check_bits(bits)}
+    if scheme == "uniform":
+        if skip_bits is not None or calibration_weight is not None:
+            raise QnasError("--skip-bits and --calibration-weight apply to --quant fqsr only")
+        quant["quantizer"] = check_quantizer(quantizer or "lsq", "weight")
+    else:
+        if quantizer is not None:
+            raise QnasError("--quantizer applies to --quant uniform (fqsr uses FQSR's quantizer)")
+        if skip_bits is not None:
+            quant["skip_bits"] = check_bits(skip_bits, "--skip-bits")
+        if calibration_weight is not None:
+            if not calibration_weight >= 0:
+                raise QnasError(f"--calibration-weight: must be >= 0, got {calibration_weight}")
+            quant["calibration_weight"] = calibration_weight
+    return resolve_plan(build_from_config(cfg), quant)
 
 
 def torch_meta():
@@ -217,6 +348,14 @@ def torch_meta():
     "or a QuantNAS genotype (RUN/genotype.json): the derived network at its searched bits.",
 )
 @click.option(
+    "--checkpoint",
+    "run_dir",
+    metavar="RUN",
+    type=click.Path(path_type=str),
+    help="A run folder: its network as trained (quantized layers count with their own bits). Runs one "
+    "real forward pass on the CPU.",
+)
+@click.option(
     "--scale", type=int, default=None, help="Upscaling factor 2, 3 or 4 (with --arch: taken from the file)."
 )
 @click.option("--lr-size", required=True, metavar="HxW", help="LR input size in pixels, e.g. 48x48 (or 48).")
@@ -232,6 +371,7 @@ def torch_meta():
 def cost_command(
     model_name: str | None,
     arch_file: str | None,
+    run_dir: str | None,
     scale: int | None,
     lr_size: str,
     bits: float | None,
@@ -244,13 +384,23 @@ def cost_command(
     from qnas.cost import count_cost, parse_lr_size
     from qnas.sr import build_from_config, build_model, read_model_config
 
-    if (model_name is None) == (arch_file is None):
-        raise QnasError("give exactly one of --model NAME or --arch FILE")
+    if sum(v is not None for v in (model_name, arch_file, run_dir)) != 1:
+        raise QnasError("give exactly one of --model NAME, --arch FILE or --checkpoint RUN")
     size = parse_lr_size(lr_size)
     if bits is not None and not (1 <= bits <= 32):
         raise QnasError(f"--bits {bits:g} is out of range (1..32)")
     if bits is not None and bits.is_integer():
         bits = int(bits)
+    if run_dir is not None:
+        from qnas.train.network import load_network, network_scale
+
+        net, blob = load_network(run_dir)
+        own = network_scale(blob["network"])
+        if scale is not None and scale != own:
+            raise QnasError(f"--scale {scale}: {run_dir} is a x{own} network")
+        result = count_cost(net, size, bits, name=blob["network"].get("model", {}).get("name"))
+        click.echo(result.to_json() if fmt == "json" else result.format_table())
+        return
     with torch.device("meta"):
         if arch_file is not None:
             from qnas.nas.derive import DerivedNetwork, is_genotype, read_genotype
@@ -450,6 +600,106 @@ def report_command(runs, out, data, lr_size, quiet) -> None:
     report = build_report(list(runs), out, data=data, lr_size=parse_lr_size(lr_size), progress=not quiet)
     click.echo(markdown_table(report))
     click.echo(f"\n{out}/report.json, {out}/pareto.png, {out}/report.md")
+
+
+@cli.command("strategy")
+@click.option(
+    "--checkpoint",
+    required=True,
+    metavar="FP_RUN",
+    type=click.Path(path_type=str),
+    help="A full-precision run (`qnas train` without --quant) whose network is quantized.",
+)
+@click.option(
+    "--quantizers",
+    default="all",
+    show_default=True,
+    metavar="LIST",
+    help="Comma-separated strategies (lsq,pact,dorefa,hwgq,minmax,percentile,mse) or 'all'. "
+    "One quantizer = uniform quantization with it (the baseline).",
+)
+@click.option("--bits", type=int, required=True, help="Bit-width of weights and activations (2..8).")
+@click.option(
+    "--mode",
+    type=click.Choice(["ptq", "qat"]),
+    default="ptq",
+    show_default=True,
+    help="ptq: weights frozen, match the full-precision output on calibration patches; "
+    "qat: strategies, quantizers and weights trained in one pass per step on the task loss.",
+)
+@click.option("--data", default="builtin", show_default=True, help="Calibration/training data (train split).")
+@click.option("--steps", type=int, default=100, show_default=True, help="Optimization steps.")
+@click.option(
+    "--calib-batches", type=int, default=8, show_default=True, help="Batches of the calibration set."
+)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--patch-size", type=int, default=64, show_default=True, help="HR patch side in pixels.")
+@click.option(
+    "--lr", type=float, default=1e-4, show_default=True, help="Adam lr of the network weights (qat)."
+)
+@click.option(
+    "--arch-lr", type=float, default=0.05, show_default=True, help="Adam lr of the strategy logits."
+)
+@click.option(
+    "--quant-lr", type=float, default=1e-3, show_default=True, help="Adam lr of LSQ steps and PACT clips."
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["factorized", "fused"]),
+    default="factorized",
+    show_default=True,
+    help="How a mixed layer is computed: one convolution of the mixed input and weight, or "
+    "torch.ops.qops.mixed_quant_conv (docs/quantization.md).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def strategy_command(checkpoint, out, quiet, **kw) -> None:
+    """DQSS: search the quantizer of every layer's weights and inputs (post-training or
+    quantization-aware); writes RUN/strategy.json and RUN/model.pt for `qnas eval --checkpoint RUN`."""
+    from qnas.train.strategy import StrategyOptions, run_strategy
+
+    summary = run_strategy(checkpoint, StrategyOptions(**kw), out, progress=not quiet)
+    counts = summary["counts"]
+    w = ", ".join(f"{k} {v}" for k, v in sorted(counts["weight"].items()))
+    a = ", ".join(f"{k} {v}" for k, v in sorted(counts["activation"].items()))
+    click.echo(
+        f"{summary['mode']} search in {summary['seconds']:.0f} s: weights [{w}], activations [{a}]: {out}"
+    )
+
+
+@cli.command("inspect")
+@click.argument("run", type=click.Path(path_type=str))
+@click.option(
+    "--lr-size", default="16x16", show_default=True, metavar="HxW", help="Size of the traced input."
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--strict", is_flag=True, help="Exit with code 1 when any operation stays in float.")
+def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
+    """Every operation between the input and the output of a run's network, with the quantization
+    (bits, step) of what it computes on; operations that stay in floating point are marked FLOAT."""
+    import json
+
+    import torch
+
+    from qnas.cost import parse_lr_size
+    from qnas.quant.apply import describe_plan
+    from qnas.quant.inspect import format_trace, trace_network
+    from qnas.train.network import load_network
+
+    h, w = parse_lr_size(lr_size)
+    net, blob = load_network(run)
+    plan = getattr(net, "qnas_quant", None)
+    channels = int(getattr(net, "in_channels", 3))
+    x = torch.rand(1, channels, h, w, generator=torch.Generator().manual_seed(0))
+    trace = trace_network(net, x)
+    what = describe_plan(plan) if plan else "full precision"
+    if fmt == "json":
+        click.echo(json.dumps({"run": run, "quant": what, **trace.to_dict()}, indent=2))
+    else:
+        click.echo(format_trace(trace, f"{run}: {what}; input 1x{channels}x{h}x{w}"))
+    if strict and trace.float_rows:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

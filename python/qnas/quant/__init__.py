@@ -8,6 +8,7 @@ strategies differ in how they choose the step (scale) and clipping, and in their
 from qnas.quant.quantizers import (
     QUANTIZERS,
     DoReFaQuantizer,
+    FQSRQuantizer,
     HWGQQuantizer,
     LSQQuantizer,
     MinMaxQuantizer,
@@ -16,12 +17,14 @@ from qnas.quant.quantizers import (
     PercentileQuantizer,
     Quantizer,
     build_quantizer,
+    mse_optimal_clip,
     quant_range,
 )
 
 __all__ = [
     "QUANTIZERS",
     "DoReFaQuantizer",
+    "FQSRQuantizer",
     "HWGQQuantizer",
     "LSQQuantizer",
     "MSEQuantizer",
@@ -30,5 +33,6 @@ __all__ = [
     "PercentileQuantizer",
     "Quantizer",
     "build_quantizer",
+    "mse_optimal_clip",
     "quant_range",
 ]

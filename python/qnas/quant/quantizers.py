@@ -17,6 +17,9 @@ The strategies (all usable for weights and for activations unless stated):
 - ``minmax``: s = max|x|/qmax.
 - ``percentile``: s = percentile(|x|, p)/qmax (p = 99.99 by default).
 - ``mse``: the clipping value on a grid in (0, max|x|] that minimizes ‖Q(x) − x‖².
+- ``fqsr``: FQSR's learnable clipping (Wang et al., ACM MM 2021): LSQ's learned step, initialised
+  from statistics over the first `warmup` training iterations (pass-through meanwhile), keeping
+  the quantization error for FQSR's calibration loss (see FQSRQuantizer).
 
 Statistics-based steps (minmax, percentile, mse, hwgq) are computed from the first batch seen
 and then tracked with an exponential moving average in training mode (`momentum`); `freeze()`
@@ -31,6 +34,7 @@ import math
 import torch
 from torch import nn
 
+import qops  # noqa: F401  (registers torch.ops.qops.fake_quant)
 from qnas.errors import QnasError
 
 
@@ -102,7 +106,10 @@ class Quantizer(nn.Module):
         axis = "per-tensor" if self.axis is None else f"axis={self.axis}"
         return f"bits={self.bits}, signed={self.signed}, {axis}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def observe(self, x: torch.Tensor) -> None:
+        """The data-driven part of forward without quantizing: initializes the step from the first
+        tensor seen, then (training mode, not frozen) lets statistics-based steps track the data.
+        Fused layers that quantize with torch.ops.qops.mixed_quant_conv call this, then `scale()`."""
         if not bool(self.initialized):
             with torch.no_grad():
                 self._init(x)
@@ -110,7 +117,15 @@ class Quantizer(nn.Module):
         elif self.training and not bool(self.frozen):
             with torch.no_grad():
                 self._track(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.observe(x)
         return self.quantize(x)
+
+    def lsq_grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's gradient scale 1/sqrt(elements per step · qmax) for a tensor like x."""
+        per_scale = x.numel() // max(self._channels, 1)
+        return 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization with the current step; gradients to x by the straight-through estimator."""
@@ -183,23 +198,44 @@ class MSEQuantizer(_StatQuantizer):
         self.grid = int(grid)
 
     def _clip(self, x):
-        x = x.detach().float()
-        amax = _amax(x, self.axis).clamp_min(1e-8)
-        best_err, best = None, amax
-        for k in range(1, self.grid + 1):
-            clip = amax * (k / self.grid)
-            s = _per_axis(clip / self.qmax, x, self.axis)
-            err = ((torch.clamp(torch.round(x / s), self.qmin, self.qmax) * s - x) ** 2).sum(
-                dim=_reduce_dims(x, self.axis)
-            )
-            err = err.reshape(-1)
-            if best_err is None:
-                best_err, best = err, clip.clone()
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = torch.where(better, clip, best)
-        return best
+        return mse_optimal_clip(x, self.axis, self.qmin, self.qmax, self.grid)
+
+
+_MSE_SAMPLE = 1 << 14
+
+
+def mse_optimal_clip(x: torch.Tensor, axis: int | None, qmin: int, qmax: int, grid: int = 80) -> torch.Tensor:
+    """The clipping value c·max|x| (c on a grid of `grid` values in (0, 1]) minimizing ‖Q(x) − x‖².
+
+    Per-tensor, the error is measured on at most 2^14 elements (an evenly strided subsample that
+    always keeps the maximum), so the search costs the same on a feature map as on a weight."""
+    x = x.detach().float()
+    amax = _amax(x, axis).clamp_min(1e-8)
+    if axis is None:
+        flat = x.reshape(-1)
+        if flat.numel() > _MSE_SAMPLE:
+            flat = torch.cat([flat[:: flat.numel() // _MSE_SAMPLE + 1], amax])
+        rows = flat.unsqueeze(0)  # [1, n]
+    else:
+        rows = x.movedim(axis % x.dim(), 0).reshape(x.shape[axis], -1)  # [C, n]
+    fractions = torch.arange(1, grid + 1, device=x.device, dtype=x.dtype) / grid
+    best_err, best = None, None
+    # All candidates at once, in chunks of the grid that keep the temporary below ~2^23 elements.
+    chunk = max(1, (1 << 23) // max(rows.numel(), 1))
+    for lo in range(0, grid, chunk):
+        clips = fractions[lo : lo + chunk, None] * amax[None, :]  # [g, C]
+        s = (clips / qmax)[:, :, None]
+        err = ((torch.clamp(torch.round(rows[None] / s), qmin, qmax) * s - rows[None]) ** 2).sum(-1)  # [g, C]
+        k = err.argmin(0)
+        err_k = err.gather(0, k[None])[0]
+        clip_k = clips.gather(0, k[None])[0]
+        if best_err is None:
+            best_err, best = err_k, clip_k
+        else:
+            better = err_k < best_err
+            best_err = torch.where(better, err_k, best_err)
+            best = torch.where(better, clip_k, best)
+    return best
 
 
 class HWGQQuantizer(_StatQuantizer):
@@ -282,6 +318,63 @@ class LSQQuantizer(Quantizer):
         return torch.ops.qops.fake_quant(x, s, zp, axis, self.qmin, self.qmax, grad_factor)
 
 
+class FQSRQuantizer(LSQQuantizer):
+    """The quantizer of FQSR (Wang, Chen, Zhuang, Shen, "Fully Quantized Image Super-Resolution
+    Networks", ACM MM 2021, arXiv:2011.14265), as we read it (docs/quantization.md):
+
+    - per-layer learnable clipping: each tensor has its own clipping value c = qmax·s, learned with
+      LSQ's gradient, because weight and activation ranges differ widely from layer to layer;
+    - initialised from activation statistics over the first `warmup` training iterations: during
+      them the quantizer passes x through unchanged and sets c to the running mean of the per-batch
+      statistic (`init_stat`: "max" = max|x|, the paper's code; "mse" = the MSE-optimal clip);
+    - the calibration loss: in training mode it keeps `calibration_error` = mean|Q(x) − x| (a
+      tensor in the graph) that the training loop adds to the task loss (qnas.quant.apply), so
+      clipping values and the features themselves are pulled towards a small quantization error.
+
+    Outside training, or with warmup = 0, an uninitialised quantizer takes its clip from the first
+    tensor it sees."""
+
+    strategy = "fqsr"
+
+    def __init__(self, bits: int, *, warmup: int = 0, init_stat: str = "max", **kw):
+        super().__init__(bits, **kw)
+        if init_stat not in ("max", "mse"):
+            raise QnasError(f"init_stat: expected 'max' or 'mse', got {init_stat!r}")
+        if int(warmup) < 0:
+            raise QnasError(f"warmup: must not be negative, got {warmup}")
+        self.warmup = int(warmup)
+        self.init_stat = init_stat
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("stat_sum", torch.zeros(self._channels))
+        self.calibration_error: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, warmup={self.warmup}, init={self.init_stat}"
+
+    def _statistic(self, x: torch.Tensor) -> torch.Tensor:
+        if self.init_stat == "max":
+            return _amax(x, self.axis)
+        # 40 candidates (2.5 % of max|x| apart) keep the warm-up cheap; it is refined by learning.
+        return mse_optimal_clip(x, self.axis, self.qmin, self.qmax, grid=40)
+
+    def _init(self, x: torch.Tensor) -> None:
+        self.step.data.copy_((self._statistic(x) / max(self.qmax, 1)).clamp_min(1e-8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and int(self.seen) < self.warmup:
+            with torch.no_grad():
+                self.stat_sum.add_(self._statistic(x))
+                self.seen.add_(1)
+                self.step.data.copy_((self.stat_sum / self.seen / max(self.qmax, 1)).clamp_min(1e-8))
+                self.initialized.fill_(True)
+            self.calibration_error = None
+            return x
+        self.observe(x)
+        y = self.quantize(x)
+        self.calibration_error = (y - x).abs().mean() if self.training else None
+        return y
+
+
 class PACTQuantizer(Quantizer):
     """Learned clipping value α (Choi et al. 2018): y = s·round(clip(x)/s), s = α/qmax.
 
@@ -342,6 +435,7 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
     q.strategy: q
     for q in (
         LSQQuantizer,
+        FQSRQuantizer,
         PACTQuantizer,
         DoReFaQuantizer,
         HWGQQuantizer,

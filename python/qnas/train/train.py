@@ -167,6 +167,7 @@ def train(
         )
 
     loss_fn = nn.L1Loss()
+    auxiliary_loss = getattr(model, "auxiliary_loss", None)
     bar = tqdm(
         total=opts.steps, initial=step, desc=f"train {run.path.name}", disable=not progress, unit="step"
     )
@@ -179,9 +180,12 @@ def train(
             lr_img = lr_img.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(net(lr_img), hr_img)
-            if not torch.isfinite(loss):
-                raise QnasError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
-            loss.backward()
+            # Auxiliary terms a network defines for itself (FQSR's calibration loss, qnas.quant.apply).
+            aux = auxiliary_loss() if auxiliary_loss is not None else None
+            total = loss if aux is None else loss + aux
+            if not torch.isfinite(total):
+                raise QnasError(f"training diverged at step {step} (loss {total.item()}); lower --lr")
+            total.backward()
             if opts.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
             optimizer.step()
@@ -190,9 +194,11 @@ def train(
                 ema.update_parameters(model)
             step += 1
             loss_value = distributed.mean(loss.item(), info)
+            extra = {} if aux is None else {"aux_loss": distributed.mean(aux.item(), info)}
             run.log(
                 step,
                 loss=loss_value,
+                **extra,
                 lr=optimizer.param_groups[0]["lr"],
                 step_time_s=time.perf_counter() - t0,
             )

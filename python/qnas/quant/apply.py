@@ -1,0 +1,273 @@
+"""Turning a float SR network into a quantized one from a JSON config (the "quant" entry of a
+network config, see qnas.train.network), so `qnas eval --checkpoint` and load_network rebuild it.
+
+A quant config names a scheme and a bit-width; `resolve_plan` expands it into a per-layer plan
+(which convolution, skip and output is quantized, with which quantizer, bits and signedness) that
+is stored with the run, so rebuilding never depends on probing again:
+
+    {"scheme": "fqsr" | "uniform" | "dqss", "bits": B, ...options...,
+     "layers":  {conv name: {"w": {"quantizer", "bits"}, "a": {"quantizer", "bits", "signed"}} or null},
+     "adds":    {Add name: {"quantizer", "bits", "signed": [x, y, out]}},       (fqsr)
+     "output":  {"quantizer", "bits", "signed"} or null}                       (fqsr)
+
+Schemes (docs/quantization.md):
+- "fqsr": FQSR (Wang et al., ACM MM 2021): every convolution's weight and input at B bits except
+  the first convolution's input, which is the network input, at `io_bits` (8); every skip
+  connection z = Q(Q(x) + Q(y)) at `skip_bits` (default max(B, 8), as the paper's released
+  configuration a4w4o8; 4-bit skips cost 1.8 dB before fine-tuning, docs/quantization.md); the
+  network output at `io_bits`. All
+  quantizers are FQSRQuantizer (learnable clipping, statistics warm-up) and training adds the
+  calibration loss `calibration_weight` · mean over quantizers of mean|Q(x) − x|.
+- "uniform": the common baseline: weights and inputs of every convolution but the first and the
+  last at B bits with one `quantizer` (default lsq); skips, first and last layers in float.
+- "dqss": like "uniform" in coverage, with a per-layer weight and activation quantizer chosen by
+  the strategy search (qnas.quant.dqss); "layers" must be given.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from qnas.errors import CheckpointError, QnasError
+from qnas.quant.modules import OutputQuantizer, QuantAdd, QuantConv2d, quantizers
+from qnas.quant.quantizers import QUANTIZERS, FQSRQuantizer, build_quantizer
+from qnas.sr.common import Add
+
+SCHEMES = ("fqsr", "uniform", "dqss")
+BITS_RANGE = (2, 8)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "fqsr": {
+        "quantizer": "fqsr",
+        "io_bits": 8,
+        "skip_bits": None,  # None: max(bits, 8), the paper's released configuration (a4w4o8)
+        "warmup": 20,
+        "init_stat": "mse",
+        "calibration_weight": 0.3,
+    },
+    "uniform": {"quantizer": "lsq"},
+    "dqss": {},
+}
+
+
+def check_bits(bits: Any, what: str = "--bits") -> int:
+    """bits as an int in BITS_RANGE, else QnasError naming it."""
+    lo, hi = BITS_RANGE
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not float(bits).is_integer():
+        raise QnasError(f"{what}: expected an integer in {lo}..{hi}, got {bits!r}")
+    if not lo <= int(bits) <= hi:
+        raise QnasError(f"{what} {int(bits)} is out of range ({lo}..{hi})")
+    return int(bits)
+
+
+def check_quantizer(name: Any, kind: str = "activation") -> str:
+    if name not in QUANTIZERS:
+        raise QnasError(f"quantizer: unknown {name!r} (known: {', '.join(sorted(QUANTIZERS))})")
+    cls = QUANTIZERS[name]
+    if kind == "weight" and not cls.weight_ok:
+        raise QnasError(f"quantizer: {name!r} quantizes activations only, not weights")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------
+# Probing the float network: execution order of convolutions, signs of their inputs, skips
+
+
+def probe_network(model: nn.Module) -> dict[str, Any]:
+    """One forward pass on a random image-like input with hooks: the convolutions in execution
+    order with whether their input was non-negative (after a ReLU, or the image itself), and each
+    Add's operands and sum likewise. Structural facts, so the random weights do not matter."""
+    convs: dict[str, bool] = {}
+    adds: dict[str, list[bool]] = {}
+    names = {m: n for n, m in model.named_modules()}
+    on_meta = any(p.is_meta for p in model.parameters())
+
+    def nonneg(t: torch.Tensor) -> bool:
+        return (not on_meta) and bool((t.detach() >= 0).all())
+
+    def conv_hook(m, args, out):
+        convs.setdefault(names[m], nonneg(args[0]))
+
+    def add_hook(m, args, out):
+        adds.setdefault(names[m], [nonneg(args[0]), nonneg(args[1]), nonneg(out)])
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, Add):
+            handles.append(m.register_forward_hook(add_hook))
+    size = max(16, int(getattr(model, "min_input_size", 1)))
+    channels = int(getattr(model, "in_channels", 3))
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, channels, size, size, generator=g).to(device)
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    if not convs:
+        raise QnasError(f"{type(model).__name__}: no convolution to quantize")
+    return {"convs": convs, "adds": adds}
+
+
+def resolve_plan(model: nn.Module, quant: dict) -> dict:
+    """The full per-layer plan of a quant config (see module docstring); a config that already has
+    "layers" is checked and returned as is."""
+    if not isinstance(quant, dict):
+        raise QnasError("quant config: expected a JSON object")
+    scheme = quant.get("scheme")
+    if scheme not in SCHEMES:
+        raise QnasError(f"quant scheme {scheme!r} is unknown (known: {', '.join(SCHEMES)})")
+    plan = {**DEFAULTS[scheme], **copy.deepcopy(quant)}
+    bits = check_bits(plan.get("bits"))
+    if "layers" in plan:
+        return plan
+    if scheme == "dqss":
+        raise QnasError('quant scheme "dqss" needs per-layer "layers" (made by `qnas strategy`)')
+    q = check_quantizer(plan["quantizer"], "weight")
+    probe = probe_network(model)
+    order = list(probe["convs"])
+    first, last = order[0], order[-1]
+    layers: dict[str, Any] = {}
+    if scheme == "uniform":
+        for name, nonneg in probe["convs"].items():
+            if name in (first, last):
+                layers[name] = None
+            else:
+                layers[name] = {
+                    "w": {"quantizer": q, "bits": bits},
+                    "a": {"quantizer": q, "bits": bits, "signed": not nonneg},
+                }
+        plan.update(layers=layers, adds={}, output=None)
+        return plan
+    io_bits = check_bits(plan["io_bits"], "io_bits")
+    skip_bits = check_bits(plan["skip_bits"] if plan["skip_bits"] is not None else max(bits, 8), "skip_bits")
+    plan["skip_bits"] = skip_bits
+    for name, nonneg in probe["convs"].items():
+        layers[name] = {
+            "w": {"quantizer": q, "bits": bits},
+            "a": {"quantizer": q, "bits": io_bits if name == first else bits, "signed": not nonneg},
+        }
+    adds = {
+        name: {"quantizer": q, "bits": skip_bits, "signed": [not s for s in signs]}
+        for name, signs in probe["adds"].items()
+    }
+    plan.update(layers=layers, adds=adds, output={"quantizer": q, "bits": io_bits, "signed": False})
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# Applying a plan
+
+
+def _quantizer_kwargs(name: str, plan: dict) -> dict:
+    if name == "fqsr":
+        return {"warmup": int(plan.get("warmup", 0)), "init_stat": plan.get("init_stat", "max")}
+    return {}
+
+
+def make_quantizer(spec: dict, kind: str, plan: dict) -> nn.Module:
+    """A quantizer from a plan entry {"quantizer", "bits", "signed"?} (per-tensor steps)."""
+    name = check_quantizer(spec.get("quantizer"), kind)
+    bits = check_bits(spec.get("bits"), f"{kind} bits")
+    signed = True if kind == "weight" else bool(spec.get("signed", True))
+    return build_quantizer(name, bits, kind=kind, signed=signed, **_quantizer_kwargs(name, plan))
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize_network(model: nn.Module, quant: dict) -> nn.Module:
+    """Replaces `model`'s convolutions and skip connections by quantized ones following the plan of
+    `quant` (resolved first when it has no "layers"), installs the output quantizer, and returns the
+    model (the same object). Float parameters keep their names; `model.qnas_quant` holds the plan."""
+    plan = resolve_plan(model, quant)
+    modules = dict(model.named_modules())
+    for name, spec in plan["layers"].items():
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d):
+            raise QnasError(f"quant plan: {name!r} is not a convolution of {type(model).__name__}")
+        if spec is None:
+            continue
+        w_q = make_quantizer(spec["w"], "weight", plan) if spec.get("w") else None
+        a_q = make_quantizer(spec["a"], "activation", plan) if spec.get("a") else None
+        _set_submodule(model, name, QuantConv2d.from_conv(conv, w_q, a_q))
+    for name, spec in (plan.get("adds") or {}).items():
+        if not isinstance(modules.get(name), Add):
+            raise QnasError(f"quant plan: {name!r} is not a skip connection (Add) of {type(model).__name__}")
+        signs = spec.get("signed", [True, True, True])
+        qs = [make_quantizer({**spec, "signed": s}, "activation", plan) for s in signs]
+        _set_submodule(model, name, QuantAdd(*qs))
+    if plan.get("output"):
+        model.output_quant = OutputQuantizer(make_quantizer(plan["output"], "activation", plan))
+        model.register_forward_hook(_quantize_output)
+    device = next(model.parameters()).device
+    if device.type != "meta":
+        for _, q in quantizers(model):
+            q.to(device)
+    model.qnas_quant = plan
+    weight = float(plan.get("calibration_weight") or 0.0)
+    if weight > 0:
+        model.calibration_weight = weight
+        model.auxiliary_loss = types.MethodType(calibration_loss, model)
+    return model
+
+
+def _quantize_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return module.output_quant(output)
+
+
+def calibration_loss(model: nn.Module) -> torch.Tensor | None:
+    """FQSR's calibration loss: `model.calibration_weight` times the mean, over the FQSR quantizers
+    that quantized something in the last training forward, of mean|Q(x) − x|. None when no
+    quantizer recorded an error (evaluation mode, or still in the warm-up)."""
+    errors = [
+        m.calibration_error
+        for m in model.modules()
+        if isinstance(m, FQSRQuantizer) and m.calibration_error is not None
+    ]
+    if not errors:
+        return None
+    return model.calibration_weight * torch.stack(errors).mean()
+
+
+def load_float_weights(model: nn.Module, state: dict, source: str) -> None:
+    """Loads a full-precision state_dict into a quantized network built from the same float model:
+    every float parameter must match; only quantizer state may be missing (it initialises from data).
+    A checkpoint of another model is a CheckpointError naming `source`."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0])
+        raise CheckpointError(f"{source}: weights of another model ({detail[:160]})") from e
+    quant_keys = {f"{n}.{k}" for n, q in quantizers(model) for k in q.state_dict()}
+    missing = [k for k in missing if k not in quant_keys]
+    if missing or unexpected:
+        what = ", ".join((missing + list(unexpected))[:3])
+        raise CheckpointError(f"{source}: weights of another model (keys differ: {what})")
+
+
+def describe_plan(plan: dict) -> str:
+    """One line: scheme, bits and coverage."""
+    layers = plan.get("layers", {})
+    n_q = sum(1 for s in layers.values() if s)
+    parts = [f"{plan['scheme']} {plan['bits']}-bit", f"{n_q}/{len(layers)} convolutions quantized"]
+    if plan.get("adds"):
+        parts.append(f"{len(plan['adds'])} skips at {plan.get('skip_bits')} bits")
+    if plan.get("output"):
+        parts.append(f"output at {plan['output']['bits']} bits")
+    return ", ".join(parts)

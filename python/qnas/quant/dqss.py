@@ -1,0 +1,539 @@
+"""DQSS: differentiable quantization strategy search (Li, Yan, Chen, "Differentiable Search for
+Finding Optimal Quantization Strategy", arXiv:2404.08010, 2024), as we read it (docs/quantization.md).
+
+Every searched convolution holds all candidate quantizers ("strategies", qnas.quant.quantizers) for
+its weight and for its input, with logits β (weights) and α (activations):
+
+    y = Σ_i α_i Σ_j β_j  conv(Q^a_i(A), Q^w_j(W))  =  conv(Σ_i α_i Q^a_i(A), Σ_j β_j Q^w_j(W))
+
+(α, β = softmax(logits / T)). Convolution is bilinear, so the whole mixture is ONE convolution:
+
+- engine "fused": torch.ops.qops.mixed_quant_conv with one variant per strategy whose
+  forward is a plain uniform quantizer s·clamp(round(x/s)) and that differs from the others only
+  by its step: the same bit-width repeated, each variant given its strategy's step (LSQ's with
+  LSQ's gradient scale, statistics-based steps detached), probs[o, j, i] = β_j·α_i. Strategies with
+  another forward or another gradient rule (PACT's clipping gradient, DoReFa's tanh weights and
+  its clip at 1 that stops the gradient half a step earlier than fake_quant's mask) go beside it:
+  their weights enter the same call pre-quantized, as extra candidates at bits 0; their inputs are
+  mixed first, Σ α_i Q^a_i(A), and convolved by a second call at bits 0.
+- engine "factorized" (default): conv(Σ α_i Q^a_i(A), Σ β_j Q^w_j(W)) in plain torch, each
+  quantizer's own forward: the same function (tests check both against each other). Because the
+  probabilities factorize (α_i·β_j), the mixed input has Cin channels, while mixed_quant_conv,
+  made for QuantNAS' joint (op, w_bits, a_bits) probabilities that do not factorize, concatenates
+  its activation variants (n_a·Cin channels): measured on a 64-channel 3x3 layer (batch 4, 48x48,
+  forward + backward, this 2-core machine) the fused engine took 1.1 s with all seven strategies
+  and 4.1 s with five step-only ones vs 0.7 s for the factorized form, hence the default.
+
+Search modes (`qnas strategy`): post-training (PTQ: network weights frozen; strategy logits and the
+quantizers' own parameters minimize the error to the full-precision network's output on
+calibration patches) and quantization-aware (QAT: logits, quantizer parameters and weights updated
+in one forward-backward pass per step, against the ground truth, with the schedule that avoids
+under-fitting described in `qat_phases`). The derived network keeps, per layer, the strategy with
+the largest logit for weights and for activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qnas.errors import QnasError
+from qnas.quant.apply import check_bits, probe_network
+from qnas.quant.quantizers import (
+    QUANTIZERS,
+    LSQQuantizer,
+    Quantizer,
+    build_quantizer,
+)
+
+#: The strategies of the seed: every quantizer of qnas.quant but FQSR's (`qnas strategy --quantizers all`).
+DQSS_STRATEGIES = ("lsq", "pact", "dorefa", "hwgq", "minmax", "percentile", "mse")
+# Strategies whose forward is fake_quant(x, s) and whose gradient to x is its straight-through mask:
+# they can be variants of mixed_quant_conv. PACT (clipping gradient) and DoReFa (tanh weights,
+# activation gradient cut at exactly 1) are not of that form.
+_STEP_ONLY = {"lsq", "minmax", "percentile", "mse", "hwgq"}
+
+
+def parse_quantizers(spec: str | Sequence[str]) -> list[str]:
+    """A comma-separated list (or "all") of strategy names, checked; QnasError names a bad one."""
+    names = list(DQSS_STRATEGIES) if spec == "all" else spec
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise QnasError("--quantizers: give at least one quantizer (or 'all')")
+    for n in names:
+        if n not in QUANTIZERS:
+            raise QnasError(
+                f"--quantizers: unknown quantizer {n!r} (known: {', '.join(sorted(QUANTIZERS))}, or 'all')"
+            )
+    if len(set(names)) != len(names):
+        raise QnasError(f"--quantizers: {','.join(names)} names a quantizer twice")
+    if not any(QUANTIZERS[n].weight_ok for n in names):
+        raise QnasError(
+            f"--quantizers: {','.join(names)} has no weight quantizer (hwgq quantizes activations only)"
+        )
+    return names
+
+
+def _step_only(q: Quantizer) -> bool:
+    return q.strategy in _STEP_ONLY
+
+
+def _op_scale(q: Quantizer, t: torch.Tensor) -> torch.Tensor:
+    """The step a quantizer would use on t, as a 0-d tensor; LSQ's with LSQ's gradient scale g
+    (value s, gradient g·dL/ds), the others detached (their steps are not learned by gradient)."""
+    if isinstance(q, LSQQuantizer):
+        s = q.step.abs().clamp_min(1e-8).reshape(())
+        g = q.lsq_grad_factor(t)
+        return (s - s * g).detach() + s * g
+    return q.scale().detach().abs().clamp_min(1e-8).reshape(())
+
+
+class StrategyConv2d(nn.Conv2d):
+    """A convolution searching its weight and activation quantization strategy (module docstring).
+
+    Parameters `strategy_w_logits` [n_w] and `strategy_a_logits` [n_a] are the architecture
+    parameters (see strategy_parameters); `temperature` divides them before the softmax."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        quantizers: Sequence[str],
+        bits: int,
+        *,
+        a_signed: bool,
+        engine: str = "factorized",
+    ):
+        with torch.device("meta"):
+            super().__init__(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+            )
+        self.weight, self.bias = conv.weight, conv.bias
+        if engine not in ("fused", "factorized"):
+            raise QnasError(f"engine: expected 'fused' or 'factorized', got {engine!r}")
+        self.bits = self.w_bits = self.a_bits = check_bits(bits)
+        self.a_signed = bool(a_signed)
+        self.w_names = [n for n in quantizers if QUANTIZERS[n].weight_ok]
+        self.a_names = [n for n in quantizers if QUANTIZERS[n].activation_ok]
+        device = conv.weight.device
+        self.w_quants = nn.ModuleDict({n: build_quantizer(n, bits, kind="weight") for n in self.w_names}).to(
+            device
+        )
+        self.a_quants = nn.ModuleDict(
+            {n: build_quantizer(n, bits, kind="activation", signed=a_signed) for n in self.a_names}
+        ).to(device)
+        self.strategy_w_logits = nn.Parameter(torch.zeros(len(self.w_names), device=device))
+        self.strategy_a_logits = nn.Parameter(torch.zeros(len(self.a_names), device=device))
+        self.temperature = 1.0
+        kh, kw = self.kernel_size
+        same = self.padding == (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
+        square = self.stride[0] == self.stride[1] and self.dilation[0] == self.dilation[1]
+        # mixed_quant_conv pads "same" with one stride: other layers run the factorized form.
+        self.engine = engine if (same and square and kh % 2 and kw % 2) else "factorized"
+        self.train(conv.training)
+
+    # -- the mixture ---------------------------------------------------------------------------
+    def w_probs(self) -> torch.Tensor:
+        return torch.softmax(self.strategy_w_logits / self.temperature, 0)
+
+    def a_probs(self) -> torch.Tensor:
+        return torch.softmax(self.strategy_a_logits / self.temperature, 0)
+
+    def choice(self) -> tuple[str, str]:
+        """(weight strategy, activation strategy) with the largest logits."""
+        return (
+            self.w_names[int(self.strategy_w_logits.argmax())],
+            self.a_names[int(self.strategy_a_logits.argmax())],
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine == "fused":
+            return self._forward_fused(x)
+        beta, alpha = self.w_probs(), self.a_probs()
+        w = sum(b * q(self.weight) for b, q in zip(beta, self.w_quants.values(), strict=True))
+        xa = sum(a * q(x) for a, q in zip(alpha, self.a_quants.values(), strict=True))
+        return F.conv2d(xa, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        beta, alpha = self.w_probs(), self.a_probs()
+        w_q = list(self.w_quants.values())
+        a_q = list(self.a_quants.values())
+        for q in w_q:
+            q.observe(self.weight)
+        for q in a_q:
+            q.observe(x)
+        w_in = [j for j, q in enumerate(w_q) if _step_only(q)]
+        w_pre = [j for j, q in enumerate(w_q) if j not in w_in]
+        a_in = [i for i, q in enumerate(a_q) if _step_only(q)]
+        a_pre = [i for i, q in enumerate(a_q) if i not in a_in]
+        # Candidate 0 is the raw weight with one variant per step-only strategy; candidate 1 + k is
+        # the k-th other strategy's quantized weight, used at bits 0 (already on its grid).
+        weights = [self.weight] + [w_q[j].quantize(self.weight) for j in w_pre]
+        n_ops, n_w = len(weights), len(w_in) + len(w_pre)
+        w_bits = [self.bits] * len(w_in) + [0] * len(w_pre)
+        one = torch.ones((), device=x.device)
+        row0 = [_op_scale(w_q[j], self.weight) for j in w_in] + [one] * len(w_pre)
+        w_scales = torch.stack([torch.stack(row0)] + [torch.ones(n_w, device=x.device)] * (n_ops - 1))
+        rows = [0] * len(w_in) + [1 + k for k in range(len(w_pre))]
+        cols = list(range(n_w))
+        p_w = torch.zeros(n_ops, n_w, device=x.device).index_put(
+            (torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)), beta[w_in + w_pre]
+        )
+        common = dict(
+            w_bits=w_bits,
+            w_scales=w_scales,
+            a_signed=self.a_signed,
+            groups=[self.groups] * n_ops,
+            dilations=[self.dilation[0]] * n_ops,
+            stride=self.stride[0],
+        )
+        y = None
+        if a_in:
+            a_scales = torch.stack([_op_scale(a_q[i], x) for i in a_in])
+            probs = p_w[:, :, None] * alpha[a_in][None, None, :]
+            y = torch.ops.qops.mixed_quant_conv(
+                x, weights, probs, a_bits=[self.bits] * len(a_in), a_scales=a_scales, bias=self.bias, **common
+            )
+        if a_pre:  # the other strategies' inputs, mixed first (bilinearity again): one more call
+            x_pre = sum(alpha[i] * a_q[i].quantize(x) for i in a_pre)
+            part = torch.ops.qops.mixed_quant_conv(
+                x_pre,
+                weights,
+                p_w[:, :, None],
+                a_bits=[0],
+                a_scales=torch.ones(1, device=x.device),
+                bias=self.bias if y is None else None,
+                **common,
+            )
+            y = part if y is None else y + part
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, bits={self.bits}, engine={self.engine}, "
+            f"w: {','.join(self.w_names)}, a: {','.join(self.a_names)}"
+        )
+
+
+def strategy_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The architecture parameters of a supernet (strategy logits)."""
+    return [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("strategy_")]
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Learned parameters of quantizers (LSQ steps, PACT clipping values)."""
+    return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
+
+
+def network_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Everything else: the network's own weights."""
+    special = {id(p) for p in strategy_parameters(model) + quantizer_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in special]
+
+
+def searched_layers(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, bool]:
+    """{conv name: input is signed} for the convolutions a search quantizes: all but the first and
+    the last (the coverage of the "uniform" baseline; qnas.quant.apply)."""
+    if example is None:
+        probe = probe_network(model)
+        convs = probe["convs"]
+    else:
+        convs = _probe_with(model, example)
+    order = list(convs)
+    return {n: not nonneg for n, nonneg in convs.items() if n not in (order[0], order[-1])}
+
+
+def _probe_with(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
+    convs: dict[str, bool] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, args, out) -> None:
+        convs.setdefault(names[m], bool((args[0] >= 0).all()))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return convs
+
+
+def build_supernet(
+    model: nn.Module,
+    quantizers: Sequence[str],
+    bits: int,
+    *,
+    layers: dict[str, bool] | None = None,
+    engine: str = "factorized",
+) -> nn.Module:
+    """Replaces the convolutions `layers` ({name: signed input}, default searched_layers(model)) of
+    `model` (in place; parameters shared) by StrategyConv2d over `quantizers` at `bits`."""
+    names = parse_quantizers(list(quantizers))
+    layers = searched_layers(model) if layers is None else layers
+    for name, signed in layers.items():
+        conv = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, StrategyConv2d(conv, names, bits, a_signed=signed, engine=engine))
+    return model
+
+
+def supernet_layers(model: nn.Module) -> dict[str, StrategyConv2d]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, StrategyConv2d)}
+
+
+def set_temperature(model: nn.Module, t: float) -> None:
+    for m in supernet_layers(model).values():
+        m.temperature = float(t)
+
+
+def freeze_statistics(model: nn.Module) -> None:
+    """Stops statistics-based steps from tracking the data (after calibration)."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.freeze()
+
+
+def derive_plan(model: nn.Module, quantizers: Sequence[str], bits: int) -> dict:
+    """The "dqss" quant plan of a searched supernet: per layer, the strategies with the largest logits,
+    and the per-layer probabilities (for strategy.json)."""
+    layers, probs = {}, {}
+    for name, m in supernet_layers(model).items():
+        w, a = m.choice()
+        layers[name] = {
+            "w": {"quantizer": w, "bits": m.bits},
+            "a": {"quantizer": a, "bits": m.bits, "signed": m.a_signed},
+        }
+        with torch.no_grad():
+            probs[name] = {
+                "w": {
+                    n: round(float(p), 4)
+                    for n, p in zip(m.w_names, torch.softmax(m.strategy_w_logits, 0), strict=True)
+                },
+                "a": {
+                    n: round(float(p), 4)
+                    for n, p in zip(m.a_names, torch.softmax(m.strategy_a_logits, 0), strict=True)
+                },
+            }
+    return {
+        "scheme": "dqss",
+        "bits": int(bits),
+        "quantizers": list(quantizers),
+        "layers": layers,
+        "probs": probs,
+    }
+
+
+def derive_network(supernet: nn.Module, float_model: nn.Module, plan: dict) -> nn.Module:
+    """The discrete network of a plan: `float_model` (same architecture, any weights) quantized by
+    the plan, with the supernet's weights and its chosen quantizers' state."""
+    from qnas.quant.apply import quantize_network
+
+    net = quantize_network(float_model, {k: v for k, v in plan.items() if k != "probs"})
+    layers = supernet_layers(supernet)
+    out = {}
+    for key, value in supernet.state_dict().items():
+        owner = next((n for n in layers if key.startswith(n + ".")), None)
+        if owner is None:
+            out[key] = value
+            continue
+        sub = key[len(owner) + 1 :]
+        w_name = plan["layers"][owner]["w"]["quantizer"]
+        a_name = plan["layers"][owner]["a"]["quantizer"]
+        if sub in ("weight", "bias"):
+            out[key] = value
+        elif sub.startswith(f"w_quants.{w_name}."):
+            out[f"{owner}.w_quant.{sub[len(f'w_quants.{w_name}.') :]}"] = value
+        elif sub.startswith(f"a_quants.{a_name}."):
+            out[f"{owner}.a_quant.{sub[len(f'a_quants.{a_name}.') :]}"] = value
+    net.load_state_dict(out)
+    freeze_statistics(net)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------
+# Search loops (shared by `qnas strategy` and examples/dqss_digits.py)
+
+
+def temperature_at(step: int, steps: int, start: float = 1.0, end: float = 0.05) -> float:
+    """Geometric annealing of the softmax temperature, so the mixture ends close to one-hot and the
+    derived network is close to what was optimized."""
+    t = min(max(step / max(steps - 1, 1), 0.0), 1.0)
+    return start * (end / start) ** t
+
+
+def calibrate(supernet: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Initializes every quantizer from data: the first batch sets the steps, later ones update the
+    statistics (EMA); then the statistics are frozen."""
+    supernet.train()
+    with torch.no_grad():
+        for x in batches:
+            supernet(x)
+    freeze_statistics(supernet)
+
+
+def ptq_search(
+    supernet: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[torch.Tensor],
+    steps: int,
+    *,
+    arch_lr: float = 0.05,
+    quant_lr: float = 1e-3,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+    log: Callable[..., None] | None = None,
+    progress=None,
+) -> None:
+    """Post-training search: network weights frozen; strategy logits (Adam, `arch_lr`) and quantizer
+    parameters (Adam, `quant_lr`) minimize loss_fn(supernet(x), teacher(x)) over the calibration
+    batches (cycled), the temperature annealed by temperature_at."""
+    for p in network_parameters(supernet):
+        p.requires_grad_(False)
+    groups = [{"params": strategy_parameters(supernet), "lr": arch_lr}]
+    qp = quantizer_parameters(supernet)
+    if qp:
+        groups.append({"params": qp, "lr": quant_lr})
+    opt = torch.optim.Adam(groups)
+    teacher.eval()
+    with torch.no_grad():
+        targets = [teacher(x) for x in batches]
+    supernet.train()
+    for step in range(steps):
+        set_temperature(supernet, temperature_at(step, steps))
+        x, target = batches[step % len(batches)], targets[step % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(supernet(x), target)
+        if not torch.isfinite(loss):
+            raise QnasError(
+                f"strategy search diverged at step {step} (loss {loss.item()}); lower --arch-lr/--quant-lr"
+            )
+        loss.backward()
+        opt.step()
+        if log is not None:
+            log(step + 1, loss=loss.item(), temperature=supernet_temperature(supernet))
+        if progress is not None:
+            progress(loss.item())
+    set_temperature(supernet, 1.0)
+
+
+def supernet_temperature(model: nn.Module) -> float:
+    layers = list(supernet_layers(model).values())
+    return layers[0].temperature if layers else 1.0
+
+
+def qat_phases(steps: int) -> tuple[int, int]:
+    """(end of the weight warm-up, start of the discrete fine-tune) for a QAT search of `steps`.
+
+    Our adjustment against under-fitting (the seed updates strategies and weights in one pass and
+    adjusts the optimization so the network does not under-fit): the first quarter trains weights and
+    quantizer parameters under the uniform mixture with the logits frozen (they would otherwise
+    follow a network that has not adapted to quantization yet), the middle half updates logits,
+    quantizer parameters and weights in one forward-backward pass with the temperature annealed,
+    and the last quarter fine-tunes the derived discrete network, so the deployed strategies are
+    trained as they run rather than as part of a mixture."""
+    warm = steps // 4
+    return warm, steps - steps // 4
+
+
+def qat_search(
+    supernet: nn.Module,
+    next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    lr: float = 1e-4,
+    arch_lr: float = 0.05,
+    quant_lr: float = 1e-3,
+    derive: Callable[[nn.Module], nn.Module],
+    log: Callable[..., None] | None = None,
+    progress=None,
+) -> nn.Module:
+    """Quantization-aware search in one forward-backward pass per step (see qat_phases); returns the
+    derived discrete network after its fine-tune. `derive(supernet)` builds it."""
+    warm, discrete = qat_phases(steps)
+    arch = strategy_parameters(supernet)
+    opt = torch.optim.Adam(
+        [
+            {"params": network_parameters(supernet), "lr": lr},
+            {"params": quantizer_parameters(supernet), "lr": quant_lr},
+            {"params": arch, "lr": arch_lr},
+        ]
+    )
+    net = supernet
+    net.train()
+    for step in range(steps):
+        if step == discrete:
+            net = derive(supernet)
+            net.train()
+            opt = torch.optim.Adam(
+                [
+                    {"params": network_parameters(net), "lr": lr},
+                    {"params": quantizer_parameters(net), "lr": quant_lr},
+                ]
+            )
+        searching = warm <= step < discrete
+        for p in arch:
+            p.requires_grad_(searching)
+        if net is supernet:
+            set_temperature(supernet, temperature_at(step - warm, discrete - warm) if step >= warm else 1.0)
+        x, target = next_batch(step)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), target)
+        if not torch.isfinite(loss):
+            raise QnasError(
+                f"strategy search diverged at step {step} (loss {loss.item()}); lower the learning rates"
+            )
+        loss.backward()
+        opt.step()
+        if log is not None:
+            phase = "warmup" if step < warm else ("search" if searching else "finetune")
+            log(step + 1, loss=loss.item(), phase=phase, temperature=supernet_temperature(supernet))
+        if progress is not None:
+            progress(loss.item())
+    if net is supernet:  # fewer than 4 steps: no fine-tune phase
+        net = derive(supernet)
+    freeze_statistics(net)
+    return net
+
+
+def entropy(model: nn.Module) -> float:
+    """Mean entropy (nats) of the strategy distributions, a convergence indicator."""
+    hs = []
+    with torch.no_grad():
+        for m in supernet_layers(model).values():
+            for p in (m.w_probs(), m.a_probs()):
+                hs.append(float(-(p * p.clamp_min(1e-12).log()).sum()))
+    return sum(hs) / len(hs) if hs else 0.0
+
+
+__all__ = [
+    "DQSS_STRATEGIES",
+    "StrategyConv2d",
+    "build_supernet",
+    "calibrate",
+    "derive_network",
+    "derive_plan",
+    "entropy",
+    "parse_quantizers",
+    "ptq_search",
+    "qat_phases",
+    "qat_search",
+    "searched_layers",
+    "strategy_parameters",
+    "temperature_at",
+]

@@ -1,0 +1,187 @@
+"""`qnas strategy`: DQSS strategy search on an SR network (qnas.quant.dqss), writing a run folder:
+
+RUN/
+  config.json     the command's options
+  metrics.jsonl   one JSON object per step (loss, temperature, phase), TensorBoard events beside it
+  strategy.json   per searched layer: the chosen weight and activation quantizer and the final
+                  strategy probabilities; counts of each choice
+  model.pt        the derived quantized network (qnas.train.network format, scheme "dqss"),
+                  which `qnas eval --checkpoint RUN` evaluates
+
+Searches are short (minutes) and are not resumable: a killed search is started again.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qnas.errors import CheckpointError, QnasError
+from qnas.quant.apply import check_bits, load_float_weights
+from qnas.quant.dqss import (
+    build_supernet,
+    calibrate,
+    derive_network,
+    derive_plan,
+    entropy,
+    parse_quantizers,
+    ptq_search,
+    qat_search,
+    searched_layers,
+)
+from qnas.train.network import load_network, model_blob
+from qnas.train.run import RunDir, atomic_write_bytes
+
+
+@dataclass
+class StrategyOptions:
+    quantizers: list[str]
+    bits: int
+    mode: str = "ptq"  # ptq | qat
+    data: str = "builtin"
+    steps: int = 100
+    calib_batches: int = 8
+    batch_size: int = 4
+    patch_size: int = 64
+    lr: float = 1e-4  # network weights (qat)
+    arch_lr: float = 0.05  # strategy logits
+    quant_lr: float = 1e-3  # quantizer parameters (LSQ steps, PACT clips)
+    engine: str = "factorized"
+    seed: int = 0
+
+    def check(self) -> None:
+        self.quantizers = parse_quantizers(self.quantizers)
+        self.bits = check_bits(self.bits)
+        if self.mode not in ("ptq", "qat"):
+            raise QnasError(f"--mode: expected ptq or qat, got {self.mode!r}")
+        for name in ("steps", "calib_batches", "batch_size", "patch_size"):
+            if getattr(self, name) < 1:
+                raise QnasError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "arch_lr", "quant_lr"):
+            if not getattr(self, name) > 0:
+                raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        if self.engine not in ("factorized", "fused"):
+            raise QnasError(f"--engine: expected factorized or fused, got {self.engine!r}")
+
+
+def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, progress: bool = True) -> dict:
+    """Searches per-layer quantization strategies for the full-precision run `checkpoint`; returns a
+    summary {"run", "seconds", "counts", "mode"}."""
+    from tqdm import tqdm
+
+    from qnas.data.datasets import PatchSampler, train_dataset
+    from qnas.sr import build_from_config
+
+    opts.check()
+    teacher, blob = load_network(checkpoint)
+    network = blob["network"]
+    if network.get("kind") != "sr" or network.get("quant"):
+        raise CheckpointError(
+            f"{checkpoint}: expected a full-precision SR run (`qnas train` without --quant)"
+        )
+    model_cfg = network["model"]
+    scale = int(model_cfg["scale"])
+    run = RunDir(out)
+    if (run.path / "model.pt").exists():
+        raise QnasError(f"{run.path}: already holds a run; choose another --out")
+    run.write_config({"checkpoint": str(checkpoint), "network": network, "strategy": asdict(opts)})
+
+    torch.manual_seed(opts.seed)
+    data = train_dataset(opts.data, scale, opts.patch_size, progress=progress)
+    sampler = PatchSampler(data, opts.batch_size, seed=opts.seed)
+    cl = torch.channels_last
+    supernet = build_from_config(model_cfg)
+    load_float_weights(supernet, blob["model"], str(checkpoint))
+    build_supernet(supernet, opts.quantizers, opts.bits, layers=searched_layers(supernet), engine=opts.engine)
+    supernet = supernet.to(memory_format=cl)
+    teacher = teacher.to(memory_format=cl)
+    # The calibration set: the first calib_batches batches of the patch stream (PTQ optimizes on them).
+    calib = [next(sampler)[0].contiguous(memory_format=cl) for _ in range(opts.calib_batches)]
+    calibrate(supernet, calib)
+
+    bar = tqdm(
+        total=opts.steps, desc=f"strategy {opts.mode} {run.path.name}", disable=not progress, unit="step"
+    )
+
+    def tick(loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+
+    def fresh_float():
+        return build_from_config(model_cfg)
+
+    t0 = time.perf_counter()
+    try:
+        if opts.mode == "ptq":
+            ptq_search(
+                supernet,
+                teacher,
+                calib,
+                opts.steps,
+                arch_lr=opts.arch_lr,
+                quant_lr=opts.quant_lr,
+                log=run.log,
+                progress=tick,
+            )
+            plan = derive_plan(supernet, opts.quantizers, opts.bits)
+            net = derive_network(supernet, fresh_float(), plan)
+        else:
+
+            def next_batch(step: int):
+                lr_img, hr_img = next(sampler)
+                return lr_img.contiguous(memory_format=cl), hr_img
+
+            def derive(sup):
+                return derive_network(sup, fresh_float(), derive_plan(sup, opts.quantizers, opts.bits)).to(
+                    memory_format=cl
+                )
+
+            net = qat_search(
+                supernet,
+                next_batch,
+                opts.steps,
+                F.l1_loss,
+                lr=opts.lr,
+                arch_lr=opts.arch_lr,
+                quant_lr=opts.quant_lr,
+                derive=derive,
+                log=run.log,
+                progress=tick,
+            )
+            plan = derive_plan(supernet, opts.quantizers, opts.bits)
+    finally:
+        bar.close()
+        run.close()
+    seconds = time.perf_counter() - t0
+    counts = {
+        "weight": dict(collections.Counter(s["w"]["quantizer"] for s in plan["layers"].values())),
+        "activation": dict(collections.Counter(s["a"]["quantizer"] for s in plan["layers"].values())),
+    }
+    strategy = {
+        "checkpoint": str(checkpoint),
+        "mode": opts.mode,
+        "bits": opts.bits,
+        "quantizers": opts.quantizers,
+        "layers": {
+            name: {
+                "weight": s["w"]["quantizer"],
+                "activation": s["a"]["quantizer"],
+                "probs": plan["probs"][name],
+            }
+            for name, s in plan["layers"].items()
+        },
+        "counts": counts,
+        "final_entropy": entropy(supernet),
+        "seconds": seconds,
+    }
+    atomic_write_bytes(run.path / "strategy.json", (json.dumps(strategy, indent=2) + "\n").encode())
+    quant = {k: v for k, v in plan.items() if k != "probs"}
+    net_cfg = {"kind": "sr", "model": model_cfg, "quant": quant}
+    run.save_model(model_blob(net_cfg, net.to(memory_format=torch.contiguous_format), strategy=strategy))
+    return {"run": str(run.path), "seconds": seconds, "counts": counts, "mode": opts.mode}

@@ -1,0 +1,223 @@
+"""DQSS (qnas.quant.dqss, `qnas strategy`, examples/dqss_digits.py): the two engines compute the same
+function and gradients, the derived network is the supernet at its chosen strategies, PTQ and QAT
+searches write a run `qnas eval` reads, and bad input is a one-line error. Tiny models."""
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from qnas.cli import main
+from qnas.errors import QnasError
+from qnas.quant.dqss import (
+    DQSS_STRATEGIES,
+    StrategyConv2d,
+    build_supernet,
+    calibrate,
+    derive_network,
+    derive_plan,
+    parse_quantizers,
+    ptq_search,
+    qat_phases,
+    set_temperature,
+    strategy_parameters,
+    supernet_layers,
+)
+from qnas.quant.modules import QuantConv2d
+from qnas.sr import build_model
+from qnas.train.network import load_network
+from qnas.train.train import TrainOptions, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"n_resblocks": 1, "n_feats": 8}
+
+
+def run_cli(args, capsys):
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("names", [DQSS_STRATEGIES, ("lsq", "minmax"), ("pact", "dorefa")])
+def test_fused_engine_equals_factorized(signed, names):
+    """mixed_quant_conv with one variant per strategy (others beside it) = conv(Σα Qa(A), Σβ Qw(W)):
+    outputs and every gradient (input, weight, bias, logits, LSQ steps, PACT clips)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 9, 9) * 2
+    if not signed:
+        x = x.relu()
+    a = StrategyConv2d(conv, names, 4, a_signed=signed, engine="fused")
+    b = StrategyConv2d(copy.deepcopy(conv), names, 4, a_signed=signed, engine="factorized")
+    assert a.engine == "fused"
+    with torch.no_grad():
+        for p, q in zip(strategy_parameters(a), strategy_parameters(b), strict=True):
+            p.normal_()
+            q.copy_(p)
+    a(x), b(x)  # data-driven initialisation of every quantizer
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ya)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=2e-4, rtol=1e-4, msg=name)
+
+
+def test_non_same_padding_falls_back_to_factorized():
+    conv = nn.Conv2d(4, 4, 3, padding=0)
+    assert StrategyConv2d(conv, ["lsq"], 4, a_signed=True, engine="fused").engine == "factorized"
+
+
+def test_derived_network_is_the_supernet_at_its_choice():
+    torch.manual_seed(0)
+    fp = build_model("edsr-baseline", 2, **TINY)
+    sup = build_supernet(copy.deepcopy(fp), DQSS_STRATEGIES, 4)
+    calib = [torch.rand(2, 3, 10, 10) for _ in range(2)]
+    calibrate(sup, calib)
+    with torch.no_grad():  # a random but decisive choice per layer
+        for p in strategy_parameters(sup):
+            p.normal_(0, 5)
+    set_temperature(sup, 1e-4)  # softmax -> one-hot
+    plan = derive_plan(sup, list(DQSS_STRATEGIES), 4)
+    net = derive_network(sup, copy.deepcopy(fp), plan)
+    assert all(isinstance(net.get_submodule(n), QuantConv2d) for n in plan["layers"])
+    sup.eval(), net.eval()
+    x = torch.rand(1, 3, 10, 10)
+    torch.testing.assert_close(net(x), sup(x), atol=1e-5, rtol=1e-5)
+
+
+def test_ptq_search_moves_logits_and_lowers_the_error():
+    torch.manual_seed(0)
+    fp = build_model("edsr-baseline", 2, **TINY).eval()
+    sup = build_supernet(copy.deepcopy(fp), ["lsq", "dorefa", "mse"], 3)
+    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
+    calibrate(sup, calib)
+    losses = []
+    ptq_search(sup, fp, calib, 12, log=lambda step, loss, **kw: losses.append(loss))
+    assert losses[-1] < losses[0]
+    layer = next(iter(supernet_layers(sup).values()))
+    assert layer.strategy_a_logits.abs().sum() > 0
+    # Network weights stayed frozen.
+    for n, p in fp.named_parameters():
+        torch.testing.assert_close(sup.get_parameter(n), p)
+
+
+def test_qat_phases_cover_the_budget():
+    assert qat_phases(100) == (25, 75)
+    warm, discrete = qat_phases(3)
+    assert 0 <= warm <= discrete <= 3
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [("nope", "unknown"), ("", "at least one"), ("hwgq", "no weight quantizer"), ("lsq,lsq", "twice")],
+)
+def test_parse_quantizers_errors(spec, needle):
+    with pytest.raises(QnasError, match=needle):
+        parse_quantizers(spec)
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fp"
+    network = {"kind": "sr", "model": {"name": "edsr-baseline", "scale": 2, "kwargs": TINY}}
+    train(
+        network, TrainOptions(steps=2, batch_size=2, patch_size=16, checkpoint_every=2), out, progress=False
+    )
+    return out
+
+
+SMALL = ["--batch-size", "2", "--patch-size", "16", "--calib-batches", "2", "--quiet"]
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_cli_strategy_run(fp_run, tmp_path, capsys, mode):
+    out = tmp_path / mode
+    args = [
+        "strategy",
+        "--checkpoint",
+        fp_run,
+        "--bits",
+        "4",
+        "--mode",
+        mode,
+        "--steps",
+        "4",
+        *SMALL,
+        "--out",
+        out,
+    ]
+    code, text, err = run_cli(args, capsys)
+    assert code == 0, err
+    strategy = json.loads((out / "strategy.json").read_text())
+    assert set(strategy["layers"]) == {"body.0.body.0", "body.0.body.2", "body.1", "tail.0.0"}
+    for layer in strategy["layers"].values():
+        assert layer["weight"] in DQSS_STRATEGIES and layer["activation"] in DQSS_STRATEGIES
+        assert sum(layer["probs"]["w"].values()) == pytest.approx(1, abs=1e-3)
+    net, blob = load_network(out)
+    assert blob["network"]["quant"]["scheme"] == "dqss"
+    chosen = blob["network"]["quant"]["layers"]["body.1"]
+    assert net.body[1].w_quant.strategy == chosen["w"]["quantizer"]
+    code, text, err = run_cli(["eval", "--checkpoint", out, "--format", "json"], capsys)
+    assert code == 0 and json.loads(text)["psnr"] > 10
+
+
+def test_cli_single_quantizer_is_uniform(fp_run, tmp_path, capsys):
+    out = tmp_path / "mse"
+    args = ["strategy", "--checkpoint", fp_run, "--quantizers", "mse", "--bits", "3", "--steps", "1", *SMALL]
+    assert run_cli([*args, "--out", out], capsys)[0] == 0
+    counts = json.loads((out / "strategy.json").read_text())["counts"]
+    assert counts == {"weight": {"mse": 4}, "activation": {"mse": 4}}
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--bits", "9"], "out of range"),
+        (["--bits", "1"], "out of range"),
+        (["--bits", "4", "--quantizers", "lsq,foo"], "unknown quantizer 'foo'"),
+        (["--bits", "4", "--quantizers", "hwgq"], "no weight quantizer"),
+    ],
+)
+def test_cli_strategy_errors(fp_run, tmp_path, capsys, extra, needle):
+    code, _, err = run_cli(
+        ["strategy", "--checkpoint", fp_run, *extra, "--out", tmp_path / "x", "--quiet"], capsys
+    )
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_strategy_rejects_quantized_and_missing_checkpoints(fp_run, tmp_path, capsys):
+    q = tmp_path / "q"
+    args = ["strategy", "--checkpoint", fp_run, "--bits", "4", "--steps", "1", *SMALL, "--out", q]
+    assert run_cli(args, capsys)[0] == 0
+    code, _, err = run_cli(["strategy", "--checkpoint", q, "--bits", "4", "--out", tmp_path / "y"], capsys)
+    assert code == 2 and "full-precision" in err
+    code, _, err = run_cli(
+        ["strategy", "--checkpoint", tmp_path / "none", "--bits", "4", "--out", tmp_path / "z"], capsys
+    )
+    assert code == 2 and "none" in err
+
+
+def test_digits_example_tiny_budget():
+    spec = importlib.util.spec_from_file_location("dqss_digits", ROOT / "examples" / "dqss_digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--epochs", "6", "--steps", "2", "--calib", "1", "--quantizers", "lsq,mse,hwgq"])
+    acc = res["accuracy"]
+    assert set(acc) == {"float", "lsq", "mse", "dqss"}
+    assert acc["float"] > 0.5 and all(0 <= v <= 1 for v in acc.values())
+    assert set(res["chosen"]) == {"conv1", "conv2", "conv3"}

@@ -1,0 +1,197 @@
+"""FQSR fully quantized networks (qnas.quant.apply / modules / inspect) and `qnas train --quant`,
+`qnas inspect`: coverage of the plans, the FQSR quantizer's warm-up and calibration loss, the
+tracer's verdicts, loading full-precision weights, and the command-line errors. Tiny models."""
+
+import json
+
+import pytest
+import torch
+
+from qnas.cli import main
+from qnas.quant.apply import calibration_loss, load_float_weights, quantize_network, resolve_plan
+from qnas.quant.inspect import trace_network
+from qnas.quant.modules import QuantAdd, QuantConv2d
+from qnas.quant.quantizers import FQSRQuantizer
+from qnas.sr import build_model
+from qnas.sr.common import Add
+from qnas.train.network import load_network
+from qnas.train.train import TrainOptions, train
+
+TINY = {"edsr-baseline": {"n_resblocks": 1, "n_feats": 8}, "srresnet": {"n_blocks": 1, "n_feats": 8}}
+
+
+def tiny(name="edsr-baseline", **kw):
+    torch.manual_seed(0)
+    return build_model(name, 2, **{**TINY[name], **kw})
+
+
+def run_cli(args, capsys):
+    """Runs `qnas ARGS` in this process: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("name,kw", [("edsr-baseline", {}), ("srresnet", {}), ("srresnet", {"bn": False})])
+def test_fqsr_quantizes_every_conv_skip_and_output(name, kw):
+    m = tiny(name, **kw)
+    n_convs = sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+    n_adds = sum(isinstance(x, Add) for x in m.modules())
+    quantize_network(m, {"scheme": "fqsr", "bits": 4})
+    convs = [x for x in m.modules() if isinstance(x, torch.nn.Conv2d)]
+    assert len(convs) == n_convs and all(isinstance(c, QuantConv2d) for c in convs)
+    assert all(c.w_bits == 4 for c in convs)
+    assert sum(isinstance(x, QuantAdd) for x in m.modules()) == n_adds
+    plan = m.qnas_quant
+    json.dumps(plan)  # stored in config.json / model.pt
+    first = next(iter(plan["layers"]))
+    assert plan["layers"][first]["a"]["bits"] == 8 and plan["output"]["bits"] == 8
+    m.eval()
+    m(torch.rand(1, 3, 12, 12))  # initialize
+    trace = trace_network(m, torch.rand(1, 3, 12, 12))
+    assert trace.float_rows == [], [r.flag for r in trace.float_rows]
+    assert trace.output.startswith("Q8u")
+
+
+def test_edsr_res_scale_and_signs():
+    """EDSR's residual scaling (a scalar multiply) is folded into the skip's requantization; inputs
+    after a ReLU get unsigned quantizers, the others signed."""
+    m = tiny("edsr-baseline", res_scale=0.1)
+    quantize_network(m, {"scheme": "fqsr", "bits": 4})
+    layers = m.qnas_quant["layers"]
+    assert layers["body.0.body.2"]["a"]["signed"] is False  # after ReLU
+    assert layers["body.0.body.0"]["a"]["signed"] is True
+    assert layers["head.0"]["a"]["signed"] is True  # image minus the mean
+    m.eval()
+    m(torch.rand(1, 3, 12, 12))
+    assert trace_network(m, torch.rand(1, 3, 12, 12)).float_rows == []
+
+
+def test_uniform_and_float_networks_are_flagged():
+    m = tiny()
+    quantize_network(m, {"scheme": "uniform", "bits": 4})
+    assert not isinstance(m.head[0], QuantConv2d) and not isinstance(m.tail[1], QuantConv2d)
+    assert isinstance(m.body[0].body[0], QuantConv2d)
+    m.eval()
+    m(torch.rand(1, 3, 12, 12))
+    flags = [r.flag for r in trace_network(m, torch.rand(1, 3, 12, 12)).float_rows]
+    assert any("weight is float" in f for f in flags)  # first/last layers
+    assert any("add of" in f for f in flags)  # skips in float
+    assert any("output is not quantized" in f for f in flags)
+    fp = trace_network(tiny(), torch.rand(1, 3, 12, 12))
+    assert len(fp.float_rows) > 3
+
+
+def test_fqsr_quantizer_warmup_then_quantizes():
+    q = FQSRQuantizer(4, signed=True, warmup=3, init_stat="max")
+    xs = [torch.randn(1000) * (k + 1) for k in range(3)]
+    for x in xs:
+        assert torch.equal(q(x), x)  # pass-through while collecting statistics
+        assert q.calibration_error is None
+    expected = sum(x.abs().max() for x in xs) / 3 / 7
+    assert q.step.item() == pytest.approx(expected.item(), rel=1e-5)
+    x = torch.randn(1000, requires_grad=True)
+    y = q(x)
+    codes = y.detach() / q.step.detach()
+    assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
+    q.calibration_error.backward()
+    assert q.step.grad is not None and q.step.grad.abs() > 0
+
+
+def test_calibration_loss_reaches_training():
+    m = tiny()
+    quantize_network(m, {"scheme": "fqsr", "bits": 4, "warmup": 1, "calibration_weight": 0.5})
+    m.train()
+    m(torch.rand(2, 3, 12, 12))  # warm-up
+    assert calibration_loss(m) is None
+    m(torch.rand(2, 3, 12, 12))
+    loss = m.auxiliary_loss()
+    assert loss is not None and loss.requires_grad and loss.item() > 0
+    loss.backward()
+    assert m.head[0].a_quant.step.grad is not None
+
+
+def test_load_float_weights_and_other_model():
+    fp = tiny()
+    q = tiny()
+    quantize_network(q, {"scheme": "fqsr", "bits": 4})
+    load_float_weights(q, fp.state_dict(), "fp")
+    assert torch.equal(q.head[0].weight, fp.head[0].weight)
+    other = build_model("edsr-baseline", 2, n_resblocks=1, n_feats=16)
+    with pytest.raises(Exception, match="another model"):
+        load_float_weights(q, other.state_dict(), "other")
+
+
+def test_plan_errors():
+    from qnas.errors import QnasError
+
+    with pytest.raises(QnasError, match="out of range"):
+        resolve_plan(tiny(), {"scheme": "fqsr", "bits": 9})
+    with pytest.raises(QnasError, match="unknown"):
+        resolve_plan(tiny(), {"scheme": "uniform", "bits": 4, "quantizer": "nope"})
+    with pytest.raises(QnasError, match="scheme"):
+        resolve_plan(tiny(), {"scheme": "fancy", "bits": 4})
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fp"
+    network = {"kind": "sr", "model": {"name": "edsr-baseline", "scale": 2, "kwargs": TINY["edsr-baseline"]}}
+    opts = TrainOptions(steps=2, batch_size=2, patch_size=16, checkpoint_every=2)
+    train(network, opts, out, progress=False)
+    return out
+
+
+def test_cli_fqsr_train_eval_inspect(fp_run, tmp_path, capsys):
+    out = tmp_path / "fqsr"
+    args = ["train", "--init", fp_run, "--quant", "fqsr", "--bits", "4", "--steps", "3"]
+    args += ["--batch-size", "2", "--patch-size", "16", "--out", out, "--quiet"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    net, blob = load_network(out)
+    assert blob["network"]["quant"]["scheme"] == "fqsr"
+    fp, _ = load_network(fp_run)
+    # The quantized run started from the FP weights (3 small steps later they are still close).
+    assert torch.allclose(net.body[1].weight, fp.body[1].weight, atol=1e-2)
+    assert all(c.w_quant.initialized for c in net.modules() if isinstance(c, QuantConv2d))
+    code, text, err = run_cli(["inspect", out, "--strict"], capsys)
+    assert code == 0, text + err
+    assert "no float operation between input and output" in text
+    code, text, err = run_cli(["eval", "--checkpoint", out, "--format", "json"], capsys)
+    assert code == 0 and json.loads(text)["psnr"] > 10
+    code, text, err = run_cli(["inspect", fp_run, "--strict"], capsys)
+    assert code == 1 and "FLOAT" in text
+
+
+def test_cli_uniform_cost_reports_bits(fp_run, tmp_path, capsys):
+    out = tmp_path / "u"
+    args = ["train", "--init", fp_run, "--quant", "uniform", "--bits", "3", "--quantizer", "pact"]
+    args += ["--steps", "1", "--batch-size", "2", "--patch-size", "16", "--out", out, "--quiet"]
+    assert run_cli(args, capsys)[0] == 0
+    from qnas.cost import count_cost
+
+    net, _ = load_network(out)
+    cost = {lc.name: lc for lc in count_cost(net, (8, 8)).layers}
+    assert cost["body.0.body.0"].w_bits == 3 and cost["head.0"].w_bits == 32
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--quant", "fqsr", "--bits", "9"], "out of range"),
+        (["--quant", "fqsr"], "needs --bits"),
+        (["--quant", "uniform", "--bits", "4", "--quantizer", "nope"], "unknown"),
+        (["--quant", "uniform", "--bits", "4", "--quantizer", "hwgq"], "activations only"),
+        (["--bits", "4"], "need --quant"),
+        (["--model", "edsr-baseline", "--quant", "fqsr", "--bits", "4"], "another model"),
+    ],
+)
+def test_cli_train_errors(fp_run, tmp_path, capsys, extra, needle):
+    args = ["train", "--init", fp_run, *extra, "--steps", "1", "--out", tmp_path / "x", "--quiet"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
