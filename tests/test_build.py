@@ -17,6 +17,8 @@ def test_ops_registered():
         "pack_weight",
         "packed_conv2d",
         "quantized_conv2d",
+        "mixed_quant_conv",
+        "mixed_quant_conv_backward",
     ):
         assert hasattr(torch.ops.qops, name), name
 

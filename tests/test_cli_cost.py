@@ -92,7 +92,7 @@ def write(tmp_path: Path, name: str, text: str) -> str:
         (["--model", "edsr", "--scale", "4", "--lr-size", "0x8"], "lr-size '0x8' is not HxW"),
         (["--model", "rfdn", "--scale", "4", "--lr-size", "8x8"], "lr-size 8x8 is too small for rfdn"),
         (["--model", "edsr", "--lr-size", "8"], "--scale is required with --model"),
-        (["--lr-size", "8"], "give exactly one of --model NAME or --arch FILE"),
+        (["--lr-size", "8"], "give exactly one of --model NAME, --arch FILE or --checkpoint RUN"),
         (["--model", "edsr", "--scale", "2", "--lr-size", "8", "--bits", "0"], "--bits 0 is out of range"),
         (["--model", "edsr", "--scale", "2", "--lr-size", "8", "--bits", "33"], "--bits 33 is out of range"),
         (["--arch", "{tmp}/missing.json", "--lr-size", "8"], "missing.json: file not found"),
