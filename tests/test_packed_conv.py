@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qops
@@ -128,6 +128,8 @@ def test_long_reduction_exact(path):
 
 
 @settings(max_examples=25, deadline=None)
+# A tap entirely left of a 1-pixel row with stride 2 (found by hypothesis: the scalar path read past the row).
+@example(1, 1, 1, 1, 1, 1, 3, 1, 2, 0, 1, 1, 1, False, "scalar", 0)
 @given(
     n=st.integers(1, 2),
     cin=st.integers(1, 20),

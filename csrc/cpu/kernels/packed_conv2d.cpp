@@ -223,6 +223,8 @@ bool run_scalar(const PackedConvParams& p) {
               // Output columns whose input column ox * SW - PW + kx lies inside the row.
               const int64_t shift = p.PW - kx;
               const int64_t lo = shift > 0 ? (shift + p.SW - 1) / p.SW : 0;
+              // Division truncates toward zero: a tap left of the whole row (W - 1 + shift < 0) has no column.
+              if (p.W - 1 + shift < 0) continue;
               const int64_t hi = std::min<int64_t>(p.Wo - 1, (p.W - 1 + shift) / p.SW);
               if (p.SW == 1) {
                 const int16_t* xs = xrow - shift;
