@@ -17,6 +17,7 @@ on the integer path and is a one-line QnasError naming the layer: export is for 
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from typing import Any
@@ -268,3 +269,65 @@ def export_packed(run: str | os.PathLike, out: str | os.PathLike) -> int:
     """Writes the packed file of `run` to `out` atomically; returns its size in bytes."""
     graph, tensors = load_run_packed(run)
     return write_packed(out, graph, tensors)
+
+
+def agreement_psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
+    """PSNR (dB, RGB, whole image) between two renderings of the same image; inf when identical."""
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def check_image(size: int = 96) -> torch.Tensor:
+    """The check input: a size x size centre crop of the builtin validation photograph "chelsea" in [0, 1]."""
+    from qnas.data.builtin import builtin_path
+    from qnas.data.images import load_image
+
+    img = torch.from_numpy(load_image(builtin_path("chelsea"))).permute(2, 0, 1).float() / 255
+    h, w = img.shape[1:]
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return img[None, :, y0 : y0 + size, x0 : x0 + size].contiguous()
+
+
+def check_export(run: str | os.PathLike, path: str | os.PathLike, fmt: str) -> str:
+    """Reads the written file back with the deploy code only and runs it on check_image(): one line with
+    the agreement with the trained (fake-quantized) network and, for ONNX, onnxruntime's agreement with
+    the packed runtime. A file that does not load or run is an ExportError."""
+    from qnas.deploy import PackedModel
+    from qnas.deploy.format import read_packed
+    from qnas.train.network import load_network
+
+    net, _ = load_network(run)
+    x = check_image()
+    with torch.inference_mode():
+        trained = net(x).clamp(0, 1)
+    graph, tensors = load_run_packed(run)
+    packed = PackedModel(graph, tensors)(x)
+    fp32_bytes = sum(p.numel() * 4 for p in net.parameters() if not _is_quantizer_param(net, p))
+    if fmt == "packed":
+        g2, t2 = read_packed(path)
+        again = PackedModel(g2, t2)(x)
+        if not torch.equal(again, packed):
+            raise ExportError(f"{path}: reading the file back gives another network")
+        size = os.path.getsize(path)
+        return (
+            f"check: {path} reloads; {size / fp32_bytes:.1%} of the fp32 parameter bytes ({fp32_bytes} B); "
+            f"packed runtime vs trained network on a 96x96 crop: {agreement_psnr(again, trained):.2f} dB"
+        )
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = torch.from_numpy(np.asarray(sess.run(None, {"input": x.numpy()})[0]))
+    except Exception as e:  # checker / runtime errors have many types: report them in one line
+        raise ExportError(f"{path}: onnx check failed ({' '.join(str(e).split())[:160]})") from e
+    return (
+        f"check: onnx.checker passes; onnxruntime (CPU) vs packed runtime on a 96x96 crop: "
+        f"{agreement_psnr(out, packed):.2f} dB, vs trained network: {agreement_psnr(out, trained):.2f} dB"
+    )
+
+
+def _is_quantizer_param(net: nn.Module, p: torch.Tensor) -> bool:
+    return any(p is q for m in net.modules() if isinstance(m, Quantizer) for q in m.parameters())
