@@ -736,7 +736,7 @@ def export_command(run, fmt, out, no_check) -> None:
     type=click.Path(path_type=str),
     help="A packed file of `qnas export --format packed`, or a training RUN folder.",
 )
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, required=True, metavar="IN... OUT", type=click.Path(path_type=str))
 @click.option(
     "--tile",
     type=int,

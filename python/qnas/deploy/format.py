@@ -131,7 +131,10 @@ def _header(data: bytes, where: str) -> dict:
         raise PackedModelError(f"{where}: not a packed model file (unreadable header)") from e
     if not isinstance(header, dict):
         raise PackedModelError(f"{where}: not a packed model file (unreadable header)")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise PackedModelError(f"{where}: not a packed model file (malformed tensor table)") from e
     if 8 + n + end > len(data):
         raise PackedModelError(
             f"{where}: truncated file ({len(data)} bytes, the header describes {8 + n + end})"

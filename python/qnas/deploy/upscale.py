@@ -110,6 +110,8 @@ def load_model(model: str | os.PathLike, device: str = "auto") -> PackedModel:
     """A packed file, or a training run folder / model.pt (exported in memory: needs the training code)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QnasError("--device cuda: this torch has no CUDA device")
     p = Path(model)
     if p.is_dir() or p.suffix == ".pt":
         from qnas.export import load_run_packed
