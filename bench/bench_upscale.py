@@ -88,25 +88,29 @@ def test_upscale_packed_4bit(bench, nets):
 
 
 def profile(model: PackedModel, x: torch.Tensor, rounds: int = 5) -> dict[str, float]:
-    """Median seconds per op type of one forward pass (each node timed on its own)."""
-    steps = list(zip(model.graph["nodes"], model._steps, strict=True))
+    """Median seconds per op type of one forward pass (each node timed on its own; ReLUs that the next
+    conv's quantization already does are skipped, as in PackedModel.__call__)."""
     per_round = []
     for _ in range(rounds):
-        values = {model.graph["input"]["name"]: x}
+        values = {model.graph["input"]["name"]: x.clone()}
         acc: dict[str, float] = defaultdict(float)
         with torch.inference_mode():
-            for node, step in steps:
+            for i, node in enumerate(model.graph["nodes"]):
                 ins = [values[v] for v in node["inputs"]]
+                if model._skip[i]:
+                    values[node["output"]] = ins[0]
+                    continue
                 t0 = time.perf_counter()
-                values[node["output"]] = step(ins)
-                key = node["op"]
-                if key == "conv":
-                    key = (
-                        f"conv w{node['w_bits']}a{node['a_bits']} {node['w_shape'][1]}->{node['w_shape'][0]}"
-                    )
-                acc[key] += time.perf_counter() - t0
+                values[node["output"]] = model._steps[i](ins)
+                acc[_key(node)] += time.perf_counter() - t0
         per_round.append(acc)
     return {k: sorted(r[k] for r in per_round)[rounds // 2] for k in per_round[0]}
+
+
+def _key(node: dict) -> str:
+    if node["op"] == "conv":
+        return f"conv w{node['w_bits']}a{node['a_bits']} {node['w_shape'][1]}->{node['w_shape'][0]}"
+    return node["op"]
 
 
 if __name__ == "__main__":
@@ -114,11 +118,8 @@ if __name__ == "__main__":
     prof = profile(packed, x)
     total = sum(prof.values())
     counts = defaultdict(int)
-    for node in packed.graph["nodes"]:
-        key = node["op"]
-        if key == "conv":
-            key = f"conv w{node['w_bits']}a{node['a_bits']} {node['w_shape'][1]}->{node['w_shape'][0]}"
-        counts[key] += 1
+    for node, skip in zip(packed.graph["nodes"], packed._skip, strict=True):
+        counts[_key(node)] += not skip
     print(f"packed runtime, 1x3x{SIZE}x{SIZE}, {torch.get_num_threads()} threads: {total * 1e3:.1f} ms")
     for k, v in sorted(prof.items(), key=lambda kv: -kv[1]):
         print(f"  {k:28s} x{counts[k]:<3d} {v * 1e3:8.2f} ms  {v / total:6.1%}")

@@ -33,7 +33,33 @@ class PackedModel:
         self.tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self.scale = int(graph["scale"])
         self.in_channels = int(graph["input"]["channels"])
-        self._steps = [self._compile(node) for node in graph["nodes"]]
+        nodes = graph["nodes"]
+        consumers: dict[str, list[dict]] = {}
+        self._last_use: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            for v in node["inputs"]:
+                consumers.setdefault(v, []).append(node)
+                self._last_use[v] = i
+        # Element-wise ops may overwrite an operand that dies with them (never the caller's input).
+        keep = {graph["input"]["name"], graph["output"]}
+        self._inplace = [
+            bool(node["inputs"]) and node["inputs"][0] not in keep and self._last_use[node["inputs"][0]] == i
+            and node["inputs"].count(node["inputs"][0]) == 1
+            for i, node in enumerate(nodes)
+        ]  # fmt: skip
+        # A ReLU whose only consumer is a conv with unsigned input codes is already done by the conv's
+        # quantization (clamp(round(x / s), 0, qmax) maps every x <= 0 to code 0): skip the pass.
+        self._skip = [
+            node["op"] == "relu"
+            and node["output"] != graph["output"]
+            and len(consumers.get(node["output"], [])) == 1
+            and consumers[node["output"]][0]["op"] == "conv"
+            and not consumers[node["output"]][0]["a_signed"]
+            for node in nodes
+        ]
+        self._steps = [
+            self._compile(node, inplace) for node, inplace in zip(nodes, self._inplace, strict=True)
+        ]
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> PackedModel:
@@ -42,7 +68,7 @@ class PackedModel:
 
     # Each node becomes a closure over its (device-resident) tensors and Python scalars, so a forward
     # pass does no dictionary look-ups or host syncs beyond the ops themselves.
-    def _compile(self, node: dict) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    def _compile(self, node: dict, inplace: bool) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         op = node["op"]
         t = {role: self.tensors[key] for role, key in node.get("tensors", {}).items()}
         if op == "conv":
@@ -62,20 +88,30 @@ class PackedModel:
             fq = torch.ops.qops.fake_quant
             return lambda xs: fq(xs[0], s, zp, -1, qmin, qmax, 1.0)
         if op == "add":
+            if inplace:
+                return lambda xs: xs[0].add_(xs[1])
             return lambda xs: xs[0] + xs[1]
         if op == "add_const":
             value = t["value"]
+            if inplace:
+                return lambda xs: xs[0].add_(value)
             return lambda xs: xs[0] + value
         if op == "mul_const":
             factor = float(node["value"])
+            if inplace:
+                return lambda xs: xs[0].mul_(factor)
             return lambda xs: xs[0] * factor
         if op == "relu":
+            if inplace:
+                return lambda xs: xs[0].relu_()
             return lambda xs: torch.relu(xs[0])
         if op == "pixel_shuffle":
             r = int(node["factor"])
             return lambda xs: F.pixel_shuffle(xs[0], r)
         if op == "clamp":
             lo, hi = float(node["min"]), float(node["max"])
+            if inplace:
+                return lambda xs: xs[0].clamp_(lo, hi)
             return lambda xs: xs[0].clamp(lo, hi)
         raise AssertionError(op)  # check_graph accepted only known ops
 
@@ -83,18 +119,19 @@ class PackedModel:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x: expected [N, {self.in_channels}, H, W], got {list(x.shape)}")
         values = {self.graph["input"]["name"]: x.to(self.device, torch.float32).contiguous()}
-        # Free each value after its last use: peak memory is a few feature maps, not all of them.
-        last_use = {}
-        for i, node in enumerate(self.graph["nodes"]):
-            for v in node["inputs"]:
-                last_use[v] = i
+        out_name = self.graph["output"]
         with torch.inference_mode():
-            for i, (node, step) in enumerate(zip(self.graph["nodes"], self._steps, strict=True)):
-                values[node["output"]] = step([values[v] for v in node["inputs"]])
-                for v in node["inputs"]:
-                    if last_use[v] == i and v != self.graph["output"]:
-                        del values[v]
-            return values[self.graph["output"]]
+            for i, node in enumerate(self.graph["nodes"]):
+                ins = node["inputs"]
+                if self._skip[i]:
+                    values[node["output"]] = values[ins[0]]
+                else:
+                    values[node["output"]] = self._steps[i]([values[v] for v in ins])
+                # Free each value after its last use: peak memory is a few feature maps, not all of them.
+                for v in ins:
+                    if self._last_use[v] == i and v != out_name:
+                        values.pop(v, None)
+            return values[out_name]
 
     def receptive_radius(self) -> int:
         """How far (in input pixels) an output pixel's value can depend on: the sum over the chain of
