@@ -9,7 +9,9 @@ of the convolutions.
     flock /tmp/qnas-cpu.lock python -m pytest bench/bench_upscale.py --benchmark-only \
         --benchmark-json=build/b.json -q && python bench/report.py build/b.json
 
-`python bench/bench_upscale.py` prints where the packed runtime's time goes, per op type.
+`python bench/bench_upscale.py` prints where the packed runtime's time goes, per op type. Both impls
+run with glibc keeping freed memory (qnas.deploy.runtime.retain_freed_memory, as `qnas upscale`);
+QNAS_BENCH_MALLOC=default keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import pytest
 import torch
 
 from qnas.deploy import PackedModel
+from qnas.deploy.runtime import retain_freed_memory
 from qnas.export import packed_graph
 from qnas.quant.apply import quantize_network
 from qnas.sr import build_model, model_config
 
 SIZE = 160
+# As `qnas upscale` does; process-wide, so the fp32 baseline gets the same allocator behaviour.
+RETAINED = os.environ.get("QNAS_BENCH_MALLOC", "retain") == "retain" and retain_freed_memory()
 
 
 def _networks():
@@ -77,14 +82,27 @@ def test_upscale_edsr_baseline(bench, nets):
         with torch.inference_mode():
             return fp32_cl(x_cl)
 
-    bench(run_fp32, group=group, impl="torch fp32 (oneDNN, channels_last)", baseline=True, ops=ops)
+    bench(
+        run_fp32,
+        group=group,
+        impl="torch fp32 (oneDNN, channels_last)",
+        baseline=True,
+        ops=ops,
+        malloc=RETAINED,
+    )
 
 
 def test_upscale_packed_4bit(bench, nets):
     x, _, packed = nets
     ops = conv_ops(packed, SIZE, SIZE)
     group = f"edsr-baseline x2 1x3x{SIZE}x{SIZE}"
-    bench(lambda: packed(x), group=group, impl="packed w4a4 runtime (qops quantized_conv2d)", ops=ops)
+    bench(
+        lambda: packed(x),
+        group=group,
+        impl="packed w4a4 runtime (qops quantized_conv2d)",
+        ops=ops,
+        malloc=RETAINED,
+    )
 
 
 def profile(model: PackedModel, x: torch.Tensor, rounds: int = 5) -> dict[str, float]:
@@ -120,6 +138,8 @@ if __name__ == "__main__":
     counts = defaultdict(int)
     for node, skip in zip(packed.graph["nodes"], packed._skip, strict=True):
         counts[_key(node)] += not skip
-    print(f"packed runtime, 1x3x{SIZE}x{SIZE}, {torch.get_num_threads()} threads: {total * 1e3:.1f} ms")
+    print(
+        f"packed runtime, 1x3x{SIZE}x{SIZE}, {torch.get_num_threads()} threads, freed memory retained: {RETAINED}: {total * 1e3:.1f} ms"
+    )
     for k, v in sorted(prof.items(), key=lambda kv: -kv[1]):
         print(f"  {k:28s} x{counts[k]:<3d} {v * 1e3:8.2f} ms  {v / total:6.1%}")

@@ -11,8 +11,10 @@ because every step is either exact integer arithmetic or element-wise (docs/depl
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import platform
 from collections.abc import Callable
 
 import torch
@@ -20,6 +22,27 @@ import torch.nn.functional as F
 
 import qops  # noqa: F401  (registers torch.ops.qops.*)
 from qnas.deploy.format import bias_step, quant_range, read_packed
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def retain_freed_memory() -> bool:
+    """Makes glibc keep freed feature maps in the heap for reuse (process-wide; True when applied).
+
+    A forward pass allocates and frees dozens of multi-MB tensors. With glibc's defaults each one is a
+    fresh mmap or is trimmed back to the OS when freed, so every new tensor is first-touch page faults
+    and zeroing: measured on edsr-baseline x2 at 160x160, that doubled the time of the quantizers and
+    slowed every conv (docs/deploy.md). Blocks up to 32 MiB (glibc's maximum threshold) then come from
+    the heap and freed memory stays there. `qnas upscale` calls this; a library user may.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
 
 
 class PackedModel:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from qnas.deploy.format import atomic_write_bytes
-from qnas.deploy.runtime import PackedModel
+from qnas.deploy.runtime import PackedModel, retain_freed_memory
 from qnas.errors import CheckpointError, DataError, QnasError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -169,6 +169,7 @@ def run_upscale(
     if tile < 0 or (overlap is not None and overlap < 0):
         raise QnasError("--tile and --overlap must not be negative")
     pairs = plan_outputs(inputs, out)
+    retain_freed_memory()
     model = load_model(model_path, device)
     result = upscale_files(model, pairs, tile, overlap, progress)
     result.update(
