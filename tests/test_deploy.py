@@ -273,3 +273,45 @@ def test_export_errors(tmp_path, capsys):
 def test_check_image_is_deterministic():
     x = check_image(32)
     assert x.shape == (1, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_srresnet_with_prelu_and_batchnorm_exports():
+    """SRResNet's PReLU and inference batch norm become "prelu" / "affine" nodes; onnxruntime agrees."""
+    import onnxruntime as ort
+
+    from qnas.export import packed_graph
+    from qnas.export.onnx import onnx_model
+    from qnas.quant.apply import quantize_network
+    from qnas.sr import build_model
+
+    torch.manual_seed(0)
+    m = build_model("srresnet", 2, n_blocks=1, n_feats=8)
+    quantize_network(m, {"scheme": "fqsr", "bits": 4})
+    m(torch.rand(2, 3, 16, 16))  # training mode: batch-norm statistics move
+    m.eval()
+    graph, tensors = packed_graph(m, 2)
+    ops = {nd["op"] for nd in graph["nodes"]}
+    assert {"prelu", "affine"} <= ops
+    x = torch.rand(1, 3, 11, 13, generator=torch.Generator().manual_seed(4))
+    packed = PackedModel(graph, tensors)
+    y = packed(x)
+    with torch.inference_mode():
+        assert agreement_psnr(y, m(x).clamp(0, 1)) > 30  # int32 biases only
+    sess = ort.InferenceSession(
+        onnx_model(graph, tensors).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert agreement_psnr(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), y) >= 40
+    assert torch.equal(packed.upscale(x, tile=5), y)
+
+
+def test_unsupported_layers_are_named():
+    from qnas.export import ExportError, packed_graph
+    from qnas.quant.apply import quantize_network
+    from qnas.sr import build_model
+
+    m = build_model("rfdn", 2, nf=8, n_blocks=1)
+    quantize_network(m, {"scheme": "fqsr", "bits": 4})
+    m.eval()
+    m(torch.rand(1, 3, 16, 16))
+    with pytest.raises(ExportError, match="not supported by the packed format"):
+        packed_graph(m, 2)

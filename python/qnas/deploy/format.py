@@ -45,6 +45,9 @@ OPS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "add_const": (1, (), ("value",), ()),
     "mul_const": (1, ("value",), (), ()),
     "relu": (1, (), (), ()),
+    "prelu": (1, (), ("slope",), ()),
+    "leaky_relu": (1, ("slope",), (), ()),
+    "affine": (1, (), ("scale", "shift"), ()),
     "pixel_shuffle": (1, ("factor",), (), ()),
     "clamp": (1, ("min", "max"), (), ()),
 }

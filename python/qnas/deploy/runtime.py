@@ -128,6 +128,19 @@ class PackedModel:
             if inplace:
                 return lambda xs: xs[0].relu_()
             return lambda xs: torch.relu(xs[0])
+        if op == "prelu":
+            slope = t["slope"].reshape(-1)
+            return lambda xs: F.prelu(xs[0], slope)
+        if op == "leaky_relu":
+            slope = float(node["slope"])
+            if inplace:
+                return lambda xs: F.leaky_relu_(xs[0], slope)
+            return lambda xs: F.leaky_relu(xs[0], slope)
+        if op == "affine":
+            scale, shift = t["scale"].reshape(1, -1, 1, 1), t["shift"].reshape(1, -1, 1, 1)
+            if inplace:
+                return lambda xs: xs[0].mul_(scale).add_(shift)
+            return lambda xs: torch.addcmul(shift, xs[0], scale)
         if op == "pixel_shuffle":
             r = int(node["factor"])
             return lambda xs: F.pixel_shuffle(xs[0], r)

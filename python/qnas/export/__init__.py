@@ -8,7 +8,8 @@ quantizers, ReLU, PixelShuffle), and each becomes nodes of the deploy graph:
 - QuantConv2d(a_quant, w_quant)  -> "conv" (input step, packed weight codes, per-channel weight steps, bias)
 - QuantAdd z = Q(Q(x) + Q(y))    -> "quantize" x, "quantize" y, "add", "quantize" the sum
 - x + buffer (MeanShift)         -> "add_const";  x * number (residual scaling) -> "mul_const"
-- ReLU, PixelShuffle             -> "relu", "pixel_shuffle"
+- ReLU, PReLU, LeakyReLU, PixelShuffle -> "relu", "prelu", "leaky_relu", "pixel_shuffle"
+- BatchNorm2d (inference)        -> "affine" (per-channel scale and shift)
 - the output quantizer (a forward hook of the root module) -> "quantize", then "clamp" to the image range.
 
 Anything else (a float convolution, a float skip connection, an unknown module or function) cannot run
@@ -213,6 +214,16 @@ def _module_node(b: _GraphBuilder, m: nn.Module, name: str, args: list) -> str:
         return b.quantize(m, name, args[0])
     if isinstance(m, nn.ReLU):
         return b.add("relu", name, args)
+    if isinstance(m, nn.PReLU):
+        return b.add("prelu", name, args, {"slope": m.weight.detach().float().reshape(-1)})
+    if isinstance(m, nn.LeakyReLU):
+        return b.add("leaky_relu", name, args, slope=float(m.negative_slope))
+    if isinstance(m, nn.BatchNorm2d):  # inference batch norm: a per-channel affine map
+        if m.running_mean is None or m.running_var is None:
+            raise ExportError(f"{name}: batch norm without running statistics")
+        scale = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
+        shift = (m.bias.detach() if m.affine else 0.0) - m.running_mean * scale
+        return b.add("affine", name, args, {"scale": scale.float(), "shift": shift.float()})
     if isinstance(m, nn.PixelShuffle):
         return b.add("pixel_shuffle", name, args, factor=int(m.upscale_factor))
     if isinstance(m, nn.Identity):

@@ -6,7 +6,8 @@ graph is exactly the packed model's computation:
   the per-output-channel steps (axis 0); then Conv with the float bias.
 - "quantize" (the operands and sum of every skip connection, the output): [Clip] -> QuantizeLinear ->
   DequantizeLinear.
-- "add" -> Add, "add_const" -> Add of an initializer, "mul_const" -> Mul, "relu" -> Relu,
+- "add" -> Add, "add_const" -> Add of an initializer, "mul_const" -> Mul, "relu" -> Relu, "prelu" -> PRelu,
+  "leaky_relu" -> LeakyRelu, "affine" -> Mul and Add of per-channel initializers,
   "pixel_shuffle" -> DepthToSpace (mode CRD, PixelShuffle's channel order), "clamp" -> Clip.
 
 ONNX's QuantizeLinear saturates to the range of its 8-bit type. Codes of b < 8 bits are carried in int8
@@ -122,6 +123,16 @@ def onnx_model(graph: dict, tensors: dict[str, torch.Tensor]):
             nodes.append(helper.make_node("Mul", [xs[0], c], [y], name=name))
         elif op == "relu":
             nodes.append(helper.make_node("Relu", xs, [y], name=name))
+        elif op == "prelu":
+            c = init(f"{name}.slope", arr(t["slope"]).astype(np.float32).reshape(-1, 1, 1))
+            nodes.append(helper.make_node("PRelu", [xs[0], c], [y], name=name))
+        elif op == "leaky_relu":
+            nodes.append(helper.make_node("LeakyRelu", xs, [y], name=name, alpha=float(node["slope"])))
+        elif op == "affine":
+            sc = init(f"{name}.scale", arr(t["scale"]).astype(np.float32).reshape(1, -1, 1, 1))
+            sh = init(f"{name}.shift", arr(t["shift"]).astype(np.float32).reshape(1, -1, 1, 1))
+            nodes.append(helper.make_node("Mul", [xs[0], sc], [f"{name}.scaled"], name=f"{name}.mul"))
+            nodes.append(helper.make_node("Add", [f"{name}.scaled", sh], [y], name=name))
         elif op == "pixel_shuffle":
             nodes.append(
                 helper.make_node("DepthToSpace", xs, [y], name=name, blocksize=node["factor"], mode="CRD")
