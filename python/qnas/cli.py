@@ -725,7 +725,7 @@ def export_command(run, fmt, out, no_check) -> None:
         size = write_onnx(out, graph, tensors)
     click.echo(f"wrote {out} ({size / 1e6:.2f} MB, {fmt})")
     if not no_check:
-        click.echo(check_export(run, out, fmt))
+        click.echo(check_export(run, out, fmt, (graph, tensors)))
 
 
 @cli.command("upscale")

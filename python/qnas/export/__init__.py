@@ -299,7 +299,9 @@ def check_image(size: int = 96) -> torch.Tensor:
     return img[None, :, y0 : y0 + size, x0 : x0 + size].contiguous()
 
 
-def check_export(run: str | os.PathLike, path: str | os.PathLike, fmt: str) -> str:
+def check_export(
+    run: str | os.PathLike, path: str | os.PathLike, fmt: str, exported: tuple[dict, dict] | None = None
+) -> str:
     """Reads the written file back with the deploy code only and runs it on check_image(): one line with
     the agreement with the trained (fake-quantized) network and, for ONNX, onnxruntime's agreement with
     the packed runtime. A file that does not load or run is an ExportError."""
@@ -311,7 +313,7 @@ def check_export(run: str | os.PathLike, path: str | os.PathLike, fmt: str) -> s
     x = check_image()
     with torch.inference_mode():
         trained = net(x).clamp(0, 1)
-    graph, tensors = load_run_packed(run)
+    graph, tensors = exported if exported is not None else load_run_packed(run)
     packed = PackedModel(graph, tensors)(x)
     fp32_bytes = sum(p.numel() * 4 for p in net.parameters() if not _is_quantizer_param(net, p))
     if fmt == "packed":
