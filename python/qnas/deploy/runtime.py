@@ -197,6 +197,9 @@ class PackedModel:
         each extended by `overlap` pixels of context on every side (None: the receptive radius, which
         makes the result identical to the untiled one). `progress(n)` is called after each tile."""
         n, _, h, w = x.shape
+        # The overlap argument needs stride-1 convs (every SR network here): otherwise run whole.
+        if any(nd["op"] == "conv" and nd["stride"] != [1, 1] for nd in self.graph["nodes"]):
+            tile = 0
         if overlap is None:
             overlap = self.receptive_radius()
         if tile <= 0 or (h <= tile and w <= tile):
