@@ -702,6 +702,70 @@ def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
         sys.exit(1)
 
 
+# ------------------------------------------------------------------------------------------------
+# Deployment (issue 9): `qnas export` and `qnas upscale` (docs/deploy.md)
+
+
+@cli.command("export")
+@click.argument("run", type=click.Path(path_type=str))
+@click.option("--format", "fmt", type=click.Choice(["packed", "onnx"]), required=True)
+@click.option("--out", required=True, type=click.Path(path_type=str), help="File to write.")
+@click.option("--no-check", is_flag=True, help="Skip running the exported model against the trained one.")
+def export_command(run, fmt, out, no_check) -> None:
+    """Export a fully quantized run: a bit-packed safetensors file for `qnas upscale`, or ONNX QDQ."""
+    from qnas.deploy.format import write_packed
+    from qnas.export import check_export, load_run_packed
+
+    graph, tensors = load_run_packed(run)
+    if fmt == "packed":
+        size = write_packed(out, graph, tensors)
+    else:
+        from qnas.export.onnx import write_onnx
+
+        size = write_onnx(out, graph, tensors)
+    click.echo(f"wrote {out} ({size / 1e6:.2f} MB, {fmt})")
+    if not no_check:
+        click.echo(check_export(run, out, fmt, (graph, tensors)))
+
+
+@cli.command("upscale")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(path_type=str),
+    help="A packed file of `qnas export --format packed`, or a training RUN folder.",
+)
+@click.argument("paths", nargs=-1, required=True, metavar="IN... OUT", type=click.Path(path_type=str))
+@click.option(
+    "--tile",
+    type=int,
+    default=256,
+    show_default=True,
+    help="Tile side in input pixels (0 = whole image at once).",
+)
+@click.option(
+    "--overlap",
+    type=int,
+    default=None,
+    help="Context pixels around each tile (default: the receptive radius: exact result).",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def upscale_command(model_path, paths, tile, overlap, device, quiet) -> None:
+    """Super-resolve IN... (image files or folders) into OUT (a .png for one input, else a folder)."""
+    from qnas.deploy.upscale import run_upscale
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one input and the output: IN... OUT")
+    r = run_upscale(model_path, paths[:-1], paths[-1], tile, overlap, device, not quiet)
+    per = r["network_seconds"] / max(r["images"], 1)
+    click.echo(
+        f"upscaled {r['images']} image(s) x{r['scale']} on {r['device']} in {r['seconds']:.2f} s "
+        f"(network {r['network_seconds']:.2f} s, {per:.3f} s/image; tile {tile}, overlap {r['overlap']}): {paths[-1]}"
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exit codes: 0 ok, 2 bad input or usage, 130 interrupted."""
     try:

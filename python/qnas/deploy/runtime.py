@@ -1,0 +1,230 @@
+"""Runs a packed model (qnas.deploy.format) with real low-bit integer convolutions: every "conv" node is
+one torch.ops.qops.quantized_conv2d (quantize the input, exact integer convolution of the codes with
+the bit-packed weight, dequantize, bias), every "quantize" node one torch.ops.qops.fake_quant (the
+codes times their step, so a quantized skip connection adds values that live on integer grids).
+Depends on torch, qops and safetensors only: no training code.
+
+Large images are processed in overlapping tiles (`upscale`): with an overlap of at least the
+network's receptive radius (`receptive_radius`), the tiled result equals the untiled one exactly,
+because every step is either exact integer arithmetic or element-wise (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import platform
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import qops  # noqa: F401  (registers torch.ops.qops.*)
+from qnas.deploy.format import bias_step, quant_range, read_packed
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def retain_freed_memory() -> bool:
+    """Makes glibc keep freed feature maps in the heap for reuse (process-wide; True when applied).
+
+    A forward pass allocates and frees dozens of multi-MB tensors. With glibc's defaults each one is a
+    fresh mmap or is trimmed back to the OS when freed, so every new tensor is first-touch page faults
+    and zeroing: measured on edsr-baseline x2 at 160x160, that doubled the time of the quantizers and
+    slowed every conv (docs/deploy.md). Blocks up to 32 MiB (glibc's maximum threshold) then come from
+    the heap and freed memory stays there. `qnas upscale` calls this; a library user may.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    return libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
+
+
+class PackedModel:
+    """A packed model ready to run: `model(x)` maps float32 [N, C, H, W] to [N, C, sH, sW].
+
+    `graph`/`tensors` as read by qnas.deploy.format.read_packed (or made by qnas.export)."""
+
+    def __init__(self, graph: dict, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
+        self.graph = graph
+        self.device = torch.device(device)
+        self.tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        self.scale = int(graph["scale"])
+        self.in_channels = int(graph["input"]["channels"])
+        nodes = graph["nodes"]
+        consumers: dict[str, list[dict]] = {}
+        self._last_use: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            for v in node["inputs"]:
+                consumers.setdefault(v, []).append(node)
+                self._last_use[v] = i
+        # Element-wise ops may overwrite an operand that dies with them (never the caller's input).
+        keep = {graph["input"]["name"], graph["output"]}
+        self._inplace = [
+            bool(node["inputs"]) and node["inputs"][0] not in keep and self._last_use[node["inputs"][0]] == i
+            and node["inputs"].count(node["inputs"][0]) == 1
+            for i, node in enumerate(nodes)
+        ]  # fmt: skip
+        # A ReLU whose only consumer is a conv with unsigned input codes is already done by the conv's
+        # quantization (clamp(round(x / s), 0, qmax) maps every x <= 0 to code 0): skip the pass.
+        self._skip = [
+            node["op"] == "relu"
+            and node["output"] != graph["output"]
+            and len(consumers.get(node["output"], [])) == 1
+            and consumers[node["output"]][0]["op"] == "conv"
+            and not consumers[node["output"]][0]["a_signed"]
+            for node in nodes
+        ]
+        self._steps = [
+            self._compile(node, inplace) for node, inplace in zip(nodes, self._inplace, strict=True)
+        ]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> PackedModel:
+        graph, tensors = read_packed(path)
+        return cls(graph, tensors, device)
+
+    # Each node becomes a closure over its (device-resident) tensors and Python scalars, so a forward
+    # pass does no dictionary look-ups or host syncs beyond the ops themselves.
+    def _compile(self, node: dict, inplace: bool) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        op = node["op"]
+        t = {role: self.tensors[key] for role, key in node.get("tensors", {}).items()}
+        if op == "conv":
+            w, w_shape, w_scale = t["weight"], list(node["w_shape"]), t["w_scale"]
+            a_scale = float(t["a_scale"].item())
+            w_bits, a_bits, a_signed = int(node["w_bits"]), int(node["a_bits"]), bool(node["a_signed"])
+            bias, stride, padding = t.get("bias"), list(node["stride"]), list(node["padding"])
+            if bias is not None:  # int32 at the accumulator's step (docs/deploy.md)
+                bias = bias.to(torch.float32) * bias_step(t["a_scale"], w_scale)
+            conv = torch.ops.qops.quantized_conv2d
+            return lambda xs: conv(
+                xs[0], w, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding
+            )
+        if op == "quantize":
+            qmin, qmax = quant_range(int(node["bits"]), bool(node["signed"]))
+            s, zp = t["scale"].reshape(1), torch.zeros(1, device=self.device)
+            fq = torch.ops.qops.fake_quant
+            return lambda xs: fq(xs[0], s, zp, -1, qmin, qmax, 1.0)
+        if op == "add":
+            if inplace:
+                return lambda xs: xs[0].add_(xs[1])
+            return lambda xs: xs[0] + xs[1]
+        if op == "add_const":
+            value = t["value"]
+            if inplace:
+                return lambda xs: xs[0].add_(value)
+            return lambda xs: xs[0] + value
+        if op == "mul_const":
+            factor = float(node["value"])
+            if inplace:
+                return lambda xs: xs[0].mul_(factor)
+            return lambda xs: xs[0] * factor
+        if op == "relu":
+            if inplace:
+                return lambda xs: xs[0].relu_()
+            return lambda xs: torch.relu(xs[0])
+        if op == "prelu":
+            slope = t["slope"].reshape(-1)
+            return lambda xs: F.prelu(xs[0], slope)
+        if op == "leaky_relu":
+            slope = float(node["slope"])
+            if inplace:
+                return lambda xs: F.leaky_relu_(xs[0], slope)
+            return lambda xs: F.leaky_relu(xs[0], slope)
+        if op == "affine":
+            scale, shift = t["scale"].reshape(1, -1, 1, 1), t["shift"].reshape(1, -1, 1, 1)
+            if inplace:
+                return lambda xs: xs[0].mul_(scale).add_(shift)
+            return lambda xs: torch.addcmul(shift, xs[0], scale)
+        if op == "pixel_shuffle":
+            r = int(node["factor"])
+            return lambda xs: F.pixel_shuffle(xs[0], r)
+        if op == "clamp":
+            lo, hi = float(node["min"]), float(node["max"])
+            if inplace:
+                return lambda xs: xs[0].clamp_(lo, hi)
+            return lambda xs: xs[0].clamp(lo, hi)
+        raise AssertionError(op)  # check_graph accepted only known ops
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected [N, {self.in_channels}, H, W], got {list(x.shape)}")
+        values = {self.graph["input"]["name"]: x.to(self.device, torch.float32).contiguous()}
+        out_name = self.graph["output"]
+        with torch.inference_mode():
+            for i, node in enumerate(self.graph["nodes"]):
+                ins = node["inputs"]
+                if self._skip[i]:
+                    values[node["output"]] = values[ins[0]]
+                else:
+                    values[node["output"]] = self._steps[i]([values[v] for v in ins])
+                # Free each value after its last use: peak memory is a few feature maps, not all of them.
+                for v in ins:
+                    if self._last_use[v] == i and v != out_name:
+                        values.pop(v, None)
+            return values[out_name]
+
+    def receptive_radius(self) -> int:
+        """How far (in input pixels) an output pixel's value can depend on: the sum over the chain of
+        convolutions of their padding, divided by the resolution they run at (pixel shuffle r multiplies
+        it by r). Zero padding at a tile border changes nothing farther inside than this."""
+        radius = {self.graph["input"]["name"]: 0.0}
+        factor = {self.graph["input"]["name"]: 1}
+        for node in self.graph["nodes"]:
+            ins = node["inputs"]
+            r, f = max(radius[v] for v in ins), max(factor[v] for v in ins)
+            if node["op"] == "conv":
+                kh, kw = node["w_shape"][2:]
+                r += max((kh - 1) // 2, (kw - 1) // 2) / f
+            elif node["op"] == "pixel_shuffle":
+                f *= int(node["factor"])
+            radius[node["output"]], factor[node["output"]] = r, f
+        return math.ceil(radius[self.graph["output"]])
+
+    def upscale(
+        self,
+        x: torch.Tensor,
+        tile: int = 0,
+        overlap: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """model(x) for one image [1, C, H, W], in tiles of `tile` x `tile` input pixels (0: whole image)
+        each extended by `overlap` pixels of context on every side (None: the receptive radius, which
+        makes the result identical to the untiled one). `progress(n)` is called after each tile."""
+        n, _, h, w = x.shape
+        # The overlap argument needs stride-1 convs (every SR network here): otherwise run whole.
+        if any(nd["op"] == "conv" and nd["stride"] != [1, 1] for nd in self.graph["nodes"]):
+            tile = 0
+        if overlap is None:
+            overlap = self.receptive_radius()
+        if tile <= 0 or (h <= tile and w <= tile):
+            y = self(x)
+            if progress:
+                progress(1)
+            return y
+        s = self.scale
+        out = torch.empty(n, self.in_channels, h * s, w * s, dtype=torch.float32, device=self.device)
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                # The tile plus its context, cut at the image border (where the network zero-pads anyway).
+                cy0, cx0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
+                cy1, cx1 = min(y1 + overlap, h), min(x1 + overlap, w)
+                part = self(x[:, :, cy0:cy1, cx0:cx1])
+                oy, ox = (y0 - cy0) * s, (x0 - cx0) * s
+                out[:, :, y0 * s : y1 * s, x0 * s : x1 * s] = part[
+                    :, :, oy : oy + (y1 - y0) * s, ox : ox + (x1 - x0) * s
+                ]
+                if progress:
+                    progress(1)
+        return out
+
+    def count_tiles(self, h: int, w: int, tile: int) -> int:
+        if tile <= 0 or (h <= tile and w <= tile):
+            return 1
+        return math.ceil(h / tile) * math.ceil(w / tile)
