@@ -616,7 +616,7 @@ def report_command(runs, out, data, lr_size, quiet) -> None:
     default=None,
     metavar="FILE",
     type=click.Path(dir_okay=False, path_type=str),
-    help="JSON object overriding demo settings (qnas.demo.DemoSettings), e.g. {\"train_steps\": 500}.",
+    help='JSON object overriding demo settings (qnas.demo.DemoSettings), e.g. {"train_steps": 500}.',
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out, settings_file, quiet) -> None:
