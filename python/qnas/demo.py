@@ -48,12 +48,13 @@ class DemoSettings:
     uniform_bits: list[int] = field(default_factory=lambda: [4, 8])
     # -- search (both searches)
     mode: str = "noise"
-    search_steps: int = 300
+    search_steps: int = 200
     search_batch: int = 8
     search_patch: int = 64
-    penalty: float = 0.5
+    penalty: float = 0.05
     entropy_coef: float = 1e-3
-    alpha_lr: float = 3e-4
+    alpha_lr: float = 1.5e-2
+    alpha_warmup: float = 0.25
     bits_search: bool = True
     bits_search_steps: int = 150
     # -- retraining, identical for every retrained model
@@ -97,6 +98,7 @@ def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int):
         penalty=s.penalty,
         entropy_coef=s.entropy_coef,
         alpha_lr=s.alpha_lr,
+        alpha_warmup=s.alpha_warmup,
         seed=s.seed,
         lr_size=list(s.lr_size),
         checkpoint_every=max(1, min(50, steps)),
