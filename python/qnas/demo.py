@@ -47,6 +47,9 @@ class DemoSettings:
     bits: list[int] = field(default_factory=lambda: [4, 8])
     uniform_bits: list[int] = field(default_factory=lambda: [4, 8])
     # -- search (both searches)
+    #: Candidate ops of the joint search (None: the space's own list). The demo searches around the fixed
+    #: architecture: its conv3x3 and the space's two cheaper ops with the same 3x3 receptive field.
+    ops: list[str] | None = field(default_factory=lambda: ["conv3x3", "conv3x1_1x3", "conv3x3_g3"])
     mode: str = "noise"
     search_steps: int = 200
     search_batch: int = 8
@@ -224,7 +227,7 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
     timed(
         "search",
         lambda: _search_stage(
-            out / "search", _search_options(settings, ops=None, steps=settings.search_steps), progress
+            out / "search", _search_options(settings, ops=settings.ops, steps=settings.search_steps), progress
         ),
     )
     if settings.bits_search:
