@@ -61,7 +61,7 @@ class DemoSettings:
     bits_search: bool = True
     bits_search_steps: int = 150
     # -- retraining, identical for every retrained model
-    train_steps: int = 1800
+    train_steps: int = 1200
     train_batch: int = 16
     train_patch: int = 64
     train_lr: float = 1e-3
