@@ -31,7 +31,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Search -> derive -> retrain -> eval vs bicubic and uniform baselines -> report, into runs/demo
-# (report.json, pareto.png, report.md; about 15 minutes on 2 CPU cores). A rerun skips finished stages.
+# (report.json, pareto.png, report.md; 11 minutes measured on 2 CPU cores). A rerun skips finished stages.
 demo: install
 	$(PY) -m qnas demo --out runs/demo
 
