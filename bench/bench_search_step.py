@@ -26,6 +26,8 @@ from qnas.nas.supernet import Supernet
 from qnas.spaces import load_space
 
 SCALE, BATCH, PATCH = 4, 8, 96
+# A step takes 1-4 s: 7 timed rounds (+2 warm-up) per case keep the whole file near 5 minutes.
+ROUNDS = 7
 THREADS = sorted({torch.get_num_threads(), 1}, reverse=True)
 
 
@@ -87,6 +89,7 @@ def test_search_step(bench, mode, impl, threads):
         group=f"search step basic x4 b{BATCH} {PATCH}px, mode {mode}, {_label(threads)}",
         impl=impl,
         baseline=impl == "naive",
+        rounds=ROUNDS,
     )
 
 
@@ -97,4 +100,5 @@ def test_search_step_modes(bench, mode, threads):
         group=f"search step basic x4 b{BATCH} {PATCH}px fused, noise vs quant, {_label(threads)}",
         impl=f"fused {mode}",
         baseline=mode == "quant",
+        rounds=ROUNDS,
     )

@@ -15,7 +15,7 @@ import qops  # noqa: E402,F401
 
 @pytest.fixture
 def bench(benchmark):
-    def run(fn, *, group, impl, baseline=False, bytes=None, ops=None, sync=None, **info):
+    def run(fn, *, group, impl, baseline=False, bytes=None, ops=None, sync=None, rounds=15, **info):
         benchmark.group = group
         benchmark.extra_info.update(impl=impl, baseline=baseline, bytes=bytes, ops=ops, **info)
         benchmark.extra_info["threads"] = torch.get_num_threads()
@@ -26,6 +26,6 @@ def bench(benchmark):
                 sync()
             return out
 
-        return benchmark.pedantic(call, warmup_rounds=2, rounds=15, iterations=1)
+        return benchmark.pedantic(call, warmup_rounds=2, rounds=rounds, iterations=1)
 
     return run

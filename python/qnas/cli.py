@@ -602,6 +602,47 @@ def report_command(runs, out, data, lr_size, quiet) -> None:
     click.echo(f"\n{out}/report.json, {out}/pareto.png, {out}/report.md")
 
 
+@cli.command("demo")
+@click.option(
+    "--out",
+    default="runs/demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=str),
+    help="Folder of the demo's runs and report.",
+)
+@click.option(
+    "--settings",
+    "settings_file",
+    default=None,
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=str),
+    help='JSON object overriding demo settings (qnas.demo.DemoSettings), e.g. {"train_steps": 500}.',
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_command(out, settings_file, quiet) -> None:
+    """Search -> derive -> retrain -> report on the builtin images, with bicubic and the uniform 4/8-bit
+    and bits-only baselines (what `make demo` runs). Rerun to resume: finished stages are skipped."""
+    import json
+
+    from qnas.demo import DemoSettings, comparison_text, run_demo
+    from qnas.nas.report import markdown_table
+
+    overrides = {}
+    if settings_file is not None:
+        try:
+            with open(settings_file, encoding="utf-8") as f:
+                overrides = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise QnasError(f"--settings {settings_file}: not a readable JSON file ({e})") from e
+        if not isinstance(overrides, dict):
+            raise QnasError(f"--settings {settings_file}: expected a JSON object")
+    summary = run_demo(DemoSettings.from_dict(overrides), out, progress=not quiet)
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        click.echo(markdown_table(json.load(f)))
+    click.echo("\n" + comparison_text(summary["comparison"]))
+    click.echo(f"\n{out}/report.json, {out}/pareto.png, {out}/report.md, {out}/demo.json")
+
+
 @cli.command("strategy")
 @click.option(
     "--checkpoint",

@@ -1,0 +1,291 @@
+"""`qnas demo` (what `make demo` runs): a small QuantNAS search on the builtin images, the derived network
+retrained, and compared with bicubic and the uniform-quantization baselines in one report.
+
+Stages, each in its own run folder under OUT (default runs/demo):
+
+  search/            QuantNAS search of the space (ops and bits jointly; qnas.nas.search)
+  search_bits/       bits-only search: the fixed architecture (every layer `fixed_op`), bits per layer
+  genotypes/         the fixed architecture at uniform bits (qnas.nas.derive.uniform_genotype)
+  quantnas/          the searched genotype retrained from scratch (qnas train --arch)
+  bits_only/         the bits-only genotype retrained
+  uniform_w4a4/ ...  the fixed architecture retrained at uniform 4 and 8 bits
+  report.json, pareto.png, report.md      qnas report of all of them and bicubic on the validation images
+  demo.json          the settings, the seconds of every stage, and the comparison of the searched model
+                     with uniform 4-bit quantization (read from report.json, never assumed)
+
+Every retrained model gets the same retraining (steps, batch, patch, learning rate, seed, quantizers), so the
+comparison is between architectures and bit allocations, not training budgets. A rerun skips every stage
+whose folder is complete (search: genotype.json; training: model.pt), resumes a stage that was killed
+(its checkpoint.pt), and refuses an OUT made with other settings. docs/quantnas.md, "The demo", explains the
+chosen settings and what they show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qnas.errors import QnasError
+
+DEMO_FORMAT = "qnas-demo/1"
+
+
+@dataclass
+class DemoSettings:
+    """Everything that decides the demo's result (docs/quantnas.md explains the defaults)."""
+
+    space: str = "basic"
+    scale: int = 4
+    data: str = "builtin"
+    #: The fixed architecture of the baselines: every layer of the space this op (the space's plain conv).
+    fixed_op: str = "conv3x3"
+    bits: list[int] = field(default_factory=lambda: [4, 8])
+    uniform_bits: list[int] = field(default_factory=lambda: [4, 8])
+    # -- search (both searches)
+    #: Candidate ops of the joint search (None: the space's own list). The demo searches around the fixed
+    #: architecture: its conv3x3 and the space's two cheaper ops with the same 3x3 receptive field.
+    ops: list[str] | None = field(default_factory=lambda: ["conv3x3", "conv3x1_1x3", "conv3x3_g3"])
+    mode: str = "noise"
+    search_steps: int = 200
+    search_batch: int = 8
+    search_patch: int = 64
+    penalty: float = 0.05
+    entropy_coef: float = 1e-3
+    alpha_lr: float = 1.5e-2
+    alpha_warmup: float = 0.25
+    bits_search: bool = True
+    bits_search_steps: int = 150
+    # -- retraining, identical for every retrained model
+    train_steps: int = 1200
+    train_batch: int = 16
+    train_patch: int = 64
+    train_lr: float = 1e-3
+    act_quantizer: str = "hwgq"
+    seed: int = 0
+    lr_size: list[int] = field(default_factory=lambda: [180, 320])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DemoSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QnasError(f"demo settings: unknown keys {unknown} (known: {', '.join(sorted(known))})")
+        return cls(**{**dataclasses.asdict(cls()), **d})
+
+    def check(self) -> None:
+        for b in self.uniform_bits:
+            if b != 0 and not 2 <= b <= 8:
+                raise QnasError(f"demo settings: uniform_bits {b} is not 0 or 2..8")
+        if 4 not in self.uniform_bits:
+            raise QnasError("demo settings: uniform_bits must include 4 (the baseline of the comparison)")
+
+
+def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int):
+    from qnas.nas.search import SearchOptions
+
+    return SearchOptions(
+        space=s.space,
+        ops=ops,
+        scale=s.scale,
+        data=s.data,
+        steps=steps,
+        batch_size=s.search_batch,
+        patch_size=s.search_patch,
+        bits=list(s.bits),
+        mode=s.mode,
+        penalty=s.penalty,
+        entropy_coef=s.entropy_coef,
+        alpha_lr=s.alpha_lr,
+        alpha_warmup=s.alpha_warmup,
+        seed=s.seed,
+        lr_size=list(s.lr_size),
+        checkpoint_every=max(1, min(50, steps)),
+    )
+
+
+def _train_options(s: DemoSettings):
+    from qnas.train.train import TrainOptions
+
+    return TrainOptions(
+        data=s.data,
+        scale=s.scale,
+        steps=s.train_steps,
+        batch_size=s.train_batch,
+        patch_size=s.train_patch,
+        lr=s.train_lr,
+        seed=s.seed,
+        checkpoint_every=max(1, min(100, s.train_steps)),
+    )
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_settings(out: Path, settings: DemoSettings) -> None:
+    """Records the settings in OUT/demo_settings.json, or checks that OUT was made with the same ones."""
+    from qnas.train.run import atomic_write_bytes
+
+    path = out / "demo_settings.json"
+    mine = json.loads(json.dumps(dataclasses.asdict(settings)))
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise QnasError(f"{path}: corrupt JSON ({e}); remove {out} to start over") from e
+        diffs = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        if diffs:
+            raise QnasError(
+                f"{out} holds a demo made with other settings ({', '.join(diffs)}); "
+                "remove it or choose another --out"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(mine, indent=2) + "\n").encode())
+
+
+def _search_stage(run: Path, opts, progress: bool) -> bool:
+    """Runs (or resumes) one search unless its genotype exists; True when it ran."""
+    from qnas.nas.search import search
+
+    if (run / "genotype.json").exists():
+        _say(f"{run.name}: done ({run / 'genotype.json'}), skipped", progress)
+        return False
+    resume = (run / "checkpoint.pt").exists()
+    _say(f"{run.name}: {'resuming' if resume else 'running'} {opts.steps} search steps", progress)
+    search(opts, run, resume=resume, progress=progress)
+    return True
+
+
+def _train_stage(run: Path, genotype: dict, s: DemoSettings, progress: bool) -> bool:
+    """Retrains one genotype (or resumes) unless its model exists; True when it ran."""
+    from qnas.nas.derive import genotype_network_config
+    from qnas.train.train import train
+
+    if (run / "model.pt").exists():
+        _say(f"{run.name}: done ({run / 'model.pt'}), skipped", progress)
+        return False
+    resume = (run / "checkpoint.pt").exists()
+    _say(f"{run.name}: {'resuming' if resume else 'running'} {s.train_steps} training steps", progress)
+    train(
+        genotype_network_config(genotype, s.act_quantizer),
+        _train_options(s),
+        run,
+        resume=resume,
+        progress=progress,
+    )
+    return True
+
+
+def compare_with_uniform(report: dict, searched: str, uniform: str) -> dict[str, Any]:
+    """The done-when check of the demo, from the report's own numbers: does `searched` reach at least the
+    PSNR of `uniform` (4-bit uniform quantization of the fixed architecture) at equal or lower BitOps?"""
+    by_name = {m["name"]: m for m in report["models"]}
+    a, b = by_name[searched], by_name[uniform]
+    return {
+        "searched": searched,
+        "baseline": uniform,
+        "psnr_delta_db": a["psnr"] - b["psnr"],
+        "ssim_delta": a["ssim"] - b["ssim"],
+        "bitops_ratio": a["bitops"] / b["bitops"],
+        "bitops_le": a["bitops"] <= b["bitops"],
+        "psnr_ge": a["psnr"] >= b["psnr"],
+        "holds": a["bitops"] <= b["bitops"] and a["psnr"] >= b["psnr"],
+    }
+
+
+def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
+    """Runs the demo's stages into `out` (skipping finished ones); returns the content of OUT/demo.json."""
+    from qnas.nas.derive import read_genotype, uniform_genotype
+    from qnas.nas.report import BICUBIC, build_report, markdown_table
+    from qnas.spaces import load_space
+    from qnas.train.run import atomic_write_bytes
+
+    settings.check()
+    out = Path(out)
+    _check_settings(out, settings)
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+    ran = False
+
+    def timed(name: str, fn) -> Any:
+        nonlocal ran
+        t0 = time.perf_counter()
+        did = fn()
+        if did:
+            seconds[name] = round(time.perf_counter() - t0, 1)
+            ran = True
+        return did
+
+    # 1. searches
+    timed(
+        "search",
+        lambda: _search_stage(
+            out / "search", _search_options(settings, ops=settings.ops, steps=settings.search_steps), progress
+        ),
+    )
+    if settings.bits_search:
+        timed(
+            "search_bits",
+            lambda: _search_stage(
+                out / "search_bits",
+                _search_options(settings, ops=[settings.fixed_op], steps=settings.bits_search_steps),
+                progress,
+            ),
+        )
+    # 2. genotypes: searched, bits-only, fixed architecture at uniform bits
+    genotypes: dict[str, dict] = {"quantnas": read_genotype(out / "search")}
+    if settings.bits_search:
+        genotypes["bits_only"] = read_genotype(out / "search_bits")
+    space = load_space(settings.space)
+    (out / "genotypes").mkdir(exist_ok=True)
+    for b in settings.uniform_bits:
+        g = uniform_genotype(space, settings.scale, settings.fixed_op, b)
+        name = f"uniform_w{b}a{b}" if b else "float"
+        atomic_write_bytes(out / "genotypes" / f"{name}.json", (json.dumps(g, indent=2) + "\n").encode())
+        genotypes[name] = g
+    # 3. retraining, the same for every model
+    for name, g in genotypes.items():
+        timed(f"train {name}", lambda name=name, g=g: _train_stage(out / name, g, settings, progress))
+    # 4. report (redone whenever a stage ran, or when it is missing)
+    runs = [BICUBIC] + [str(out / name) for name in genotypes]
+    if ran or not (out / "report.json").exists() or not (out / "pareto.png").exists():
+        _say("report: evaluating every model on the validation images", progress)
+        t0 = time.perf_counter()
+        report = build_report(
+            runs, out, data=settings.data, lr_size=tuple(settings.lr_size), progress=progress
+        )
+        seconds["report"] = round(time.perf_counter() - t0, 1)
+    else:
+        _say("report: done, skipped", progress)
+        report = json.loads((out / "report.json").read_text())
+    comparison = compare_with_uniform(report, "quantnas", "uniform_w4a4")
+    previous = json.loads((out / "demo.json").read_text()) if (out / "demo.json").exists() else {}
+    stage_seconds = {**previous.get("stage_seconds", {}), **seconds}
+    summary = {
+        "format": DEMO_FORMAT,
+        "settings": dataclasses.asdict(settings),
+        "stage_seconds": stage_seconds,
+        "seconds_this_call": round(time.perf_counter() - t_all, 1),
+        "comparison": comparison,
+        "models": [m["name"] for m in report["models"]],
+    }
+    atomic_write_bytes(out / "demo.json", (json.dumps(summary, indent=2) + "\n").encode())
+    text = markdown_table(report) + "\n\n" + comparison_text(comparison) + "\n"
+    atomic_write_bytes(out / "report.md", text.encode())
+    return summary
+
+
+def comparison_text(c: dict) -> str:
+    verdict = "holds" if c["holds"] else "does NOT hold"
+    return (
+        f"Searched vs uniform 4-bit ({c['searched']} vs {c['baseline']}): PSNR {c['psnr_delta_db']:+.3f} dB, "
+        f"SSIM {c['ssim_delta']:+.4f}, BitOps x{c['bitops_ratio']:.3f}. "
+        f"'Matches or beats uniform 4-bit at equal or lower BitOps' {verdict} in this run."
+    )

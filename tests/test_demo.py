@@ -1,0 +1,96 @@
+"""`qnas demo` end to end with tiny settings (a tiny space at x2, a few steps per stage): every stage's run
+folder, report.json with every expected model, the Pareto PNG, demo.json's comparison read from the report;
+a rerun skips every finished stage; other settings in the same folder are refused."""
+
+import json
+
+import pytest
+import torch
+from test_nas_supernet import tiny_space
+
+from qnas.cli import main
+from qnas.demo import DemoSettings, run_demo
+from qnas.errors import QnasError
+
+MODELS = ["bicubic", "quantnas", "bits_only", "uniform_w4a4", "uniform_w8a8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_settings(tmp_path):
+    space = tmp_path / "tiny.json"
+    space.write_text(json.dumps(tiny_space(["conv1x1", "conv3x3", "conv3x1_1x3"])))
+    return {
+        "space": str(space),
+        "scale": 2,
+        "search_steps": 3,
+        "bits_search_steps": 2,
+        "search_batch": 2,
+        "search_patch": 16,
+        "penalty": 0.1,
+        "train_steps": 3,
+        "train_batch": 2,
+        "train_patch": 16,
+        "lr_size": [16, 16],
+    }
+
+
+def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
+    out = tmp_path / "demo"
+    summary = run_demo(DemoSettings.from_dict(tiny_settings), out, progress=False)
+    for stage in ("search", "search_bits"):
+        assert (out / stage / "genotype.json").exists() and (out / stage / "alphas.png").exists()
+    for name in MODELS[1:]:
+        assert (out / name / "model.pt").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == MODELS
+    for m in report["models"]:
+        assert 5 < m["psnr"] < 60 and 0 < m["ssim"] <= 1
+        assert (m["bitops"] is None) == (m["name"] == "bicubic")
+    by_name = {m["name"]: m for m in report["models"]}
+    assert by_name["uniform_w8a8"]["bitops"] == 4 * by_name["uniform_w4a4"]["bitops"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "uniform 4-bit" in (out / "report.md").read_text()
+
+    c = summary["comparison"]
+    q, u = by_name["quantnas"], by_name["uniform_w4a4"]
+    assert c["psnr_delta_db"] == pytest.approx(q["psnr"] - u["psnr"])
+    assert c["holds"] == (q["bitops"] <= u["bitops"] and q["psnr"] >= u["psnr"])
+    assert set(summary["stage_seconds"]) == {
+        "search",
+        "search_bits",
+        "train quantnas",
+        "train bits_only",
+        "train uniform_w4a4",
+        "train uniform_w8a8",
+        "report",
+    }
+
+    # A rerun (here through the CLI) finds every stage complete and only reprints the report.
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps(tiny_settings))
+    mtime = (out / "quantnas" / "model.pt").stat().st_mtime_ns
+    try:
+        main(["demo", "--out", str(out), "--settings", str(settings_file), "--quiet"])
+    except SystemExit as e:
+        pytest.fail(f"qnas demo exited with {e.code}: {capsys.readouterr().err}")
+    assert "| quantnas" in capsys.readouterr().out
+    assert (out / "quantnas" / "model.pt").stat().st_mtime_ns == mtime
+    assert json.loads((out / "demo.json").read_text())["seconds_this_call"] < 5
+
+    with pytest.raises(QnasError, match="other settings"):
+        run_demo(DemoSettings.from_dict({**tiny_settings, "train_steps": 4}), out, progress=False)
+
+
+def test_demo_settings_errors():
+    with pytest.raises(QnasError, match="unknown keys"):
+        DemoSettings.from_dict({"trian_steps": 3})
+    with pytest.raises(QnasError, match="must include 4"):
+        DemoSettings.from_dict({"uniform_bits": [8]}).check()
