@@ -191,6 +191,8 @@ def test_cli_single_quantizer_is_uniform(fp_run, tmp_path, capsys):
         (["--bits", "1"], "out of range"),
         (["--bits", "4", "--quantizers", "lsq,foo"], "unknown quantizer 'foo'"),
         (["--bits", "4", "--quantizers", "hwgq"], "no weight quantizer"),
+        (["--bits", "4", "--quantizers", "lsq,lsq"], "twice"),
+        (["--bits", "4", "--quantizers", ","], "at least one"),
     ],
 )
 def test_cli_strategy_errors(fp_run, tmp_path, capsys, extra, needle):
