@@ -90,10 +90,15 @@ def ptq(
     layers = _all_convs(supernet, calib[0])
     build_supernet(supernet, quantizers, bits, layers=layers)
     calibrate(supernet, calib)
-    ptq_search(supernet, fp, calib, steps)
-    plan = derive_plan(supernet, list(quantizers), bits)
-    net = derive_network(supernet, copy.deepcopy(fp), plan)
-    return net, plan
+    plans = []
+
+    def derive(sup: nn.Module) -> nn.Module:
+        plans.append(derive_plan(sup, list(quantizers), bits))
+        return derive_network(sup, copy.deepcopy(fp), plans[-1])
+
+    # The last quarter of the steps tunes the derived network (qnas.quant.dqss.ptq_phases).
+    net = ptq_search(supernet, fp, calib, steps, derive=derive)
+    return net, plans[-1]
 
 
 def _all_convs(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = "/tmp/qnas-cpu.lock"
 LR_SIZE = "640x360"  # BitOps for a 1280x720 output at x2
 BITS = 4
-# One fine-tune budget for every `qnas train --quant` row (FQSR 8/4/2, uniform 4): 60 steps of
+# One fine-tune budget for every `qnas train --quant` row (FQSR 8/4/2, uniform 4): 1000 steps of
 # batch 4, 48x48 HR patches, Adam, cosine decay (docs/RESULTS.md says how it was chosen).
-FINETUNE = ["--steps", "60", "--batch-size", "4", "--patch-size", "48", "--lr", "1e-4"]
+FINETUNE = ["--steps", "1000", "--batch-size", "4", "--patch-size", "48", "--lr", "2e-4"]
 # One search budget for every `qnas strategy --mode ptq` row: the same 8 calibration batches of
 # 4 patches (48x48 HR) from the train split, 60 steps.
 PTQ = ["--steps", "60", "--calib-batches", "8", "--batch-size", "4", "--patch-size", "48"]
@@ -88,6 +88,24 @@ def rows() -> list[dict]:
             "name": f"ptq{BITS}_dqss",
             "label": f"DQSS PTQ {BITS}-bit, all strategies",
             "cmd": ["strategy", "--checkpoint", "@fp", "--quantizers", "all", "--bits", str(BITS), *PTQ],
+        }
+    )
+    table.append(
+        {
+            "name": f"ptq{BITS}_dqss_search_only",
+            "label": f"DQSS PTQ {BITS}-bit, all, search only (no discrete phase)",
+            "cmd": [
+                "strategy",
+                "--checkpoint",
+                "@fp",
+                "--quantizers",
+                "all",
+                "--bits",
+                str(BITS),
+                *PTQ,
+                "--discrete-fraction",
+                "0",
+            ],
         }
     )
     table.append(
