@@ -42,7 +42,7 @@ FINETUNE = ["--steps", "1000", "--batch-size", "4", "--patch-size", "48", "--lr"
 # One search budget for every `qnas strategy --mode ptq` row: the same 8 calibration batches of
 # 4 patches (48x48 HR) from the train split, 60 steps.
 PTQ = ["--steps", "60", "--calib-batches", "8", "--batch-size", "4", "--patch-size", "48"]
-QAT = ["--steps", "120", "--batch-size", "4", "--patch-size", "48"]
+QAT = ["--steps", "300", "--batch-size", "4", "--patch-size", "48"]
 SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse")  # hwgq quantizes activations only
 
 
@@ -131,7 +131,12 @@ def rows() -> list[dict]:
 
 @contextlib.contextmanager
 def cpu_lock():
-    """The shared machine's CPU lock (the flock of CONVENTIONS.md), held for one command."""
+    """The shared machine's CPU lock (the flock of CONVENTIONS.md), held for one command; not taken
+    again when the caller holds it for the whole script (QNAS_CPU_LOCK_HELD=1, e.g. under
+    `flock /tmp/qnas-cpu.lock env QNAS_CPU_LOCK_HELD=1 python scripts/results.py --only ...`)."""
+    if os.environ.get("QNAS_CPU_LOCK_HELD") == "1":
+        yield
+        return
     with open(LOCK, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -314,8 +319,10 @@ def main(argv: list[str] | None = None) -> None:
             results[row["name"]] = measure(row, runs)
             r = results[row["name"]]
             print(f"[{now()}] {row['name']}: {r['psnr']:.2f} dB / {r['ssim']:.4f}", flush=True)
-        elif (runs / row["name"] / "eval.json").exists():
-            results[row["name"]] = measure(row, runs)
+        elif (runs / row["name"] / "eval.json").exists() and (
+            row["cmd"] is None or (runs / row["name"] / "cost.json").exists()
+        ):
+            results[row["name"]] = measure(row, runs)  # cached: nothing to compute
     text = table(table_rows, results)
     print(text)
     if not args.no_table:

@@ -137,6 +137,7 @@ class StrategyConv2d(nn.Conv2d):
         self.strategy_w_logits = nn.Parameter(torch.zeros(len(self.w_names), device=device))
         self.strategy_a_logits = nn.Parameter(torch.zeros(len(self.a_names), device=device))
         self.temperature = 1.0
+        self.hard = False  # straight-through one-hot samples in training (see _probs)
         kh, kw = self.kernel_size
         same = self.padding == (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
         square = self.stride[0] == self.stride[1] and self.dilation[0] == self.dilation[1]
@@ -146,10 +147,22 @@ class StrategyConv2d(nn.Conv2d):
 
     # -- the mixture ---------------------------------------------------------------------------
     def w_probs(self) -> torch.Tensor:
-        return torch.softmax(self.strategy_w_logits / self.temperature, 0)
+        return self._probs(self.strategy_w_logits)
 
     def a_probs(self) -> torch.Tensor:
-        return torch.softmax(self.strategy_a_logits / self.temperature, 0)
+        return self._probs(self.strategy_a_logits)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / T); with `hard` in training, a straight-through Gumbel-softmax sample
+        (Jang et al. 2017): one-hot forward (one discrete strategy per step, as deployed), soft
+        gradient to every logit."""
+        soft_logits = logits / self.temperature
+        if not (self.hard and self.training):
+            return torch.softmax(soft_logits, 0)
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        soft = torch.softmax(soft_logits + gumbel, 0)
+        one_hot = torch.zeros_like(soft).scatter_(0, soft.argmax().reshape(1), 1.0)
+        return one_hot - soft.detach() + soft
 
     def choice(self) -> tuple[str, str]:
         """(weight strategy, activation strategy) with the largest logits."""
@@ -400,6 +413,7 @@ def ptq_search(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
     derive: Callable[[nn.Module], nn.Module] | None = None,
     discrete_fraction: float = 0.25,
+    hard: bool = False,
     log: Callable[..., None] | None = None,
     progress=None,
 ) -> nn.Module:
@@ -410,12 +424,20 @@ def ptq_search(
     With `derive` (supernet -> discrete network), the last `discrete_fraction` of the steps go to the
     derived network (see ptq_phases): its statistics-based steps are re-measured on the calibration
     batches (`recalibrate`) and its learned quantizer parameters minimize the same loss; the derived
-    network is returned. Without `derive`, every step searches and the supernet is returned."""
+    network is returned. Without `derive`, every step searches and the supernet is returned.
+    `hard`: every search step runs one sampled discrete network (StrategyConv2d._probs) instead of
+    the mixture."""
     n_search = ptq_phases(steps, discrete_fraction if derive is not None else 0.0)
     teacher.eval()
     with torch.no_grad():
         targets = [teacher(x) for x in batches]
-    _reconstruct(supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True)
+    for m in supernet_layers(supernet).values():
+        m.hard = bool(hard)
+    try:
+        _reconstruct(supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True)
+    finally:
+        for m in supernet_layers(supernet).values():
+            m.hard = False
     set_temperature(supernet, 1.0)
     if derive is None:
         return supernet
