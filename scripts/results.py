@@ -238,7 +238,7 @@ def now() -> str:
 def fmt_bitops(cost: dict | None) -> str:
     if cost is None:
         return "–"
-    return f"{cost['total']['bitops'] / 1e12:.2f}"
+    return f"{cost['bitops'] / 1e12:.2f}"
 
 
 def fmt_wall(s: float | None) -> str:
