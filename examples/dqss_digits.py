@@ -82,7 +82,7 @@ def train_float(x, y, epochs: int, seed: int) -> nn.Module:
 
 
 def ptq(
-    fp: nn.Module, quantizers, bits: int, calib: list[torch.Tensor], steps: int
+    fp: nn.Module, quantizers, bits: int, calib: list[torch.Tensor], steps: int, hard: bool = False
 ) -> tuple[nn.Module, dict]:
     """PTQ of every convolution of a copy of `fp` with `quantizers` (DQSS when several)."""
     supernet = copy.deepcopy(fp)
@@ -90,10 +90,15 @@ def ptq(
     layers = _all_convs(supernet, calib[0])
     build_supernet(supernet, quantizers, bits, layers=layers)
     calibrate(supernet, calib)
-    ptq_search(supernet, fp, calib, steps)
-    plan = derive_plan(supernet, list(quantizers), bits)
-    net = derive_network(supernet, copy.deepcopy(fp), plan)
-    return net, plan
+    plans = []
+
+    def derive(sup: nn.Module) -> nn.Module:
+        plans.append(derive_plan(sup, list(quantizers), bits))
+        return derive_network(sup, copy.deepcopy(fp), plans[-1])
+
+    # The last quarter of the steps tunes the derived network (qnas.quant.dqss.ptq_phases).
+    net = ptq_search(supernet, fp, calib, steps, derive=derive, hard=hard)
+    return net, plans[-1]
 
 
 def _all_convs(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
@@ -111,6 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantizers", default=",".join(DQSS_STRATEGIES))
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--sampling",
+        choices=["soft", "hard"],
+        default="soft",
+        help="DQSS search forward: the softmax mixture, or one sampled discrete network per step",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_digits(args.seed)
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         net, _ = ptq(fp, [q], args.bits, calib, args.steps)
         results[q] = accuracy(net, xte, yte)
     torch.manual_seed(args.seed)
-    net, plan = ptq(fp, names, args.bits, calib, args.steps)
+    net, plan = ptq(fp, names, args.bits, calib, args.steps, hard=args.sampling == "hard")
     results["dqss"] = accuracy(net, xte, yte)
     chosen = {n: (s["w"]["quantizer"], s["a"]["quantizer"]) for n, s in plan["layers"].items()}
     if args.json:

@@ -21,8 +21,10 @@ from qnas.quant.dqss import (
     derive_network,
     derive_plan,
     parse_quantizers,
+    ptq_phases,
     ptq_search,
     qat_phases,
+    recalibrate,
     set_temperature,
     strategy_parameters,
     supernet_layers,
@@ -116,6 +118,34 @@ def test_ptq_search_moves_logits_and_lowers_the_error():
         torch.testing.assert_close(sup.get_parameter(n), p)
 
 
+def test_ptq_discrete_phase_tunes_the_derived_network():
+    torch.manual_seed(0)
+    fp = build_model("edsr-baseline", 2, **TINY).eval()
+    names = ["minmax", "mse"]  # statistics only: the discrete phase re-measures and learns nothing
+    sup = build_supernet(copy.deepcopy(fp), names, 3)
+    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
+    calibrate(sup, calib)
+    phases = []
+
+    def derive(s):
+        return derive_network(s, copy.deepcopy(fp), derive_plan(s, names, 3))
+
+    net = ptq_search(
+        sup, fp, calib, 8, derive=derive, log=lambda step, loss, **kw: phases.append(kw["phase"])
+    )
+    assert phases == ["search"] * ptq_phases(8) + ["discrete"] * (8 - ptq_phases(8)) and ptq_phases(8) == 6
+    assert isinstance(net.get_submodule("body.0.body.0"), QuantConv2d)
+    # The statistics-based steps are those of the derived network's own activations: measuring
+    # them again changes nothing.
+    steps = {n: b.clone() for n, b in net.named_buffers() if n.endswith("step")}
+    recalibrate(net, calib)
+    for n, b in net.named_buffers():
+        if n in steps:
+            torch.testing.assert_close(b, steps[n])
+    with pytest.raises(QnasError, match="discrete fraction"):
+        ptq_phases(8, 1.0)
+
+
 def test_qat_phases_cover_the_budget():
     assert qat_phases(100) == (25, 75)
     warm, discrete = qat_phases(3)
@@ -191,6 +221,8 @@ def test_cli_single_quantizer_is_uniform(fp_run, tmp_path, capsys):
         (["--bits", "1"], "out of range"),
         (["--bits", "4", "--quantizers", "lsq,foo"], "unknown quantizer 'foo'"),
         (["--bits", "4", "--quantizers", "hwgq"], "no weight quantizer"),
+        (["--bits", "4", "--quantizers", "lsq,lsq"], "twice"),
+        (["--bits", "4", "--quantizers", ","], "at least one"),
     ],
 )
 def test_cli_strategy_errors(fp_run, tmp_path, capsys, extra, needle):

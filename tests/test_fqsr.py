@@ -188,6 +188,10 @@ def test_cli_uniform_cost_reports_bits(fp_run, tmp_path, capsys):
         (["--quant", "uniform", "--bits", "4", "--quantizer", "hwgq"], "activations only"),
         (["--bits", "4"], "need --quant"),
         (["--model", "edsr-baseline", "--quant", "fqsr", "--bits", "4"], "another model"),
+        (["--model", "srresnet", "--quant", "fqsr", "--bits", "4"], "another model"),
+        (["--quant", "uniform", "--bits", "1"], "out of range"),
+        (["--quant", "fqsr", "--bits", "4", "--skip-bits", "16"], "out of range"),
+        (["--quant", "uniform", "--bits", "4", "--quantizer", "lsq", "--skip-bits", "8"], "fqsr only"),
     ],
 )
 def test_cli_train_errors(fp_run, tmp_path, capsys, extra, needle):

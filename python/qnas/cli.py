@@ -692,6 +692,14 @@ def demo_command(out, settings_file, quiet) -> None:
     help="How a mixed layer is computed: one convolution of the mixed input and weight, or "
     "torch.ops.qops.mixed_quant_conv (docs/quantization.md).",
 )
+@click.option(
+    "--discrete-fraction",
+    type=float,
+    default=0.25,
+    show_default=True,
+    help="ptq: share of --steps spent on the derived network (statistics re-measured, learned steps "
+    "tuned); 0 = search only.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -55,6 +55,8 @@ DQSS_STRATEGIES = ("lsq", "pact", "dorefa", "hwgq", "minmax", "percentile", "mse
 # they can be variants of mixed_quant_conv. PACT (clipping gradient) and DoReFa (tanh weights,
 # activation gradient cut at exactly 1) are not of that form.
 _STEP_ONLY = {"lsq", "minmax", "percentile", "mse", "hwgq"}
+# Strategies whose step is a statistic of the data (calibrated, then frozen).
+_STATISTICS = {"minmax", "percentile", "mse", "hwgq"}
 
 
 def parse_quantizers(spec: str | Sequence[str]) -> list[str]:
@@ -135,6 +137,7 @@ class StrategyConv2d(nn.Conv2d):
         self.strategy_w_logits = nn.Parameter(torch.zeros(len(self.w_names), device=device))
         self.strategy_a_logits = nn.Parameter(torch.zeros(len(self.a_names), device=device))
         self.temperature = 1.0
+        self.hard = False  # straight-through one-hot samples in training (see _probs)
         kh, kw = self.kernel_size
         same = self.padding == (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
         square = self.stride[0] == self.stride[1] and self.dilation[0] == self.dilation[1]
@@ -144,10 +147,22 @@ class StrategyConv2d(nn.Conv2d):
 
     # -- the mixture ---------------------------------------------------------------------------
     def w_probs(self) -> torch.Tensor:
-        return torch.softmax(self.strategy_w_logits / self.temperature, 0)
+        return self._probs(self.strategy_w_logits)
 
     def a_probs(self) -> torch.Tensor:
-        return torch.softmax(self.strategy_a_logits / self.temperature, 0)
+        return self._probs(self.strategy_a_logits)
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / T); with `hard` in training, a straight-through Gumbel-softmax sample
+        (Jang et al. 2017): one-hot forward (one discrete strategy per step, as deployed), soft
+        gradient to every logit."""
+        soft_logits = logits / self.temperature
+        if not (self.hard and self.training):
+            return torch.softmax(soft_logits, 0)
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        soft = torch.softmax(soft_logits + gumbel, 0)
+        one_hot = torch.zeros_like(soft).scatter_(0, soft.argmax().reshape(1), 1.0)
+        return one_hot - soft.detach() + soft
 
     def choice(self) -> tuple[str, str]:
         """(weight strategy, activation strategy) with the largest logits."""
@@ -396,39 +411,105 @@ def ptq_search(
     arch_lr: float = 0.05,
     quant_lr: float = 1e-3,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+    derive: Callable[[nn.Module], nn.Module] | None = None,
+    discrete_fraction: float = 0.25,
+    hard: bool = False,
     log: Callable[..., None] | None = None,
     progress=None,
-) -> None:
+) -> nn.Module:
     """Post-training search: network weights frozen; strategy logits (Adam, `arch_lr`) and quantizer
     parameters (Adam, `quant_lr`) minimize loss_fn(supernet(x), teacher(x)) over the calibration
-    batches (cycled), the temperature annealed by temperature_at."""
-    for p in network_parameters(supernet):
-        p.requires_grad_(False)
-    groups = [{"params": strategy_parameters(supernet), "lr": arch_lr}]
-    qp = quantizer_parameters(supernet)
-    if qp:
-        groups.append({"params": qp, "lr": quant_lr})
-    opt = torch.optim.Adam(groups)
+    batches (cycled), the temperature annealed by temperature_at.
+
+    With `derive` (supernet -> discrete network), the last `discrete_fraction` of the steps go to the
+    derived network (see ptq_phases): its statistics-based steps are re-measured on the calibration
+    batches (`recalibrate`) and its learned quantizer parameters minimize the same loss; the derived
+    network is returned. Without `derive`, every step searches and the supernet is returned.
+    `hard`: every search step runs one sampled discrete network (StrategyConv2d._probs) instead of
+    the mixture."""
+    n_search = ptq_phases(steps, discrete_fraction if derive is not None else 0.0)
     teacher.eval()
     with torch.no_grad():
         targets = [teacher(x) for x in batches]
-    supernet.train()
-    for step in range(steps):
-        set_temperature(supernet, temperature_at(step, steps))
+    for m in supernet_layers(supernet).values():
+        m.hard = bool(hard)
+    try:
+        _reconstruct(supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True)
+    finally:
+        for m in supernet_layers(supernet).values():
+            m.hard = False
+    set_temperature(supernet, 1.0)
+    if derive is None:
+        return supernet
+    net = derive(supernet)
+    recalibrate(net, batches)
+    _reconstruct(net, batches, targets, steps, n_search, arch_lr, quant_lr, loss_fn, log, progress, False)
+    freeze_statistics(net)
+    return net
+
+
+def ptq_phases(steps: int, discrete_fraction: float = 0.25) -> int:
+    """Steps of a PTQ search spent on the supernet (the rest on the derived network).
+
+    Why a discrete phase: the search optimizes a mixture, the deployed network is its argmax, and
+    they differ in two ways the mixture hides. (1) Statistics-based steps (minmax, percentile, mse,
+    hwgq) were measured on the supernet's activations, i.e. on inputs produced by mixtures of the
+    earlier layers' strategies, not by the chosen ones. (2) Learned steps (LSQ, PACT) were trained
+    as one term of a mixture, with their share of the gradient. A single-strategy run has neither
+    gap (its supernet is its discrete network), so without this phase the search competes at a
+    disadvantage against its own candidates. The phase costs no extra budget: the same steps on the
+    same calibration batches; for a single strategy it is the same optimization continued."""
+    if not 0.0 <= discrete_fraction < 1.0:
+        raise QnasError(f"discrete fraction: expected a value in [0, 1), got {discrete_fraction}")
+    return steps - int(round(steps * discrete_fraction))
+
+
+def _reconstruct(net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, log, progress, search):
+    """Steps start..end-1 of PTQ: frozen weights; logits (when searching) and quantizer parameters
+    minimize loss_fn(net(x), teacher(x)) over the calibration batches (cycled)."""
+    if end <= start:
+        return
+    for p in network_parameters(net):
+        p.requires_grad_(False)
+    groups = [{"params": strategy_parameters(net), "lr": arch_lr}] if search else []
+    qp = quantizer_parameters(net)
+    if qp:
+        groups.append({"params": qp, "lr": quant_lr})
+    opt = torch.optim.Adam(groups) if groups and any(g["params"] for g in groups) else None
+    net.train()
+    for step in range(start, end):
+        if search:
+            set_temperature(net, temperature_at(step, end))
         x, target = batches[step % len(batches)], targets[step % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(supernet(x), target)
+        if opt is None:  # nothing to learn (e.g. a derived network of statistics-based steps only)
+            with torch.no_grad():
+                loss = loss_fn(net(x), target)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), target)
         if not torch.isfinite(loss):
             raise QnasError(
                 f"strategy search diverged at step {step} (loss {loss.item()}); lower --arch-lr/--quant-lr"
             )
-        loss.backward()
-        opt.step()
+        if opt is not None:
+            loss.backward()
+            opt.step()
         if log is not None:
-            log(step + 1, loss=loss.item(), temperature=supernet_temperature(supernet))
+            extra = {"temperature": supernet_temperature(net)} if search else {}
+            log(step + 1, loss=loss.item(), phase="search" if search else "discrete", **extra)
         if progress is not None:
             progress(loss.item())
-    set_temperature(supernet, 1.0)
+
+
+def recalibrate(net: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-measures the statistics-based steps (minmax, percentile, mse, hwgq) of a derived network
+    on the activations it computes itself, then freezes them; learned steps (LSQ, PACT) keep their
+    values. For a network whose activations did not change this reproduces the same steps."""
+    for m in net.modules():
+        if isinstance(m, Quantizer) and m.strategy in _STATISTICS:
+            m.initialized.fill_(False)
+            m.frozen.fill_(False)
+    calibrate(net, batches)
 
 
 def supernet_temperature(model: nn.Module) -> float:
@@ -530,8 +611,10 @@ __all__ = [
     "derive_plan",
     "entropy",
     "parse_quantizers",
+    "ptq_phases",
     "ptq_search",
     "qat_phases",
+    "recalibrate",
     "qat_search",
     "searched_layers",
     "strategy_parameters",

@@ -53,6 +53,7 @@ class StrategyOptions:
     arch_lr: float = 0.05  # strategy logits
     quant_lr: float = 1e-3  # quantizer parameters (LSQ steps, PACT clips)
     engine: str = "factorized"
+    discrete_fraction: float = 0.25  # ptq: share of the steps spent on the derived network
     seed: int = 0
 
     def check(self) -> None:
@@ -66,6 +67,8 @@ class StrategyOptions:
         for name in ("lr", "arch_lr", "quant_lr"):
             if not getattr(self, name) > 0:
                 raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.discrete_fraction < 1.0:
+            raise QnasError(f"--discrete-fraction: expected a value in [0, 1), got {self.discrete_fraction}")
         if self.engine not in ("factorized", "fused"):
             raise QnasError(f"--engine: expected factorized or fused, got {self.engine!r}")
 
@@ -119,18 +122,25 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
     t0 = time.perf_counter()
     try:
         if opts.mode == "ptq":
-            ptq_search(
+            plan = None
+
+            def derive(sup):
+                nonlocal plan
+                plan = derive_plan(sup, opts.quantizers, opts.bits)
+                return derive_network(sup, fresh_float(), plan).to(memory_format=cl)
+
+            net = ptq_search(
                 supernet,
                 teacher,
                 calib,
                 opts.steps,
                 arch_lr=opts.arch_lr,
                 quant_lr=opts.quant_lr,
+                derive=derive,
+                discrete_fraction=opts.discrete_fraction,
                 log=run.log,
                 progress=tick,
             )
-            plan = derive_plan(supernet, opts.quantizers, opts.bits)
-            net = derive_network(supernet, fresh_float(), plan)
         else:
 
             def next_batch(step: int):

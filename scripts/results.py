@@ -1,0 +1,339 @@
+"""Rebuilds every run of docs/RESULTS.md from scratch and rewrites its table (idempotent).
+
+    python scripts/results.py [--runs runs/results] [--only NAME,...] [--no-table] [--dry-run]
+
+Each row is one `qnas` command (the full-precision edsr-baseline x2 run first, everything else
+starts from it), then `qnas eval --checkpoint` on the builtin validation images and `qnas cost
+--checkpoint` for BitOps. A row whose RUN/model.pt exists is not run again, and its evaluation and
+cost are cached beside it (RUN/eval.json, RUN/cost.json), so the script continues where it stopped.
+
+The machine is shared (CONVENTIONS.md): every command runs holding /tmp/qnas-cpu.lock (an flock,
+the same lock as `flock /tmp/qnas-cpu.lock CMD`), and the recorded wall time (RUN/wall_s) is
+measured while holding it, i.e. without the wait for the lock. Training runs are resumable: a
+`qnas train` longer than --chunk-minutes is stopped (SIGINT/SIGTERM), the lock released so others
+can run, and continued with --resume; its wall time is the sum of the chunks (work lost since the
+last checkpoint counts, which is why the FP run checkpoints every 25 steps). Searches
+(`qnas strategy`) are minutes long and run in one piece.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = "/tmp/qnas-cpu.lock"
+LR_SIZE = "640x360"  # BitOps for a 1280x720 output at x2
+BITS = 4
+# One fine-tune budget for every `qnas train --quant` row (FQSR 8/4/2, uniform 4): 1000 steps of
+# batch 4, 48x48 HR patches, Adam, cosine decay (docs/RESULTS.md says how it was chosen).
+FINETUNE = ["--steps", "1000", "--batch-size", "4", "--patch-size", "48", "--lr", "2e-4"]
+# One search budget for every `qnas strategy --mode ptq` row: the same 8 calibration batches of
+# 4 patches (48x48 HR) from the train split, 60 steps.
+PTQ = ["--steps", "60", "--calib-batches", "8", "--batch-size", "4", "--patch-size", "48"]
+QAT = ["--steps", "300", "--batch-size", "4", "--patch-size", "48"]
+SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse")  # hwgq quantizes activations only
+
+
+def rows() -> list[dict]:
+    """The table, in order: name, label, the qnas command (None for bicubic), resumable or not."""
+    fp = "fp"
+    table = [
+        {"name": "bicubic", "label": "bicubic (MATLAB imresize)", "cmd": None},
+        {
+            "name": fp,
+            "label": "FP edsr-baseline (32-bit)",
+            "cmd": ["train", "--model", "edsr-baseline", "--scale", "2", "--checkpoint-every", "25"],
+            "resumable": True,
+        },
+    ]
+    for bits in (8, 4, 2):
+        table.append(
+            {
+                "name": f"fqsr{bits}",
+                "label": f"FQSR {bits}-bit (fully quantized)",
+                "cmd": ["train", "--init", "@fp", "--quant", "fqsr", "--bits", str(bits), *FINETUNE],
+                "resumable": True,
+            }
+        )
+    table.append(
+        {
+            "name": f"uniform{BITS}",
+            "label": f"uniform {BITS}-bit LSQ, float skips/first/last",
+            "cmd": ["train", "--init", "@fp", "--quant", "uniform", "--bits", str(BITS), *FINETUNE],
+            "resumable": True,
+        }
+    )
+    for q in SINGLE:
+        table.append(
+            {
+                "name": f"ptq{BITS}_{q}",
+                "label": f"PTQ {BITS}-bit, {q} only",
+                "cmd": ["strategy", "--checkpoint", "@fp", "--quantizers", q, "--bits", str(BITS), *PTQ],
+            }
+        )
+    table.append(
+        {
+            "name": f"ptq{BITS}_dqss",
+            "label": f"DQSS PTQ {BITS}-bit, all strategies",
+            "cmd": ["strategy", "--checkpoint", "@fp", "--quantizers", "all", "--bits", str(BITS), *PTQ],
+        }
+    )
+    table.append(
+        {
+            "name": f"ptq{BITS}_dqss_search_only",
+            "label": f"DQSS PTQ {BITS}-bit, all, search only (no discrete phase)",
+            "cmd": [
+                "strategy",
+                "--checkpoint",
+                "@fp",
+                "--quantizers",
+                "all",
+                "--bits",
+                str(BITS),
+                *PTQ,
+                "--discrete-fraction",
+                "0",
+            ],
+        }
+    )
+    table.append(
+        {
+            "name": f"qat{BITS}_dqss",
+            "label": f"DQSS QAT {BITS}-bit, all strategies",
+            "cmd": [
+                "strategy",
+                "--checkpoint",
+                "@fp",
+                "--quantizers",
+                "all",
+                "--bits",
+                str(BITS),
+                "--mode",
+                "qat",
+                *QAT,
+            ],
+        }
+    )
+    return table
+
+
+@contextlib.contextmanager
+def cpu_lock():
+    """The shared machine's CPU lock (the flock of CONVENTIONS.md), held for one command; not taken
+    again when the caller holds it for the whole script (QNAS_CPU_LOCK_HELD=1, e.g. under
+    `flock /tmp/qnas-cpu.lock env QNAS_CPU_LOCK_HELD=1 python scripts/results.py --only ...`)."""
+    if os.environ.get("QNAS_CPU_LOCK_HELD") == "1":
+        yield
+        return
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), e.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    # Threads that wait on each other while other jobs hold the cores (docs/quantization.md).
+    e.setdefault("OMP_NUM_THREADS", "2")
+    return e
+
+
+def qnas(args: list[str], *, timeout: float | None = None) -> tuple[int, float, str]:
+    """Runs `python -m qnas ARGS` holding the CPU lock: (exit code, seconds, stdout). A timeout
+    stops it with SIGINT, then SIGTERM (exit code None)."""
+    with cpu_lock():
+        t0 = time.perf_counter()
+        p = subprocess.Popen(
+            [sys.executable, "-m", "qnas", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGINT)
+            try:
+                out, _ = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                out, _ = p.communicate()
+            return None, time.perf_counter() - t0, out
+        return p.returncode, time.perf_counter() - t0, out
+
+
+def make_run(row: dict, runs: Path, chunk_s: float) -> None:
+    run = runs / row["name"]
+    if (run / "model.pt").exists():
+        return
+    cmd = [str(runs / a[1:]) if a.startswith("@") else a for a in row["cmd"]]
+    wall = run / "wall_s"
+    spent = float(wall.read_text()) if wall.exists() else 0.0
+    if not row.get("resumable"):
+        if run.exists():  # a search killed half-way: not resumable, start again
+            shutil.rmtree(run)
+        spent = 0.0
+    while True:
+        resume = ["--resume"] if row.get("resumable") and (run / "checkpoint.pt").exists() else []
+        full = [*cmd, "--out", str(run), "--quiet", *resume]
+        print(f"[{now()}] qnas {' '.join(full)}", flush=True)
+        code, seconds, out = qnas(full, timeout=chunk_s if row.get("resumable") else None)
+        spent += seconds
+        run.mkdir(parents=True, exist_ok=True)
+        wall.write_text(f"{spent:.1f}\n")
+        if out.strip():
+            print(out.strip(), flush=True)
+        if code == 0:
+            return
+        if code is None:
+            print(f"[{now()}] chunk of {seconds:.0f} s done, released the lock; resuming", flush=True)
+            continue
+        raise SystemExit(f"{row['name']}: qnas exited with {code}")
+
+
+def measure(row: dict, runs: Path) -> dict:
+    """eval.json (PSNR/SSIM on the builtin validation images) and cost.json, cached in the run."""
+    run = runs / row["name"]
+    run.mkdir(parents=True, exist_ok=True)
+    ev = run / "eval.json"
+    if not ev.exists():
+        what = ["--checkpoint", str(run)] if row["cmd"] else ["--model", "bicubic", "--scale", "2"]
+        code, _, out = qnas(["eval", *what, "--format", "json"])
+        if code != 0:
+            raise SystemExit(f"{row['name']}: qnas eval exited with {code}")
+        ev.write_text(out)
+    cost = run / "cost.json"
+    if row["cmd"] and not cost.exists():
+        code, _, out = qnas(["cost", "--checkpoint", str(run), "--lr-size", LR_SIZE, "--format", "json"])
+        if code != 0:
+            raise SystemExit(f"{row['name']}: qnas cost exited with {code}")
+        cost.write_text(out)
+    result = json.loads(ev.read_text())
+    result["cost"] = json.loads(cost.read_text()) if cost.exists() else None
+    wall = run / "wall_s"
+    result["wall_s"] = float(wall.read_text()) if wall.exists() else None
+    strategy = run / "strategy.json"
+    result["strategy"] = json.loads(strategy.read_text()) if strategy.exists() else None
+    return result
+
+
+def now() -> str:
+    return datetime.datetime.now().strftime("%H:%M:%S")
+
+
+def fmt_bitops(cost: dict | None) -> str:
+    if cost is None:
+        return "–"
+    return f"{cost['bitops'] / 1e12:.2f}"
+
+
+def fmt_wall(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
+
+
+def command_text(row: dict) -> str:
+    if row["cmd"] is None:
+        return "qnas eval --model bicubic --scale 2"
+    args = [("RUNS/" + a[1:]) if a.startswith("@") else a for a in row["cmd"]]
+    return f"qnas {' '.join(args)} --out RUNS/{row['name']}"
+
+
+def strategy_text(s: dict | None) -> str:
+    if not s or len(s["quantizers"]) == 1:
+        return ""
+    w = ", ".join(f"{k} {v}" for k, v in sorted(s["counts"]["weight"].items(), key=lambda kv: -kv[1]))
+    a = ", ".join(f"{k} {v}" for k, v in sorted(s["counts"]["activation"].items(), key=lambda kv: -kv[1]))
+    return f"W: {w}; A: {a}"
+
+
+def table(table_rows: list[dict], results: dict[str, dict]) -> str:
+    fp = results.get("fp", {}).get("psnr")
+    lines = [
+        "| run | PSNR (dB) | Δ vs FP | SSIM | TBitOps | wall time | chosen strategies (layers) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in table_rows:
+        r = results.get(row["name"])
+        if r is None:
+            lines.append(f"| {row['label']} | not run | | | | | |")
+            continue
+        delta = "" if fp is None or row["name"] == "fp" else f"{r['psnr'] - fp:+.2f}"
+        lines.append(
+            f"| {row['label']} | {r['psnr']:.2f} | {delta} | {r['ssim']:.4f} | {fmt_bitops(r['cost'])} "
+            f"| {fmt_wall(r['wall_s'])} | {strategy_text(r['strategy'])} |"
+        )
+    return "\n".join(lines)
+
+
+def commands(table_rows: list[dict]) -> str:
+    return "\n".join(command_text(r) for r in table_rows)
+
+
+def write_doc(text: str, path: Path) -> None:
+    """Replaces the generated block of docs/RESULTS.md (between the two markers)."""
+    begin, end = "<!-- results:begin (scripts/results.py) -->", "<!-- results:end -->"
+    doc = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "results"), help="Folder of the runs.")
+    ap.add_argument("--only", default=None, help="Comma-separated row names (default: all).")
+    ap.add_argument("--chunk-minutes", type=float, default=14.0, help="Longest hold of the CPU lock.")
+    ap.add_argument("--no-table", action="store_true", help="Do not rewrite docs/RESULTS.md.")
+    ap.add_argument("--dry-run", action="store_true", help="Print the commands only.")
+    args = ap.parse_args(argv)
+    runs = Path(args.runs)
+    table_rows = rows()
+    wanted = set(args.only.split(",")) if args.only else {r["name"] for r in table_rows}
+    unknown = wanted - {r["name"] for r in table_rows}
+    if unknown:
+        raise SystemExit(f"--only: unknown rows {sorted(unknown)}")
+    if args.dry_run:
+        print(commands([r for r in table_rows if r["name"] in wanted]))
+        return
+    results: dict[str, dict] = {}
+    for row in table_rows:
+        if row["name"] in wanted:
+            if row["cmd"]:
+                make_run(row, runs, args.chunk_minutes * 60)
+            results[row["name"]] = measure(row, runs)
+            r = results[row["name"]]
+            print(f"[{now()}] {row['name']}: {r['psnr']:.2f} dB / {r['ssim']:.4f}", flush=True)
+        elif (runs / row["name"] / "eval.json").exists() and (
+            row["cmd"] is None or (runs / row["name"] / "cost.json").exists()
+        ):
+            results[row["name"]] = measure(row, runs)  # cached: nothing to compute
+    text = table(table_rows, results)
+    print(text)
+    if not args.no_table:
+        stamp = (
+            f"Generated {datetime.date.today()} on {platform.node()} ({platform.machine()}); runs in {runs}."
+        )
+        write_doc(
+            f"{text}\n\n{stamp}\n\nCommands (RUNS = {runs}):\n\n```\n{commands(table_rows)}\n```",
+            ROOT / "docs" / "RESULTS.md",
+        )
+
+
+if __name__ == "__main__":
+    main()
