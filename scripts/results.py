@@ -326,11 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     text = table(table_rows, results)
     print(text)
     if not args.no_table:
-        stamp = (
-            f"Generated {datetime.date.today()} on {platform.node()} ({platform.machine()}); runs in {runs}."
-        )
+        # The doc names the runs folder relative to the checkout, so it reads the same on every machine.
+        runs_label = os.path.relpath(runs.resolve(), ROOT.resolve())
+        stamp = f"Generated {datetime.date.today()} on {platform.node()} ({platform.machine()}); runs in {runs_label}."
         write_doc(
-            f"{text}\n\n{stamp}\n\nCommands (RUNS = {runs}):\n\n```\n{commands(table_rows)}\n```",
+            f"{text}\n\n{stamp}\n\nCommands (RUNS = {runs_label}):\n\n```\n{commands(table_rows)}\n```",
             ROOT / "docs" / "RESULTS.md",
         )
 
