@@ -59,19 +59,6 @@ def _qops(x, s, z, axis):
 
 IMPLS = {"torch builtin": _builtin, "composite LSQ": _composite, "qops": _qops}
 GRANULARITIES = {"per-tensor": -1, "per-channel axis=1": 1}
-THREADS = sorted({torch.get_num_threads(), 1}, reverse=True)
-
-
-@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def _threads_label(n: int) -> str:
-    return f"{n} thread" + ("s" if n > 1 else "")
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -91,7 +78,7 @@ def test_fake_quant_forward_backward(bench, impl, granularity, threads):
     step()
     bench(
         step,
-        group=f"fake_quant fwd+bwd {granularity} 16x32x64x64 f32, {_threads_label(threads)}",
+        group=f"fake_quant fwd+bwd {granularity} 16x32x64x64 f32, {threads}",
         impl=impl,
         baseline=impl == "torch builtin",
         bytes=5 * x.numel() * x.element_size(),
@@ -112,7 +99,7 @@ def test_fake_quant_forward(bench, impl, granularity, threads):
     step()
     bench(
         step,
-        group=f"fake_quant fwd {granularity} 16x32x64x64 f32, {_threads_label(threads)}",
+        group=f"fake_quant fwd {granularity} 16x32x64x64 f32, {threads}",
         impl=impl,
         baseline=impl == "torch builtin",
         bytes=2 * x.numel() * x.element_size(),

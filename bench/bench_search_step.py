@@ -28,19 +28,6 @@ from qnas.spaces import load_space
 SCALE, BATCH, PATCH = 4, 8, 96
 # A step takes 1-4 s: 7 timed rounds (+2 warm-up) per case keep the whole file near 5 minutes.
 ROUNDS = 7
-THREADS = sorted({torch.get_num_threads(), 1}, reverse=True)
-
-
-@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def _label(n: int) -> str:
-    return f"{n} thread" + ("s" if n > 1 else "")
 
 
 def _setup(mode: str, impl: str):
@@ -86,7 +73,7 @@ def _setup(mode: str, impl: str):
 def test_search_step(bench, mode, impl, threads):
     bench(
         _setup(mode, impl),
-        group=f"search step basic x4 b{BATCH} {PATCH}px, mode {mode}, {_label(threads)}",
+        group=f"search step basic x4 b{BATCH} {PATCH}px, mode {mode}, {threads}",
         impl=impl,
         baseline=impl == "naive",
         rounds=ROUNDS,
@@ -97,7 +84,7 @@ def test_search_step(bench, mode, impl, threads):
 def test_search_step_modes(bench, mode, threads):
     bench(
         _setup(mode, "fused"),
-        group=f"search step basic x4 b{BATCH} {PATCH}px fused, noise vs quant, {_label(threads)}",
+        group=f"search step basic x4 b{BATCH} {PATCH}px fused, noise vs quant, {threads}",
         impl=f"fused {mode}",
         baseline=mode == "quant",
         rounds=ROUNDS,

@@ -29,3 +29,15 @@ def bench(benchmark):
         return benchmark.pedantic(call, warmup_rounds=2, rounds=rounds, iterations=1)
 
     return run
+
+
+# Suites that time 1 thread beside the default count take this fixture; it yields the label for the group.
+THREADS = sorted({torch.get_num_threads(), 1}, reverse=True)
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield f"{request.param} thread" + ("s" if request.param > 1 else "")
+    torch.set_num_threads(before)
