@@ -246,6 +246,11 @@ at::Tensor activation_variants(const Args& a, const Kernels& k, const at::Tensor
 at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::TensorList weights,
                    const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales,
                    const std::optional<at::Tensor>& bias) {
+  if (bias.has_value()) {
+    qops::check_dtype(*bias, at::kFloat, "bias");
+    qops::check_same_device(*bias, x_in, "bias", "x");
+    TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.cout}), "bias: expected shape [", a.cout, "], got ", bias->sizes());
+  }
   const at::Tensor x = layout_for_kernels(a, x_in);
   const at::Tensor xq = activation_variants(a, k, x, a_scales);
   at::Tensor y;
@@ -334,6 +339,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
     gws = at::empty({a.n_ops, a.n_w}, opts);
     RECORD_FUNCTION("mixed_quant_conv::weight_backward", {});
     k.weight_backward(a, gwg, weights, probs, w_scales, gw_list, gp, gws);
+    for (int64_t o = 0; o < a.n_ops; ++o) {
+      // The candidate weights may have come channels-last; hand back the gradient in their layout.
+      if (!weights[o].is_contiguous() && weights[o].is_contiguous(at::MemoryFormat::ChannelsLast))
+        gw_list[o] = gw_list[o].contiguous(at::MemoryFormat::ChannelsLast);
+    }
     if (!mask[1]) gw_list.clear();
     if (!mask[2]) gp = empty();
     if (!mask[3]) gws = empty();
@@ -581,11 +591,6 @@ void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::T
   for (int64_t k = 0; k < a.n_ops * n_w * n_a; ++k) gpo[k] = static_cast<float>(sum_p[k]);
   for (int64_t k = 0; k < a.n_ops * n_w; ++k)
     gso[k] = a.w_bits[k % n_w] == 0 || a.noise ? 0.f : static_cast<float>(sum_s[k]);
-  for (int64_t o = 0; o < a.n_ops; ++o) {
-    // The candidate weights may have come channels-last; hand back the gradient in their layout.
-    if (!weights[o].is_contiguous() && weights[o].is_contiguous(at::MemoryFormat::ChannelsLast))
-      grad_weights[o] = grad_weights[o].contiguous(at::MemoryFormat::ChannelsLast);
-  }
 }
 
 const qops::mqc::Kernels kCpuKernels{cpu_act_forward, cpu_merge_weight, cpu_act_backward, cpu_weight_backward};
@@ -603,11 +608,6 @@ at::Tensor mixed_quant_conv_cpu(const at::Tensor& x, at::TensorList weights, con
   const Args a = qops::mqc::check_args(x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups,
                                        dilations, stride, bias.has_value(), std::string_view(mode.data(), mode.size()),
                                        seed, true);
-  if (bias.has_value()) {
-    qops::check_dtype(*bias, at::kFloat, "bias");
-    qops::check_same_device(*bias, x, "bias", "x");
-    TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.cout}), "bias: expected shape [", a.cout, "], got ", bias->sizes());
-  }
   return qops::mqc::forward(a, kCpuKernels, x, weights, probs, w_scales, a_scales, bias);
 }
 

@@ -146,10 +146,6 @@ void cuda_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::
                                          current_stream(gwg)),
                  "weight_backward");
   }
-  for (int64_t o = 0; o < a.n_ops; ++o) {
-    if (!weights[o].is_contiguous() && weights[o].is_contiguous(at::MemoryFormat::ChannelsLast))
-      grad_weights[o] = grad_weights[o].contiguous(at::MemoryFormat::ChannelsLast);
-  }
 }
 
 const qops::mqc::Kernels kCudaKernels{cuda_act_forward, cuda_merge_weight, cuda_act_backward, cuda_weight_backward};
@@ -168,11 +164,6 @@ at::Tensor mixed_quant_conv_cuda(const at::Tensor& x, at::TensorList weights, co
   const Args a = qops::mqc::check_args(x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups,
                                        dilations, stride, bias.has_value(), std::string_view(mode.data(), mode.size()),
                                        seed, true);
-  if (bias.has_value()) {
-    qops::check_dtype(*bias, at::kFloat, "bias");
-    qops::check_same_device(*bias, x, "bias", "x");
-    TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.cout}), "bias: expected shape [", a.cout, "], got ", bias->sizes());
-  }
   return qops::mqc::forward(a, kCudaKernels, x, weights, probs, w_scales, a_scales, bias);
 }
 
