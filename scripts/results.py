@@ -110,6 +110,37 @@ def rows() -> list[dict]:
     )
     table.append(
         {
+            "name": f"ptq{BITS}_dqss_plain",
+            "label": f"DQSS PTQ {BITS}-bit, all, plain mixture search (uniform start, batch MSE)",
+            "cmd": [
+                "strategy",
+                "--checkpoint",
+                "@fp",
+                "--quantizers",
+                "all",
+                "--bits",
+                str(BITS),
+                *PTQ,
+                "--init",
+                "uniform",
+                "--objective",
+                "mixture",
+                "--loss",
+                "mse",
+            ],
+        }
+    )
+    # A second draw of the calibration patches (--seed 1) for DQSS and the two best single strategies.
+    for q, what in (("mse", "mse only"), ("lsq", "lsq only"), ("all", "all strategies")):
+        table.append(
+            {
+                "name": f"ptq{BITS}_{'dqss' if q == 'all' else q}_seed1",
+                "label": f"{'DQSS ' if q == 'all' else ''}PTQ {BITS}-bit, {what}, seed 1",
+                "cmd": ["strategy", "--checkpoint", "@fp", "--quantizers", q, "--bits", str(BITS), *PTQ, "--seed", "1"],
+            }
+        )
+    table.append(
+        {
             "name": f"qat{BITS}_dqss",
             "label": f"DQSS QAT {BITS}-bit, all strategies",
             "cmd": [

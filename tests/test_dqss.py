@@ -20,6 +20,11 @@ from qnas.quant.dqss import (
     calibrate,
     derive_network,
     derive_plan,
+    estimate_gains,
+    expected_loss_penalty,
+    init_logits_from_local_error,
+    local_errors,
+    log_mse_loss,
     parse_quantizers,
     ptq_phases,
     ptq_search,
@@ -118,6 +123,114 @@ def test_ptq_search_moves_logits_and_lowers_the_error():
         torch.testing.assert_close(sup.get_parameter(n), p)
 
 
+def test_local_errors_match_a_direct_computation_and_set_the_logits():
+    """Each candidate's error is that of the layer alone on the teacher's own input; the logits start
+    at -log(error / smallest error), so the locally best candidate has logit 0 and the largest one."""
+    torch.manual_seed(0)
+    fp = build_model("edsr-baseline", 2, **TINY).eval()
+    names = ["lsq", "minmax", "mse", "hwgq"]
+    sup = build_supernet(copy.deepcopy(fp), names, 3)
+    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
+    calibrate(sup, calib)
+    errors = local_errors(sup, fp, calib)
+    name = "body.0.body.2"  # input after a ReLU: unsigned activation quantizers
+    layer = supernet_layers(sup)[name]
+    inputs = []
+    hook = fp.get_submodule(name).register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    with torch.no_grad():
+        for x in calib:
+            fp(x)
+    hook.remove()
+    conv = fp.get_submodule(name)
+    e_w = sum(
+        float((conv._conv_forward(x, layer.w_quants["minmax"].quantize(conv.weight), conv.bias) - conv(x)).square().sum())
+        for x in inputs
+    )
+    e_a = sum(float((conv(layer.a_quants["hwgq"].quantize(x)) - conv(x)).square().sum()) for x in inputs)
+    w_err, a_err = errors[name]
+    assert layer.w_names == ["lsq", "minmax", "mse"] and layer.a_names == names
+    assert w_err[1].item() == pytest.approx(e_w, rel=1e-4)
+    assert a_err[3].item() == pytest.approx(e_a, rel=1e-4)
+    init_logits_from_local_error(sup, fp, calib)
+    for n, m in supernet_layers(sup).items():
+        for logits, e in ((m.strategy_w_logits, errors[n][0]), (m.strategy_a_logits, errors[n][1])):
+            assert int(logits.argmax()) == int(e.argmin()) and logits.max().item() == 0
+            torch.testing.assert_close(logits.double(), -(e / e.min()).log(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(QnasError, match="teacher: no convolution"):
+        local_errors(sup, nn.Sequential(nn.Conv2d(3, 3, 1)), calib)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_variance_term_matches_the_expected_squared_deviation(signed):
+    """StrategyConv2d's variance (second order, diagonal in the input channels) is within 15% of the
+    exact E_{i~α, j~β} mean (conv(Q^a_i(A), Q^w_j(W)) - y_mixture)^2, and vanishes for one-hot
+    probabilities (the mixture is then the discrete network)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 12, 3, padding=1)
+    x = torch.randn(4, 16, 20, 20)
+    x = x if signed else x.relu()
+    m = StrategyConv2d(conv, DQSS_STRATEGIES, 4, a_signed=signed)
+    with torch.no_grad():
+        m.strategy_w_logits.normal_()
+        m.strategy_a_logits.normal_()
+    m.train()
+    m(x)
+    m.gain = 1.0
+    y = m(x).detach()
+    beta, alpha = m.w_probs().detach(), m.a_probs().detach()
+    exact = sum(
+        b * a * (nn.functional.conv2d(q_a.quantize(x), q_w.quantize(m.weight), m.bias, padding=1) - y).square().mean()
+        for b, q_w in zip(beta, m.w_quants.values(), strict=True)
+        for a, q_a in zip(alpha, m.a_quants.values(), strict=True)
+    )
+    assert m.variance.item() == pytest.approx(exact.item(), rel=0.15)
+    with torch.no_grad():
+        m.strategy_w_logits.copy_(torch.arange(len(m.w_names)) * 100.0)
+        m.strategy_a_logits.copy_(torch.arange(len(m.a_names)) * 100.0)
+    m(x)
+    assert m.variance.item() == pytest.approx(0.0, abs=1e-9)
+    assert expected_loss_penalty(nn.Sequential(m)).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gains_measure_how_a_layer_error_reaches_the_output():
+    """A layer right before a x1 identity tail reaches the output with gain 1; scaling the network
+    after the layer by 3 multiplies the gain by 9."""
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+    last = nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        last.weight.copy_(torch.eye(4)[:, :, None, None])
+    fp = nn.Sequential(first, second, last)
+    sup = build_supernet(copy.deepcopy(fp), ["minmax", "mse"], 4, layers={"1": True})
+    calib = [torch.rand(2, 3, 8, 8) for _ in range(2)]
+    assert estimate_gains(sup, fp, calib)["1"] == pytest.approx(1.0, rel=1e-4)
+    with torch.no_grad():
+        last.weight.mul_(3)
+    assert estimate_gains(sup, fp, calib)["1"] == pytest.approx(9.0, rel=1e-4)
+
+
+def test_log_mse_loss_is_mean_psnr_up_to_constants():
+    torch.manual_seed(0)
+    target = torch.rand(3, 3, 8, 8)
+    pred = target + torch.randn(3, 1, 1, 1) * torch.randn_like(target) * 0.1
+    psnr = torch.stack([-10 * torch.log10(((p - t) ** 2).mean()) for p, t in zip(pred, target, strict=True)])
+    assert log_mse_loss(pred, target).item() == pytest.approx(-(psnr.mean() * torch.log(torch.tensor(10.0)) / 10).item(), rel=1e-5)
+
+
+def test_ptq_expected_loss_search_logs_the_penalty():
+    torch.manual_seed(0)
+    fp = build_model("edsr-baseline", 2, **TINY).eval()
+    sup = build_supernet(copy.deepcopy(fp), ["lsq", "minmax", "mse"], 3)
+    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
+    calibrate(sup, calib)
+    records = []
+    ptq_search(
+        sup, fp, calib, 6, expected_loss=True, loss_fn=log_mse_loss, log=lambda step, loss, **kw: records.append(kw)
+    )
+    assert all(r["variance_penalty"] >= 0 for r in records) and records[0]["variance_penalty"] > 0
+    assert all(m.gain is None and m.variance is None for m in supernet_layers(sup).values())
+
+
 def test_ptq_discrete_phase_tunes_the_derived_network():
     torch.manual_seed(0)
     fp = build_model("edsr-baseline", 2, **TINY).eval()
@@ -198,6 +311,7 @@ def test_cli_strategy_run(fp_run, tmp_path, capsys, mode):
     for layer in strategy["layers"].values():
         assert layer["weight"] in DQSS_STRATEGIES and layer["activation"] in DQSS_STRATEGIES
         assert sum(layer["probs"]["w"].values()) == pytest.approx(1, abs=1e-3)
+        assert min(layer["local_error"]["w"].values()) == 1.0  # the default --init local
     net, blob = load_network(out)
     assert blob["network"]["quant"]["scheme"] == "dqss"
     chosen = blob["network"]["quant"]["layers"]["body.1"]
@@ -230,6 +344,14 @@ def test_cli_strategy_errors(fp_run, tmp_path, capsys, extra, needle):
         ["strategy", "--checkpoint", fp_run, *extra, "--out", tmp_path / "x", "--quiet"], capsys
     )
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra", [["--init", "random"], ["--sampling", "gumbel"]])
+def test_cli_strategy_rejects_unknown_choices(fp_run, tmp_path, capsys, extra):
+    code, _, err = run_cli(
+        ["strategy", "--checkpoint", fp_run, "--bits", "4", *extra, "--out", tmp_path / "x", "--quiet"], capsys
+    )
+    assert code == 2 and extra[0] in err and extra[1] in err
 
 
 def test_cli_strategy_rejects_quantized_and_missing_checkpoints(fp_run, tmp_path, capsys):

@@ -700,6 +700,37 @@ def demo_command(out, settings_file, quiet) -> None:
     help="ptq: share of --steps spent on the derived network (statistics re-measured, learned steps "
     "tuned); 0 = search only.",
 )
+@click.option(
+    "--init",
+    type=click.Choice(["local", "uniform"]),
+    default="local",
+    show_default=True,
+    help="Starting strategy probabilities: inversely proportional to each candidate's per-layer "
+    "output error on the calibration patches, or uniform.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["psnr", "mse"]),
+    default="psnr",
+    show_default=True,
+    help="ptq: reconstruction loss against the full-precision output: mean per-patch log MSE "
+    "(what mean PSNR scores) or the batch MSE.",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(["expected", "mixture"]),
+    default="expected",
+    show_default=True,
+    help="ptq: minimize the expected loss of a discrete network sampled from the strategy "
+    "probabilities (mixture loss + per-layer sampling variance), or the mixture's loss alone.",
+)
+@click.option(
+    "--sampling",
+    type=click.Choice(["soft", "hard"]),
+    default="soft",
+    show_default=True,
+    help="ptq: optimize the softmax mixture, or one straight-through Gumbel sample per step.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

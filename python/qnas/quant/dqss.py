@@ -138,6 +138,10 @@ class StrategyConv2d(nn.Conv2d):
         self.strategy_a_logits = nn.Parameter(torch.zeros(len(self.a_names), device=device))
         self.temperature = 1.0
         self.hard = False  # straight-through one-hot samples in training (see _probs)
+        # Expected-loss search (see expected_loss_penalty): when `gain` is set, training forwards
+        # leave the layer's sampling variance in `variance`.
+        self.gain: float | None = None
+        self.variance: torch.Tensor | None = None
         kh, kw = self.kernel_size
         same = self.padding == (self.dilation[0] * (kh - 1) // 2, self.dilation[1] * (kw - 1) // 2)
         square = self.stride[0] == self.stride[1] and self.dilation[0] == self.dilation[1]
@@ -172,12 +176,52 @@ class StrategyConv2d(nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        track = self.gain is not None and self.training
         if self.engine == "fused":
-            return self._forward_fused(x)
+            y = self._forward_fused(x)
+            if track:
+                qw = [q.quantize(self.weight) for q in self.w_quants.values()]
+                qa = [q.quantize(x) for q in self.a_quants.values()]
+                self.variance = self._variance(qw, qa, self.w_probs(), self.a_probs(), y)
+            return y
         beta, alpha = self.w_probs(), self.a_probs()
-        w = sum(b * q(self.weight) for b, q in zip(beta, self.w_quants.values(), strict=True))
-        xa = sum(a * q(x) for a, q in zip(alpha, self.a_quants.values(), strict=True))
-        return F.conv2d(xa, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        qw = [q(self.weight) for q in self.w_quants.values()]
+        qa = [q(x) for q in self.a_quants.values()]
+        w = sum(b * t for b, t in zip(beta, qw, strict=True))
+        xa = sum(a * t for a, t in zip(alpha, qa, strict=True))
+        y = F.conv2d(xa, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if track:
+            self.variance = self._variance(qw, qa, beta, alpha, y)
+        return y
+
+    def _variance(self, qw, qa, beta, alpha, y) -> torch.Tensor:
+        """Mean squared deviation per output element between a discrete network sampled from the
+        strategy distribution (weight strategy j with probability β_j, input strategy i with α_i,
+        independently) and the mixture this layer computes, to second order and diagonal in the
+        input's channels (rounding errors are nearly uncorrelated across elements):
+
+            Σ_j β_j Σ_{o,c,k} (Q^w_j(W) − W̄)²_{o,c,k} E_c  +  Σ_i α_i Σ_c ‖Q^a_i(A) − Ā‖²_c Σ_{o,k} W̄²_{o,c,k}
+
+        with W̄ = Σ β_j Q^w_j(W), Ā = Σ α_i Q^a_i(A), E_c the energy of input channel c of Ā at the
+        positions the kernel visits. The mixture's own loss cannot see this term (see
+        expected_loss_penalty)."""
+        w_bar = sum(b * t for b, t in zip(beta, qw, strict=True))
+        a_bar = sum(a * t for a, t in zip(alpha, qa, strict=True))
+        g = self.groups
+        # Input positions per output position (1 for "same" stride-1 layers).
+        visits = y.shape[-2] * y.shape[-1] / (a_bar.shape[-2] * a_bar.shape[-1])
+
+        def per_in_channel(t: torch.Tensor) -> torch.Tensor:  # [O, C/g, kh, kw] -> [C], summed over o, k
+            o, cg = t.shape[:2]
+            return t.sum((2, 3)).reshape(g, o // g, cg).sum(1).reshape(-1)
+
+        energy = a_bar.square().sum((0, 2, 3)) * visits
+        var_w = sum(b * (per_in_channel((t - w_bar).square()) * energy).sum() for b, t in zip(beta, qw, strict=True))
+        w_norm = per_in_channel(w_bar.square())
+        var_a = sum(
+            a * ((t - a_bar).square().sum((0, 2, 3)) * visits * w_norm).sum() for a, t in zip(alpha, qa, strict=True)
+        )
+        return (var_w + var_a) / y.numel()
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         beta, alpha = self.w_probs(), self.a_probs()
@@ -402,6 +446,137 @@ def calibrate(supernet: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     freeze_statistics(supernet)
 
 
+def local_errors(
+    supernet: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (weight errors [n_w], activation errors [n_a])}: for every searched layer, the squared
+    error of its output when only its weight (resp. only its input) is quantized by each candidate,
+    on the full-precision network's own input to that layer, summed over the calibration batches.
+
+    `teacher` is the full-precision network the supernet was built from (same module names); the
+    supernet's quantizers must be calibrated (their steps are used as they are)."""
+    layers = supernet_layers(supernet)
+    modules = dict(teacher.named_modules())
+    missing = [n for n in layers if not isinstance(modules.get(n), nn.Conv2d)]
+    if missing:
+        raise QnasError(f"teacher: no convolution named {missing[0]!r} (not the supernet's network)")
+    sums = {
+        n: (torch.zeros(len(m.w_names), dtype=torch.float64), torch.zeros(len(m.a_names), dtype=torch.float64))
+        for n, m in layers.items()
+    }
+
+    def hook_for(name: str, m: StrategyConv2d):
+        def conv(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(a, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+        def hook(_module, args, _out) -> None:
+            x = args[0]
+            y = conv(x, m.weight)
+            e_w, e_a = sums[name]
+            for j, q in enumerate(m.w_quants.values()):
+                e_w[j] += float((conv(x, q.quantize(m.weight)) - y).square().sum())
+            for i, q in enumerate(m.a_quants.values()):
+                e_a[i] += float((conv(q.quantize(x), m.weight) - y).square().sum())
+
+        return hook
+
+    hooks = [modules[n].register_forward_hook(hook_for(n, m)) for n, m in layers.items()]
+    was = teacher.training
+    try:
+        teacher.eval()
+        with torch.no_grad():
+            for x in batches:
+                teacher(x)
+    finally:
+        teacher.train(was)
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def init_logits_from_local_error(
+    supernet: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Starts every layer's strategy distribution at probabilities inversely proportional to the
+    candidates' local output errors (`local_errors`): logit = -log(error / smallest error).
+
+    Why: the mixture's loss separates the candidates only through second-order terms (a mixture
+    of differently rounded copies of W is closer to W than any one of them, so the first-order
+    signal to each logit is weak and noisy), and a uniform start spends a short search budget
+    drifting; the local errors are the classical per-layer sensitivity measure and cost one
+    forward pass of the teacher per calibration batch. The search then refines these logits on the
+    network's output, where layers interact. Returns the errors (for strategy.json)."""
+    errors = local_errors(supernet, teacher, batches)
+    layers = supernet_layers(supernet)
+    with torch.no_grad():
+        for name, (e_w, e_a) in errors.items():
+            m = layers[name]
+            for logits, e in ((m.strategy_w_logits, e_w), (m.strategy_a_logits, e_a)):
+                rel = e / e.min().clamp_min(1e-30)
+                logits.copy_((-rel.clamp_min(1.0).log()).to(logits.dtype))
+    return errors
+
+
+def log_mse_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Mean over samples of ln(per-sample MSE), i.e. -ln(10)/10 · mean PSNR + const.
+
+    Why for calibration: SR is scored by PSNR averaged over images, and a plain MSE over a batch is
+    dominated by its worst (high-contrast) patches, so a reconstruction fitted to it trades the
+    easy images' decibels for the hard ones' (measured: fitted steps that won on the training
+    images lost on unseen ones). Each sample's log makes every patch count as its PSNR does."""
+    m = (pred - target).square().flatten(1).mean(1)
+    return (m + eps).log().mean()
+
+
+def estimate_gains(
+    supernet: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor], *, rel_noise: float = 1e-2
+) -> dict[str, float]:
+    """{layer: gain}: how much the network's mean squared output error grows per unit of mean squared
+    error added to that layer's output, measured on the full-precision `teacher` by adding white
+    noise of `rel_noise` times the output's RMS to one layer at a time (small: the linear regime)
+    over the first two calibration batches. Deterministic (a fixed generator)."""
+    layers = supernet_layers(supernet)
+    modules = dict(teacher.named_modules())
+    sample = list(batches[:2])
+    teacher.eval()
+    gains = {}
+    with torch.no_grad():
+        clean = [teacher(x) for x in sample]
+        for name in layers:
+            gen = torch.Generator(device=sample[0].device).manual_seed(0)
+            added = []
+
+            def hook(_m, _a, out, added=added, gen=gen):
+                sigma = rel_noise * float(out.square().mean().sqrt().clamp_min(1e-12))
+                noise = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype) * sigma
+                added.append(float(noise.square().mean()))
+                return out + noise
+
+            h = modules[name].register_forward_hook(hook)
+            try:
+                err = [float((teacher(x) - c).square().mean()) for x, c in zip(sample, clean, strict=True)]
+            finally:
+                h.remove()
+            gains[name] = sum(err) / max(sum(added), 1e-30)
+    return gains
+
+
+def expected_loss_penalty(model: nn.Module) -> torch.Tensor | None:
+    """Σ over layers of gain · variance (StrategyConv2d._variance): with the mixture's loss, a
+    second-order estimate of the expected loss of a discrete network sampled from the strategy
+    distribution, E_sample[L] ≈ L(mixture) + Σ_l gain_l · Var_l.
+
+    Why: the mixture's loss alone cannot rank candidates by their own error. A mixture of
+    differently rounded copies of W is closer to W than any one of them, so its gradient rewards
+    moving probability toward any candidate whose rounding error is uncorrelated with the others',
+    however large that error is (it favours mixing, not the best choice; measured: from a start at
+    the locally best strategies the plain search drifted away from them and the derived network
+    lost 0.9 dB). The variance term is what discretizing costs; it grows with each candidate's
+    own error, so the sum ranks candidates the way the deployed argmax network will be scored."""
+    terms = [m.gain * m.variance for m in supernet_layers(model).values() if m.gain is not None and m.variance is not None]
+    return sum(terms) if terms else None
+
+
 def ptq_search(
     supernet: nn.Module,
     teacher: nn.Module,
@@ -414,6 +589,7 @@ def ptq_search(
     derive: Callable[[nn.Module], nn.Module] | None = None,
     discrete_fraction: float = 0.25,
     hard: bool = False,
+    expected_loss: bool = False,
     log: Callable[..., None] | None = None,
     progress=None,
 ) -> nn.Module:
@@ -426,18 +602,21 @@ def ptq_search(
     batches (`recalibrate`) and its learned quantizer parameters minimize the same loss; the derived
     network is returned. Without `derive`, every step searches and the supernet is returned.
     `hard`: every search step runs one sampled discrete network (StrategyConv2d._probs) instead of
-    the mixture."""
+    the mixture. `expected_loss`: the search minimizes loss + expected_loss_penalty, the expected
+    loss of a sampled discrete network, with per-layer gains from estimate_gains."""
     n_search = ptq_phases(steps, discrete_fraction if derive is not None else 0.0)
     teacher.eval()
     with torch.no_grad():
         targets = [teacher(x) for x in batches]
-    for m in supernet_layers(supernet).values():
+    gains = estimate_gains(supernet, teacher, batches) if expected_loss else {}
+    for name, m in supernet_layers(supernet).items():
         m.hard = bool(hard)
+        m.gain = gains.get(name)
     try:
         _reconstruct(supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True)
     finally:
         for m in supernet_layers(supernet).values():
-            m.hard = False
+            m.hard, m.gain, m.variance = False, None, None
     set_temperature(supernet, 1.0)
     if derive is None:
         return supernet
@@ -483,19 +662,28 @@ def _reconstruct(net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, 
         x, target = batches[step % len(batches)], targets[step % len(batches)]
         if opt is None:  # nothing to learn (e.g. a derived network of statistics-based steps only)
             with torch.no_grad():
-                loss = loss_fn(net(x), target)
+                net_out = net(x)
+                loss = loss_fn(net_out, target)
         else:
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), target)
-        if not torch.isfinite(loss):
+            net_out = net(x)
+            loss = loss_fn(net_out, target)
+        penalty = expected_loss_penalty(net) if search else None
+        if penalty is not None and loss_fn is log_mse_loss:
+            # The penalty estimates an increase of the MSE; d ln(m) = dm / m.
+            penalty = penalty / (net_out.detach() - target).square().mean().clamp_min(1e-12)
+        objective = loss if penalty is None else loss + penalty
+        if not torch.isfinite(objective):
             raise QnasError(
-                f"strategy search diverged at step {step} (loss {loss.item()}); lower --arch-lr/--quant-lr"
+                f"strategy search diverged at step {step} (loss {objective.item()}); lower --arch-lr/--quant-lr"
             )
         if opt is not None:
-            loss.backward()
+            objective.backward()
             opt.step()
         if log is not None:
             extra = {"temperature": supernet_temperature(net)} if search else {}
+            if penalty is not None:
+                extra["variance_penalty"] = penalty.item()
             log(step + 1, loss=loss.item(), phase="search" if search else "discrete", **extra)
         if progress is not None:
             progress(loss.item())
@@ -610,6 +798,11 @@ __all__ = [
     "derive_network",
     "derive_plan",
     "entropy",
+    "estimate_gains",
+    "expected_loss_penalty",
+    "init_logits_from_local_error",
+    "local_errors",
+    "log_mse_loss",
     "parse_quantizers",
     "ptq_phases",
     "ptq_search",

@@ -30,10 +30,13 @@ from qnas.quant.dqss import (
     derive_network,
     derive_plan,
     entropy,
+    init_logits_from_local_error,
+    log_mse_loss,
     parse_quantizers,
     ptq_search,
     qat_search,
     searched_layers,
+    supernet_layers,
 )
 from qnas.train.network import load_network, model_blob
 from qnas.train.run import RunDir, atomic_write_bytes
@@ -54,6 +57,10 @@ class StrategyOptions:
     quant_lr: float = 1e-3  # quantizer parameters (LSQ steps, PACT clips)
     engine: str = "factorized"
     discrete_fraction: float = 0.25  # ptq: share of the steps spent on the derived network
+    init: str = "local"  # strategy logits: "local" (from per-layer errors) or "uniform"
+    sampling: str = "soft"  # ptq search: "soft" mixture or "hard" straight-through samples
+    loss: str = "psnr"  # ptq reconstruction loss: "psnr" (mean per-patch log MSE) or "mse"
+    objective: str = "expected"  # ptq search: "expected" discrete loss or the "mixture" loss alone
     seed: int = 0
 
     def check(self) -> None:
@@ -69,6 +76,14 @@ class StrategyOptions:
                 raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.discrete_fraction < 1.0:
             raise QnasError(f"--discrete-fraction: expected a value in [0, 1), got {self.discrete_fraction}")
+        if self.init not in ("local", "uniform"):
+            raise QnasError(f"--init: expected local or uniform, got {self.init!r}")
+        if self.loss not in ("psnr", "mse"):
+            raise QnasError(f"--loss: expected psnr or mse, got {self.loss!r}")
+        if self.objective not in ("expected", "mixture"):
+            raise QnasError(f"--objective: expected 'expected' or 'mixture', got {self.objective!r}")
+        if self.sampling not in ("soft", "hard"):
+            raise QnasError(f"--sampling: expected soft or hard, got {self.sampling!r}")
         if self.engine not in ("factorized", "fused"):
             raise QnasError(f"--engine: expected factorized or fused, got {self.engine!r}")
 
@@ -107,6 +122,7 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
     # The calibration set: the first calib_batches batches of the patch stream (PTQ optimizes on them).
     calib = [next(sampler)[0].contiguous(memory_format=cl) for _ in range(opts.calib_batches)]
     calibrate(supernet, calib)
+    errors = init_logits_from_local_error(supernet, teacher, calib) if opts.init == "local" else {}
 
     bar = tqdm(
         total=opts.steps, desc=f"strategy {opts.mode} {run.path.name}", disable=not progress, unit="step"
@@ -138,6 +154,9 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
                 quant_lr=opts.quant_lr,
                 derive=derive,
                 discrete_fraction=opts.discrete_fraction,
+                hard=opts.sampling == "hard",
+                expected_loss=opts.objective == "expected",
+                loss_fn=log_mse_loss if opts.loss == "psnr" else F.mse_loss,
                 log=run.log,
                 progress=tick,
             )
@@ -173,6 +192,7 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
         "weight": dict(collections.Counter(s["w"]["quantizer"] for s in plan["layers"].values())),
         "activation": dict(collections.Counter(s["a"]["quantizer"] for s in plan["layers"].values())),
     }
+    layers = supernet_layers(supernet)
     strategy = {
         "checkpoint": str(checkpoint),
         "mode": opts.mode,
@@ -183,6 +203,16 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
                 "weight": s["w"]["quantizer"],
                 "activation": s["a"]["quantizer"],
                 "probs": plan["probs"][name],
+                **(
+                    {
+                        "local_error": {
+                            "w": _relative(layers[name].w_names, errors[name][0]),
+                            "a": _relative(layers[name].a_names, errors[name][1]),
+                        }
+                    }
+                    if name in errors
+                    else {}
+                ),
             }
             for name, s in plan["layers"].items()
         },
@@ -195,3 +225,9 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
     net_cfg = {"kind": "sr", "model": model_cfg, "quant": quant}
     run.save_model(model_blob(net_cfg, net.to(memory_format=torch.contiguous_format), strategy=strategy))
     return {"run": str(run.path), "seconds": seconds, "counts": counts, "mode": opts.mode}
+
+
+def _relative(names: list[str], errors: torch.Tensor) -> dict[str, float]:
+    """Local errors relative to the layer's smallest (1.0 = the locally best candidate)."""
+    rel = errors / errors.min().clamp_min(1e-30)
+    return {n: round(float(r), 3) for n, r in zip(names, rel, strict=True)}
