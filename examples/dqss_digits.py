@@ -4,10 +4,13 @@ scikit-learn wheel, nothing is downloaded), as the DQSS seed shows its search on
 1. trains the full-precision CNN (Adam, a few epochs, seconds on a CPU);
 2. post-training quantization of every convolution at --bits with each single strategy (the
    uniform baselines) and with the DQSS search over all of them, the same calibration batches and
-   steps for every run (qnas.quant.dqss: calibrate, ptq_search on the logits' MSE to the FP net);
+   steps for every run (qnas.quant.dqss: calibrate, ptq_search on the logits' MSE to the FP net;
+   DQSS starts from the per-layer local errors and minimizes the expected loss of a sampled
+   network, as `qnas strategy` does by default: docs/quantization.md);
 3. prints test accuracy per run and the strategies DQSS chose per layer.
 
     python examples/dqss_digits.py [--bits 3] [--steps 60] [--epochs 30] [--seed 0]
+        [--init local|uniform] [--objective expected|mixture] [--sampling soft|hard]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from qnas.quant.dqss import (
     calibrate,
     derive_network,
     derive_plan,
+    init_logits_from_local_error,
     ptq_search,
 )
 
@@ -82,7 +86,14 @@ def train_float(x, y, epochs: int, seed: int) -> nn.Module:
 
 
 def ptq(
-    fp: nn.Module, quantizers, bits: int, calib: list[torch.Tensor], steps: int, hard: bool = False
+    fp: nn.Module,
+    quantizers,
+    bits: int,
+    calib: list[torch.Tensor],
+    steps: int,
+    hard: bool = False,
+    init: str = "local",
+    objective: str = "expected",
 ) -> tuple[nn.Module, dict]:
     """PTQ of every convolution of a copy of `fp` with `quantizers` (DQSS when several)."""
     supernet = copy.deepcopy(fp)
@@ -90,6 +101,8 @@ def ptq(
     layers = _all_convs(supernet, calib[0])
     build_supernet(supernet, quantizers, bits, layers=layers)
     calibrate(supernet, calib)
+    if init == "local":
+        init_logits_from_local_error(supernet, fp, calib)
     plans = []
 
     def derive(sup: nn.Module) -> nn.Module:
@@ -97,7 +110,9 @@ def ptq(
         return derive_network(sup, copy.deepcopy(fp), plans[-1])
 
     # The last quarter of the steps tunes the derived network (qnas.quant.dqss.ptq_phases).
-    net = ptq_search(supernet, fp, calib, steps, derive=derive, hard=hard)
+    net = ptq_search(
+        supernet, fp, calib, steps, derive=derive, hard=hard, expected_loss=objective == "expected"
+    )
     return net, plans[-1]
 
 
@@ -122,6 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
         default="soft",
         help="DQSS search forward: the softmax mixture, or one sampled discrete network per step",
     )
+    p.add_argument("--init", choices=["local", "uniform"], default="local", help="DQSS starting logits")
+    p.add_argument(
+        "--objective",
+        choices=["expected", "mixture"],
+        default="expected",
+        help="DQSS search loss: expected loss of a sampled network, or the mixture's loss alone",
+    )
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     xtr, ytr, xte, yte = load_digits(args.seed)
@@ -136,7 +158,16 @@ def main(argv: list[str] | None = None) -> dict:
         net, _ = ptq(fp, [q], args.bits, calib, args.steps)
         results[q] = accuracy(net, xte, yte)
     torch.manual_seed(args.seed)
-    net, plan = ptq(fp, names, args.bits, calib, args.steps, hard=args.sampling == "hard")
+    net, plan = ptq(
+        fp,
+        names,
+        args.bits,
+        calib,
+        args.steps,
+        hard=args.sampling == "hard",
+        init=args.init,
+        objective=args.objective,
+    )
     results["dqss"] = accuracy(net, xte, yte)
     chosen = {n: (s["w"]["quantizer"], s["a"]["quantizer"]) for n, s in plan["layers"].items()}
     if args.json:

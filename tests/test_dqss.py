@@ -143,7 +143,11 @@ def test_local_errors_match_a_direct_computation_and_set_the_logits():
     hook.remove()
     conv = fp.get_submodule(name)
     e_w = sum(
-        float((conv._conv_forward(x, layer.w_quants["minmax"].quantize(conv.weight), conv.bias) - conv(x)).square().sum())
+        float(
+            (conv._conv_forward(x, layer.w_quants["minmax"].quantize(conv.weight), conv.bias) - conv(x))
+            .square()
+            .sum()
+        )
         for x in inputs
     )
     e_a = sum(float((conv(layer.a_quants["hwgq"].quantize(x)) - conv(x)).square().sum()) for x in inputs)
@@ -179,7 +183,11 @@ def test_variance_term_matches_the_expected_squared_deviation(signed):
     y = m(x).detach()
     beta, alpha = m.w_probs().detach(), m.a_probs().detach()
     exact = sum(
-        b * a * (nn.functional.conv2d(q_a.quantize(x), q_w.quantize(m.weight), m.bias, padding=1) - y).square().mean()
+        b
+        * a
+        * (nn.functional.conv2d(q_a.quantize(x), q_w.quantize(m.weight), m.bias, padding=1) - y)
+        .square()
+        .mean()
         for b, q_w in zip(beta, m.w_quants.values(), strict=True)
         for a, q_a in zip(alpha, m.a_quants.values(), strict=True)
     )
@@ -214,7 +222,9 @@ def test_log_mse_loss_is_mean_psnr_up_to_constants():
     target = torch.rand(3, 3, 8, 8)
     pred = target + torch.randn(3, 1, 1, 1) * torch.randn_like(target) * 0.1
     psnr = torch.stack([-10 * torch.log10(((p - t) ** 2).mean()) for p, t in zip(pred, target, strict=True)])
-    assert log_mse_loss(pred, target).item() == pytest.approx(-(psnr.mean() * torch.log(torch.tensor(10.0)) / 10).item(), rel=1e-5)
+    assert log_mse_loss(pred, target).item() == pytest.approx(
+        -(psnr.mean() * torch.log(torch.tensor(10.0)) / 10).item(), rel=1e-5
+    )
 
 
 def test_ptq_expected_loss_search_logs_the_penalty():
@@ -225,7 +235,13 @@ def test_ptq_expected_loss_search_logs_the_penalty():
     calibrate(sup, calib)
     records = []
     ptq_search(
-        sup, fp, calib, 6, expected_loss=True, loss_fn=log_mse_loss, log=lambda step, loss, **kw: records.append(kw)
+        sup,
+        fp,
+        calib,
+        6,
+        expected_loss=True,
+        loss_fn=log_mse_loss,
+        log=lambda step, loss, **kw: records.append(kw),
     )
     assert all(r["variance_penalty"] >= 0 for r in records) and records[0]["variance_penalty"] > 0
     assert all(m.gain is None and m.variance is None for m in supernet_layers(sup).values())
@@ -349,7 +365,8 @@ def test_cli_strategy_errors(fp_run, tmp_path, capsys, extra, needle):
 @pytest.mark.parametrize("extra", [["--init", "random"], ["--sampling", "gumbel"]])
 def test_cli_strategy_rejects_unknown_choices(fp_run, tmp_path, capsys, extra):
     code, _, err = run_cli(
-        ["strategy", "--checkpoint", fp_run, "--bits", "4", *extra, "--out", tmp_path / "x", "--quiet"], capsys
+        ["strategy", "--checkpoint", fp_run, "--bits", "4", *extra, "--out", tmp_path / "x", "--quiet"],
+        capsys,
     )
     assert code == 2 and extra[0] in err and extra[1] in err
 

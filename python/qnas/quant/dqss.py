@@ -216,10 +216,13 @@ class StrategyConv2d(nn.Conv2d):
             return t.sum((2, 3)).reshape(g, o // g, cg).sum(1).reshape(-1)
 
         energy = a_bar.square().sum((0, 2, 3)) * visits
-        var_w = sum(b * (per_in_channel((t - w_bar).square()) * energy).sum() for b, t in zip(beta, qw, strict=True))
+        var_w = sum(
+            b * (per_in_channel((t - w_bar).square()) * energy).sum() for b, t in zip(beta, qw, strict=True)
+        )
         w_norm = per_in_channel(w_bar.square())
         var_a = sum(
-            a * ((t - a_bar).square().sum((0, 2, 3)) * visits * w_norm).sum() for a, t in zip(alpha, qa, strict=True)
+            a * ((t - a_bar).square().sum((0, 2, 3)) * visits * w_norm).sum()
+            for a, t in zip(alpha, qa, strict=True)
         )
         return (var_w + var_a) / y.numel()
 
@@ -461,7 +464,10 @@ def local_errors(
     if missing:
         raise QnasError(f"teacher: no convolution named {missing[0]!r} (not the supernet's network)")
     sums = {
-        n: (torch.zeros(len(m.w_names), dtype=torch.float64), torch.zeros(len(m.a_names), dtype=torch.float64))
+        n: (
+            torch.zeros(len(m.w_names), dtype=torch.float64),
+            torch.zeros(len(m.a_names), dtype=torch.float64),
+        )
         for n, m in layers.items()
     }
 
@@ -573,7 +579,11 @@ def expected_loss_penalty(model: nn.Module) -> torch.Tensor | None:
     the locally best strategies the plain search drifted away from them and the derived network
     lost 0.9 dB). The variance term is what discretizing costs; it grows with each candidate's
     own error, so the sum ranks candidates the way the deployed argmax network will be scored."""
-    terms = [m.gain * m.variance for m in supernet_layers(model).values() if m.gain is not None and m.variance is not None]
+    terms = [
+        m.gain * m.variance
+        for m in supernet_layers(model).values()
+        if m.gain is not None and m.variance is not None
+    ]
     return sum(terms) if terms else None
 
 
