@@ -84,79 +84,42 @@ def rows() -> list[dict]:
             "resumable": True,
         }
     )
+
+    def ptq(quantizers: str, *extra: str) -> list[str]:
+        return [
+            "strategy",
+            "--checkpoint",
+            "@fp",
+            "--quantizers",
+            quantizers,
+            "--bits",
+            str(BITS),
+            *PTQ,
+            *extra,
+        ]
+
     for q in SINGLE:
-        table.append(
-            {
-                "name": f"ptq{BITS}_{q}",
-                "label": f"PTQ {BITS}-bit, {q} only",
-                "cmd": ["strategy", "--checkpoint", "@fp", "--quantizers", q, "--bits", str(BITS), *PTQ],
-            }
-        )
-    table.append(
-        {
-            "name": f"ptq{BITS}_dqss",
-            "label": f"DQSS PTQ {BITS}-bit, all strategies",
-            "cmd": ["strategy", "--checkpoint", "@fp", "--quantizers", "all", "--bits", str(BITS), *PTQ],
-        }
-    )
-    table.append(
+        table.append({"name": f"ptq{BITS}_{q}", "label": f"PTQ {BITS}-bit, {q} only", "cmd": ptq(q)})
+    table += [
+        {"name": f"ptq{BITS}_dqss", "label": f"DQSS PTQ {BITS}-bit, all strategies", "cmd": ptq("all")},
         {
             "name": f"ptq{BITS}_dqss_search_only",
             "label": f"DQSS PTQ {BITS}-bit, all, search only (no discrete phase)",
-            "cmd": [
-                "strategy",
-                "--checkpoint",
-                "@fp",
-                "--quantizers",
-                "all",
-                "--bits",
-                str(BITS),
-                *PTQ,
-                "--discrete-fraction",
-                "0",
-            ],
-        }
-    )
-    table.append(
+            "cmd": ptq("all", "--discrete-fraction", "0"),
+        },
         {
             "name": f"ptq{BITS}_dqss_plain",
             "label": f"DQSS PTQ {BITS}-bit, all, plain mixture search (uniform start, batch MSE)",
-            "cmd": [
-                "strategy",
-                "--checkpoint",
-                "@fp",
-                "--quantizers",
-                "all",
-                "--bits",
-                str(BITS),
-                *PTQ,
-                "--init",
-                "uniform",
-                "--objective",
-                "mixture",
-                "--loss",
-                "mse",
-            ],
-        }
-    )
+            "cmd": ptq("all", "--init", "uniform", "--objective", "mixture", "--loss", "mse"),
+        },
+    ]
     # A second draw of the calibration patches (--seed 1) for DQSS and the two best single strategies.
     for q, what in (("mse", "mse only"), ("lsq", "lsq only"), ("all", "all strategies")):
         table.append(
             {
                 "name": f"ptq{BITS}_{'dqss' if q == 'all' else q}_seed1",
                 "label": f"{'DQSS ' if q == 'all' else ''}PTQ {BITS}-bit, {what}, seed 1",
-                "cmd": [
-                    "strategy",
-                    "--checkpoint",
-                    "@fp",
-                    "--quantizers",
-                    q,
-                    "--bits",
-                    str(BITS),
-                    *PTQ,
-                    "--seed",
-                    "1",
-                ],
+                "cmd": ptq(q, "--seed", "1"),
             }
         )
     table.append(

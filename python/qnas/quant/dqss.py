@@ -329,16 +329,23 @@ def _probe_with(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
         convs.setdefault(names[m], bool((args[0] >= 0).all()))
 
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    _run_hooked(model, hooks, [example])
+    return convs
+
+
+def _run_hooked(model: nn.Module, hooks: list, batches: Iterable[torch.Tensor]) -> None:
+    """Runs `model` in eval mode without gradients over `batches` for its forward `hooks`, then
+    removes them and restores the mode."""
     was = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            for x in batches:
+                model(x)
     finally:
         model.train(was)
         for h in hooks:
             h.remove()
-    return convs
 
 
 def build_supernet(
@@ -492,17 +499,9 @@ def local_errors(
 
         return hook
 
-    hooks = [modules[n].register_forward_hook(hook_for(n, m)) for n, m in layers.items()]
-    was = teacher.training
-    try:
-        teacher.eval()
-        with torch.no_grad():
-            for x in batches:
-                teacher(x)
-    finally:
-        teacher.train(was)
-        for h in hooks:
-            h.remove()
+    _run_hooked(
+        teacher, [modules[n].register_forward_hook(hook_for(n, m)) for n, m in layers.items()], batches
+    )
     return sums
 
 
