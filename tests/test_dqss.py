@@ -123,6 +123,20 @@ def test_ptq_search_moves_logits_and_lowers_the_error():
         torch.testing.assert_close(sup.get_parameter(n), p)
 
 
+def direct_errors(conv, layer, inputs):
+    """The minmax weight's and the hwgq input's output errors of one layer, computed directly."""
+    e_w = sum(
+        float(
+            (conv._conv_forward(x, layer.w_quants["minmax"].quantize(conv.weight), conv.bias) - conv(x))
+            .square()
+            .sum()
+        )
+        for x in inputs
+    )
+    e_a = sum(float((conv(layer.a_quants["hwgq"].quantize(x)) - conv(x)).square().sum()) for x in inputs)
+    return e_w, e_a
+
+
 def test_local_errors_match_a_direct_computation_and_set_the_logits():
     """Each candidate's error is that of the layer alone on the teacher's own input; the logits start
     at -log(error / smallest error), so the locally best candidate has logit 0 and the largest one."""
@@ -142,15 +156,8 @@ def test_local_errors_match_a_direct_computation_and_set_the_logits():
             fp(x)
     hook.remove()
     conv = fp.get_submodule(name)
-    e_w = sum(
-        float(
-            (conv._conv_forward(x, layer.w_quants["minmax"].quantize(conv.weight), conv.bias) - conv(x))
-            .square()
-            .sum()
-        )
-        for x in inputs
-    )
-    e_a = sum(float((conv(layer.a_quants["hwgq"].quantize(x)) - conv(x)).square().sum()) for x in inputs)
+    with torch.no_grad():
+        e_w, e_a = direct_errors(conv, layer, inputs)
     w_err, a_err = errors[name]
     assert layer.w_names == ["lsq", "minmax", "mse"] and layer.a_names == names
     assert w_err[1].item() == pytest.approx(e_w, rel=1e-4)
