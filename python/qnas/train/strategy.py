@@ -3,8 +3,9 @@
 RUN/
   config.json     the command's options
   metrics.jsonl   one JSON object per step (loss, temperature, phase), TensorBoard events beside it
-  strategy.json   per searched layer: the chosen weight and activation quantizer and the final
-                  strategy probabilities; counts of each choice
+  strategy.json   per searched layer: the chosen weight and activation quantizer, the final
+                  strategy probabilities and (--init local) the candidates' relative local
+                  errors; counts of each choice
   model.pt        the derived quantized network (qnas.train.network format, scheme "dqss"),
                   which `qnas eval --checkpoint RUN` evaluates
 
