@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_run import run_cli
 from PIL import Image
 
-from qnas.cli import main
 from qnas.deploy import FORMAT, PackedModel, PackedModelError, read_packed
 from qnas.deploy.format import bias_step, packed_bytes
 from qnas.export import agreement_psnr, check_image, load_run_packed
@@ -21,16 +21,6 @@ from qnas.train.network import load_network
 from qnas.train.train import TrainOptions, train
 
 TINY = {"n_resblocks": 2, "n_feats": 8}
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_cli
 from torch import nn
 
-from qnas.cli import main
 from qnas.errors import QnasError
 from qnas.quant.dqss import (
     DQSS_STRATEGIES,
@@ -41,16 +41,6 @@ from qnas.train.train import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_resblocks": 1, "n_feats": 8}
-
-
-def run_cli(args, capsys):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("signed", [True, False])

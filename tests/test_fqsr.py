@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from cli_run import run_cli
 
-from qnas.cli import main
 from qnas.quant.apply import calibration_loss, load_float_weights, quantize_network, resolve_plan
 from qnas.quant.inspect import trace_network
 from qnas.quant.modules import QuantAdd, QuantConv2d
@@ -23,17 +23,6 @@ TINY = {"edsr-baseline": {"n_resblocks": 1, "n_feats": 8}, "srresnet": {"n_block
 def tiny(name="edsr-baseline", **kw):
     torch.manual_seed(0)
     return build_model(name, 2, **{**TINY[name], **kw})
-
-
-def run_cli(args, capsys):
-    """Runs `qnas ARGS` in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("name,kw", [("edsr-baseline", {}), ("srresnet", {}), ("srresnet", {"bn": False})])
