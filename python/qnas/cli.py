@@ -561,10 +561,10 @@ def genotype_command(space, scale, op, bits, no_adq, lr_size, out) -> None:
     uniform-quantization baseline to retrain with `qnas train --arch`."""
     import json
 
+    from qnas.atomic_write import atomic_write_bytes
     from qnas.cost import parse_lr_size
     from qnas.nas.derive import genotype_cost, uniform_genotype
     from qnas.spaces import load_space
-    from qnas.train.run import atomic_write_bytes
 
     if bits != 0 and not 2 <= bits <= 8:
         raise QnasError(f"--bits {bits}: expected 0 (full precision) or 2..8")

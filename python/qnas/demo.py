@@ -130,7 +130,7 @@ def _say(msg: str, progress: bool) -> None:
 
 def _check_settings(out: Path, settings: DemoSettings) -> None:
     """Records the settings in OUT/demo_settings.json, or checks that OUT was made with the same ones."""
-    from qnas.train.run import atomic_write_bytes
+    from qnas.atomic_write import atomic_write_bytes
 
     path = out / "demo_settings.json"
     mine = json.loads(json.dumps(dataclasses.asdict(settings)))
@@ -202,10 +202,10 @@ def compare_with_uniform(report: dict, searched: str, uniform: str) -> dict[str,
 
 def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
     """Runs the demo's stages into `out` (skipping finished ones); returns the content of OUT/demo.json."""
+    from qnas.atomic_write import atomic_write_bytes
     from qnas.nas.derive import read_genotype, uniform_genotype
     from qnas.nas.report import BICUBIC, build_report, markdown_table
     from qnas.spaces import load_space
-    from qnas.train.run import atomic_write_bytes
 
     settings.check()
     out = Path(out)

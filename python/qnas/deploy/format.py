@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import CheckpointError
 
 FORMAT_NAME = "qnas-packed"
@@ -77,28 +77,6 @@ def bias_step(a_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------
 # Writing
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` through a temp file in the same folder + os.replace: readers see the old file or the
-    new one, never a part. A folder that cannot be written is a one-line error naming it."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write here ({e.strerror or e})") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from e
-        raise
 
 
 def packed_bytes(graph: dict, tensors: dict[str, torch.Tensor]) -> bytes:

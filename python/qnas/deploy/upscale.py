@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qnas.deploy.format import atomic_write_bytes
+from qnas.atomic_write import atomic_write_bytes
 from qnas.deploy.runtime import PackedModel, retain_freed_memory
 from qnas.errors import CheckpointError, DataError, QnasError
 

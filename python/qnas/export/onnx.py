@@ -24,7 +24,8 @@ import os
 import numpy as np
 import torch
 
-from qnas.deploy.format import atomic_write_bytes, bias_step, quant_range
+from qnas.atomic_write import atomic_write_bytes
+from qnas.deploy.format import bias_step, quant_range
 from qops.reference import unpack_weight
 
 OPSET = 17

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _save(fig, path: str | Path) -> None:
     import io
 
-    from qnas.train.run import atomic_write_bytes
+    from qnas.atomic_write import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import QnasError
 from qnas.nas.plots import pareto_front, plot_pareto
-from qnas.train.run import atomic_write_bytes
 
 BICUBIC = "bicubic"
 

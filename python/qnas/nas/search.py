@@ -26,13 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import QnasError
 from qnas.nas.derive import GENOTYPE_FORMAT, genotype_cost
 from qnas.nas.graph import compile_space
 from qnas.nas.regularizers import BitOpsPenalty, entropy_coef
 from qnas.nas.supernet import IMPLS, MODES, Supernet
 from qnas.spaces import load_space
-from qnas.train.run import RunDir, atomic_write_bytes
+from qnas.train.run import RunDir
 
 #: BitOps are reported for this LR input by default: the LR side of a 1280x720 output at x4 (the usual
 #: reference frame of efficient SR), whatever the scale.

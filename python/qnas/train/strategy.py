@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import CheckpointError, QnasError
 from qnas.quant.apply import check_bits, load_float_weights
 from qnas.quant.dqss import (
@@ -40,7 +41,7 @@ from qnas.quant.dqss import (
     supernet_layers,
 )
 from qnas.train.network import load_network, model_blob
-from qnas.train.run import RunDir, atomic_write_bytes
+from qnas.train.run import RunDir
 
 
 @dataclass
