@@ -7,32 +7,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_run import run_cli
 
 import qnas.sr as sr
-from qnas.cli import main
 
 EDSR_BASELINE_X4_48_MACS = 4_569_219_072  # hand-computed per layer in tests/test_cost.py
 
 
-def run_cli(capsys, *args):
-    """Runs the `qnas` entry point in this process: (exit code, stdout, stderr)."""
-    try:
-        main(["cost", *args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def cost(capsys, *args):
+    """`qnas cost ARGS` in this process: (exit code, stdout, stderr)."""
+    return run_cli(["cost", *args], capsys)
 
 
 def test_help_names_every_model(capsys):
-    code, out, _ = run_cli(capsys, "--help")
+    code, out, _ = cost(capsys, "--help")
     assert code == 0
     assert all(name in out for name in sr.list_models())
 
 
 def test_table(capsys):
-    code, out, err = run_cli(capsys, "--model", "edsr-baseline", "--scale", "4", "--lr-size", "48x48")
+    code, out, err = cost(capsys, "--model", "edsr-baseline", "--scale", "4", "--lr-size", "48x48")
     assert code == 0 and err == ""
     assert out.startswith("edsr-baseline x4, LR 48x48 -> HR 192x192")
     total = next(line for line in out.splitlines() if line.startswith("total"))
@@ -41,7 +35,7 @@ def test_table(capsys):
 
 
 def test_json(capsys):
-    code, out, _ = run_cli(
+    code, out, _ = cost(
         capsys, "--model", "edsr-baseline", "--scale", "4", "--lr-size", "48", "--format", "json"
     )
     d = json.loads(out)
@@ -52,7 +46,7 @@ def test_json(capsys):
 
 
 def test_bits_option(capsys):
-    code, out, _ = run_cli(
+    code, out, _ = cost(
         capsys, "--model", "rfdn", "--scale", "2", "--lr-size", "16x16", "--bits", "4", "--format", "json"
     )
     d = json.loads(out)
@@ -63,14 +57,12 @@ def test_arch_config_file(capsys, tmp_path):
     cfg = sr.model_config(sr.build_model("srresnet", 3, n_blocks=4, bn=False))
     path = tmp_path / "arch.json"
     path.write_text(json.dumps(cfg))
-    code, out, _ = run_cli(capsys, "--arch", str(path), "--lr-size", "12x10", "--format", "json")
+    code, out, _ = cost(capsys, "--arch", str(path), "--lr-size", "12x10", "--format", "json")
     from_file = json.loads(out)
     assert code == 0 and from_file["model"] == "srresnet" and from_file["scale"] == 3
     # The issue's file form {"model": NAME, "scale": S, "kwargs": {...}} gives the same count.
     path.write_text(json.dumps({"model": "srresnet", "scale": 3, "kwargs": {"n_blocks": 4, "bn": False}}))
-    code, out, _ = run_cli(
-        capsys, "--arch", str(path), "--scale", "3", "--lr-size", "12x10", "--format", "json"
-    )
+    code, out, _ = cost(capsys, "--arch", str(path), "--scale", "3", "--lr-size", "12x10", "--format", "json")
     assert code == 0 and json.loads(out) == from_file
 
 
@@ -114,7 +106,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, args, message):
         "noscale": write(tmp_path, "noscale.json", '{"model": "rfdn"}'),
         "badkw": write(tmp_path, "badkw.json", '{"model": "rfdn", "scale": 2, "kwargs": {"channels": 8}}'),
     }
-    code, out, err = run_cli(capsys, *[a.format(**files) for a in args])
+    code, out, err = cost(capsys, *[a.format(**files) for a in args])
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("qnas: error: ")
     assert message in err

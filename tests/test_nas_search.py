@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_run import run_cli
 from test_nas_supernet import tiny_space
 
 from qnas.cli import main
@@ -36,15 +37,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def run_cli(capsys, *args):
-    """The `qnas` entry point in this process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def qnas(capsys, *args):
+    """`qnas ARGS` in this process: (exit code, stdout, stderr)."""
+    return run_cli(args, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +110,7 @@ def test_genotype_derives_a_network_whose_cost_matches(search_run, capsys):
     g = read_genotype(search_run)  # a run folder is accepted for its genotype.json
     net = DerivedNetwork(g)
     assert net(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
-    code, out, err = run_cli(
+    code, out, err = qnas(
         capsys, "cost", "--arch", search_run / "genotype.json", "--lr-size", "180x320", "--format", "json"
     )
     assert code == 0, err
@@ -135,7 +130,7 @@ def test_search_resume_after_kill_equals_uninterrupted(space_file, tmp_path, cap
         "--mode",
         "quant",
     ]
-    assert run_cli(capsys, *args, "--out", tmp_path / "a")[0] == 0
+    assert qnas(capsys, *args, "--out", tmp_path / "a")[0] == 0
     killed = tmp_path / "b"
     proc = subprocess.Popen(
         [sys.executable, "-m", "qnas", *map(str, args), "--out", str(killed)],
@@ -152,7 +147,7 @@ def test_search_resume_after_kill_equals_uninterrupted(space_file, tmp_path, cap
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "genotype.json").exists(), "the search finished before it could be killed"
-    code, _, err = run_cli(capsys, *args, "--out", killed, "--resume")
+    code, _, err = qnas(capsys, *args, "--out", killed, "--resume")
     assert code == 0, err
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(killed / "checkpoint.pt", weights_only=True)
@@ -166,7 +161,7 @@ def test_search_resume_after_kill_equals_uninterrupted(space_file, tmp_path, cap
 
 
 def test_single_pass_quant_naive_no_adq(space_file, tmp_path, capsys):
-    code, out, err = run_cli(
+    code, out, err = qnas(
         capsys, "search", "--space", space_file, *FAST, "--steps", "2", "--single-pass", "--mode", "quant",
         "--impl", "naive", "--no-adq", "--bits", "2,4,8", "--untie-bits", "--out", tmp_path / "r",
     )  # fmt: skip
@@ -178,7 +173,7 @@ def test_single_pass_quant_naive_no_adq(space_file, tmp_path, capsys):
 
 
 def test_bits_only_search_and_uniform_genotype(space_file, tmp_path, capsys):
-    code, _, err = run_cli(
+    code, _, err = qnas(
         capsys,
         "search",
         "--space",
@@ -194,7 +189,7 @@ def test_bits_only_search_and_uniform_genotype(space_file, tmp_path, capsys):
     assert code == 0, err
     g = json.loads((tmp_path / "r" / "genotype.json").read_text())
     assert {c["op"] for s, c in g["layers"].items() if s != "block.skip"} == {"conv3x3"}
-    code, out, err = run_cli(
+    code, out, err = qnas(
         capsys,
         "genotype",
         "--space",
@@ -227,17 +222,17 @@ def test_train_eval_report_round_trip(search_run, tmp_path, capsys):
         "16",
         "--quiet",
     ]
-    code, _, err = run_cli(capsys, *train, "--out", tmp_path / "searched")
+    code, _, err = qnas(capsys, *train, "--out", tmp_path / "searched")
     assert code == 0, err
     blob = torch.load(tmp_path / "searched" / "model.pt", weights_only=True)
     assert blob["network"]["kind"] == "genotype" and blob["network"]["act_quantizer"] == "hwgq"
-    code, out, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "searched", "--format", "json")
+    code, out, err = qnas(capsys, "eval", "--checkpoint", tmp_path / "searched", "--format", "json")
     assert code == 0, err
     res = json.loads(out)
     assert res["scale"] == 2 and len(res["images"]) == 5
 
     g = tmp_path / "u8.json"
-    code, _, err = run_cli(
+    code, _, err = qnas(
         capsys,
         "genotype",
         "--space",
@@ -254,11 +249,11 @@ def test_train_eval_report_round_trip(search_run, tmp_path, capsys):
     assert code == 2 and "qnas-space/1" in err  # a genotype is not a space file
     space = tmp_path / "space.json"
     space.write_text(json.dumps(json.loads((search_run / "genotype.json").read_text())["space"]))
-    code, _, err = run_cli(
+    code, _, err = qnas(
         capsys, "genotype", "--space", space, "--scale", "2", "--op", "conv3x3", "--bits", "8", "--out", g
     )
     assert code == 0, err
-    code, _, err = run_cli(
+    code, _, err = qnas(
         capsys,
         "train",
         "--arch",
@@ -278,7 +273,7 @@ def test_train_eval_report_round_trip(search_run, tmp_path, capsys):
     assert code == 0, err
 
     report = tmp_path / "report"
-    code, out, err = run_cli(
+    code, out, err = qnas(
         capsys, "report", "bicubic", tmp_path / "searched", tmp_path / "u8", "--out", report, "--quiet"
     )
     assert code == 0, err
@@ -314,7 +309,7 @@ def test_cli_errors_are_one_line(args, needle, tmp_path, capsys):
     g = {"format": "qnas-genotype/1", "space": tiny_space(["conv3x3"]), "scale": 2, "layers": {}}
     (tmp_path / "nolayer.json").write_text(json.dumps(g))
     extra = [] if args[0] == "cost" else ["--quiet"]
-    code, _, err = run_cli(capsys, *[a.format(tmp=tmp_path) for a in args], *extra)
+    code, _, err = qnas(capsys, *[a.format(tmp=tmp_path) for a in args], *extra)
     assert code == 2, err
     assert needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
