@@ -97,6 +97,20 @@ def test_derived_network_is_the_supernet_at_its_choice():
     torch.testing.assert_close(net(x), sup(x), atol=1e-5, rtol=1e-5)
 
 
+def test_calibration_steps_are_the_mean_over_batches():
+    """A statistics-based step after calibrate() is the equal-weight mean of its per-batch values
+    (not the training-mode EMA, which favours the first batch); the momentum is restored."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = StrategyConv2d(conv, ["minmax", "lsq"], 4, a_signed=False)
+    batches = [torch.rand(1, 3, 6, 6) * k for k in (1.0, 2.0, 4.0)]
+    calibrate(layer, batches)
+    q = layer.a_quants["minmax"]
+    expected = sum(float(b.abs().max()) for b in batches) / len(batches) / q.qmax
+    assert float(q.step) == pytest.approx(expected, rel=1e-6)
+    assert q.momentum == 0.1 and bool(q.frozen)
+
+
 def test_ptq_search_moves_logits_and_lowers_the_error():
     torch.manual_seed(0)
     fp = build_model("edsr-baseline", 2, **TINY).eval()

@@ -453,12 +453,23 @@ def temperature_at(step: int, steps: int, start: float = 1.0, end: float = 0.05)
 
 
 def calibrate(supernet: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Initializes every quantizer from data: the first batch sets the steps, later ones update the
-    statistics (EMA); then the statistics are frozen."""
+    """Initializes every quantizer from data, then freezes the statistics: a statistics-based step
+    is the equal-weight mean of its per-batch values over the calibration batches.
+
+    Why not the quantizers' training-mode EMA (momentum 0.1): over 8 batches it gives the first
+    batch about half the weight, so the step of a PTQ run came mostly from its first few patches."""
+    stats = [m for m in supernet.modules() if isinstance(m, Quantizer) and m.strategy in _STATISTICS]
+    saved = [m.momentum for m in stats]
     supernet.train()
-    with torch.no_grad():
-        for x in batches:
-            supernet(x)
+    try:
+        with torch.no_grad():
+            for k, x in enumerate(batches):
+                for m in stats:  # batch k enters the running mean with weight 1/(k+1)
+                    m.momentum = 1.0 / (k + 1)
+                supernet(x)
+    finally:
+        for m, momentum in zip(stats, saved, strict=True):
+            m.momentum = momentum
     freeze_statistics(supernet)
 
 
