@@ -45,6 +45,15 @@ FINETUNE_LONG = ["--steps", "2000", *FINETUNE[2:]]
 PTQ = ["--steps", "60", "--calib-batches", "8", "--batch-size", "4", "--patch-size", "48"]
 QAT = ["--steps", "300", "--batch-size", "4", "--patch-size", "48"]
 SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse")  # hwgq quantizes activations only
+# Calibration draws (--seed) beyond the table's seed 0, for DQSS and the two best single strategies.
+DRAWS = (1, 2, 3, 4)
+DRAWN = {"mse": "mse only", "lsq": "lsq only", "all": "all strategies"}
+
+
+def drawn_name(q: str, seed: int) -> str:
+    """The run of strategy list `q` at calibration draw `seed` (seed 0: the table's own row)."""
+    base = f"ptq{BITS}_{'dqss' if q == 'all' else q}"
+    return base if seed == 0 else f"{base}_seed{seed}"
 
 
 def rows() -> list[dict]:
@@ -113,15 +122,18 @@ def rows() -> list[dict]:
             "cmd": ptq("all", "--init", "uniform", "--objective", "mixture", "--loss", "mse"),
         },
     ]
-    # A second draw of the calibration patches (--seed 1) for DQSS and the two best single strategies.
-    for q, what in (("mse", "mse only"), ("lsq", "lsq only"), ("all", "all strategies")):
-        table.append(
-            {
-                "name": f"ptq{BITS}_{'dqss' if q == 'all' else q}_seed1",
-                "label": f"{'DQSS ' if q == 'all' else ''}PTQ {BITS}-bit, {what}, seed 1",
-                "cmd": ptq(q, "--seed", "1"),
-            }
-        )
+    # Further draws of the calibration patches (--seed k) for DQSS and the two best single
+    # strategies: one draw's margin is within the spread between draws (the draws table).
+    for seed in DRAWS:
+        for q in DRAWN:
+            table.append(
+                {
+                    "name": drawn_name(q, seed),
+                    "label": f"{'DQSS ' if q == 'all' else ''}PTQ {BITS}-bit, {DRAWN[q]}, seed {seed}",
+                    "cmd": ptq(q, "--seed", str(seed)),
+                    "draw": seed,
+                }
+            )
     table.append(
         {
             "name": f"qat{BITS}_dqss",
@@ -294,6 +306,8 @@ def table(table_rows: list[dict], results: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in table_rows:
+        if "draw" in row:  # in draws_table
+            continue
         r = results.get(row["name"])
         if r is None:
             lines.append(f"| {row['label']} | not run | | | | | | |")
@@ -307,13 +321,46 @@ def table(table_rows: list[dict], results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def draws_table(results: dict[str, dict]) -> str:
+    """Validation PSNR (training images in brackets) of mse, lsq and DQSS for every calibration
+    draw, DQSS minus the better of the two single strategies of the same draw, and mean ± sample
+    standard deviation over the draws that have all three runs."""
+    import statistics
+
+    lines = [
+        "| calibration draw (`--seed`) | mse only | lsq only | DQSS, all strategies | DQSS − best single |",
+        "|---|---|---|---|---|",
+    ]
+    cols: dict[str, list[float]] = {k: [] for k in ("mse", "lsq", "all", "margin", "mse_t", "lsq_t", "all_t")}
+    for seed in (0, *DRAWS):
+        r = {q: results.get(drawn_name(q, seed)) for q in DRAWN}
+        if any(v is None for v in r.values()):
+            lines.append(f"| {seed} | not run | | | |")
+            continue
+        margin = r["all"]["psnr"] - max(r["mse"]["psnr"], r["lsq"]["psnr"])
+        for q in DRAWN:
+            cols[q].append(r[q]["psnr"])
+            cols[f"{q}_t"].append(r[q]["psnr_train"])
+        cols["margin"].append(margin)
+        cells = " | ".join(f"{r[q]['psnr']:.2f} ({r[q]['psnr_train']:.2f})" for q in DRAWN)
+        lines.append(f"| {seed} | {cells} | {margin:+.2f} |")
+    if len(cols["margin"]) >= 2:
+
+        def ms(v: list[float], sign: str = "") -> str:
+            return f"{statistics.mean(v):{sign}.2f} ± {statistics.stdev(v):.2f}"
+
+        cells = " | ".join(f"{ms(cols[q])} ({ms(cols[q + '_t'])})" for q in DRAWN)
+        lines.append(f"| mean ± std ({len(cols['margin'])} draws) | {cells} | {ms(cols['margin'], '+')} |")
+    return "\n".join(lines)
+
+
 def commands(table_rows: list[dict]) -> str:
     return "\n".join(command_text(r) for r in table_rows)
 
 
-def write_doc(text: str, path: Path) -> None:
-    """Replaces the generated block of docs/RESULTS.md (between the two markers)."""
-    begin, end = "<!-- results:begin (scripts/results.py) -->", "<!-- results:end -->"
+def write_doc(text: str, path: Path, block: str = "results") -> None:
+    """Replaces a generated block of docs/RESULTS.md (between its two markers)."""
+    begin, end = f"<!-- {block}:begin (scripts/results.py) -->", f"<!-- {block}:end -->"
     doc = path.read_text() if path.exists() else f"{begin}\n{end}\n"
     head, rest = doc.split(begin, 1)
     _, tail = rest.split(end, 1)
@@ -350,15 +397,17 @@ def main(argv: list[str] | None = None) -> None:
         ):
             results[row["name"]] = measure(row, runs)  # cached (but a missing eval_train.json)
     text = table(table_rows, results)
-    print(text)
+    draws = draws_table(results)
+    print(text, draws, sep="\n\n")
     if not args.no_table:
         # The doc names the runs folder relative to the checkout, so it reads the same on every machine.
-        runs_label = os.path.relpath(runs.resolve(), ROOT.resolve())
+        runs_label = os.path.relpath(os.path.abspath(runs), ROOT)
         stamp = f"Generated {datetime.date.today()} on {platform.node()} ({platform.machine()}); runs in {runs_label}."
         write_doc(
             f"{text}\n\n{stamp}\n\nCommands (RUNS = {runs_label}):\n\n```\n{commands(table_rows)}\n```",
             ROOT / "docs" / "RESULTS.md",
         )
+        write_doc(draws, ROOT / "docs" / "RESULTS.md", block="draws")
 
 
 if __name__ == "__main__":
