@@ -12,7 +12,7 @@ from qnas.cli import main
 from qnas.demo import DemoSettings, run_demo
 from qnas.errors import QnasError
 
-MODELS = ["bicubic", "quantnas", "bits_only", "uniform_w4a4", "uniform_w8a8"]
+MODELS = ["bicubic", "quantnas", "bits_only", "uniform_w4a4", "uniform_w8a8", "uniform_w4a4_first8"]
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +56,18 @@ def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
         assert (m["bitops"] is None) == (m["name"] == "bicubic")
     by_name = {m["name"]: m for m in report["models"]}
     assert by_name["uniform_w8a8"]["bitops"] == 4 * by_name["uniform_w4a4"]["bitops"]
+    # Only the first layer differs (8 bits instead of 4): more BitOps than w4a4, fewer than w8a8.
+    assert (
+        by_name["uniform_w4a4"]["bitops"]
+        < by_name["uniform_w4a4_first8"]["bitops"]
+        < by_name["uniform_w8a8"]["bitops"]
+    )
+    g4 = json.loads((out / "genotypes" / "uniform_w4a4.json").read_text())["layers"]
+    g48 = json.loads((out / "genotypes" / "uniform_w4a4_first8.json").read_text())["layers"]
+    first = next(iter(g4))
+    assert g48[first]["w_bits"] == g48[first]["a_bits"] == 8 and {
+        k: v for k, v in g48.items() if k != first
+    } == {k: v for k, v in g4.items() if k != first}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "uniform 4-bit" in (out / "report.md").read_text()
 
@@ -63,6 +75,10 @@ def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
     q, u = by_name["quantnas"], by_name["uniform_w4a4"]
     assert c["psnr_delta_db"] == pytest.approx(q["psnr"] - u["psnr"])
     assert c["holds"] == (q["bitops"] <= u["bitops"] and q["psnr"] >= u["psnr"])
+    c8 = summary["comparison_first8"]
+    assert c8["baseline"] == "uniform_w4a4_first8"
+    assert c8["psnr_delta_db"] == pytest.approx(q["psnr"] - by_name["uniform_w4a4_first8"]["psnr"])
+    assert "8-bit first layer" in (out / "report.md").read_text()
     assert set(summary["stage_seconds"]) == {
         "search",
         "search_bits",
@@ -70,6 +86,7 @@ def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
         "train bits_only",
         "train uniform_w4a4",
         "train uniform_w8a8",
+        "train uniform_w4a4_first8",
         "report",
     }
 
