@@ -35,6 +35,9 @@ from typing import Any
 from qnas.errors import QnasError
 
 DEMO_FORMAT = "qnas-demo/1"
+#: The fixed architecture at 4 bits but its first layer at 8 (the stronger hand-made baseline).
+FIRST8 = "uniform_w4a4_first8"
+FIRST8_WHAT = "uniform 4-bit with an 8-bit first layer"
 
 
 @dataclass
@@ -288,7 +291,7 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
     atomic_write_bytes(out / "demo.json", (json.dumps(summary, indent=2) + "\n").encode())
     text = (
         f"{markdown_table(report)}\n\n{comparison_text(comparison)}\n\n"
-        f"{comparison_text(comparison_first8, 'uniform 4-bit with an 8-bit first layer')}\n"
+        f"{comparison_text(comparison_first8, FIRST8_WHAT)}\n"
     )
     atomic_write_bytes(out / "report.md", text.encode())
     return summary
@@ -301,10 +304,6 @@ def comparison_text(c: dict, what: str = "uniform 4-bit") -> str:
         f"SSIM {c['ssim_delta']:+.4f}, BitOps x{c['bitops_ratio']:.3f}. "
         f"'Matches or beats {what} at equal or lower BitOps' {verdict} in this run."
     )
-
-
-#: The fixed architecture at 4 bits but its first layer at 8 (the stronger hand-made baseline).
-FIRST8 = "uniform_w4a4_first8"
 
 
 def first_layer_at(genotype: dict, bits: int) -> dict:
