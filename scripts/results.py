@@ -359,9 +359,12 @@ def commands(table_rows: list[dict]) -> str:
 
 
 def write_doc(text: str, path: Path, block: str = "results") -> None:
-    """Replaces a generated block of docs/RESULTS.md (between its two markers)."""
+    """Replaces a generated block of docs/RESULTS.md (between its two markers; a block whose markers
+    are missing is appended at the end)."""
     begin, end = f"<!-- {block}:begin (scripts/results.py) -->", f"<!-- {block}:end -->"
-    doc = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    doc = path.read_text() if path.exists() else ""
+    if begin not in doc or end not in doc:
+        doc = f"{doc.rstrip()}\n\n{begin}\n{end}\n".lstrip()
     head, rest = doc.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
