@@ -43,6 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"n_resblocks": 1, "n_feats": 8}
 
 
+def calibrated_supernet(names, bits=3):
+    """(tiny FP edsr-baseline in eval mode, its supernet over `names` calibrated, the 2 calibration
+    batches), from seed 0: the setup of the PTQ tests."""
+    torch.manual_seed(0)
+    fp = build_model("edsr-baseline", 2, **TINY).eval()
+    sup = build_supernet(copy.deepcopy(fp), names, bits)
+    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
+    calibrate(sup, calib)
+    return fp, sup, calib
+
+
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("names", [DQSS_STRATEGIES, ("lsq", "minmax"), ("pact", "dorefa")])
 def test_fused_engine_equals_factorized(signed, names):
@@ -112,11 +123,7 @@ def test_calibration_steps_are_the_mean_over_batches():
 
 
 def test_ptq_search_moves_logits_and_lowers_the_error():
-    torch.manual_seed(0)
-    fp = build_model("edsr-baseline", 2, **TINY).eval()
-    sup = build_supernet(copy.deepcopy(fp), ["lsq", "dorefa", "mse"], 3)
-    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
-    calibrate(sup, calib)
+    fp, sup, calib = calibrated_supernet(["lsq", "dorefa", "mse"])
     losses = []
     ptq_search(sup, fp, calib, 12, log=lambda step, loss, **kw: losses.append(loss))
     assert losses[-1] < losses[0]
@@ -144,12 +151,8 @@ def direct_errors(conv, layer, inputs):
 def test_local_errors_match_a_direct_computation_and_set_the_logits():
     """Each candidate's error is that of the layer alone on the teacher's own input; the logits start
     at -log(error / smallest error), so the locally best candidate has logit 0 and the largest one."""
-    torch.manual_seed(0)
-    fp = build_model("edsr-baseline", 2, **TINY).eval()
     names = ["lsq", "minmax", "mse", "hwgq"]
-    sup = build_supernet(copy.deepcopy(fp), names, 3)
-    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
-    calibrate(sup, calib)
+    fp, sup, calib = calibrated_supernet(names)
     errors = local_errors(sup, fp, calib)
     name = "body.0.body.2"  # input after a ReLU: unsigned activation quantizers
     layer = supernet_layers(sup)[name]
@@ -239,11 +242,7 @@ def test_log_mse_loss_is_mean_psnr_up_to_constants():
 
 
 def test_ptq_expected_loss_search_logs_the_penalty():
-    torch.manual_seed(0)
-    fp = build_model("edsr-baseline", 2, **TINY).eval()
-    sup = build_supernet(copy.deepcopy(fp), ["lsq", "minmax", "mse"], 3)
-    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
-    calibrate(sup, calib)
+    fp, sup, calib = calibrated_supernet(["lsq", "minmax", "mse"])
     records = []
     ptq_search(
         sup,
@@ -259,12 +258,8 @@ def test_ptq_expected_loss_search_logs_the_penalty():
 
 
 def test_ptq_discrete_phase_tunes_the_derived_network():
-    torch.manual_seed(0)
-    fp = build_model("edsr-baseline", 2, **TINY).eval()
     names = ["minmax", "mse"]  # statistics only: the discrete phase re-measures and learns nothing
-    sup = build_supernet(copy.deepcopy(fp), names, 3)
-    calib = [torch.rand(2, 3, 12, 12) for _ in range(2)]
-    calibrate(sup, calib)
+    fp, sup, calib = calibrated_supernet(names)
     phases = []
 
     def derive(s):
