@@ -231,36 +231,32 @@ def make_run(row: dict, runs: Path, chunk_s: float) -> None:
         raise SystemExit(f"{row['name']}: qnas exited with {code}")
 
 
+def cached_json(path: Path, args: list[str], name: str, label: str) -> dict:
+    """The JSON that `qnas ARGS` prints, run once and cached in `path` (`label` names the command in
+    the error of a failed run of row `name`)."""
+    if not path.exists():
+        code, _, out = qnas(args)
+        if code != 0:
+            raise SystemExit(f"{name}: qnas {label} exited with {code}")
+        path.write_text(out)
+    return json.loads(path.read_text())
+
+
 def measure(row: dict, runs: Path) -> dict:
     """eval.json (PSNR/SSIM on the builtin validation images), eval_train.json (on the training
     images) and cost.json, cached in the run."""
     run = runs / row["name"]
     run.mkdir(parents=True, exist_ok=True)
-    ev = run / "eval.json"
-    if not ev.exists():
-        what = ["--checkpoint", str(run)] if row["cmd"] else ["--model", "bicubic", "--scale", "2"]
-        code, _, out = qnas(["eval", *what, "--format", "json"])
-        if code != 0:
-            raise SystemExit(f"{row['name']}: qnas eval exited with {code}")
-        ev.write_text(out)
+    what = ["--checkpoint", str(run)] if row["cmd"] else ["--model", "bicubic", "--scale", "2"]
+    result = cached_json(run / "eval.json", ["eval", *what, "--format", "json"], row["name"], "eval")
     # The training images too (whole images; calibration and fine-tuning saw patches of them): a
     # method that only fits the training distribution shows as a gap between the two columns.
-    ev_train = run / "eval_train.json"
-    if not ev_train.exists():
-        what = ["--checkpoint", str(run)] if row["cmd"] else ["--model", "bicubic", "--scale", "2"]
-        code, _, out = qnas(["eval", *what, "--data", "builtin:train", "--format", "json"])
-        if code != 0:
-            raise SystemExit(f"{row['name']}: qnas eval --data builtin:train exited with {code}")
-        ev_train.write_text(out)
-    cost = run / "cost.json"
-    if row["cmd"] and not cost.exists():
-        code, _, out = qnas(["cost", "--checkpoint", str(run), "--lr-size", LR_SIZE, "--format", "json"])
-        if code != 0:
-            raise SystemExit(f"{row['name']}: qnas cost exited with {code}")
-        cost.write_text(out)
-    result = json.loads(ev.read_text())
-    result["psnr_train"] = json.loads(ev_train.read_text())["psnr"]
-    result["cost"] = json.loads(cost.read_text()) if cost.exists() else None
+    train_args = ["eval", *what, "--data", "builtin:train", "--format", "json"]
+    result["psnr_train"] = cached_json(
+        run / "eval_train.json", train_args, row["name"], "eval --data builtin:train"
+    )["psnr"]
+    cost_args = ["cost", "--checkpoint", str(run), "--lr-size", LR_SIZE, "--format", "json"]
+    result["cost"] = cached_json(run / "cost.json", cost_args, row["name"], "cost") if row["cmd"] else None
     wall = run / "wall_s"
     result["wall_s"] = float(wall.read_text()) if wall.exists() else None
     strategy = run / "strategy.json"
