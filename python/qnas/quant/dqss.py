@@ -516,6 +516,11 @@ def local_errors(
     return sums
 
 
+def relative_errors(errors: torch.Tensor) -> torch.Tensor:
+    """A layer's candidate errors over its smallest (1.0 = the locally best candidate)."""
+    return errors / errors.min().clamp_min(1e-30)
+
+
 def init_logits_from_local_error(
     supernet: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -533,8 +538,7 @@ def init_logits_from_local_error(
         for name, (e_w, e_a) in errors.items():
             m = layers[name]
             for logits, e in ((m.strategy_w_logits, e_w), (m.strategy_a_logits, e_a)):
-                rel = e / e.min().clamp_min(1e-30)
-                logits.copy_((-rel.clamp_min(1.0).log()).to(logits.dtype))
+                logits.copy_((-relative_errors(e).clamp_min(1.0).log()).to(logits.dtype))
     return errors
 
 
@@ -836,6 +840,7 @@ __all__ = [
     "qat_phases",
     "recalibrate",
     "qat_search",
+    "relative_errors",
     "searched_layers",
     "strategy_parameters",
     "temperature_at",

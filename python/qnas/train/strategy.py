@@ -37,6 +37,7 @@ from qnas.quant.dqss import (
     parse_quantizers,
     ptq_search,
     qat_search,
+    relative_errors,
     searched_layers,
     supernet_layers,
 )
@@ -230,6 +231,5 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
 
 
 def _relative(names: list[str], errors: torch.Tensor) -> dict[str, float]:
-    """Local errors relative to the layer's smallest (1.0 = the locally best candidate)."""
-    rel = errors / errors.min().clamp_min(1e-30)
-    return {n: round(float(r), 3) for n, r in zip(names, rel, strict=True)}
+    """{candidate: its local error relative to the layer's smallest}, for strategy.json."""
+    return {n: round(float(r), 3) for n, r in zip(names, relative_errors(errors), strict=True)}
