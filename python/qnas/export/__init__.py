@@ -262,17 +262,29 @@ def _function_node(b: _GraphBuilder, n: torch.fx.Node, args: list, kwargs: dict)
 
 
 def load_run_packed(run: str | os.PathLike) -> tuple[dict, dict]:
-    """(graph, tensors) of a training run folder (or model.pt) of a fully quantized SR network."""
+    """(graph, tensors) of a training run folder (or model.pt) of a fully quantized SR network: an FQSR
+    run (`qnas train --quant fqsr`) or a retrained searched network (`qnas train --arch`)."""
+    from qnas.nas.adq import ADQ
     from qnas.train.network import load_network, network_scale
 
     net, blob = load_network(run)
     cfg = blob["network"]
-    if not cfg.get("quant"):
+    plan = getattr(net, "qnas_quant", None)
+    if not plan:
         raise ExportError(
             f"{run}: a full-precision run; export a fully quantized one (`qnas train --quant fqsr`)"
         )
-    description = dict(cfg.get("model", {}))
-    description["quant"] = {k: cfg["quant"].get(k) for k in ("scheme", "bits", "skip_bits", "io_bits")}
+    for name, m in net.named_modules():
+        if isinstance(m, ADQ):
+            raise ExportError(
+                f"{run}: {name}: ADQ scales by the whole image's standard deviation, which has no integer "
+                "form; retrain without --adq"
+            )
+    if cfg.get("kind") == "genotype":
+        description = {"name": f"genotype:{cfg['genotype']['space']['name']}", "scale": network_scale(cfg)}
+    else:
+        description = dict(cfg.get("model", {}))
+    description["quant"] = {k: plan.get(k) for k in ("scheme", "bits", "skip_bits", "io_bits")}
     return packed_graph(net, network_scale(cfg), description)
 
 

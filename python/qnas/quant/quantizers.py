@@ -119,6 +119,8 @@ class Quantizer(nn.Module):
                 self._track(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:  # cost counting on the meta device: quantization does not change shapes
+            return x
         self.observe(x)
         return self.quantize(x)
 
@@ -361,6 +363,8 @@ class FQSRQuantizer(LSQQuantizer):
         self.step.data.copy_((self._statistic(x) / max(self.qmax, 1)).clamp_min(1e-8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            return super().forward(x)
         if self.training and int(self.seen) < self.warmup:
             with torch.no_grad():
                 self.stat_sum.add_(self._statistic(x))
