@@ -361,7 +361,9 @@ def test_searched_network_ships(search_run, tmp_path, capsys):
         assert agreement_psnr(via_packed, net(x).clamp(0, 1)) > 35
     src = tmp_path / "in.png"
     Image.fromarray(to_uint8_image(x[0])).save(src)
-    code, _, err = qnas(capsys, "upscale", "--model", tmp_path / "m.qnp", src, tmp_path / "out.png", "--quiet")
+    code, _, err = qnas(
+        capsys, "upscale", "--model", tmp_path / "m.qnp", src, tmp_path / "out.png", "--quiet"
+    )
     assert code == 0, err
     assert np.array_equal(load_image(tmp_path / "out.png"), to_uint8_image(via_packed[0]))
 

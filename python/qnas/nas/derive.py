@@ -172,7 +172,9 @@ def is_genotype(doc: Any) -> bool:
     return isinstance(doc, dict) and doc.get("format") == GENOTYPE_FORMAT
 
 
-def uniform_genotype(space: dict, scale: int, op: str, bits: int, *, candidates: list[str] | None = None) -> dict:
+def uniform_genotype(
+    space: dict, scale: int, op: str, bits: int, *, candidates: list[str] | None = None
+) -> dict:
     """The fixed architecture of a space with every layer set to `op` at `bits` (weights and activations),
     the uniform-quantization baseline. Layers whose own candidate list lacks `op` take their first one."""
     space = load_space(space)
