@@ -163,11 +163,19 @@ def test_srresnet_and_rfdn_totals_equal_the_model():
         )
 
 
-def test_meta_and_cpu_counts_agree():
+@pytest.mark.parametrize("name, kwargs", [("rfdn", {"nf": 16, "n_blocks": 2}), ("srresnet", {"n_blocks": 2})])
+def test_macs_equal_torch_flop_counter_on_cpu_and_meta(name, kwargs):
+    """An independent count: torch's FlopCounterMode (2 FLOPs per multiply-add of every conv and matmul)
+    on a real forward pass; the meta-device count (what `qnas cost` uses) gives the same report."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     torch.manual_seed(0)
-    cpu = count_cost(sr.build_model("rfdn", 2, nf=16, n_blocks=2), (16, 20))
-    meta = count_cost(build_meta("rfdn", 2, nf=16, n_blocks=2), (16, 20))
-    assert cpu.to_dict() == meta.to_dict()
+    model = sr.build_model(name, 2, **kwargs).eval()
+    cpu = count_cost(model, (16, 20))
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        model(torch.zeros(1, 3, 16, 20))
+    assert cpu.macs * 2 == flops.get_total_flops() > 0
+    assert count_cost(build_meta(name, 2, **kwargs), (16, 20)).to_dict() == cpu.to_dict()
 
 
 def test_too_small_input_for_esa():

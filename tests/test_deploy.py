@@ -305,3 +305,50 @@ def test_unsupported_layers_are_named():
     m(torch.rand(1, 3, 16, 16))
     with pytest.raises(ExportError, match="not supported by the packed format"):
         packed_graph(m, 2)
+
+
+def test_searched_network_with_concat_exports():
+    """A derived network of an RFDN-style space (feature distillation by concatenation, LeakyReLU) is fully
+    quantized and exports: the concatenation is a graph node in both formats."""
+    import onnxruntime as ort
+
+    from qnas.export import packed_graph
+    from qnas.export.onnx import onnx_model
+    from qnas.nas.derive import DerivedNetwork, uniform_genotype
+
+    space = {
+        "name": "distill",
+        "channels": 8,
+        "candidates": ["conv3x3", "conv1x1"],
+        "cells": {
+            "block": [
+                {"name": "d", "op": "layer", "inputs": ["input"], "out": "c//2"},
+                {"name": "r", "op": "layer", "inputs": ["input"], "out": "c"},
+                {"name": "r_sum", "op": "add", "inputs": ["r", "input"]},
+                {"name": "r_act", "op": "act", "fn": "lrelu"},
+                {"name": "r2", "op": "layer", "out": "c//2"},
+                {"name": "cat", "op": "concat", "inputs": ["d", "r2"]},
+            ]
+        },
+        "network": [
+            {"name": "head", "op": "layer", "out": "c"},
+            {"name": "body", "op": "residual", "cell": "block"},
+            {"name": "up", "op": "layer", "out": "colors*scale*scale"},
+            {"name": "ps", "op": "pixel_shuffle"},
+        ],
+    }
+    torch.manual_seed(0)
+    net = DerivedNetwork(uniform_genotype(space, 2, "conv3x3", 4))
+    net.train()
+    net(torch.rand(2, 3, 12, 12))  # initialises every quantizer
+    net.eval()
+    graph, tensors = packed_graph(net, 2)
+    assert any(n["op"] == "concat" and len(n["inputs"]) == 2 for n in graph["nodes"])
+    x = torch.rand(1, 3, 10, 9)
+    packed = PackedModel(graph, tensors)(x)
+    with torch.inference_mode():
+        assert agreement_psnr(packed, net(x).clamp(0, 1)) > 35
+    sess = ort.InferenceSession(
+        onnx_model(graph, tensors).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert agreement_psnr(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), packed) >= 40

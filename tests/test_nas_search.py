@@ -167,7 +167,7 @@ def test_single_pass_quant_naive_no_adq(space_file, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     g = json.loads((tmp_path / "r" / "genotype.json").read_text())
-    assert g["adq"] is False and g["search"]["single_pass"] and g["search"]["bits"] == [2, 4, 8]
+    assert g["search"]["adq"] is False and g["search"]["single_pass"] and g["search"]["bits"] == [2, 4, 8]
     rec = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_alpha" not in rec and "entropy" in rec
 
@@ -321,3 +321,59 @@ def test_split_images_interleaves():
     assert w and a and not set(w) & set(a)
     w, a = split_images(7, 0.3)
     assert sorted(w + a) == list(range(7)) and len(a) == 2
+
+
+def test_searched_network_ships(search_run, tmp_path, capsys):
+    """The user's main path: search -> retrain the genotype -> export packed and ONNX -> upscale. The derived
+    network is fully quantized (skips and output included), so both exported forms run, agree with each
+    other as closely as they do for FQSR, and follow the trained network."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    from qnas.data.images import load_image
+    from qnas.deploy import PackedModel
+    from qnas.export import agreement_psnr, check_image
+    from qnas.metrics import to_uint8_image
+    from qnas.train.network import load_network
+
+    run = tmp_path / "searched"
+    code, _, err = qnas(
+        capsys, "train", "--arch", search_run / "genotype.json", "--steps", "3", "--batch-size", "2",
+        "--patch-size", "16", "--quiet", "--out", run,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = qnas(capsys, "inspect", run, "--strict")
+    assert code == 0, err
+    assert "no float operation between input and output" in out
+    for fmt, name in (("packed", "m.qnp"), ("onnx", "m.onnx")):
+        code, out, err = qnas(capsys, "export", run, "--format", fmt, "--out", tmp_path / name)
+        assert code == 0, err
+        assert "check:" in out
+    packed = PackedModel.load(tmp_path / "m.qnp")
+    x = check_image(32)
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    via_onnx = torch.from_numpy(np.asarray(sess.run(None, {"input": x.numpy()})[0]))
+    via_packed = packed(x)
+    assert agreement_psnr(via_packed, via_onnx) >= 40
+    net, _ = load_network(run)
+    with torch.inference_mode():
+        assert agreement_psnr(via_packed, net(x).clamp(0, 1)) > 35
+    src = tmp_path / "in.png"
+    Image.fromarray(to_uint8_image(x[0])).save(src)
+    code, _, err = qnas(
+        capsys, "upscale", "--model", tmp_path / "m.qnp", src, tmp_path / "out.png", "--quiet"
+    )
+    assert code == 0, err
+    assert np.array_equal(load_image(tmp_path / "out.png"), to_uint8_image(via_packed[0]))
+
+
+def test_adq_network_trains_but_does_not_export(search_run, tmp_path, capsys):
+    run = tmp_path / "adq"
+    code, _, err = qnas(
+        capsys, "train", "--arch", search_run / "genotype.json", "--adq", "--steps", "1", "--batch-size", "2",
+        "--patch-size", "16", "--quiet", "--out", run,
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = qnas(capsys, "export", run, "--format", "packed", "--out", tmp_path / "m.qnp")
+    assert code == 2 and "ADQ" in err and len(err.strip().splitlines()) == 1

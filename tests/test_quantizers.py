@@ -19,6 +19,14 @@ def _on_grid(y, s, qmin, qmax):
     )
 
 
+def _rounds_to_nearest(x, y, s, qmin, qmax):
+    """Inside the grid's range every value moves by at most half a step (a quantizer that outputs zeros, or
+    codes of the wrong level, fails this), and the whole tensor is closer to x than zero is."""
+    inside = (x >= qmin * s) & (x <= qmax * s)
+    near = ((y - x).abs() <= s / 2 * (1 + 1e-4) + 1e-6)[inside].all()
+    return bool(near) and bool(inside.float().mean() > 0.5) and float((y - x).norm() / x.norm()) < 1
+
+
 @pytest.mark.parametrize("name", sorted(QUANTIZERS))
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_activation_outputs_on_grid(name, bits):
@@ -30,6 +38,10 @@ def test_activation_outputs_on_grid(name, bits):
     s = q.scale().detach().abs().clamp_min(1e-8)
     assert (q.scale().detach() > 0).all()
     assert _on_grid(y, s, *quant_range(bits, True))
+    if name != "dorefa":  # DoReFa clips activations to [-1, 1] whatever its step
+        assert _rounds_to_nearest(x, y, s, *quant_range(bits, True))
+        if bits == 8:
+            assert float((y - x).norm() / x.norm()) < 0.1
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in QUANTIZERS.items() if c.weight_ok and n != "dorefa"))
@@ -41,6 +53,7 @@ def test_weight_per_channel(name):
     s = q.scale().detach().abs().view(-1, 1, 1, 1)
     assert q.scale().numel() == 6
     assert _on_grid(y, s, -8, 7)
+    assert _rounds_to_nearest(w, y, s, -8, 7)
 
 
 def test_dorefa_weight_keeps_magnitude_and_levels():

@@ -154,6 +154,12 @@ def _train_options(f):
     help="Activation quantizer of a --arch network (QuantNAS retrains with HWGQ).",
 )
 @click.option(
+    "--adq",
+    is_flag=True,
+    help="Retrain a --arch network with ADQ residuals (as searched) instead of plain quantized ones; "
+    "ADQ uses the whole image's standard deviation, so such a network does not export.",
+)
+@click.option(
     "--scale",
     type=int,
     default=None,
@@ -202,6 +208,7 @@ def train_command(
     model_args,
     arch_file,
     act_quantizer,
+    adq,
     scale,
     quant,
     bits,
@@ -220,6 +227,8 @@ def train_command(
 
     from qnas.train.train import TrainOptions, train
 
+    if adq and arch_file is None:
+        raise click.UsageError("--adq applies to --arch networks")
     if arch_file is not None:
         from qnas.nas.derive import genotype_network_config, read_genotype
 
@@ -231,7 +240,7 @@ def train_command(
         if scale is not None and scale != genotype["scale"]:
             raise QnasError(f"--scale {scale}: {arch_file} is a x{genotype['scale']} genotype")
         scale = int(genotype["scale"])
-        network = genotype_network_config(genotype, act_quantizer)
+        network = genotype_network_config(genotype, act_quantizer, adq)
         summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
         click.echo(
             f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
@@ -553,10 +562,9 @@ def search_command(space, ops, bits, a_bits, untie_bits, no_adq, lr_size, out, r
 @click.option(
     "--bits", type=int, required=True, metavar="B", help="Bits of every weight and activation (0 = fp)."
 )
-@click.option("--no-adq", is_flag=True, help="Plain residuals instead of ADQ.")
 @click.option("--lr-size", default="180x320", show_default=True, metavar="HxW")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Genotype JSON file to write.")
-def genotype_command(space, scale, op, bits, no_adq, lr_size, out) -> None:
+def genotype_command(space, scale, op, bits, lr_size, out) -> None:
     """Write the genotype of a fixed architecture of a space (every layer one op, uniform bits): the
     uniform-quantization baseline to retrain with `qnas train --arch`."""
     import json
@@ -568,7 +576,7 @@ def genotype_command(space, scale, op, bits, no_adq, lr_size, out) -> None:
 
     if bits != 0 and not 2 <= bits <= 8:
         raise QnasError(f"--bits {bits}: expected 0 (full precision) or 2..8")
-    g = uniform_genotype(load_space(space), scale, op, bits, adq=not no_adq)
+    g = uniform_genotype(load_space(space), scale, op, bits)
     g["cost"] = genotype_cost(g, parse_lr_size(lr_size))
     path = os.path.abspath(out)
     if os.path.dirname(path):

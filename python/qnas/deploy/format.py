@@ -32,7 +32,7 @@ FORMAT_NAME = "qnas-packed"
 FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 
-# op -> (number of inputs, required attributes, required tensors, optional tensors)
+# op -> (number of inputs (None: two or more), required attributes, required tensors, optional tensors)
 OPS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "conv": (
         1,
@@ -50,6 +50,7 @@ OPS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "affine": (1, (), ("scale", "shift"), ()),
     "pixel_shuffle": (1, ("factor",), (), ()),
     "clamp": (1, ("min", "max"), (), ()),
+    "concat": (None, (), (), ()),  # along channels
 }
 
 
@@ -206,8 +207,8 @@ def check_graph(graph: Any, tensors: dict[str, torch.Tensor], where: str) -> Non
             _fail(where, f"{at}: unknown op {op!r} (known: {', '.join(OPS)})")
         n_in, attrs, required, optional = OPS[op]
         inputs = node.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) != n_in:
-            _fail(where, f"{at}: {op} takes {n_in} input(s)")
+        if not isinstance(inputs, list) or (len(inputs) != n_in if n_in else len(inputs) < 2):
+            _fail(where, f"{at}: {op} takes {n_in or 'two or more'} input(s)")
         for v in inputs:
             if v not in defined:
                 _fail(where, f"{at}: input {v!r} is not defined before it")

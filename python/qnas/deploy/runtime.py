@@ -144,6 +144,8 @@ class PackedModel:
         if op == "pixel_shuffle":
             r = int(node["factor"])
             return lambda xs: F.pixel_shuffle(xs[0], r)
+        if op == "concat":
+            return lambda xs: torch.cat(xs, 1)
         if op == "clamp":
             lo, hi = float(node["min"]), float(node["max"])
             if inplace:

@@ -9,6 +9,7 @@ quantizers, ReLU, PixelShuffle), and each becomes nodes of the deploy graph:
 - QuantAdd z = Q(Q(x) + Q(y))    -> "quantize" x, "quantize" y, "add", "quantize" the sum
 - x + buffer (MeanShift)         -> "add_const";  x * number (residual scaling) -> "mul_const"
 - ReLU, PReLU, LeakyReLU, PixelShuffle -> "relu", "prelu", "leaky_relu", "pixel_shuffle"
+- torch.cat along channels (RFDN-style feature distillation) -> "concat"
 - BatchNorm2d (inference)        -> "affine" (per-channel scale and shift)
 - the output quantizer (a forward hook of the root module) -> "quantize", then "clamp" to the image range.
 
@@ -196,6 +197,8 @@ def _attr(model: nn.Module, target: str) -> torch.Tensor:
 def _arg(env: dict, a: Any) -> Any:
     if isinstance(a, torch.fx.Node):
         return env[a.name]
+    if isinstance(a, (list, tuple)):  # torch.cat's list of tensors
+        return [_arg(env, v) for v in a]
     return a
 
 
@@ -255,6 +258,10 @@ def _function_node(b: _GraphBuilder, n: torch.fx.Node, args: list, kwargs: dict)
             return b.add("mul_const", name, values, value=float(consts[0]))
     if f in (torch.relu, F.relu) and len(args) == 1 and isinstance(args[0], str):
         return b.add("relu", name, args)
+    if f is torch.cat and len(args) >= 1 and isinstance(args[0], (list, tuple)):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if dim == 1 and len(args[0]) >= 2 and all(isinstance(a, str) for a in args[0]):
+            return b.add("concat", name, list(args[0]))
     if f in (F.pixel_shuffle, torch.pixel_shuffle) and isinstance(args[0], str):
         return b.add("pixel_shuffle", name, [args[0]], factor=int(args[1]))
     what = getattr(f, "__name__", str(f))
@@ -262,17 +269,29 @@ def _function_node(b: _GraphBuilder, n: torch.fx.Node, args: list, kwargs: dict)
 
 
 def load_run_packed(run: str | os.PathLike) -> tuple[dict, dict]:
-    """(graph, tensors) of a training run folder (or model.pt) of a fully quantized SR network."""
+    """(graph, tensors) of a training run folder (or model.pt) of a fully quantized SR network: an FQSR
+    run (`qnas train --quant fqsr`) or a retrained searched network (`qnas train --arch`)."""
+    from qnas.nas.adq import ADQ
     from qnas.train.network import load_network, network_scale
 
     net, blob = load_network(run)
     cfg = blob["network"]
-    if not cfg.get("quant"):
+    plan = getattr(net, "qnas_quant", None)
+    if not plan:
         raise ExportError(
             f"{run}: a full-precision run; export a fully quantized one (`qnas train --quant fqsr`)"
         )
-    description = dict(cfg.get("model", {}))
-    description["quant"] = {k: cfg["quant"].get(k) for k in ("scheme", "bits", "skip_bits", "io_bits")}
+    for name, m in net.named_modules():
+        if isinstance(m, ADQ):
+            raise ExportError(
+                f"{run}: {name}: ADQ scales by the whole image's standard deviation, which has no integer "
+                "form; retrain without --adq"
+            )
+    if cfg.get("kind") == "genotype":
+        description = {"name": f"genotype:{cfg['genotype']['space']['name']}", "scale": network_scale(cfg)}
+    else:
+        description = dict(cfg.get("model", {}))
+    description["quant"] = {k: plan.get(k) for k in ("scheme", "bits", "skip_bits", "io_bits")}
     return packed_graph(net, network_scale(cfg), description)
 
 

@@ -138,6 +138,8 @@ def onnx_model(graph: dict, tensors: dict[str, torch.Tensor]):
             nodes.append(
                 helper.make_node("DepthToSpace", xs, [y], name=name, blocksize=node["factor"], mode="CRD")
             )
+        elif op == "concat":
+            nodes.append(helper.make_node("Concat", xs, [y], name=name, axis=1))
         elif op == "clamp":
             lo = init(f"{name}.min", np.array(node["min"], dtype=np.float32))
             hi = init(f"{name}.max", np.array(node["max"], dtype=np.float32))

@@ -4,15 +4,15 @@ A genotype file (RUN/genotype.json) is self-contained:
 
     {"format": "qnas-genotype/1",
      "space": {...the whole space document...}, "scale": 4, "candidates": null | [ops],
-     "adq": true,
      "layers": {"head1": {"op": "conv3x3", "w_bits": 4, "a_bits": 4}, "cell.conv1": {...}, ...},
      "cost": {"lr_size": [h, w], "bitops": ..., "macs": ..., "params": ...},   (informative)
      "search": {...}}                                                              (informative)
 
-"layers" has one entry per architecture slot (cells that share their slots share the choice).
+"layers" has one entry per architecture slot (cells that share their slots share the choice). Files
+written before the residual became a retraining choice may hold a top-level "adq"; it is ignored.
 Importing this module registers the network kind "genotype" (qnas.train.network):
-{"kind": "genotype", "scale": S, "genotype": {...}, "act_quantizer": "hwgq" | "lsq"}, which builds the
-derived network with LSQ per-channel weights and HWGQ (or LSQ) activations at the searched bits.
+{"kind": "genotype", "scale": S, "genotype": {...}, "act_quantizer": "hwgq" | "lsq", "adq": false},
+which builds the derived network (DerivedNetwork) at the searched bits.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from torch import nn
 from qnas.errors import QnasError
 from qnas.nas.graph import GraphModule, LayerSite, compile_space, stage_channels
 from qnas.nas.layers import ACT_QUANTIZERS, DerivedLayer
+from qnas.quant.apply import probe_network, quantize_network
 from qnas.spaces import load_space, op_stages
 from qnas.train.network import register_network_kind
 
@@ -35,9 +36,16 @@ GENOTYPE_FORMAT = "qnas-genotype/1"
 
 
 class DerivedNetwork(nn.Module):
-    """The network a genotype describes: the space's graph with one quantized op per layer."""
+    """The network a genotype describes: the space's graph with the chosen op in every layer, fully
+    quantized by qnas.quant.apply (genotype_plan): each convolution's weights (LSQ, one step per output
+    channel) and input (`act_quantizer`) at the bits its layer was searched at, every skip connection
+    z = Q(Q(x) + Q(y)) and the output at SKIP_BITS, as FQSR quantizes skips (Wang et al., ACM MM 2021).
 
-    def __init__(self, genotype: dict, act_quantizer: str = "hwgq"):
+    Residual cells are plain sums unless `adq`: ADQ (qnas.nas.adq) scales a branch by the standard
+    deviation of the whole input image, which has no integer form and changes with the tile an image
+    is cut into, so an ADQ network trains and evaluates but does not export."""
+
+    def __init__(self, genotype: dict, act_quantizer: str = "hwgq", adq: bool = False):
         super().__init__()
         if act_quantizer not in ACT_QUANTIZERS:
             raise QnasError(
@@ -49,23 +57,52 @@ class DerivedNetwork(nn.Module):
         self.scale = compiled.scale
         self.in_channels = int(compiled.space.get("colors", 3))
         self.genotype = genotype
+        self.adq = bool(adq)
 
         def make_layer(site: LayerSite) -> nn.Module:
-            choice = layers[site.slot]
-            op = compiled.ops[choice["op"]]
-            return DerivedLayer(
-                op_stages(op),
-                stage_channels(op, site.in_ch, site.out_ch),
-                choice["w_bits"],
-                choice["a_bits"],
-                site.act,
-                act_quantizer,
-            )
+            op = compiled.ops[layers[site.slot]["op"]]
+            layer = DerivedLayer(op_stages(op), stage_channels(op, site.in_ch, site.out_ch), site.act)
+            layer.slot = site.slot
+            return layer
 
-        self.net = GraphModule(compiled.graph, make_layer, bool(genotype.get("adq", True)))
+        self.net = GraphModule(compiled.graph, make_layer, self.adq)
+        quantize_network(self, genotype_plan(self, act_quantizer))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x, None)
+
+
+#: Bits of the skip connections and the output of a derived network (FQSR's released a4w4o8 keeps them
+#: at 8 whatever the convolutions' bits).
+SKIP_BITS = 8
+
+
+def genotype_plan(net: nn.Module, act_quantizer: str) -> dict:
+    """The quantization plan (qnas.quant.apply, scheme "genotype") of a float derived network: the bits of
+    every convolution from its layer's choice (net.genotype), the signedness of every input from a probe."""
+    probe = probe_network(net)
+    choices = net.genotype["layers"]
+    layers: dict[str, Any] = {}
+    for name, m in net.named_modules():
+        if not isinstance(m, DerivedLayer):
+            continue
+        choice = choices[m.slot]
+        for k in range(len(m.convs)):
+            conv = f"{name}.convs.{k}"
+            w = {"quantizer": "lsq", "bits": choice["w_bits"], "per_channel": True}
+            a = {"quantizer": act_quantizer, "bits": choice["a_bits"], "signed": not probe["convs"][conv]}
+            layers[conv] = {"w": w if choice["w_bits"] else None, "a": a if choice["a_bits"] else None}
+    # Skips and output: learnable clipping initialised from the first batch (MSE-optimal), as FQSR.
+    skip = {"quantizer": "fqsr", "bits": SKIP_BITS}
+    return {
+        "scheme": "genotype",
+        "bits": None,
+        "init_stat": "mse",
+        "warmup": 0,
+        "layers": layers,
+        "adds": {name: {**skip, "signed": [not s for s in signs]} for name, signs in probe["adds"].items()},
+        "output": {**skip, "signed": True},
+    }
 
 
 def check_genotype(g: Any, where: str = "genotype") -> None:
@@ -136,7 +173,7 @@ def is_genotype(doc: Any) -> bool:
 
 
 def uniform_genotype(
-    space: dict, scale: int, op: str, bits: int, *, adq: bool = True, candidates: list[str] | None = None
+    space: dict, scale: int, op: str, bits: int, *, candidates: list[str] | None = None
 ) -> dict:
     """The fixed architecture of a space with every layer set to `op` at `bits` (weights and activations),
     the uniform-quantization baseline. Layers whose own candidate list lacks `op` take their first one."""
@@ -153,7 +190,6 @@ def uniform_genotype(
         "space": space,
         "scale": compiled.scale,
         "candidates": candidates,
-        "adq": adq,
         "layers": layers,
     }
 
@@ -171,16 +207,17 @@ def genotype_cost(genotype: dict, lr_size: tuple[int, int]) -> dict:
 def _build_genotype_network(cfg: dict) -> nn.Module:
     if "genotype" not in cfg:
         raise QnasError('network config of kind "genotype" needs "genotype"')
-    return DerivedNetwork(cfg["genotype"], cfg.get("act_quantizer", "hwgq"))
+    return DerivedNetwork(cfg["genotype"], cfg.get("act_quantizer", "hwgq"), bool(cfg.get("adq", False)))
 
 
-def genotype_network_config(genotype: dict, act_quantizer: str = "hwgq") -> dict:
+def genotype_network_config(genotype: dict, act_quantizer: str = "hwgq", adq: bool = False) -> dict:
     """The network config (qnas.train.network) of a genotype's derived network."""
     return {
         "kind": "genotype",
         "scale": int(genotype["scale"]),
         "genotype": genotype,
         "act_quantizer": act_quantizer,
+        "adq": bool(adq),
     }
 
 

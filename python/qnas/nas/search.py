@@ -345,7 +345,6 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
         "space": space,
         "scale": opts.scale,
         "candidates": opts.ops,
-        "adq": opts.adq,
         "layers": layers,
     }
     g["cost"] = genotype_cost(g, tuple(opts.lr_size))
@@ -354,6 +353,7 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
     g["search"] = {
         "mode": opts.mode,
         "impl": opts.impl,
+        "adq": opts.adq,
         "bits": opts.bits,
         "a_bits": opts.a_bits if opts.a_bits is not None else opts.bits,
         "tie_bits": opts.tie_bits,

@@ -22,6 +22,11 @@ Schemes (docs/quantization.md):
   last at B bits with one `quantizer` (default lsq); skips, first and last layers in float.
 - "dqss": like "uniform" in coverage, with a per-layer weight and activation quantizer chosen by
   the strategy search (qnas.quant.dqss); "layers" must be given.
+- "genotype": the network derived from a QuantNAS genotype (qnas.nas.derive): every convolution at
+  the bits its layer was searched at, skips and output as in "fqsr"; "layers" must be given, and
+  "bits" is not used (each layer has its own).
+
+A weight entry may say "per_channel": true (one step per output channel, as QuantNAS retrains).
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from qnas.quant.modules import OutputQuantizer, QuantAdd, QuantConv2d, quantizer
 from qnas.quant.quantizers import QUANTIZERS, FQSRQuantizer, build_quantizer
 from qnas.sr.common import Add
 
-SCHEMES = ("fqsr", "uniform", "dqss")
+SCHEMES = ("fqsr", "uniform", "dqss", "genotype")
+#: Schemes whose plan must list its layers (they come from a search, not from probing).
+GIVEN_LAYERS = ("dqss", "genotype")
 BITS_RANGE = (2, 8)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fqsr": {
@@ -51,6 +58,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "uniform": {"quantizer": "lsq"},
     "dqss": {},
+    "genotype": {},
 }
 
 
@@ -129,11 +137,13 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
     if scheme not in SCHEMES:
         raise QnasError(f"quant scheme {scheme!r} is unknown (known: {', '.join(SCHEMES)})")
     plan = {**DEFAULTS[scheme], **copy.deepcopy(quant)}
-    bits = check_bits(plan.get("bits"))
+    if scheme in GIVEN_LAYERS and "layers" not in plan:
+        made_by = "`qnas strategy`" if scheme == "dqss" else "qnas.nas.derive"
+        raise QnasError(f'quant scheme "{scheme}" needs per-layer "layers" (made by {made_by})')
+    if scheme != "genotype":
+        bits = check_bits(plan.get("bits"))
     if "layers" in plan:
         return plan
-    if scheme == "dqss":
-        raise QnasError('quant scheme "dqss" needs per-layer "layers" (made by `qnas strategy`)')
     q = check_quantizer(plan["quantizer"], "weight")
     probe = probe_network(model)
     order = list(probe["convs"])
@@ -176,12 +186,22 @@ def _quantizer_kwargs(name: str, plan: dict) -> dict:
     return {}
 
 
-def make_quantizer(spec: dict, kind: str, plan: dict) -> nn.Module:
-    """A quantizer from a plan entry {"quantizer", "bits", "signed"?} (per-tensor steps)."""
+def make_quantizer(spec: dict, kind: str, plan: dict, channels: int = 1) -> nn.Module:
+    """A quantizer from a plan entry {"quantizer", "bits", "signed"?, "per_channel"?}: per-tensor steps,
+    or for a weight with "per_channel" one step per output channel (`channels` of them)."""
     name = check_quantizer(spec.get("quantizer"), kind)
     bits = check_bits(spec.get("bits"), f"{kind} bits")
     signed = True if kind == "weight" else bool(spec.get("signed", True))
-    return build_quantizer(name, bits, kind=kind, signed=signed, **_quantizer_kwargs(name, plan))
+    per_channel = kind == "weight" and bool(spec.get("per_channel", False))
+    return build_quantizer(
+        name,
+        bits,
+        kind=kind,
+        signed=signed,
+        channels=channels if per_channel else 1,
+        per_channel=per_channel,
+        **_quantizer_kwargs(name, plan),
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -202,7 +222,7 @@ def quantize_network(model: nn.Module, quant: dict) -> nn.Module:
             raise QnasError(f"quant plan: {name!r} is not a convolution of {type(model).__name__}")
         if spec is None:
             continue
-        w_q = make_quantizer(spec["w"], "weight", plan) if spec.get("w") else None
+        w_q = make_quantizer(spec["w"], "weight", plan, conv.out_channels) if spec.get("w") else None
         a_q = make_quantizer(spec["a"], "activation", plan) if spec.get("a") else None
         _set_submodule(model, name, QuantConv2d.from_conv(conv, w_q, a_q))
     for name, spec in (plan.get("adds") or {}).items():
@@ -265,7 +285,12 @@ def describe_plan(plan: dict) -> str:
     """One line: scheme, bits and coverage."""
     layers = plan.get("layers", {})
     n_q = sum(1 for s in layers.values() if s)
-    parts = [f"{plan['scheme']} {plan['bits']}-bit", f"{n_q}/{len(layers)} convolutions quantized"]
+    if plan.get("bits") is not None:
+        head = f"{plan['scheme']} {plan['bits']}-bit"
+    else:  # per-layer bits (a searched network)
+        bits = sorted({s[k]["bits"] for s in layers.values() if s for k in ("w", "a") if s.get(k)})
+        head = f"{plan['scheme']} {'/'.join(map(str, bits))}-bit"
+    parts = [head, f"{n_q}/{len(layers)} convolutions quantized"]
     if plan.get("adds"):
         parts.append(f"{len(plan['adds'])} skips at {plan.get('skip_bits')} bits")
     if plan.get("output"):

@@ -726,8 +726,7 @@ def recalibrate(net: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     values. For a network whose activations did not change this reproduces the same steps."""
     for m in net.modules():
         if isinstance(m, Quantizer) and m.strategy in _STATISTICS:
-            m.initialized.fill_(False)
-            m.frozen.fill_(False)
+            m.reset()
     calibrate(net, batches)
 
 

@@ -88,6 +88,14 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._channels = n
+        # Python copies of the two flags: forward branches on these, so a compiled graph has no host sync
+        # or data-dependent branch (torch.compile guards on them and recompiles once when one changes).
+        self._initialized = False
+        self._frozen = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized, self._frozen = bool(self.initialized), bool(self.frozen)
 
     # Subclasses: `scale()` returns the current step (shape [n]); `_init(x)` sets it from data.
     def scale(self) -> torch.Tensor:  # pragma: no cover - abstract
@@ -101,6 +109,17 @@ class Quantizer(nn.Module):
 
     def freeze(self) -> None:
         self.frozen.fill_(True)
+        self._frozen = True
+
+    def reset(self) -> None:
+        """Forget the step's initialisation and unfreeze: the next tensor seen sets it again."""
+        self.initialized.fill_(False)
+        self.frozen.fill_(False)
+        self._initialized = self._frozen = False
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._initialized = True
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.axis is None else f"axis={self.axis}"
@@ -110,15 +129,17 @@ class Quantizer(nn.Module):
         """The data-driven part of forward without quantizing: initializes the step from the first
         tensor seen, then (training mode, not frozen) lets statistics-based steps track the data.
         Fused layers that quantize with torch.ops.qops.mixed_quant_conv call this, then `scale()`."""
-        if not bool(self.initialized):
+        if not self._initialized:
             with torch.no_grad():
                 self._init(x)
-            self.initialized.fill_(True)
-        elif self.training and not bool(self.frozen):
+            self._mark_initialized()
+        elif self.training and not self._frozen:
             with torch.no_grad():
                 self._track(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:  # cost counting on the meta device: quantization does not change shapes
+            return x
         self.observe(x)
         return self.quantize(x)
 
@@ -346,7 +367,12 @@ class FQSRQuantizer(LSQQuantizer):
         self.init_stat = init_stat
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("stat_sum", torch.zeros(self._channels))
+        self._seen = 0  # Python copy of `seen` (see Quantizer._initialized)
         self.calibration_error: torch.Tensor | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seen = int(self.seen)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, warmup={self.warmup}, init={self.init_stat}"
@@ -361,12 +387,15 @@ class FQSRQuantizer(LSQQuantizer):
         self.step.data.copy_((self._statistic(x) / max(self.qmax, 1)).clamp_min(1e-8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and int(self.seen) < self.warmup:
+        if x.is_meta:
+            return super().forward(x)
+        if self.training and self._seen < self.warmup:
             with torch.no_grad():
                 self.stat_sum.add_(self._statistic(x))
                 self.seen.add_(1)
+                self._seen += 1
                 self.step.data.copy_((self.stat_sum / self.seen / max(self.qmax, 1)).clamp_min(1e-8))
-                self.initialized.fill_(True)
+                self._mark_initialized()
             self.calibration_error = None
             return x
         self.observe(x)
