@@ -11,7 +11,7 @@ Steps, each with its own timeout and all inside one deadline (default 8 minutes)
   wheels           requirements the interpreter lacks, from the wheel folder (pip --no-index --prefix;
                    what is already installed is kept)
   build            qops._C in place with CUDA for this GPU only (QOPS_CUDA_ARCH, MAX_JOBS = all cores)
-  tests-cuda       the CUDA tests (pytest -k cuda), natively
+  tests-cuda       the CUDA tests (pytest -k cuda)
   tests-triton     the Triton tests on the GPU (no TRITON_INTERPRET)
   bench-*          bench/bench_cuda.py, the GPU table, in four parts (each its own JSON)
   profile-steps    the demo's search step and training step on the GPU: seconds per step and the share
@@ -25,7 +25,7 @@ Without a CUDA device the script says so in one line and runs the dry run instea
 fake steps (one passes, one fails, one times out, one reads the report already on disk) through the same
 runner, parsers and report writer, and the wheel discovery, with no torch needed.
 
-Needs Python 3.11+ (tomllib) and nothing else from outside the standard library.
+The script itself needs Python 3.11+ (tomllib) and the standard library only; the steps need torch.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ NOT_CARRIED = {
 }
 NOT_CARRIED_PREFIXES = ("nvidia-", "cuda-")
 WHEEL_BUDGET_MIB = 56  # the device transfer carries 64 MiB in all, the working tree included
+# Versions the wheels must keep to so that the GPU machine's torch keeps working (torch 2.11 requires these).
+WHEEL_CONSTRAINTS = ["setuptools<82"]
 TARGET_PYTHON = "3.12"
 TARGET_PLATFORMS = [
     "manylinux_2_28_x86_64",
@@ -126,8 +128,8 @@ def is_carried(dist: str) -> bool:
 
 
 def installed_satisfies(req: str) -> tuple[bool, str | None]:
-    """(satisfied, installed version) for this interpreter; the version range is checked where `packaging`
-    is importable, else presence alone counts."""
+    """(satisfied, installed version) for this interpreter; the version range is checked with `packaging`
+    (or pip's copy of it), else presence alone counts."""
     try:
         version = metadata.version(requirement_name(req))
     except metadata.PackageNotFoundError:
@@ -135,7 +137,10 @@ def installed_satisfies(req: str) -> tuple[bool, str | None]:
     try:
         from packaging.requirements import Requirement
     except ImportError:
-        return True, version
+        try:
+            from pip._vendor.packaging.requirements import Requirement
+        except ImportError:
+            return True, version
     return Requirement(req).specifier.contains(version, prereleases=True), version
 
 
@@ -181,6 +186,8 @@ def download_wheels(dest: Path, python_version: str = TARGET_PYTHON) -> int:
         for f in staging.iterdir():
             f.unlink()
     staging.mkdir(parents=True, exist_ok=True)
+    constraints = ROOT / "build" / "gpu-wheels-constraints.txt"
+    constraints.write_text("\n".join(WHEEL_CONSTRAINTS) + "\n")
     platforms = [a for p in TARGET_PLATFORMS for a in ("--platform", p)]
     cmd = [
         sys.executable,
@@ -195,6 +202,8 @@ def download_wheels(dest: Path, python_version: str = TARGET_PYTHON) -> int:
         *platforms,
         "--dest",
         str(staging),
+        "--constraint",
+        str(constraints),
         *reqs,
     ]
     say(f"downloading wheels for Python {python_version}: {shlex.join(cmd[3:])}")
@@ -652,6 +661,9 @@ def pytest_step(name: str, what: str, timeout: float, selection: list[str], env,
     return Step(name, what, timeout, [cmd], env=env, collect=collect)
 
 
+# This script's own tests check it on the CPU; on the GPU they would only cost time.
+NOT_HERE = ["--ignore", "tests/test_gpu_check.py"]
+
 # bench/bench_cuda.py in parts, so that a part that runs out of time costs only its own figures.
 BENCH_PARTS = [
     (
@@ -716,7 +728,10 @@ def gpu_run(report_dir: Path, work: Path, wheel_dir: Path, deadline_s: float, on
     work.mkdir(parents=True, exist_ok=True)
     probe = work / "environment.json"
     probe.unlink(missing_ok=True)
-    subprocess.run(probe_command(probe), cwd=ROOT, timeout=120)
+    try:
+        subprocess.run(probe_command(probe), cwd=ROOT, timeout=120)
+    except subprocess.TimeoutExpired:
+        pass  # no probe file: reported below as no usable GPU
     env_info = json.loads(probe.read_text()) if probe.exists() else {"torch_error": "the probe wrote nothing"}
     if not env_info.get("cuda_available"):
         why = env_info.get("torch_error") or f"torch {env_info.get('torch')} sees no CUDA device"
@@ -754,10 +769,22 @@ def gpu_run(report_dir: Path, work: Path, wheel_dir: Path, deadline_s: float, on
             env=env,
         ),
         pytest_step(
-            "tests-cuda", "CUDA tests", 120, ["tests", "-k", "cuda and not triton"], env, work, runner
+            "tests-cuda",
+            "CUDA tests",
+            120,
+            ["tests", "-k", "cuda and not triton", *NOT_HERE],
+            env,
+            work,
+            runner,
         ),
         pytest_step(
-            "tests-triton", "Triton tests, native", 120, ["tests", "-k", "triton"], env, work, runner
+            "tests-triton",
+            "Triton tests, native",
+            120,
+            ["tests", "-k", "triton", *NOT_HERE],
+            env,
+            work,
+            runner,
         ),
         *[bench_step(*part, env, work, runner) for part in BENCH_PARTS],
         profile_step(env, work, runner),
@@ -1165,14 +1192,14 @@ def main(argv: list[str] | None = None) -> int:
         write_fake(args.write_fake[0], Path(args.write_fake[1]))
         return 0
     if args.download_wheels:
-        return download_wheels(args.download_wheels, args.python_version)
-    report_dir = args.report_dir or (
-        ROOT / "build" / "gpu-report-dry-run" if args.dry_run else default_report_dir()
-    )
+        return download_wheels(args.download_wheels.resolve(), args.python_version)
+    report_dir = (
+        args.report_dir or (ROOT / "build" / "gpu-report-dry-run" if args.dry_run else default_report_dir())
+    ).resolve()
     if args.dry_run:
         return dry_run(report_dir)
     only = set(args.only.split(",")) if args.only else None
-    return gpu_run(report_dir, args.work_dir, args.wheels, args.deadline, only)
+    return gpu_run(report_dir, args.work_dir.resolve(), args.wheels.resolve(), args.deadline, only)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def test_demo_steps_run_and_spend_time_in_qops_on_cpu(gpu_check, tmp_path):
 
 
 def test_bench_cuda_runs_on_cpu(tmp_path):
-    env = dict(os.environ, QNAS_BENCH_DEVICE="cpu")
+    env = dict(os.environ, QNAS_BENCH_DEVICE="cpu", TRITON_INTERPRET="1")  # CPU tensors, also beside a GPU
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/bench_cuda.py", "--benchmark-disable", "-q", "-p", "no:cacheprovider",
          "-k", "not search_step and not noise-triton"],
