@@ -736,7 +736,7 @@ def gpu_run(report_dir: Path, work: Path, wheel_dir: Path, deadline_s: float, on
     if not env_info.get("cuda_available"):
         why = env_info.get("torch_error") or f"torch {env_info.get('torch')} sees no CUDA device"
         t0 = time.monotonic()
-        rc = dry_run(work / "dry-run", quiet=True)
+        rc = dry_run(work / "dry-run", quiet=True, environment=probe if probe.exists() else None)
         say(
             f"no CUDA GPU on this machine ({why}): nothing measured; dry run of this script "
             f"{'FAILED' if rc else 'OK'} in {time.monotonic() - t0:.1f} s ({work / 'dry-run'})"
@@ -1031,15 +1031,16 @@ def write_fake(kind: str, path: Path) -> None:
         raise SystemExit(f"--write-fake: unknown kind {kind!r}")
 
 
-def dry_run(report_dir: Path, *, quiet: bool = False) -> int:
-    """The runner, the parsers, the report and the wheel discovery on fake steps; 0 if all behaved."""
+def dry_run(report_dir: Path, *, quiet: bool = False, environment: Path | None = None) -> int:
+    """The runner, the parsers, the report and the wheel discovery on fake steps; 0 if all behaved.
+    `environment`: the file of a probe that already ran (else the probe runs as the first step)."""
     t0 = time.monotonic()
     work = report_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(report_dir, deadline_s=120, dry_run=True, quiet=quiet)
     me = [sys.executable, str(Path(__file__).resolve())]
     py = [sys.executable, "-c"]
-    runner.run(environment_step(runner, work / "environment.json"))
+    runner.run(environment_step(runner, environment or work / "environment.json", probe=environment is None))
     # Wheel discovery on a folder with one wheel this interpreter lacks and one it has (pip).
     wheel_dir = work / "wheels"
     wheel_dir.mkdir(exist_ok=True)

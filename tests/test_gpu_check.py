@@ -53,7 +53,7 @@ def test_timeout_stops_the_process_group_and_the_run_goes_on(gpu_check, tmp_path
     )
     runner = gpu_check.Runner(tmp_path / "r", 60)
     t0 = time.monotonic()
-    rec = runner.run(gpu_check.Step("hangs", "a child that hangs", 2, [[sys.executable, "-c", spawn]]))
+    rec = runner.run(gpu_check.Step("hangs", "a child that hangs", 1, [[sys.executable, "-c", spawn]]))
     assert rec["status"] == "timeout" and time.monotonic() - t0 < 15
     pid = int(pid_file.read_text())
     for _ in range(50):  # the grandchild was signalled with its group; wait until it is reaped
@@ -140,11 +140,16 @@ def test_demo_steps_run_and_spend_time_in_qops_on_cpu(gpu_check, tmp_path):
     assert "qops::fake_quant" in result["train"]["qops_ms_per_step"]
 
 
-def test_bench_cuda_runs_on_cpu(tmp_path):
+def test_bench_cuda_runs_on_cpu():
     env = dict(os.environ, QNAS_BENCH_DEVICE="cpu", TRITON_INTERPRET="1")  # CPU tensors, also beside a GPU
+    cases = "not search_step and not noise-triton and not rfdn"  # the slowest on the CPU; the rest cover their code
+    if torch.torch_version.TorchVersion(torch.__version__) < "2.13":
+        cases += (
+            " and not triton"  # torch 2.11's wrap_triton rejects the interpreter's kernels; 2.13 runs them
+        )
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/bench_cuda.py", "--benchmark-disable", "-q", "-p", "no:cacheprovider",
-         "-k", "not search_step and not noise-triton"],
+         "-k", cases],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
