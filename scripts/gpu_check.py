@@ -293,7 +293,7 @@ def add_copy_share(rows: list[dict[str, Any]]) -> None:
     """GB/s of every memory-bound row as a share of the measured device-to-device copy bandwidth."""
     copy = [r["gb_per_s"] for r in rows if r["group"].startswith("device-to-device copy") and r["gb_per_s"]]
     for r in rows:
-        r["share_of_copy"] = round(r["gb_per_s"] / copy[0], 3) if copy and r["gb_per_s"] else None
+        r["share_of_copy"] = round(r["gb_per_s"] / copy[0], 3) if copy and r["gb_per_s"] is not None else None
 
 
 # -- the report ------------------------------------------------------------------------------------
