@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 PYTEST_ARGS ?=
 
-.PHONY: install build test bench cuda-check lint demo clean
+.PHONY: install build test bench cuda-check gpu-check gpu-wheels lint demo clean
 
 install: $(VENV)/.deps build
 
@@ -51,6 +51,18 @@ cuda-check: $(VENV)/.deps
 	else \
 		echo "cuda-check: SKIPPED, nvcc not found on PATH (install the CUDA toolkit to compile csrc/cuda)"; \
 	fi
+
+# On a CUDA machine, with its own python3 (no .venv, no package index): builds qops._C for its GPU, runs the
+# CUDA and Triton tests, bench/bench_cuda.py and the demo's steps under the profiler, and writes
+# gpu-report.json/.md (README "GPU"). Without a GPU: one line and a dry run of the script, exit 0.
+GPU_WHEELS ?= .whl
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
+
+# Where PyPI is reachable: the wheels of the requirements a GPU machine may lack, for its Python 3.12.
+gpu-wheels:
+	$(PYTHON) scripts/gpu_check.py --download-wheels $(GPU_WHEELS)
 
 lint: $(VENV)/.deps
 	$(PY) -m ruff check qops python bench tests setup.py

@@ -23,14 +23,14 @@ QMIN, QMAX = -128, 127
 GRAD_FACTOR = 0.01
 
 
-def _inputs(per_channel: bool):
+def _inputs(per_channel: bool, shape=SHAPE, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=gen) * 2
-    grad = torch.randn(SHAPE, generator=gen)
-    channels = SHAPE[1] if per_channel else 1
+    x = torch.randn(shape, generator=gen) * 2
+    grad = torch.randn(shape, generator=gen)
+    channels = shape[1] if per_channel else 1
     scale = torch.rand(channels, generator=gen) * 0.02 + 0.01
     zero_point = torch.randint(-3, 4, (channels,), generator=gen).float()
-    return x, grad, scale, zero_point
+    return tuple(t.to(device) for t in (x, grad, scale, zero_point))
 
 
 def _builtin(x, s, z, axis):

@@ -33,27 +33,29 @@ BITS = [4, 8]
 BATCH, SIZE = 16, 48
 
 
-def _layer(name: str, channels_last: bool):
+def _layer(name: str, channels_last: bool, device="cpu", batch=BATCH, size=SIZE):
     torch.manual_seed(0)
     cfg = LAYERS[name]
     c = cfg["c"]
-    ws = [(0.1 * torch.randn(c, c // g, kh, kw)).requires_grad_() for kh, kw, g in cfg["candidates"]]
+    ws = [
+        (0.1 * torch.randn(c, c // g, kh, kw)).to(device).requires_grad_() for kh, kw, g in cfg["candidates"]
+    ]
     groups = [g for _, _, g in cfg["candidates"]]
     n = len(ws)
     tie = torch.eye(len(BITS), dtype=torch.bool).expand(n, -1, -1)
     logits = torch.randn(n, len(BITS), len(BITS)).masked_fill(~tie, float("-inf"))
-    probs = torch.softmax(logits.flatten(), 0).view(n, len(BITS), len(BITS)).detach().requires_grad_()
-    w_scales = torch.full((n, len(BITS)), 0.02).requires_grad_()
-    a_scales = torch.tensor([0.1, 0.01]).requires_grad_()
-    bias = torch.zeros(c).requires_grad_()
-    x = torch.randn(BATCH, c, SIZE, SIZE).abs()
+    probs = torch.softmax(logits.flatten(), 0).view(n, len(BITS), len(BITS)).to(device).requires_grad_()
+    w_scales = torch.full((n, len(BITS)), 0.02, device=device).requires_grad_()
+    a_scales = torch.tensor([0.1, 0.01], device=device).requires_grad_()
+    bias = torch.zeros(c, device=device).requires_grad_()
+    x = torch.randn(batch, c, size, size).abs().to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     args = (x, ws, probs, BITS, BITS, w_scales, a_scales, False, groups, [1] * n, 1, bias)
     leaves = [x, *ws, probs, w_scales, a_scales, bias]
     terms = tie.tolist()
-    macs = sum(BATCH * SIZE * SIZE * c * (c // g) * kh * kw for kh, kw, g in cfg["candidates"]) * len(BITS)
+    macs = sum(batch * size * size * c * (c // g) * kh * kw for kh, kw, g in cfg["candidates"]) * len(BITS)
     return args, leaves, terms, macs
 
 

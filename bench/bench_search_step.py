@@ -30,24 +30,23 @@ SCALE, BATCH, PATCH = 4, 8, 96
 ROUNDS = 7
 
 
-def _setup(mode: str, impl: str):
+def _setup(mode: str, impl: str, device="cpu", batch=BATCH, patch=PATCH):
     torch.manual_seed(0)
     net = Supernet(compile_space(load_space("basic"), SCALE), mode=mode, impl=impl).to(
-        memory_format=torch.channels_last
+        device, memory_format=torch.channels_last
     )
     net.train()
     w_opt = torch.optim.Adam(net.weight_parameters(), lr=1e-3)
     a_opt = torch.optim.Adam(net.alpha_parameters(), lr=3e-4, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(1)
-    lr_size = PATCH // SCALE
+    lr_size = patch // SCALE
 
-    def batch():
-        lr = torch.rand(BATCH, 3, lr_size, lr_size, generator=gen).contiguous(
-            memory_format=torch.channels_last
-        )
-        return lr, torch.rand(BATCH, 3, PATCH, PATCH, generator=gen)
+    def make_batch():
+        lr = torch.rand(batch, 3, lr_size, lr_size, generator=gen).to(device)
+        hr = torch.rand(batch, 3, patch, patch, generator=gen).to(device)
+        return lr.contiguous(memory_format=torch.channels_last), hr
 
-    w_batch, a_batch = batch(), batch()
+    w_batch, a_batch = make_batch(), make_batch()
     with torch.no_grad():
         penalty = BitOpsPenalty(0.1, float(net.expected_bitops_per_pixel(net.probs())))
 
