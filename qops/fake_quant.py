@@ -56,6 +56,16 @@ def _backward(ctx, grad):
 torch.library.register_autograd("qops::fake_quant", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    # Without this registration autograd would treat fake_quant_backward as constant and return zeros.
+    raise RuntimeError("fake_quant: does not support double backward (gradients of gradients)")
+
+
+torch.library.register_autograd(
+    "qops::fake_quant_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
+
+
 def fake_quant(
     x: Tensor,
     scale: Tensor,

@@ -207,7 +207,8 @@ def _backward(ctx, grad):
     )
     grads = [None] * 14
     grads[0] = gx if mask[0] else None
-    grads[1] = list(gw) if mask[1] else None
+    # A list argument takes a list of gradients: one None per weight when none is wanted.
+    grads[1] = list(gw) if mask[1] else [None] * len(weights)
     grads[2] = gp if mask[2] else None
     grads[5] = gws if mask[3] else None
     grads[6] = gas if mask[4] else None
@@ -219,7 +220,7 @@ torch.library.register_autograd("qops::mixed_quant_conv", _backward, setup_conte
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("mixed_quant_conv: double backward (gradients of gradients) is not supported")
+    raise RuntimeError("mixed_quant_conv: does not support double backward (gradients of gradients)")
 
 
 torch.library.register_autograd(

@@ -462,6 +462,18 @@ def test_opcheck_fake_quant_backward(shape, axis):
         torch.library.opcheck(torch.ops.qops.fake_quant_backward.default, (g, x, s, z, axis, 0, 15, 2.0))
 
 
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_double_backward_raises(axis):
+    """torch's built-in raises here too; without the registration autograd returned zeros."""
+    x = torch.randn(3, 4, requires_grad=True)
+    channels = 1 if axis == -1 else 4
+    s = torch.full((channels,), 0.1, requires_grad=True)
+    y = qops.fake_quant(x, s, torch.zeros(channels), axis, -8, 7)
+    (gx,) = torch.autograd.grad((y * y).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="fake_quant: does not support double backward"):
+        torch.autograd.grad(gx.sum(), [x])
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 

@@ -240,12 +240,45 @@ def test_zero_batch():
     assert y.shape == (0, 6, 7, 9)
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("frozen_weights", [False, True])
+def test_double_backward_raises(frozen_weights):
     args, leaves = make_case(POOL[:2], [4], [4], seed=0)
+    if frozen_weights:
+        for w in args[1]:
+            w.requires_grad_(False)
     y = mixed_quant_conv(*args)
     (gx,) = torch.autograd.grad(y.sum(), [args[0]], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError, match="mixed_quant_conv: does not support double backward"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("trainable", ["x", "probs", "scales", "nothing"])
+def test_backward_with_frozen_weights(trainable):
+    """No candidate weight requires grad (a frozen layer, post-training calibration): the weights' gradient
+    is one None per weight, and the other gradients equal the reference's."""
+    args, leaves = make_case(POOL[:3], [4, 8], [4, 8], seed=2)
+    x, weights, probs, _, _, w_scales, a_scales = args[:7]
+    wanted = {"x": [x], "probs": [probs], "scales": [w_scales, a_scales], "nothing": []}[trainable]
+    for t in leaves:
+        t.requires_grad_(any(t is u for u in wanted))
+    y = mixed_quant_conv(*args)
+    y_ref = reference(*args)
+    if not wanted:
+        assert not y.requires_grad
+        return
+    gy = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, wanted, gy)
+    grads_ref = torch.autograd.grad(y_ref, wanted, gy)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert rel_err(a, b) <= GRAD_TOL
+
+
+def test_frozen_module_backward():
+    layer = MixedQuantConv2d(4, 4, BASIC[:3], w_bits=(4, 8), a_bits=(4, 8))
+    layer.requires_grad_(False)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_backward_output_mask_skips_unneeded():
