@@ -157,6 +157,10 @@ def test_fuzz_shapes_exact(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, w_bits, a
     x = act_codes(gen, (n, cin, h, w), a_bits, a_signed)
     wc = weight_codes(gen, (cout, cin, kh, kw), w_bits)
     packed = pack_weight(wc, w_bits)
+    if ph >= kh or pw >= kw:
+        with pytest.raises(RuntimeError, match="padding: expected values below the kernel size"):
+            packed_conv2d(x, packed, wc.shape, w_bits, a_bits, a_signed, (sh, sw), (ph, pw))
+        return
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QOPS_PACKED_PATH", path)
         got = packed_conv2d(x, packed, wc.shape, w_bits, a_bits, a_signed, (sh, sw), (ph, pw))
@@ -365,6 +369,100 @@ def test_errors_packed_conv2d():
         op(x, packed, shape, 4, 4, False, [0, 1], [0, 0])
     with pytest.raises(RuntimeError, match="x_codes: padded input 2x2 is smaller than the kernel"):
         op(x[:, :, :2, :2], packed, shape, 4, 4, False, [1, 1], [0, 0])
+
+
+@pytest.mark.parametrize("path_name", PATHS)
+@pytest.mark.parametrize("stride", [(1, 2**60), (2**62, 1), (2**63 - 1, 2**63 - 1), (1, 30_000_000), (12, 1)])
+def test_stride_beyond_the_padded_input_is_clamped(path_name, stride, monkeypatch):
+    """A stride of 2^60 (a crafted .qnp file) overflowed the activation layout and wrote past the heap; 3e7
+    allocated gigabytes. Beyond the padded input a stride leaves one output row or column: the result is the
+    convolution at stride = padded size, computed in input-sized buffers."""
+    monkeypatch.setenv("QOPS_PACKED_PATH", path_name)
+    gen = torch.Generator().manual_seed(1)
+    x = act_codes(gen, (1, 5, 9, 11), 2, False)
+    wc = weight_codes(gen, (3, 5, 3, 3), 2)
+    packed = pack_weight(wc, 2)
+    got = packed_conv2d(x, packed, wc.shape, 2, 2, False, stride, (1, 1))
+    clamped = [min(stride[0], 9 + 2), min(stride[1], 11 + 2)]
+    want = R.packed_conv2d(x, packed, list(wc.shape), 2, 2, False, clamped, [1, 1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    xf = torch.rand(1, 5, 9, 11, generator=gen)
+    got = quantized_conv2d(
+        xf, packed, wc.shape, torch.full((3,), 0.1), 0.07, 2, 2, False, None, stride, (1, 1)
+    )
+    want = R.quantized_conv2d(
+        xf, packed, list(wc.shape), torch.full((3,), 0.1), 0.07, 2, 2, False, None, clamped, [1, 1]
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sizes_that_would_overflow_are_refused():
+    x, packed, shape = _ok_args()
+    op = torch.ops.qops.packed_conv2d
+    for w_shape in ([2, 3, 2**40, 2**40], [2, 3, 2**62, 3], [2**62, 3, 3, 3], [2**61, 3, 1, 1]):
+        with pytest.raises(RuntimeError, match="w_shape: "):
+            op(x, packed, w_shape, 4, 4, False, [1, 1], [0, 0])
+    for padding in ([3, 0], [0, 2**62], [2**63 - 1, 2**63 - 1]):
+        with pytest.raises(RuntimeError, match="padding: expected values below the kernel size"):
+            op(x, packed, shape, 4, 4, False, [1, 1], padding)
+
+
+@pytest.mark.parametrize(
+    "a_scale", [1e39, 1e-46, 1e-40, float("inf"), float("nan"), 0.0, -0.5, -float("inf")]
+)
+def test_a_scale_must_be_a_usable_float32_step(a_scale):
+    """1e39 is finite as a double but infinite in float32: it passed the check and gave all-NaN output."""
+    x, packed, shape = _ok_args()
+    with pytest.raises(RuntimeError, match="a_scale: "):
+        torch.ops.qops.quantized_conv2d(
+            x.float(), packed, shape, torch.ones(2), a_scale, 4, 4, False, None, [1, 1], [0, 0]
+        )
+    meta = (x.float().to("meta"), packed.to("meta"), shape, torch.ones(2, device="meta"), a_scale)
+    with pytest.raises(RuntimeError, match="a_scale: "):
+        torch.ops.qops.quantized_conv2d(*meta, 4, 4, False, None, [1, 1], [0, 0])
+
+
+def _mixed_device_cases():
+    x, packed, shape = _ok_args()
+    xf, ws, b = x.float(), torch.ones(2), torch.zeros(2)
+    pc, qc = torch.ops.qops.packed_conv2d, torch.ops.qops.quantized_conv2d
+    m = {"x": lambda t: t.to("meta")}
+    return [
+        ("w_packed", lambda: pc(x, packed.to("meta"), shape, 4, 4, False, [1, 1], [0, 0])),
+        ("w_packed", lambda: pc(m["x"](x), packed, shape, 4, 4, False, [1, 1], [0, 0])),
+        ("w_packed", lambda: qc(xf, packed.to("meta"), shape, ws, 0.1, 4, 4, False, b, [1, 1], [0, 0])),
+        ("w_scale", lambda: qc(xf, packed, shape, ws.to("meta"), 0.1, 4, 4, False, b, [1, 1], [0, 0])),
+        ("bias", lambda: qc(xf, packed, shape, ws, 0.1, 4, 4, False, b.to("meta"), [1, 1], [0, 0])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_mixed_device_cases())))
+def test_meta_mixed_with_cpu_tensors_is_refused(case):
+    """A meta tensor among CPU tensors dispatches to the fake kernel, which returned uninitialised CPU memory."""
+    name, call = _mixed_device_cases()[case]
+    with pytest.raises(RuntimeError, match=f"{name}: expected a tensor on"):
+        call()
+
+
+def test_fake_kernels_check_like_the_kernels():
+    """On meta tensors (and under torch.compile) the fake kernels raise the kernels' errors and shapes."""
+    x, packed, shape = _ok_args()
+    xm, pm = x.to("meta"), packed.to("meta")
+    op = torch.ops.qops.packed_conv2d
+    assert op(xm, pm, shape, 4, 4, False, [2, 2**60], [1, 1]).shape == (1, 2, 3, 1)
+    for args, match in [
+        ((xm.float(), pm, shape, 4, 4, False, [1, 1], [0, 0]), "x_codes: expected dtype"),
+        ((xm, pm, shape, 3, 4, False, [1, 1], [0, 0]), "w_shape: .* needs a packed buffer"),
+        ((xm, pm, [2, 4, 3, 3], 4, 4, False, [1, 1], [0, 0]), "w_shape: Cin = 4"),
+        ((xm, pm, shape, 4, 9, False, [1, 1], [0, 0]), "a_bits: expected a bit-width"),
+        ((xm, pm, shape, 4, 4, False, [0, 1], [0, 0]), "stride: expected values >= 1"),
+        ((xm, pm, shape, 4, 4, False, [1, 1], [3, 0]), "padding: expected values below"),
+        ((xm[:, :, :2], pm, shape, 4, 4, False, [1, 1], [0, 0]), "x_codes: padded input"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+    with pytest.raises(RuntimeError, match="w_codes: expected dtype"):
+        pack_weight(torch.zeros(1, 1, 1, 1, device="meta"), 4)
 
 
 def test_errors_quantized_conv2d():
