@@ -23,6 +23,7 @@
 #include "qops/fake_quant_math.h"
 #include "qops/mixed_quant_conv.h"
 #include "qops/mixed_quant_conv_host.h"
+#include "qops/parallel_grain.h"
 
 QOPS_DECLARE_ISA_FN(void, mqc_act_forward,
                     (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
@@ -402,7 +403,7 @@ void cpu_act_forward_noise(const Args& a, const MqcActVariants& v, const at::Ten
                         qops::mqc_act_stream(j), static_cast<int>(qops::NoiseDist::kGaussian));
       src = tmp.data_ptr<float>();
     }
-    at::parallel_for(0, a.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.N * blocks, qops::cpu::parallel_grain(a.cb * HW), [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / blocks, b = u % blocks;
         const float* from = src + (n * a.cin + b * a.cb) * HW;
@@ -439,10 +440,6 @@ void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_sc
     gap[j] = v.bits[j] == 0 || v.noise ? 0.f : static_cast<float>(s);
   }
 }
-
-// Work (multiply-adds) below which the weight kernels run in one task: a parallel region costs more than
-// that, and much more when the cores are shared.
-constexpr int64_t kSerialWork = int64_t{1} << 18;
 
 // The weights at every bit-width; noise mode also fills `noisy` with each noisy candidate kernel (quant_noise's
 // pass over it on stream mqc_weight_stream, so its logical indices are the kernel's own).
@@ -549,8 +546,7 @@ void cpu_merge_weight(const Args& a, int g, at::TensorList weights, const at::Te
   wj.job.wg = wg.data_ptr<float>();
   set_strides(wj.job, wg);
   // One output channel per task: every write of a task lands in its own row of wg.
-  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(wj.row_work, 1));
-  at::parallel_for(0, a.cout, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.cout, qops::cpu::parallel_grain(wj.row_work), [&](int64_t begin, int64_t end) {
     QOPS_CPU_DISPATCH(mqc_merge_weight_rows, wj.job, begin, end);
   });
 }
@@ -574,7 +570,7 @@ void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::T
     job.part_p = part_p.data();
     job.part_s = part_s.data();
     const int64_t unit_work = std::max<int64_t>(1, wj.row_work / std::max(job.n_members, 1));
-    at::parallel_for(0, units, std::max<int64_t>(1, kSerialWork / unit_work), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units, qops::cpu::parallel_grain(unit_work), [&](int64_t begin, int64_t end) {
       QOPS_CPU_DISPATCH(mqc_weight_backward_units, job, begin, end);
     });
     for (int m = 0; m < job.n_members; ++m) {
