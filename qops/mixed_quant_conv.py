@@ -77,8 +77,71 @@ def mixed_quant_conv(
     )
 
 
-def _out_hw(x: torch.Tensor, stride: int) -> tuple:
-    return (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
+def _require(cond, message: str) -> None:
+    """torch._check (a RuntimeError; symbolic shapes become guards) with a message built in advance."""
+    torch._check(cond, lambda: message)
+
+
+def _check_args(
+    x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, bias, mode
+) -> tuple[int, int, int]:
+    """The checks of check_args in csrc (same messages) for the fake kernels, so that meta tensors, torch.compile
+    and a meta tensor mixed with real ones fail like the kernels. Returns the output's (Cout, Ho, Wo)."""
+    _require(mode in ("quant", "noise"), f'mode: expected "quant" or "noise", got "{mode}"')
+    _require(x.dtype == torch.float32, f"x: expected dtype Float, got {x.dtype}")
+    _require(x.dim() == 4, f"x: expected 4 dimensions, got shape {tuple(x.shape)}")
+    _require(x.shape[1] > 0, f"x: expected at least one channel, got shape {tuple(x.shape)}")
+    _require(stride >= 1, f"stride: expected >= 1, got {stride}")
+    n_ops = len(weights)
+    _require(n_ops >= 1, "weights: expected at least one candidate weight")
+    _require(n_ops <= 32, f"weights: expected at most 32 candidates, got {n_ops}")
+    _require(len(groups) == n_ops, f"groups: expected one entry per weight ({n_ops}), got {len(groups)}")
+    _require(
+        len(dilations) == n_ops,
+        f"dilations: expected one entry per weight ({n_ops}), got {len(dilations)}",
+    )
+    cin, cout = x.shape[1], weights[0].shape[0] if weights[0].dim() == 4 else -1
+    for o, (w, g, d) in enumerate(zip(weights, groups, dilations, strict=True)):
+        name = f"weights[{o}]"
+        _require(w.dtype == torch.float32, f"{name}: expected dtype Float, got {w.dtype}")
+        _require(w.dim() == 4, f"{name}: expected 4 dimensions, got shape {tuple(w.shape)}")
+        _require(w.device == x.device, f"{name}: expected a tensor on {x.device} like x, got {w.device}")
+        _require(g >= 1, f"groups: entry {o} must be >= 1, got {g}")
+        _require(d >= 1, f"dilations: entry {o} must be >= 1, got {d}")
+        _require(
+            w.shape[0] == cout,
+            f"{name}: expected {cout} output channels like weights[0], got shape {tuple(w.shape)}",
+        )
+        _require(cin % g == 0, f"groups: entry {o} ({g}) does not divide the input channels ({cin})")
+        _require(cout % g == 0, f"groups: entry {o} ({g}) does not divide the output channels ({cout})")
+        _require(
+            w.shape[1] * g == cin,
+            f"{name}: expected in-channels Cin/groups = {cin // g}, got shape {tuple(w.shape)}",
+        )
+        _require(
+            w.shape[2] % 2 == 1 and w.shape[3] % 2 == 1,
+            f"{name}: kernel sizes must be odd, got shape {tuple(w.shape)}",
+        )
+    _require(cout > 0, "weights: expected at least one output channel")
+    for name, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+        _require(len(bits) >= 1, f"{name}: expected at least one bit-width")
+        _require(len(bits) <= 8, f"{name}: expected at most 8 bit-widths, got {len(bits)}")
+        _require(
+            all(b == 0 or 2 <= b <= 8 for b in bits),
+            f"{name}: bit-widths must be 0 (full precision) or 2..8, got {list(bits)}",
+        )
+    for name, t, shape in (
+        ("probs", probs, (n_ops, len(w_bits), len(a_bits))),
+        ("w_scales", w_scales, (n_ops, len(w_bits))),
+        ("a_scales", a_scales, (len(a_bits),)),
+        ("bias", bias, (cout,)),
+    ):
+        if t is None:
+            continue
+        _require(t.dtype == torch.float32, f"{name}: expected dtype Float, got {t.dtype}")
+        _require(t.device == x.device, f"{name}: expected a tensor on {x.device} like x, got {t.device}")
+        _require(tuple(t.shape) == shape, f"{name}: expected shape {list(shape)}, got {tuple(t.shape)}")
+    return cout, (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
 
 
 @torch.library.register_fake("qops::mixed_quant_conv")
@@ -98,10 +161,10 @@ def _mixed_quant_conv_fake(
     mode="quant",
     seed=0,
 ):
-    torch._check(len(weights) > 0, lambda: "weights: expected at least one candidate weight")
-    torch._check(stride >= 1, lambda: f"stride: expected >= 1, got {stride}")
-    ho, wo = _out_hw(x, stride)
-    y = x.new_empty((x.shape[0], weights[0].shape[0], ho, wo))
+    cout, ho, wo = _check_args(
+        x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, bias, mode
+    )
+    y = x.new_empty((x.shape[0], cout, ho, wo))
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)
     return y
@@ -135,6 +198,18 @@ def _mixed_quant_conv_backward_fake(
     seed,
     output_mask,
 ):
+    cout, ho, wo = _check_args(
+        x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, None, mode
+    )
+    torch._check(grad.dtype == torch.float32, lambda: f"grad: expected dtype Float, got {grad.dtype}")
+    torch._check(
+        grad.device == x.device, lambda: f"grad: expected a tensor on {x.device} like x, got {grad.device}"
+    )
+    torch._check(
+        tuple(grad.shape) == (x.shape[0], cout, ho, wo),
+        lambda: f"grad: expected the output's shape {[x.shape[0], cout, ho, wo]}, got {tuple(grad.shape)}",
+    )
+
     def empty():
         return x.new_empty((0,))
 

@@ -582,6 +582,61 @@ def test_errors(match, args):
         torch.ops.qops.mixed_quant_conv(*args)
 
 
+@pytest.mark.parametrize(
+    "k, name", [(1, "weights\\[1\\]"), (2, "probs"), (5, "w_scales"), (6, "a_scales"), (11, "bias"), (0, "")]
+)
+def test_meta_mixed_with_cpu_tensors_is_refused(k, name):
+    """A meta tensor among CPU ones dispatches to the fake kernel, which returned uninitialised CPU memory."""
+    args = _base()
+    if k == 1:
+        args[1] = [args[1][0], args[1][1].to("meta")]
+    else:
+        args[k] = args[k].to("meta")
+    with pytest.raises(
+        RuntimeError, match=f"{name}: expected a tensor on" if name else "expected a tensor on"
+    ):
+        torch.ops.qops.mixed_quant_conv(*args)
+    y = torch.ops.qops.mixed_quant_conv(*_base())
+    bargs = (torch.ones_like(y).to("meta"), *_base()[:10], 1, True, "quant", 0, [True] * 6)
+    with pytest.raises(RuntimeError, match="grad: expected a tensor on|expected a tensor on"):
+        torch.ops.qops.mixed_quant_conv_backward(*bargs)
+
+
+@pytest.mark.parametrize("match, args", _error_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_fake_kernel_errors(match, args):
+    """On meta tensors (and under torch.compile) the fake kernel raises the kernels' errors."""
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    meta[1] = [w.to("meta") for w in meta[1]]
+    if "every scale" in match:  # values: the kernels read them, a fake kernel cannot
+        torch.ops.qops.mixed_quant_conv(*meta)
+        return
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.qops.mixed_quant_conv(*meta)
+
+
+@pytest.mark.parametrize("mode", ["quant", "noise"])
+def test_stride_and_dilation_beyond_the_input_are_clamped(mode):
+    """A stride or dilation of 2^40 and more (no tap but the centre reaches the input; one output pixel per
+    image row) gives the result at stride / dilation = the input's size instead of asking for terabytes."""
+    args, leaves = make_case([(3, 3, 1, 1), (5, 3, 1, 2)], [0, 4], [4, 8], h=7, w=9, seed=6)
+    huge = list(args)
+    huge[9] = [2**40, 2**62]
+    huge[10] = 2**62
+    clamped = list(args)
+    clamped[9] = [9, 9]
+    clamped[10] = 9
+    y = mixed_quant_conv(*huge, mode=mode, seed=3)
+    y_ref = reference(*clamped, mode=mode, seed=3)
+    assert y.shape == (2, 6, 1, 1) and rel_err(y, y_ref) <= FWD_TOL
+    g = torch.autograd.grad(y.sum(), leaves, allow_unused=True)
+    g_ref = torch.autograd.grad(y_ref.sum(), leaves, allow_unused=True)
+    for a, b in zip(g, g_ref, strict=True):
+        if b is None:
+            assert a.abs().max() == 0
+        else:
+            assert rel_err(a, b) <= GRAD_TOL
+
+
 def test_error_unknown_mode():
     with pytest.raises(RuntimeError, match='mode: expected "quant" or "noise"'):
         torch.ops.qops.mixed_quant_conv(*_base(), "fancy", 0)

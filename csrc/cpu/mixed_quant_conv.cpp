@@ -98,7 +98,11 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
   a.W = x.size(3);
   TORCH_CHECK(a.cin > 0, "x: expected at least one channel, got shape ", x.sizes());
   TORCH_CHECK(stride >= 1, "stride: expected >= 1, got ", stride);
-  a.stride = stride;
+  // A stride or dilation beyond the input changes nothing (one output row and column; every tap but the centre
+  // reads padding), so both are clamped to the input's size: the padding, the merged windows and the engines'
+  // buffers then stay as large as the input justifies (a dilation of 2^40 would ask for a terabyte of padding).
+  const int64_t extent = std::max<int64_t>({a.H, a.W, 1});
+  a.stride = std::min(stride, extent);
 
   a.n_ops = static_cast<int64_t>(weights.size());
   TORCH_CHECK(a.n_ops >= 1, "weights: expected at least one candidate weight");
@@ -126,7 +130,7 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
                 w.sizes());
     TORCH_CHECK(w.size(2) % 2 == 1 && w.size(3) % 2 == 1, name,
                 ": kernel sizes must be odd (\"same\" padding keeps every candidate centred), got shape ", w.sizes());
-    a.cands.push_back(MqcCandidate{w.size(2), w.size(3), g, d});
+    a.cands.push_back(MqcCandidate{w.size(2), w.size(3), g, std::min(d, extent)});
   }
   TORCH_CHECK(a.cout > 0, "weights: expected at least one output channel");
 
@@ -618,6 +622,7 @@ mixed_quant_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& x, at::T
                                        dilations, stride, has_bias, std::string_view(mode.data(), mode.size()), seed,
                                        true);
   qops::check_dtype(grad, at::kFloat, "grad");
+  qops::check_same_device(grad, x, "grad", "x");
   const int64_t ho = (a.H - 1) / a.stride + 1, wo = (a.W - 1) / a.stride + 1;
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, ho, wo}), "grad: expected the output's shape [", a.N,
               ", ", a.cout, ", ", ho, ", ", wo, "], got ", grad.sizes());
