@@ -18,16 +18,81 @@ from . import _C
 __all__ = ["fake_quant"]
 
 
-def _check_devices(x: Tensor, **others: Tensor) -> None:
-    # The C++ checks do this too; here it also covers mixes that dispatch to the fake kernel (meta tensors).
-    for name, t in others.items():
-        if t.device != x.device:
-            raise RuntimeError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
+_QUANT_LIMIT = 1 << 23  # |quant_min|, |quant_max| beyond 2^23 make q - zp inexact in float32 (kFqMaxQuantAbs)
+
+
+def check_args(
+    x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int
+) -> int:
+    """The checks of csrc/include/qops/fake_quant_args.h (same messages) for the fake kernels and the Triton
+    kernels, so that meta tensors, torch.compile and a meta tensor among real ones fail like the C++ kernels.
+    Returns the axis in [0, x.dim()), or -1 for per tensor."""
+    torch._check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16),
+        lambda: f"x: expected a float32, float16 or bfloat16 tensor, got {x.dtype}",
+    )
+    dim_axis = -1
+    if axis != -1:
+        torch._check(
+            -x.dim() <= axis < x.dim(),
+            lambda: f"axis: {axis} is out of range for a tensor with {x.dim()} dimensions",
+        )
+        dim_axis = axis % x.dim()
+    channels = 1 if dim_axis == -1 else x.shape[dim_axis]
+    _check_qparam(scale, "scale", x, channels, dim_axis)
+    _check_qparam(zero_point, "zero_point", x, channels, dim_axis)
+    _check_quant_bound(quant_min, "quant_min")
+    _check_quant_bound(quant_max, "quant_max")
+    torch._check(
+        quant_min < quant_max,
+        lambda: (
+            f"quant_min: expected quant_min < quant_max, got quant_min={quant_min}, quant_max={quant_max}"
+        ),
+    )
+    return dim_axis
+
+
+def _check_qparam(t: Tensor, name: str, x: Tensor, channels: int, axis: int) -> None:
+    torch._check(t.is_floating_point(), lambda: f"{name}: expected a floating-point tensor, got {t.dtype}")
+    torch._check(
+        t.device == x.device, lambda: f"{name}: expected a tensor on {x.device} like x, got {t.device}"
+    )
+    if axis == -1:
+        torch._check(
+            t.numel() == 1,
+            lambda: (
+                f"{name}: expected 1 element for axis=-1 (per tensor), got {t.numel()} (shape {tuple(t.shape)})"
+            ),
+        )
+    else:
+        torch._check(
+            t.numel() == channels,
+            lambda: f"{name}: expected {channels} elements (x.size({axis})) for axis={axis}, got {t.numel()}",
+        )
+
+
+def _check_quant_bound(v: int, name: str) -> None:
+    torch._check(
+        -_QUANT_LIMIT <= v <= _QUANT_LIMIT,
+        lambda: f"{name}: expected a value in [{-_QUANT_LIMIT}, {_QUANT_LIMIT}] (exact in float32), got {v}",
+    )
+
+
+def check_grad(grad: Tensor, x: Tensor) -> None:
+    """fake_quant_backward's grad: shape, dtype and device of x (csrc/include/qops/fake_quant_args.h)."""
+    torch._check(
+        grad.shape == x.shape,
+        lambda: f"grad: expected shape {tuple(x.shape)} like x, got {tuple(grad.shape)}",
+    )
+    torch._check(grad.dtype == x.dtype, lambda: f"grad: expected dtype {x.dtype} like x, got {grad.dtype}")
+    torch._check(
+        grad.device == x.device, lambda: f"grad: expected a tensor on {x.device} like x, got {grad.device}"
+    )
 
 
 @torch.library.register_fake("qops::fake_quant")
 def _fake_quant_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_factor=1.0):
-    _check_devices(x, scale=scale, zero_point=zero_point)
+    check_args(x, scale, zero_point, axis, quant_min, quant_max)
     # The kernels return torch.empty_like(x): x's strides when x is dense, else a dense layout in x's
     # dimension order (csrc/include/qops/fake_quant_args.h).
     return torch.empty_like(x)
@@ -35,7 +100,8 @@ def _fake_quant_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_fact
 
 @torch.library.register_fake("qops::fake_quant_backward")
 def _fake_quant_backward_fake(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor=1.0):
-    _check_devices(x, grad=grad, scale=scale, zero_point=zero_point)
+    check_args(x, scale, zero_point, axis, quant_min, quant_max)
+    check_grad(grad, x)
     return torch.empty_like(x), scale.new_empty(scale.shape), zero_point.new_empty(zero_point.shape)
 
 

@@ -12,9 +12,9 @@ import torch
 from .reference import NOISE_DISTS
 
 
-def _check_args(x: torch.Tensor, bits: int, axis: int, dist: str) -> None:
-    # The same checks (and messages) as csrc/include/qops/quant_noise_args.h, so that tracing under
-    # torch.compile fails like eager does.
+def check_args(x: torch.Tensor, bits: int, axis: int, dist: str) -> None:
+    # The same checks (and messages) as csrc/include/qops/quant_noise_args.h, for the fake kernel (tracing
+    # under torch.compile fails like eager does) and the Triton kernel.
     torch._check(x.is_floating_point(), lambda: f"x: expected a floating-point tensor, got {x.dtype}")
     torch._check(1 <= bits <= 16, lambda: f"bits: expected a bit-width in 1..16, got {bits}")
     torch._check(dist in NOISE_DISTS, lambda: f'dist: expected "gaussian" or "uniform", got "{dist}"')
@@ -26,7 +26,7 @@ def _check_args(x: torch.Tensor, bits: int, axis: int, dist: str) -> None:
 
 @torch.library.register_fake("qops::quant_noise")
 def _quant_noise_fake(x, bits, seed, axis=-1, dist="gaussian"):
-    _check_args(x, bits, axis, dist)
+    check_args(x, bits, axis, dist)
     return x.new_empty(x.shape)  # the kernels return a contiguous tensor
 
 

@@ -24,6 +24,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from qops.fake_quant import check_args, check_grad
+
 _BLOCK = 1024
 _TARGET_PROGRAMS = 512  # backward programs to aim for (fills a GPU; few enough for the interpreter)
 
@@ -104,31 +106,6 @@ def _as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _check(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int) -> int:
-    """The checks of csrc/include/qops/fake_quant_args.h that need no device data; returns the axis or -1."""
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"x: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
-    dim_axis = -1
-    if axis != -1:
-        if not -x.dim() <= axis < x.dim():
-            raise RuntimeError(f"axis: {axis} is out of range for a tensor with {x.dim()} dimensions")
-        dim_axis = axis % x.dim()
-    channels = 1 if dim_axis == -1 else x.shape[dim_axis]
-    for name, t in (("scale", scale), ("zero_point", zero_point)):
-        if not t.is_floating_point():
-            raise RuntimeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise RuntimeError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
-        if t.numel() != channels:
-            raise RuntimeError(f"{name}: expected {channels} elements for axis={axis}, got {t.numel()}")
-    limit = 1 << 23
-    if not -limit <= quant_min <= limit or not -limit <= quant_max <= limit:
-        raise RuntimeError(f"quant_min: expected quant_min and quant_max in [{-limit}, {limit}]")
-    if quant_min >= quant_max:
-        raise RuntimeError(f"quant_min: expected quant_min < quant_max, got {quant_min} >= {quant_max}")
-    return dim_axis
-
-
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
     """Whether t's elements fill its memory span exactly (any permutation of a contiguous layout)."""
     expected = 1
@@ -181,7 +158,7 @@ def fake_quant_impl(
     grad_factor: float = 1.0,
 ) -> Tensor:
     """The Triton forward (any device Triton runs on: CUDA, or CPU under TRITON_INTERPRET=1)."""
-    dim_axis = _check(x, scale, zero_point, axis, quant_min, quant_max)
+    dim_axis = check_args(x, scale, zero_point, axis, quant_min, quant_max)
     dense_x = _dense(x)
     y = torch.empty_like(dense_x)
     if x.numel() == 0:
@@ -207,11 +184,8 @@ def fake_quant_backward_impl(
     grad_factor: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton backward: one pass writing grad_x and per-program partial sums, then a float64 reduction."""
-    dim_axis = _check(x, scale, zero_point, axis, quant_min, quant_max)
-    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
-        raise RuntimeError(
-            f"grad: expected shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device} like x"
-        )
+    dim_axis = check_args(x, scale, zero_point, axis, quant_min, quant_max)
+    check_grad(grad, x)
     dense_x = _dense(x)
     grad_x = torch.empty_like(dense_x)
     if x.numel() == 0:

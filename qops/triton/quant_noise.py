@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from qops.reference import NOISE_DISTS, QUANT_NOISE_STREAM
+from qops.quant_noise import check_args
+from qops.reference import QUANT_NOISE_STREAM
 
 _MUL0: tl.constexpr = 0xD2511F53
 _MUL1: tl.constexpr = 0xCD9E8D57
@@ -223,14 +224,8 @@ def quant_noise(
     x: torch.Tensor, bits: int, seed: int, axis: int = -1, dist: str = "gaussian"
 ) -> torch.Tensor:
     """Triton twin of torch.ops.qops.quant_noise (see qops.quant_noise for the semantics)."""
-    torch._check(x.is_floating_point(), lambda: f"x: expected a floating-point tensor, got {x.dtype}")
-    torch._check(1 <= bits <= 16, lambda: f"bits: expected a bit-width in 1..16, got {bits}")
-    torch._check(dist in NOISE_DISTS, lambda: f'dist: expected "gaussian" or "uniform", got "{dist}"')
+    check_args(x, bits, axis, dist)
     dim = x.dim()
-    torch._check(
-        axis == -1 or -dim <= axis < dim,
-        lambda: f"axis: {axis} is out of range for a tensor with {dim} dimensions",
-    )
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = x.numel()
