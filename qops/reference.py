@@ -268,6 +268,17 @@ def philox_noise(
     return eps.reshape(-1)[start : start + numel]
 
 
+def quant_noise_half_delta(lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """delta / 2 = ((hi - lo) / levels) / 2 in lo's dtype (float32 correctly rounded), as
+    csrc/include/qops/quant_noise_math.h computes it: where finite bounds are more than the dtype's largest
+    value apart (hi - lo overflows), from the halves (hi/2 - lo/2) / levels, the unbounded-exponent value."""
+    d = hi - lo
+    overflow = torch.isinf(d) & torch.isfinite(lo) & torch.isfinite(hi)
+    num = torch.where(overflow, hi * 0.5 - lo * 0.5, d)
+    q = div_f32(num, levels) if lo.dtype == torch.float32 else num / levels
+    return torch.where(overflow, q, q * 0.5)
+
+
 def quant_noise(
     x: torch.Tensor,
     bits: int,
@@ -298,8 +309,7 @@ def quant_noise(
         view = [1] * x.dim()
         view[ax] = x.shape[ax]
         lo, hi = lo.view(view), hi.view(view)
-    levels = torch.tensor(2**bits - 1, dtype=acc)
-    half_delta = (div_f32(hi - lo, levels) if acc == torch.float32 else (hi - lo) / levels) * 0.5
+    half_delta = quant_noise_half_delta(lo, hi, torch.tensor(2**bits - 1, dtype=acc))
     eps = philox_noise(x.numel(), seed, stream, dist).view(x.shape)
     if acc == torch.float32:
         y = fma_f32(half_delta.expand(x.shape), eps, xf)

@@ -285,6 +285,70 @@ def test_nan_poisons_only_its_slice():
     assert bits_equal(y[[0, 2]], ref[[0, 2]]) and torch.isnan(ref[1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
+def test_ranges_near_the_largest_value_stay_finite(dtype, axis, isa, restore_isa):
+    """Finite values more than the dtype's largest value apart: max - min overflowed, delta became inf and
+    every output +-inf. The step is now computed from the halves; the noise is the usual delta-sized one."""
+    if isa not in isas():
+        pytest.skip(f"{isa} is not available here")
+    qops.set_cpu_isa(isa)
+    big = torch.finfo(dtype).max
+    x = torch.tensor(
+        [[-0.9, 0.9, 0.1, 0.0, -0.5, 0.7], [0.8, -0.95, 1e-3, 0.2, 0.0, -0.1]], dtype=torch.float64
+    )
+    x = (x * big).to(dtype)
+    y = OP(x, 8, 11, axis)
+    assert torch.isfinite(y).all()
+    ref = reference.quant_noise(x, 8, 11, axis)
+    if dtype == torch.float32:
+        assert bits_equal(y, ref)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-15, atol=0)
+    # delta / 2 = (max - min) / 255 / 2 ~ 0.9 * big / 255: noise of that size, not more.
+    noise = (y.double() - x.double()).abs()
+    assert 0 < noise.max() <= 5.8 * 1.9 * big / 255 / 2
+
+
+def test_mixed_quant_conv_noise_near_the_largest_value_stays_finite():
+    x = torch.tensor([-3e38, 3e38, 1e37, 0.0]).reshape(1, 1, 2, 2)
+    w = torch.ones(1, 1, 1, 1)
+    y = torch.ops.qops.mixed_quant_conv(
+        x,
+        [w],
+        torch.ones(1, 1, 1),
+        [0],
+        [8],
+        torch.ones(1, 1),
+        torch.ones(1),
+        True,
+        [1],
+        [1],
+        1,
+        None,
+        "noise",
+        4,
+    )
+    ref = reference.mixed_quant_conv(
+        x,
+        [w],
+        torch.ones(1, 1, 1),
+        [0],
+        [8],
+        torch.ones(1, 1),
+        torch.ones(1),
+        True,
+        [1],
+        [1],
+        1,
+        None,
+        "noise",
+        4,
+    )
+    assert torch.isfinite(y).all() and torch.equal(y, ref)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 # quant_noise's Philox helpers: the same stream, transforms and bits (csrc/include/qops/philox.h).
+from qops.reference import quant_noise_half_delta
 from qops.triton.quant_noise import _box_muller, _noise_kernel, _philox4x32_10
 
 __all__ = ["mixed_quant_conv", "act_forward", "act_backward"]
@@ -208,10 +209,10 @@ def act_forward(
 
 
 def _half_deltas(x: torch.Tensor, bits: list[int]) -> torch.Tensor:
-    """quant_noise's delta / 2 of x at every bit-width: ((max - min) / (2^b - 1)) * 0.5 in float32."""
+    """quant_noise's delta / 2 of x at every bit-width (reference.quant_noise_half_delta) in float32."""
     lo, hi = torch.aminmax(x)
     levels = torch.tensor([float(2**b - 1) if b else 1.0 for b in bits], dtype=torch.float32, device=x.device)
-    return ((hi - lo) / levels) * 0.5
+    return quant_noise_half_delta(lo, hi, levels)
 
 
 @triton_op("qops_triton::mixed_quant_conv_act_backward", mutates_args=())

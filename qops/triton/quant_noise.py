@@ -94,17 +94,21 @@ def _range_partial_kernel(
 def _half_delta_kernel(
     part_lo_ptr, part_hi_ptr, half_delta_ptr, nsplit, levels, SPLITS: tl.constexpr, ACC: tl.constexpr
 ):
-    """Second stage, one program per slice, fixed order: half_delta = ((max - min) / levels) / 2."""
+    """Second stage, one program per slice, fixed order: half_delta = ((max - min) / levels) / 2, from the
+    halves where max - min overflows (csrc/include/qops/quant_noise_math.h)."""
     c = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, SPLITS)
     mask = k < nsplit
     lo = tl.reduce(tl.load(part_lo_ptr + c * nsplit + k, mask=mask, other=float("inf")), 0, _min_nan)
     hi = tl.reduce(tl.load(part_hi_ptr + c * nsplit + k, mask=mask, other=float("-inf")), 0, _max_nan)
+    d = hi - lo
+    overflow = (d - d != d - d) & (lo - lo == lo - lo) & (hi - hi == hi - hi)
+    num = tl.where(overflow, hi * 0.5 - lo * 0.5, d)
     if ACC == tl.float32:
-        delta = tl.div_rn(hi - lo, tl.cast(levels, tl.float32))
+        q = tl.div_rn(num, tl.cast(levels, tl.float32))
     else:
-        delta = (hi - lo) / tl.cast(levels, ACC)
-    tl.store(half_delta_ptr + c, delta * 0.5)
+        q = num / tl.cast(levels, ACC)
+    tl.store(half_delta_ptr + c, tl.where(overflow, q, q * 0.5))
 
 
 @triton.jit
