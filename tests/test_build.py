@@ -119,3 +119,16 @@ def test_every_parallel_for_has_a_grain_size():
     assert len(calls) >= 10
     bad = [c for c in calls if re.fullmatch(r"[0-9]+", c[3]) and "get_num_threads()" not in c[2]]
     assert not bad, f"at::parallel_for with a constant grain: {bad}"
+
+
+def test_cmake_builds_with_the_standard_of_setup_py():
+    """`make cuda-check` (CMakeLists.txt) must compile the sources as setup.py does, or code that only one
+    standard accepts slips through (the .cu files were compiled as C++17 while the extension is C++20)."""
+    root = Path(__file__).resolve().parents[1]
+    setup_std = set(re.findall(r"-std=c\+\+(\d+)", (root / "setup.py").read_text()))
+    cmake = (root / "CMakeLists.txt").read_text()
+    assert "set(CMAKE_CXX_STANDARD" not in cmake and "set(CMAKE_CUDA_STANDARD" not in cmake  # per target
+    cmake_std = set(re.findall(r"QOPS_CXX_STANDARD (\d+)", cmake))
+    assert len(setup_std) == 1 and cmake_std == setup_std, (setup_std, cmake_std)
+    for use in ("-std=c++${QOPS_CXX_STANDARD}", "CXX_STANDARD ${QOPS_CXX_STANDARD}"):
+        assert use in cmake
