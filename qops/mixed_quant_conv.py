@@ -20,61 +20,101 @@ beside this op in Python (qops.nn.MixedQuantConv2d documents how).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-__all__ = ["mixed_quant_conv"]
+__all__ = ["MixedQuantConvSpec", "mixed_quant_conv", "op_args"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedQuantConvSpec:
+    """Everything a mixed_quant_conv call fixes besides its tensors and seed (hashable: lists become tuples).
+
+    Attributes:
+        w_bits, a_bits: bit-widths of the weights and activations, each 0 (full precision) or 2..8.
+        groups, dilations: per candidate weight; every candidate pads "same" (dilation * (k - 1) / 2 per side).
+        a_signed: activations quantized to [-2^(b-1), 2^(b-1)-1] instead of [0, 2^b-1] (qops.quant_range).
+        stride: of every candidate.
+        mode: "quant" (LSQ fake quantization) or "noise" (quant_noise with the bit-width, scales unused).
+    """
+
+    w_bits: tuple[int, ...]
+    a_bits: tuple[int, ...]
+    groups: tuple[int, ...]
+    dilations: tuple[int, ...]
+    a_signed: bool = False
+    stride: int = 1
+    mode: str = "quant"
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits", "groups", "dilations"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "a_signed", bool(self.a_signed))
+        object.__setattr__(self, "stride", int(self.stride))
+
+
+# The flat schema of csrc/ops.cpp, addressed by argument name here (and in the autograd formula below).
+_SCHEMA = torch.ops.qops.mixed_quant_conv.default._schema
+_NAMES = [a.name for a in _SCHEMA.arguments]
+_DEFAULTS = {a.name: a.default_value for a in _SCHEMA.arguments if a.has_default_value()}
+# The differentiable arguments, in the order of the backward op's output_mask and outputs.
+_GRAD_NAMES = ("x", "weights", "probs", "w_scales", "a_scales", "bias")
+_STATIC_NAMES = ("w_bits", "a_bits", "a_signed", "groups", "dilations", "stride", "mode", "seed")
+
+
+def op_args(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    probs: torch.Tensor,
+    w_scales: torch.Tensor,
+    a_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: MixedQuantConvSpec,
+    seed: int = 0,
+) -> tuple:
+    """The positional arguments of ``torch.ops.qops.mixed_quant_conv`` (schema order) for a call of
+    :func:`mixed_quant_conv` (e.g. for torch.library.opcheck)."""
+    named = dict(
+        x=x,
+        weights=list(weights),
+        probs=probs,
+        w_scales=w_scales,
+        a_scales=a_scales,
+        bias=bias,
+        seed=int(seed),
+        **{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)},
+    )
+    return tuple(list(v) if isinstance(v, tuple) else v for v in (named[n] for n in _NAMES))
 
 
 def mixed_quant_conv(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     probs: torch.Tensor,
-    w_bits: list[int],
-    a_bits: list[int],
     w_scales: torch.Tensor,
     a_scales: torch.Tensor,
-    a_signed: bool,
-    groups: list[int],
-    dilations: list[int],
-    stride: int = 1,
-    bias: torch.Tensor | None = None,
-    mode: str = "quant",
+    bias: torch.Tensor | None,
+    spec: MixedQuantConvSpec,
     seed: int = 0,
 ) -> torch.Tensor:
     """The QuantNAS mixed layer ``sum_{o,i,j} probs[o,i,j] * conv_o(FQa_j(x), FQw_i(weights[o])) + bias``.
 
     Args:
         x: [N, Cin, H, W] float32 (NCHW or channels-last).
-        weights: candidate kernels, weights[o] of shape [Cout, Cin / groups[o], kh, kw] with odd kh, kw.
-        probs: [len(weights), len(w_bits), len(a_bits)] mixing weights (the caller applies the softmax).
-        w_bits, a_bits: bit-widths in {0, 2..8}; 0 is full precision (no quantization).
-        w_scales: [len(weights), len(w_bits)] LSQ steps of the weights; a_scales: [len(a_bits)] of the activations.
-        a_signed: activations quantized to [-2^(b-1), 2^(b-1)-1] instead of [0, 2^b-1].
-        groups, dilations: per candidate; every candidate pads "same" (dilation * (k - 1) / 2 per side).
-        stride: of every candidate.
+        weights: candidate kernels, weights[o] of shape [Cout, Cin / spec.groups[o], kh, kw] with odd kh, kw.
+        probs: [len(weights), len(spec.w_bits), len(spec.a_bits)] mixing weights (the caller applies the softmax).
+        w_scales: [len(weights), len(spec.w_bits)] LSQ steps of the weights; a_scales: [len(spec.a_bits)] of the
+            activations (both > 0 where the bit-width quantizes; unused in noise mode).
         bias: [Cout] or None.
-        mode: "quant" (LSQ fake quantization) or "noise" (quant_noise with the bit-width, scales unused).
-        seed: noise mode's seed; stream seeds per variant as in qops.reference.mixed_quant_conv_noise_seeds.
+        spec: bit-widths, per-candidate groups and dilations, signedness, stride and mode
+            (:class:`MixedQuantConvSpec`).
+        seed: noise mode's seed; stream seeds per variant as in qops.reference.mixed_quant_conv_noise_streams.
 
     Returns:
         [N, Cout, (H - 1) // stride + 1, (W - 1) // stride + 1], channels-last in memory if x is, else NCHW.
     """
-    return torch.ops.qops.mixed_quant_conv(
-        x,
-        weights,
-        probs,
-        w_bits,
-        a_bits,
-        w_scales,
-        a_scales,
-        a_signed,
-        groups,
-        dilations,
-        stride,
-        bias,
-        mode,
-        seed,
-    )
+    return torch.ops.qops.mixed_quant_conv(*op_args(x, weights, probs, w_scales, a_scales, bias, spec, seed))
 
 
 def _require(cond, message: str) -> None:
@@ -222,73 +262,42 @@ def _mixed_quant_conv_backward_fake(
     return gx, gw, gp, gws, gas, gb
 
 
+def _named_inputs(inputs) -> dict:
+    # The dispatcher hands autograd the arguments the caller passed, trailing defaults left out.
+    return {**_DEFAULTS, **dict(zip(_NAMES, inputs, strict=False))}
+
+
 def _setup_context(ctx, inputs, output):
-    (
-        x,
-        weights,
-        probs,
-        w_bits,
-        a_bits,
-        w_scales,
-        a_scales,
-        a_signed,
-        groups,
-        dilations,
-        stride,
-        bias,
-        mode,
-        seed,
-    ) = inputs
-    ctx.save_for_backward(x, probs, w_scales, a_scales, *weights)
-    ctx.n_ops = len(weights)
-    ctx.static = (list(w_bits), list(a_bits), bool(a_signed), list(groups), list(dilations), int(stride))
-    ctx.has_bias = bias is not None
-    ctx.mode = mode
-    ctx.seed = seed
+    a = _named_inputs(inputs)
+    ctx.save_for_backward(a["x"], a["probs"], a["w_scales"], a["a_scales"], *a["weights"])
+    ctx.static = {name: a[name] for name in _STATIC_NAMES}
+    ctx.has_bias = a["bias"] is not None
 
 
 def _backward(ctx, grad):
     x, probs, w_scales, a_scales, *weights = ctx.saved_tensors
-    w_bits, a_bits, a_signed, groups, dilations, stride = ctx.static
-    # The dispatcher hands autograd only the arguments the caller passed (trailing defaults left out), so
-    # needs_input_grad, and the tuple returned, can be shorter than the schema.
-    need = list(ctx.needs_input_grad) + [False] * (14 - len(ctx.needs_input_grad))
-    need_w = any(need[1]) if isinstance(need[1], (list, tuple)) else bool(need[1])
+    need = dict(zip(_NAMES, ctx.needs_input_grad, strict=False))  # as short as the inputs
     mask = [
-        bool(need[0]),
-        need_w,
-        bool(need[2]),
-        bool(need[5]),
-        bool(need[6]),
-        bool(need[11]) and ctx.has_bias,
+        any(need[n]) if isinstance(need.get(n), (list, tuple)) else bool(need.get(n)) for n in _GRAD_NAMES
     ]
-    gx, gw, gp, gws, gas, gb = torch.ops.qops.mixed_quant_conv_backward(
+    mask[5] = mask[5] and ctx.has_bias
+    outputs = torch.ops.qops.mixed_quant_conv_backward(
         grad,
         x,
         weights,
         probs,
-        w_bits,
-        a_bits,
-        w_scales,
-        a_scales,
-        a_signed,
-        groups,
-        dilations,
-        stride,
-        ctx.has_bias,
-        ctx.mode,
-        ctx.seed,
-        mask,
+        w_scales=w_scales,
+        a_scales=a_scales,
+        has_bias=ctx.has_bias,
+        output_mask=mask,
+        **ctx.static,
     )
-    grads = [None] * 14
-    grads[0] = gx if mask[0] else None
+    grads = {
+        name: (g if wanted else None) for name, g, wanted in zip(_GRAD_NAMES, outputs, mask, strict=True)
+    }
     # A list argument takes a list of gradients: one None per weight when none is wanted.
-    grads[1] = list(gw) if mask[1] else [None] * len(weights)
-    grads[2] = gp if mask[2] else None
-    grads[5] = gws if mask[3] else None
-    grads[6] = gas if mask[4] else None
-    grads[11] = gb if mask[5] else None
-    return tuple(grads[: len(ctx.needs_input_grad)])
+    grads["weights"] = list(outputs[1]) if mask[1] else [None] * len(weights)
+    return tuple(grads.get(name) for name in _NAMES[: len(ctx.needs_input_grad)])
 
 
 torch.library.register_autograd("qops::mixed_quant_conv", _backward, setup_context=_setup_context)

@@ -7,7 +7,12 @@ reference is that built-in.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from qops.mixed_quant_conv import MixedQuantConvSpec
 
 
 def _per_channel_axis(x: torch.Tensor, axis: int) -> int:
@@ -411,17 +416,12 @@ def mixed_quant_conv(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     probs: torch.Tensor,
-    w_bits: list[int],
-    a_bits: list[int],
     w_scales: torch.Tensor,
     a_scales: torch.Tensor,
-    a_signed: bool,
-    groups: list[int],
-    dilations: list[int],
-    stride: int = 1,
-    bias: torch.Tensor | None = None,
-    mode: str = "quant",
+    bias: torch.Tensor | None,
+    spec: MixedQuantConvSpec,
     seed: int = 0,
+    *,
     terms=None,
 ) -> torch.Tensor:
     """The QuantNAS supernet layer written as its definition (Shvetsov et al., "QuantNAS for super
@@ -431,12 +431,21 @@ def mixed_quant_conv(
         y = sum_{o,i,j} probs[o,i,j] * conv_o(FQa_j(x), FQw_i(weights[o])) + bias,
 
     with FQ the LSQ fake quantization (torch's learnable fake quantize, zero point 0), weights signed
-    [-2^(b-1), 2^(b-1)-1], activations [0, 2^b-1] (or signed), bits 0 = full precision, "same" padding
-    dilation*(k-1)/2 per side. mode "noise" replaces each FQ by :func:`quant_noise` (gaussian) of the
-    call's seed on the streams of :func:`mixed_quant_conv_noise_streams`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum
-    to those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks
-    use as the baseline.
+    and activations unsigned or signed in their :func:`qops.quant_range`, bits 0 = full precision, "same"
+    padding dilation*(k-1)/2 per side; arguments as :func:`qops.mixed_quant_conv.mixed_quant_conv`. Mode "noise"
+    replaces each FQ by :func:`quant_noise` (gaussian) of the call's seed on the streams of
+    :func:`mixed_quant_conv_noise_streams`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum to
+    those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks use as
+    the baseline.
     """
+    w_bits, a_bits, a_signed, groups, dilations = (
+        spec.w_bits,
+        spec.a_bits,
+        spec.a_signed,
+        spec.groups,
+        spec.dilations,
+    )
+    stride, mode = spec.stride, spec.mode
     if mode not in ("quant", "noise"):
         raise RuntimeError(f'mode: expected "quant" or "noise", got "{mode}"')
     a_streams, w_streams = mixed_quant_conv_noise_streams(len(weights), len(w_bits), len(a_bits))

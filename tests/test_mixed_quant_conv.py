@@ -4,15 +4,17 @@ the nn module, and every documented error."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_examples import examples
 
 import qops
-from qops.mixed_quant_conv import mixed_quant_conv
+from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv, op_args
 from qops.nn import MixedQuantConv2d, alpha_parameters, weight_parameters
 from qops.reference import mixed_quant_conv as reference
 
@@ -61,22 +63,15 @@ def make_case(
     elif layout == "strided":
         x = torch.randn(n, cin, h, 2 * w, generator=g)[..., ::2]
     x.requires_grad_()
-    args = (
-        x,
-        weights,
-        probs,
-        list(w_bits),
-        list(a_bits),
-        w_scales,
-        a_scales,
-        a_signed,
-        [c[2] for c in cands],
-        [c[3] for c in cands],
-        stride,
-        b,
-    )
+    spec = MixedQuantConvSpec(w_bits, a_bits, [c[2] for c in cands], [c[3] for c in cands], a_signed, stride)
+    args = (x, weights, probs, w_scales, a_scales, b, spec)
     leaves = [x, *weights, probs, w_scales, a_scales] + ([b] if bias else [])
     return args, leaves
+
+
+def with_spec(args, **changes):
+    """args of make_case with spec fields replaced (mode, stride, ...)."""
+    return (*args[:6], dataclasses.replace(args[6], **changes))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,7 +96,7 @@ def check_against_reference(args, leaves, fn=mixed_quant_conv):
             assert rel_err(a, b) <= GRAD_TOL, (k, rel_err(a, b))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cand_idx=st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=4),
     w_bits=st.lists(st.sampled_from([0, 2, 3, 4, 8]), min_size=1, max_size=3),
@@ -257,7 +252,7 @@ def test_backward_with_frozen_weights(trainable):
     """No candidate weight requires grad (a frozen layer, post-training calibration): the weights' gradient
     is one None per weight, and the other gradients equal the reference's."""
     args, leaves = make_case(POOL[:3], [4, 8], [4, 8], seed=2)
-    x, weights, probs, _, _, w_scales, a_scales = args[:7]
+    x, weights, probs, w_scales, a_scales = args[:5]
     wanted = {"x": [x], "probs": [probs], "scales": [w_scales, a_scales], "nothing": []}[trainable]
     for t in leaves:
         t.requires_grad_(any(t is u for u in wanted))
@@ -283,25 +278,11 @@ def test_frozen_module_backward():
 
 def test_backward_output_mask_skips_unneeded():
     args, _ = make_case(POOL[:2], [4], [4], seed=0)
-    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = args
+    probs = args[2]
     y = mixed_quant_conv(*args)
+    mask = [False, False, True, False, False, False]
     outs = torch.ops.qops.mixed_quant_conv_backward(
-        torch.ones_like(y),
-        x,
-        weights,
-        probs,
-        w_bits,
-        a_bits,
-        w_scales,
-        a_scales,
-        a_signed,
-        groups,
-        dilations,
-        stride,
-        True,
-        "quant",
-        0,
-        [False, False, True, False, False, False],
+        torch.ones_like(y), *op_args(*args)[:11], True, "quant", 0, mask
     )
     gx, gw, gp, gws, gas, gb = outs
     assert gx.numel() == 0 and gw == [] and gws.numel() == 0 and gas.numel() == 0 and gb.numel() == 0
@@ -316,8 +297,8 @@ def test_backward_output_mask_skips_unneeded():
 def test_noise_matches_reference(monkeypatch, engine, layout):
     monkeypatch.setenv("QOPS_MQC_ENGINE", engine)
     args, leaves = make_case(POOL[:6], [0, 3, 8], [2, 0, 8], layout=layout, seed=5)
-    y = mixed_quant_conv(*args, mode="noise", seed=1234)
-    y_ref = reference(*args, mode="noise", seed=1234)
+    y = mixed_quant_conv(*with_spec(args, mode="noise"), 1234)
+    y_ref = reference(*with_spec(args, mode="noise"), 1234)
     assert rel_err(y, y_ref) <= FWD_TOL
     gy = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, leaves, gy)
@@ -334,22 +315,8 @@ def _identity_layer(x, a_bits, mode="noise", seed=0):
     c = x.shape[1]
     w = torch.eye(c).view(c, c, 1, 1)
     probs = torch.full((1, 1, len(a_bits)), 1.0 / len(a_bits))
-    return mixed_quant_conv(
-        x,
-        [w],
-        probs,
-        [0],
-        a_bits,
-        torch.ones(1, 1),
-        torch.ones(len(a_bits)),
-        False,
-        [1],
-        [1],
-        1,
-        None,
-        mode,
-        seed,
-    )
+    spec = MixedQuantConvSpec([0], a_bits, [1], [1], mode=mode)
+    return mixed_quant_conv(x, [w], probs, torch.ones(1, 1), torch.ones(len(a_bits)), None, spec, seed)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -379,9 +346,9 @@ def test_noise_determinism_and_streams():
 
 def test_noise_ignores_scales():
     args, _ = make_case(POOL[:2], [4], [4], seed=0)
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    args[5] = -torch.ones(2, 1)  # would be rejected in quant mode
-    y = torch.ops.qops.mixed_quant_conv(*args, "noise", 0)
+    x, weights, probs, _, a_scales, b, spec = args
+    w_scales = -torch.ones(2, 1)  # would be rejected in quant mode
+    y = mixed_quant_conv(x, weights, probs, w_scales, a_scales, b, dataclasses.replace(spec, mode="noise"))
     assert torch.isfinite(y).all()
 
 
@@ -392,8 +359,9 @@ def test_noise_ignores_scales():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_opcheck(layout, mode):
     args, _ = make_case([(3, 3, 1, 1), (1, 3, 3, 1)], [0, 4], [2, 8], stride=2, layout=layout, seed=11)
-    torch.library.opcheck(torch.ops.qops.mixed_quant_conv.default, (*args, mode, 5))
-    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = args
+    flat = op_args(*with_spec(args, mode=mode), 5)
+    torch.library.opcheck(torch.ops.qops.mixed_quant_conv.default, flat)
+    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = flat[:12]
     ho, wo = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
     grad = torch.randn(x.shape[0], weights[0].shape[0], ho, wo)
     # The backward op is not differentiable itself (double backward raises): check it on plain tensors.
@@ -426,13 +394,9 @@ def test_torch_compile_fullgraph():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def layer(x, weights, probs, w_scales, a_scales, b):
-        y = mixed_quant_conv(
-            x, weights, probs, [4, 8], [4, 8], w_scales, a_scales, False, args[8], args[9], 1, b
-        )
-        return torch.relu(y).sum()
+        return torch.relu(mixed_quant_conv(x, weights, probs, w_scales, a_scales, b, args[6])).sum()
 
-    x, weights, probs, _, _, w_scales, a_scales, _, _, _, _, b = args
-    loss = layer(x, weights, probs, w_scales, a_scales, b)
+    loss = layer(*args[:6])
     grads = torch.autograd.grad(loss, leaves)
     y_ref = reference(*args)
     loss_ref = torch.relu(y_ref).sum()
@@ -483,9 +447,8 @@ def test_module_lsq_init_and_grad_scale():
     assert torch.allclose(m.w_scales.detach()[0, 0], 2 * m.weights[0].detach().abs().mean() / 7**0.5)
     # LSQ's gradient scale: the raw scale gradient of the op times 1/sqrt(numel * qmax).
     x2 = x.clone().requires_grad_()
-    args = (x2, [m.weights[0]], m.probs(), [4], [4], m.w_scales, m.a_scales, False, [1], [1], 1, m.bias)
     a_scales = m.a_scales.detach().clone().requires_grad_()
-    y = mixed_quant_conv(*args[:6], a_scales, *args[7:])
+    y = mixed_quant_conv(x2, [m.weights[0]], m.probs(), m.w_scales, a_scales, m.bias, m.spec)
     (ga,) = torch.autograd.grad(y.sum(), a_scales)
     assert torch.allclose(m.a_scales.grad, ga / (x[0].numel() * 15) ** 0.5, rtol=1e-3)
 
@@ -540,8 +503,10 @@ def test_module_rejects_bad_config():
 # errors: a RuntimeError naming the argument
 # ---------------------------------------------------------------------------------------------------------
 def _base():
+    """The flat schema arguments (x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups,
+    dilations, stride, bias, mode, seed) of a valid call."""
     args, _ = make_case([(3, 3, 1, 1), (1, 1, 1, 1)], [4, 8], [4, 8], cin=6, cout=6, seed=0)
-    return [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    return [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(*args)]
 
 
 def _with(k, value):
@@ -619,14 +584,8 @@ def test_stride_and_dilation_beyond_the_input_are_clamped(mode):
     """A stride or dilation of 2^40 and more (no tap but the centre reaches the input; one output pixel per
     image row) gives the result at stride / dilation = the input's size instead of asking for terabytes."""
     args, leaves = make_case([(3, 3, 1, 1), (5, 3, 1, 2)], [0, 4], [4, 8], h=7, w=9, seed=6)
-    huge = list(args)
-    huge[9] = [2**40, 2**62]
-    huge[10] = 2**62
-    clamped = list(args)
-    clamped[9] = [9, 9]
-    clamped[10] = 9
-    y = mixed_quant_conv(*huge, mode=mode, seed=3)
-    y_ref = reference(*clamped, mode=mode, seed=3)
+    y = mixed_quant_conv(*with_spec(args, dilations=(2**40, 2**62), stride=2**62, mode=mode), 3)
+    y_ref = reference(*with_spec(args, dilations=(9, 9), stride=9, mode=mode), 3)
     assert y.shape == (2, 6, 1, 1) and rel_err(y, y_ref) <= FWD_TOL
     g = torch.autograd.grad(y.sum(), leaves, allow_unused=True)
     g_ref = torch.autograd.grad(y_ref.sum(), leaves, allow_unused=True)
@@ -639,17 +598,17 @@ def test_stride_and_dilation_beyond_the_input_are_clamped(mode):
 
 def test_error_unknown_mode():
     with pytest.raises(RuntimeError, match='mode: expected "quant" or "noise"'):
-        torch.ops.qops.mixed_quant_conv(*_base(), "fancy", 0)
+        torch.ops.qops.mixed_quant_conv(*_with(12, "fancy"))
 
 
 def test_full_precision_entries_ignore_their_scale():
     """bits 0 quantizes nothing, so its scale is not checked and gets no gradient."""
     args, leaves = make_case([(3, 3, 1, 1)], [0, 4], [0, 8], seed=4)
     with torch.no_grad():
-        args[5][:, 0] = -1.0
-        args[6][0] = 0.0
+        args[3][:, 0] = -1.0
+        args[4][0] = 0.0
     y = mixed_quant_conv(*args)
-    g = torch.autograd.grad(y.sum(), [args[5], args[6]])
+    g = torch.autograd.grad(y.sum(), [args[3], args[4]])
     assert g[0][:, 0].eq(0).all() and g[1][0] == 0
 
 
@@ -692,8 +651,8 @@ def test_triton_noise_matches_reference(layout):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args, leaves = make_case([(1, 1, 1, 1), (3, 3, 3, 1)], [0, 4], [3, 8, 0], layout=layout, seed=3)
     args, leaves = _to(args, leaves, device)
-    y = triton_mixed_quant_conv(*args, mode="noise", seed=99)
-    y_ref = reference(*args, mode="noise", seed=99)
+    y = triton_mixed_quant_conv(*with_spec(args, mode="noise"), 99)
+    y_ref = reference(*with_spec(args, mode="noise"), 99)
     assert rel_err(y, y_ref) <= FWD_TOL
     gy = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, leaves, gy, allow_unused=True)
@@ -819,7 +778,7 @@ def test_ddp_keeps_replicas_identical():
 def test_cuda_noise_equals_cpu():
     """Noise mode draws the same Philox numbers on the GPU: the outputs agree to rounding."""
     args, leaves = make_case(POOL[:5], [0, 4], [2, 8], cin=12, cout=6, seed=31)
-    y_cpu = mixed_quant_conv(*args, mode="noise", seed=77)
+    y_cpu = mixed_quant_conv(*with_spec(args, mode="noise"), 77)
     cargs, _ = _to(args, leaves, "cuda")
-    y = mixed_quant_conv(*cargs, mode="noise", seed=77)
+    y = mixed_quant_conv(*with_spec(cargs, mode="noise"), 77)
     assert rel_err(y.cpu(), y_cpu) <= FWD_TOL

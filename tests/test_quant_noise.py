@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_examples import examples
 
 import qops
 from qops import reference
@@ -136,7 +137,7 @@ def test_op_adds_exactly_the_stream():
 # Kernel == reference
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(sa=shape_and_axis(), bits=st.integers(1, 16), seed=INT64, dist=st.sampled_from(reference.NOISE_DISTS))
 def test_cpu_matches_reference_bitwise(sa, bits, seed, dist):
     shape, axis = sa
@@ -312,40 +313,13 @@ def test_ranges_near_the_largest_value_stay_finite(dtype, axis, isa, restore_isa
 
 
 def test_mixed_quant_conv_noise_near_the_largest_value_stays_finite():
+    from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
+
     x = torch.tensor([-3e38, 3e38, 1e37, 0.0]).reshape(1, 1, 2, 2)
-    w = torch.ones(1, 1, 1, 1)
-    y = torch.ops.qops.mixed_quant_conv(
-        x,
-        [w],
-        torch.ones(1, 1, 1),
-        [0],
-        [8],
-        torch.ones(1, 1),
-        torch.ones(1),
-        True,
-        [1],
-        [1],
-        1,
-        None,
-        "noise",
-        4,
-    )
-    ref = reference.mixed_quant_conv(
-        x,
-        [w],
-        torch.ones(1, 1, 1),
-        [0],
-        [8],
-        torch.ones(1, 1),
-        torch.ones(1),
-        True,
-        [1],
-        [1],
-        1,
-        None,
-        "noise",
-        4,
-    )
+    args = ([torch.ones(1, 1, 1, 1)], torch.ones(1, 1, 1), torch.ones(1, 1), torch.ones(1), None)
+    spec = MixedQuantConvSpec([0], [8], [1], [1], a_signed=True, mode="noise")
+    y = mixed_quant_conv(x, *args, spec, 4)
+    ref = reference.mixed_quant_conv(x, *args, spec, 4)
     assert torch.isfinite(y).all() and torch.equal(y, ref)
 
 

@@ -315,24 +315,17 @@ def _embed(w: torch.Tensor, groups: int, dilation: int, cin: int, window: tuple[
     return F.pad(dense, (pw, pw, ph, ph))
 
 
-def mixed_quant_conv(
-    x,
-    weights,
-    probs,
-    w_bits,
-    a_bits,
-    w_scales,
-    a_scales,
-    a_signed,
-    groups,
-    dilations,
-    stride=1,
-    bias=None,
-    mode="quant",
-    seed=0,
-):
-    """torch.ops.qops.mixed_quant_conv with the activation passes (and noise) in Triton: one convolution of the
-    activation variants (Triton) with the merged weight (torch ops on the small kernels)."""
+def mixed_quant_conv(x, weights, probs, w_scales, a_scales, bias, spec, seed=0):
+    """qops.mixed_quant_conv.mixed_quant_conv with the activation passes (and noise) in Triton: one convolution
+    of the activation variants (Triton) with the merged weight (torch ops on the small kernels)."""
+    w_bits, a_bits, a_signed, groups, dilations = (
+        spec.w_bits,
+        spec.a_bits,
+        spec.a_signed,
+        spec.groups,
+        spec.dilations,
+    )
+    stride, mode = spec.stride, spec.mode
     if mode not in ("quant", "noise"):
         raise RuntimeError(f'mode: expected "quant" or "noise", got "{mode}"')
     noise = mode == "noise"
