@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_examples import examples
 
 import qops
 from qops import reference
@@ -41,7 +42,7 @@ ISAS = _supported_isas()
 # QOPS_HYPOTHESIS_EXAMPLES=5000 for a long fuzzing run.
 HYPOTHESIS = settings(
     deadline=None,
-    max_examples=int(os.environ.get("QOPS_HYPOTHESIS_EXAMPLES", "60")),
+    max_examples=examples(60),
     suppress_health_check=[HealthCheck.too_slow],
 )
 

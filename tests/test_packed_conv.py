@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from hypothesis_examples import examples
 
 import qops
 from qops import reference as R
@@ -127,7 +128,7 @@ def test_long_reduction_exact(path):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 # A tap entirely left of a 1-pixel row with stride 2 (found by hypothesis: the scalar path read past the row).
 @example(1, 1, 1, 1, 1, 1, 3, 1, 2, 0, 1, 1, 1, False, "scalar", 0)
 @given(
