@@ -276,12 +276,14 @@ def philox_noise(
 def quant_noise_half_delta(lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """delta / 2 = ((hi - lo) / levels) / 2 in lo's dtype (float32 correctly rounded), as
     csrc/include/qops/quant_noise_math.h computes it: where finite bounds are more than the dtype's largest
-    value apart (hi - lo overflows), from the halves (hi/2 - lo/2) / levels, the unbounded-exponent value."""
+    value apart (hi - lo overflows), from the halves (hi/2 - lo/2) / levels, the unbounded-exponent value;
+    NaN where a bound is NaN or infinite (the slice has no finite range: all its outputs are NaN)."""
     d = hi - lo
-    overflow = torch.isinf(d) & torch.isfinite(lo) & torch.isfinite(hi)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    overflow = torch.isinf(d) & finite
     num = torch.where(overflow, hi * 0.5 - lo * 0.5, d)
     q = div_f32(num, levels) if lo.dtype == torch.float32 else num / levels
-    return torch.where(overflow, q, q * 0.5)
+    return torch.where(finite, torch.where(overflow, q, q * 0.5), torch.full_like(q, float("nan")))
 
 
 def quant_noise(
@@ -385,7 +387,8 @@ def quantize_activation(x: torch.Tensor, a_scale: float, a_bits: int, a_signed: 
     """Activation codes as fake_quant computes them: clamp(nearbyint(x * (1 / scale))) in float32."""
     lo, hi = _code_range(a_bits, a_signed)
     inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(a_scale, dtype=torch.float32)
-    return torch.clamp(torch.round(x.to(torch.float32) * inv.to(x.device)), lo, hi)
+    codes = torch.clamp(torch.round(x.to(torch.float32) * inv.to(x.device)), lo, hi)
+    return torch.where(torch.isnan(codes), lo, codes)  # NaN is below the range, as in fake_quant
 
 
 def quantized_conv2d(

@@ -528,6 +528,16 @@ def _error_cases():
         ("scale numel per tensor", lambda: fq(x, sc, z, -1, 0, 255), "scale: expected 1 element"),
         ("scale numel per channel", lambda: fq(x, s, zc, 1, 0, 255), "scale: expected 3 elements"),
         ("scale int", lambda: fq(x, torch.tensor([1]), z, -1, 0, 255), "scale: expected a floating-point"),
+        (
+            "zero_point nan",
+            lambda: fq(x, s, torch.tensor([float("nan")]), -1, 0, 255),
+            "zero_point: expected finite",
+        ),
+        (
+            "zero_point inf",
+            lambda: bw(x, x, sc, torch.tensor([0, float("inf"), 0]), 1, 0, 255),
+            "zero_point: expected finite",
+        ),
         ("zero_point numel", lambda: fq(x, sc, z, 1, 0, 255), "zero_point: expected 3 elements"),
         ("zero_point numel per tensor", lambda: fq(x, s, zc, -1, 0, 255), "zero_point: expected 1 element"),
         ("axis too big", lambda: fq(x, sc, zc, 2, 0, 255), "axis: 2 is out of range"),
@@ -556,7 +566,9 @@ def test_fake_kernels_raise_the_same_errors(name, call, match):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        if "expected positive" in match:  # scale values: a fake kernel cannot read them
+        if (
+            "expected positive" in match or "expected finite" in match
+        ):  # values: a fake kernel cannot read them
             call()
             return
         with pytest.raises(RuntimeError, match=match):

@@ -235,6 +235,19 @@ def test_zero_batch():
     assert y.shape == (0, 6, 7, 9)
 
 
+@pytest.mark.parametrize("h, w, stride", [(0, 9, 1), (7, 0, 2), (0, 0, 3)])
+def test_input_without_rows_or_columns(h, w, stride):
+    """An empty spatial axis gives an empty output and zero gradients (the engines refused the convolution
+    with a message that named no argument)."""
+    args, leaves = make_case(POOL[:3], [4, 8], [4, 8], h=h, w=w, stride=stride, seed=0)
+    y = mixed_quant_conv(*args)
+    assert y.shape == (2, 6, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0)
+    assert y.numel() == 0
+    grads = torch.autograd.grad(y.sum(), leaves)
+    for g, t in zip(grads, leaves, strict=True):
+        assert g.shape == t.shape and not g.any()
+
+
 @pytest.mark.parametrize("frozen_weights", [False, True])
 def test_double_backward_raises(frozen_weights):
     args, leaves = make_case(POOL[:2], [4], [4], seed=0)
@@ -529,6 +542,8 @@ def _error_cases():
         ("a_bits: bit-widths must be 0", _with(4, [4, 9])),
         ("w_scales: every scale", _with(5, torch.tensor([[0.1, 0.1], [0.1, 0.0]]))),
         ("a_scales: every scale", _with(6, torch.tensor([-0.1, 0.1]))),
+        ("w_scales: every scale", _with(5, torch.tensor([[0.1, float("inf")], [0.1, 0.1]]))),
+        ("a_scales: every scale", _with(6, torch.tensor([0.1, float("nan")]))),
         ("probs: expected shape", _with(2, torch.rand(2, 2))),
         ("w_scales: expected shape", _with(5, torch.rand(2))),
         ("a_scales: expected shape", _with(6, torch.rand(3))),

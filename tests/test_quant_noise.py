@@ -286,6 +286,19 @@ def test_nan_poisons_only_its_slice():
     assert bits_equal(y[[0, 2]], ref[[0, 2]]) and torch.isnan(ref[1]).all()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf")])
+def test_infinity_poisons_only_its_slice(bad):
+    """A slice holding +-inf has no finite range: all of it is NaN, as with NaN (the kernels gave a mix of
+    +-inf and NaN that depended on each element's noise)."""
+    x = torch.randn(3, 40)
+    x[1, 7] = bad
+    y = OP(x, 4, 0, 0)
+    assert torch.isnan(y[1]).all()
+    ref = reference.quant_noise(x, 4, 0, 0)
+    assert bits_equal(y[[0, 2]], ref[[0, 2]]) and torch.isnan(ref[1]).all()
+    assert torch.isnan(OP(x, 4, 0)).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])

@@ -14,6 +14,7 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -103,6 +104,8 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
   // buffers then stay as large as the input justifies (a dilation of 2^40 would ask for a terabyte of padding).
   const int64_t extent = std::max<int64_t>({a.H, a.W, 1});
   a.stride = std::min(stride, extent);
+  a.Ho = a.H == 0 ? 0 : (a.H - 1) / a.stride + 1;
+  a.Wo = a.W == 0 ? 0 : (a.W - 1) / a.stride + 1;
 
   a.n_ops = static_cast<int64_t>(weights.size());
   TORCH_CHECK(a.n_ops >= 1, "weights: expected at least one candidate weight");
@@ -159,13 +162,15 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
     const at::Tensor ws = w_scales.to(at::kCPU).contiguous(), as = a_scales.to(at::kCPU).contiguous();
     const float* wp = ws.data_ptr<float>();
     const float* ap = as.data_ptr<float>();
+    // An infinite step quantizes everything to 0 * inf = NaN: finite and positive, as fake_quant requires.
+    auto usable = [](float s) { return std::isfinite(s) && s > 0.f; };
     for (int64_t o = 0; o < a.n_ops; ++o)
       for (int64_t i = 0; i < a.n_w; ++i)
-        TORCH_CHECK(a.w_bits[i] == 0 || wp[o * a.n_w + i] > 0.f,
-                    "w_scales: every scale of a quantized entry must be > 0, got ", w_scales);
+        TORCH_CHECK(a.w_bits[i] == 0 || usable(wp[o * a.n_w + i]),
+                    "w_scales: every scale of a quantized entry must be positive and finite, got ", w_scales);
     for (int64_t j = 0; j < a.n_a; ++j)
-      TORCH_CHECK(a.a_bits[j] == 0 || ap[j] > 0.f, "a_scales: every scale of a quantized entry must be > 0, got ",
-                  a_scales);
+      TORCH_CHECK(a.a_bits[j] == 0 || usable(ap[j]),
+                  "a_scales: every scale of a quantized entry must be positive and finite, got ", a_scales);
   }
 
   a.plan = mqc_plan(a.cands.data(), static_cast<int>(a.n_ops), a.cin, a.cout, a.n_a, plan_mode());
@@ -256,6 +261,8 @@ at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::
     qops::check_same_device(*bias, x_in, "bias", "x");
     TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.cout}), "bias: expected shape [", a.cout, "], got ", bias->sizes());
   }
+  // An input without rows or columns has an empty output (the engines refuse a convolution of it).
+  if (a.H == 0 || a.W == 0) return at::empty({a.N, a.cout, a.Ho, a.Wo}, x_in.options());
   const at::Tensor x = layout_for_kernels(a, x_in);
   const at::Tensor xq = activation_variants(a, k, x, a_scales);
   at::Tensor y;
@@ -287,6 +294,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tens
   auto empty = [&] { return at::empty({0}, opts); };
   at::Tensor gx = empty(), ga = empty(), gp = empty(), gws = empty(), gb = empty();
   std::vector<at::Tensor> gw_list;
+  if (a.H == 0 || a.W == 0) {  // an empty input: every gradient is an empty sum
+    if (mask[0]) gx = at::empty_like(x_in);
+    if (mask[1])
+      for (const at::Tensor& w : weights) gw_list.push_back(at::zeros_like(w));
+    if (mask[2]) gp = at::zeros({a.n_ops, a.n_w, a.n_a}, opts);
+    if (mask[3]) gws = at::zeros({a.n_ops, a.n_w}, opts);
+    if (mask[4]) ga = at::zeros({a.n_a}, opts);
+    if (need_bias) gb = at::zeros({a.cout}, opts);
+    return {gx, gw_list, gp, gws, ga, gb};
+  }
 
   // grad y in xq's layout, so that every convolution below reads one layout.
   const at::Tensor gy = grad.contiguous(a.xq_channels_last ? at::MemoryFormat::ChannelsLast
@@ -623,9 +640,8 @@ mixed_quant_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& x, at::T
                                        true);
   qops::check_dtype(grad, at::kFloat, "grad");
   qops::check_same_device(grad, x, "grad", "x");
-  const int64_t ho = (a.H - 1) / a.stride + 1, wo = (a.W - 1) / a.stride + 1;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, ho, wo}), "grad: expected the output's shape [", a.N,
-              ", ", a.cout, ", ", ho, ", ", wo, "], got ", grad.sizes());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, a.Ho, a.Wo}), "grad: expected the output's shape [",
+              a.N, ", ", a.cout, ", ", a.Ho, ", ", a.Wo, "], got ", grad.sizes());
   return qops::mqc::backward(a, kCpuKernels, grad, x, weights, probs, w_scales, a_scales, output_mask);
 }
 

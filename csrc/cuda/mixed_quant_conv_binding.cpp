@@ -180,9 +180,8 @@ mixed_quant_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& x, at::
                                        true);
   qops::check_dtype(grad, at::kFloat, "grad");
   qops::check_same_device(grad, x, "grad", "x");
-  const int64_t ho = (a.H - 1) / a.stride + 1, wo = (a.W - 1) / a.stride + 1;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, ho, wo}), "grad: expected the output's shape [", a.N,
-              ", ", a.cout, ", ", ho, ", ", wo, "], got ", grad.sizes());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, a.Ho, a.Wo}), "grad: expected the output's shape [",
+              a.N, ", ", a.cout, ", ", a.Ho, ", ", a.Wo, "], got ", grad.sizes());
   return qops::mqc::backward(a, kCudaKernels, grad, x, weights, probs, w_scales, a_scales, output_mask);
 }
 

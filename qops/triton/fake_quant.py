@@ -11,7 +11,8 @@ Numerics: every launch passes ``enable_fp_fusion=False`` so the compiler forms n
 FMAs of the built-in's backward are explicit (``tl.fma``). Rounding half to even is written with floor so
 that it runs under the interpreter too (TRITON_INTERPRET=1; libdevice does not). The backward writes one
 partial sum triple per program (channel c, split k) and reduces them in float64 with torch, in a fixed order.
-Non-positive scales are not checked here (that would need a device-to-host sync): the forward gives NaN.
+Non-positive or non-finite scales and non-finite zero points are not reported here (that would need a
+device-to-host sync): the outputs are NaN instead.
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def _qparams(
     scale: Tensor, zero_point: Tensor, per_channel: bool, backward: bool, quant_min: int, quant_max: int
 ):
     s = scale.detach().float().reshape(-1)
-    inv = 1.0 / s
     z = zero_point.detach().float().reshape(-1)
+    # No host sync to report them: a bad scale or a non-finite zero point gives NaN outputs (the CPU raises).
+    s = torch.where((s > 0) & torch.isfinite(s) & torch.isfinite(z), s, torch.full_like(s, float("nan")))
+    inv = 1.0 / s
     if backward and not per_channel:  # the per-tensor built-in backward: trunc(clamp(zp + 0.5))
         z = torch.trunc(torch.clamp(z + 0.5, quant_min, quant_max))
     else:

@@ -102,13 +102,14 @@ def _half_delta_kernel(
     lo = tl.reduce(tl.load(part_lo_ptr + c * nsplit + k, mask=mask, other=float("inf")), 0, _min_nan)
     hi = tl.reduce(tl.load(part_hi_ptr + c * nsplit + k, mask=mask, other=float("-inf")), 0, _max_nan)
     d = hi - lo
-    overflow = (d - d != d - d) & (lo - lo == lo - lo) & (hi - hi == hi - hi)
+    finite = (lo - lo == lo - lo) & (hi - hi == hi - hi)
+    overflow = (d - d != d - d) & finite
     num = tl.where(overflow, hi * 0.5 - lo * 0.5, d)
     if ACC == tl.float32:
         q = tl.div_rn(num, tl.cast(levels, tl.float32))
     else:
         q = num / tl.cast(levels, ACC)
-    tl.store(half_delta_ptr + c, tl.where(overflow, q, q * 0.5))
+    tl.store(half_delta_ptr + c, tl.where(finite, tl.where(overflow, q, q * 0.5), d - d))
 
 
 @triton.jit

@@ -20,6 +20,7 @@ namespace qops::mqc {
 // Validated arguments of one call.
 struct Args {
   int64_t N = 0, cin = 0, H = 0, W = 0, cout = 0, stride = 1;
+  int64_t Ho = 0, Wo = 0;  // the output's size: (H - 1) / stride + 1, and 0 for an empty input axis
   int64_t n_ops = 0, n_w = 0, n_a = 0;
   bool a_signed = false, noise = false, has_bias = false;
   int64_t seed = 0;
