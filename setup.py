@@ -9,6 +9,8 @@ Switches (environment variables):
     QOPS_CUDA_ARCH="8.0;9.0"  forwarded as TORCH_CUDA_ARCH_LIST when set
     QOPS_ISAS="DEFAULT AVX2 AVX512"  CPU kernel variants compiled for runtime dispatch
     QOPS_DEBUG=1              -O0 -g
+    QOPS_SANITIZE=address,undefined   compile and link with -fsanitize=... (`make asan`; needs LD_PRELOAD of
+                              libasan at run time, see docs/kernels.md)
 """
 
 import glob
@@ -95,8 +97,15 @@ def extensions():
     debug = os.environ.get("QOPS_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"] + isa_defines
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("QOPS_SANITIZE", "")
+    if sanitize:
+        # Every report is an error (no recovery); frame pointers for readable stacks; -O1 keeps it quick.
+        flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx += flags + ["-O1"]
+        link += flags
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=include_dirs, extra_link_args=link)
     if _want_cuda(torch):
         if os.environ.get("QOPS_CUDA_ARCH"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["QOPS_CUDA_ARCH"]
