@@ -90,8 +90,11 @@ def extensions():
     build_dir = os.path.join(ROOT, "build")
     isa_sources, isa_defines = _isa_wrappers(build_dir)
     # Relative paths keep object names short and stable; ISA wrappers come last (see ISAS).
-    sources = ["csrc/ops.cpp"] + sorted(
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    # csrc/*.cpp: the schemas and device-neutral host code; csrc/cpu/*.cpp: the CPU entry points.
+    sources = sorted(
+        os.path.relpath(p, ROOT)
+        for pattern in ("*.cpp", os.path.join("cpu", "*.cpp"))
+        for p in glob.glob(os.path.join(ROOT, "csrc", pattern))
     )
     sources += [os.path.relpath(p, ROOT) for p in isa_sources]
     debug = os.environ.get("QOPS_DEBUG") == "1"

@@ -8,8 +8,8 @@ searchable layer with softmax weights::
 
 Convolution is bilinear, so the sum is one convolution of all activation variants side by side with a weight
 that merges every candidate (zero-embedded into the largest window, grouped kernels block-diagonal, dilated
-kernels as spread taps) scaled by probs; the kernels compute exactly that (csrc/cpu/mixed_quant_conv.cpp,
-csrc/cuda/mixed_quant_conv.cu), splitting into a few convolutions where the candidates' windows do not nest
+kernels as spread taps) scaled by probs; the kernels compute exactly that (csrc/mixed_quant_conv_host.cpp around the
+kernels of csrc/cpu and csrc/cuda), splitting into a few convolutions where the candidates' windows do not nest
 (the rule is in csrc/include/qops/mixed_quant_conv.h). The backward op recomputes the activation variants and
 merged weights instead of saving them, so the saved state is the inputs alone.
 
