@@ -21,6 +21,7 @@ from torch import nn
 from . import reference
 from .mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
 from .packed import pack_weight, quantize_weight, quantized_conv2d
+from .ranges import quant_range
 
 __all__ = ["MixedQuantConv2d", "PackedConv2d", "alpha_parameters", "weight_parameters"]
 
@@ -137,7 +138,7 @@ class MixedQuantConv2d(nn.Module):
 
     @staticmethod
     def _qmax(bits: int, signed: bool) -> int:
-        return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        return quant_range(bits, signed)[1]
 
     @torch.no_grad()
     def _init_scales(self, x: torch.Tensor) -> None:

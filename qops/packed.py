@@ -19,6 +19,7 @@ import struct
 import torch
 
 from . import _C  # noqa: F401  (registers the schemas and kernels)
+from .ranges import quant_range
 
 __all__ = ["pack_weight", "packed_conv2d", "quantized_conv2d", "quantize_weight", "weight_code_range"]
 
@@ -28,8 +29,9 @@ def _pair(v: int | tuple[int, int] | list[int]) -> list[int]:
 
 
 def weight_code_range(bits: int) -> tuple[int, int]:
-    """Codes of a ``bits``-bit weight: [-2^(b-1), 2^(b-1)-1]; for 1 bit the codes are -1 and +1."""
-    return (-1, 1) if bits == 1 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    """Smallest and largest code of a ``bits``-bit packed weight: ``qops.quant_range(bits, signed=True)``, except
+    1 bit, whose codes are the binary -1 and +1 (0 is not a code)."""
+    return (-1, 1) if bits == 1 else quant_range(bits, True)
 
 
 def quantize_weight(weight: torch.Tensor, w_scale: torch.Tensor, bits: int) -> torch.Tensor:

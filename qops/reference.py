@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .ranges import quant_range
+
 if TYPE_CHECKING:
     from qops.mixed_quant_conv import MixedQuantConvSpec
 
@@ -331,10 +333,6 @@ def quant_noise(
 # csrc/include/qops/packed_layout.h written with tensor ops, and convolutions computed exactly in float64.
 
 
-def _code_range(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-
-
 def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Bit-plane rows: per output channel, ``bits`` planes of ceil(K/32) little-endian uint32 words; bit r of
     word q of plane j is bit j of the two's complement pattern of code k = 32q + r (1-bit: (code+1)/2)."""
@@ -385,7 +383,7 @@ def packed_conv2d(
 
 def quantize_activation(x: torch.Tensor, a_scale: float, a_bits: int, a_signed: bool) -> torch.Tensor:
     """Activation codes as fake_quant computes them: clamp(nearbyint(x * (1 / scale))) in float32."""
-    lo, hi = _code_range(a_bits, a_signed)
+    lo, hi = quant_range(a_bits, a_signed)
     inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(a_scale, dtype=torch.float32)
     codes = torch.clamp(torch.round(x.to(torch.float32) * inv.to(x.device)), lo, hi)
     return torch.where(torch.isnan(codes), lo, codes)  # NaN is below the range, as in fake_quant
@@ -459,7 +457,7 @@ def mixed_quant_conv(
         if mode == "noise":
             # The kernels add noise without differentiating through the range: identity gradient.
             return t + (quant_noise(t, bits, seed, stream=stream) - t).detach()
-        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        qmin, qmax = quant_range(bits, signed)
         zero_point = torch.zeros(1, dtype=torch.float32, device=t.device)
         return torch._fake_quantize_learnable_per_tensor_affine(
             t, scale.reshape(1), zero_point, qmin, qmax, 1.0

@@ -40,7 +40,7 @@ def path(request, monkeypatch):
 
 
 def act_codes(gen, shape, bits, signed):
-    lo, hi = R._code_range(bits, signed)
+    lo, hi = qops.quant_range(bits, signed)
     x = torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int16)
     return x.to(torch.int8 if signed else torch.uint8)
 
@@ -93,7 +93,7 @@ def test_extreme_codes_exact(path, w_bits, a_bits, a_signed):
     byte accumulation that is one step too long would overflow (K = 64 * 9 covers several chunks)."""
     if not runs_on(path, w_bits, a_bits, a_signed):
         pytest.skip("the lut path needs a_bits <= 2 and byte-sized tables")
-    xlo, xhi = R._code_range(a_bits, a_signed)
+    xlo, xhi = qops.quant_range(a_bits, a_signed)
     wlo, whi = weight_code_range(w_bits)
     dtype = torch.int8 if a_signed else torch.uint8
     for xv, wv in [(xhi, wlo), (xhi, whi), (xlo, wlo)]:
@@ -265,7 +265,7 @@ def test_quantized_conv2d_has_no_gradient():
 def fake_quant_conv(x, weight, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding, dtype):
     """conv2d(FQa(x), FQw(w)) + bias with torch's fake quantization (zero point 0), in `dtype`."""
     wlo, whi = weight_code_range(w_bits)
-    alo, ahi = R._code_range(a_bits, a_signed)
+    alo, ahi = qops.quant_range(a_bits, a_signed)
     zp = torch.zeros(weight.shape[0], dtype=torch.int32)
     wq = torch.fake_quantize_per_channel_affine(weight, w_scale, zp, 0, wlo, whi)
     xq = torch.fake_quantize_per_tensor_affine(x, a_scale, 0, alo, ahi)
@@ -568,3 +568,24 @@ def test_cuda_quantized_conv2d_matches_cpu():
     want = quantized_conv2d(x, packed, w.shape, ws, 0.1, 4, 4, True, bias, 1, 1)
     got = quantized_conv2d(x.cuda(), packed.cuda(), w.shape, ws.cuda(), 0.1, 4, 4, True, bias.cuda(), 1, 1)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_quant_range_is_what_the_kernels_accept(bits, signed):
+    """qops.quant_range is the activation code range of packed_conv2d at every bit-width, 1 included (signed
+    1-bit codes are {-1, 0}); one step beyond either end is refused."""
+    lo, hi = qops.quant_range(bits, signed)
+    assert (lo, hi) == ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    w = pack_weight(torch.ones(1, 1, 1, 1, dtype=torch.int8), 2)
+    dtype = torch.int8 if signed else torch.uint8
+    x = torch.tensor([lo, hi], dtype=torch.int16).to(dtype).reshape(1, 1, 1, 2)
+    assert packed_conv2d(x, w, [1, 1, 1, 1], 2, bits, signed).flatten().tolist() == [lo, hi]
+    for outside in (lo - 1, hi + 1):
+        if torch.iinfo(dtype).min <= outside <= torch.iinfo(dtype).max:
+            bad = torch.tensor([outside], dtype=torch.int16).to(dtype).reshape(1, 1, 1, 1)
+            with pytest.raises(RuntimeError, match="x_codes: codes must be in"):
+                packed_conv2d(bad, w, [1, 1, 1, 1], 2, bits, signed)
+    assert weight_code_range(bits) == ((-1, 1) if bits == 1 else qops.quant_range(bits, True))
+    with pytest.raises(ValueError, match="bits: expected a bit-width >= 1"):
+        qops.quant_range(0, signed)

@@ -21,6 +21,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 # quant_noise's Philox helpers: the same stream, transforms and bits (csrc/include/qops/philox.h).
+from qops.ranges import quant_range
 from qops.reference import quant_noise_half_delta
 from qops.triton.quant_noise import _box_muller, _noise_kernel, _philox4x32_10
 
@@ -148,8 +149,8 @@ def _act_backward_kernel(
 
 def _variant_tables(a_scales: torch.Tensor, a_bits: list[int], a_signed: bool):
     dev = a_scales.device
-    qmin = [(-(2 ** (b - 1)) if a_signed else 0) if b else 0 for b in a_bits]
-    qmax = [((2 ** (b - 1) - 1) if a_signed else 2**b - 1) if b else 0 for b in a_bits]
+    qmin = [quant_range(b, a_signed)[0] if b else 0 for b in a_bits]
+    qmax = [quant_range(b, a_signed)[1] if b else 0 for b in a_bits]
     return (
         a_scales.contiguous(),
         torch.tensor(qmin, dtype=torch.float32, device=dev),
@@ -297,7 +298,7 @@ def _weight_noise(w: torch.Tensor, bits: int, seed: int, stream: int) -> torch.T
 def _fake_quant(t: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     if bits == 0:
         return t
-    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    qmin, qmax = quant_range(bits, signed)
     zero_point = torch.zeros(1, dtype=torch.float32, device=t.device)
     return torch._fake_quantize_learnable_per_tensor_affine(t, scale.reshape(1), zero_point, qmin, qmax, 1.0)
 
