@@ -21,7 +21,14 @@ import torch
 from . import _C  # noqa: F401  (registers the schemas and kernels)
 from .ranges import quant_range
 
-__all__ = ["pack_weight", "packed_conv2d", "quantized_conv2d", "quantize_weight", "weight_code_range"]
+__all__ = [
+    "pack_weight",
+    "unpack_weight",
+    "packed_conv2d",
+    "quantized_conv2d",
+    "quantize_weight",
+    "weight_code_range",
+]
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> list[int]:
@@ -52,6 +59,21 @@ def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs int8 weight codes [Cout, Cin, kh, kw] in [-2^(b-1), 2^(b-1)-1] (1 bit: -1/+1) into a uint8 buffer
     of Cout * bits * ceil(Cin*kh*kw / 32) * 4 bytes (bit-plane rows, see docs/kernels.md)."""
     return torch.ops.qops.pack_weight(w_codes, bits)
+
+
+def unpack_weight(w_packed: torch.Tensor, w_shape: list[int], bits: int) -> torch.Tensor:
+    """The int8 codes [Cout, Cin, kh, kw] stored in a :func:`pack_weight` buffer of weights of shape ``w_shape`` at
+    ``bits`` bits: the inverse of pack_weight (pure torch, any device; e.g. to export a packed model)."""
+    cout = w_shape[0]
+    k = w_shape[1] * w_shape[2] * w_shape[3]
+    kw = (k + 31) // 32
+    b = w_packed.to(torch.int64).reshape(cout, bits, kw, 4)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    shifts = torch.arange(32, dtype=torch.int64, device=b.device)
+    bitsk = ((words.unsqueeze(-1) >> shifts) & 1).reshape(cout, bits, kw * 32)[..., :k]
+    u = sum(bitsk[:, j] << j for j in range(bits))
+    codes = 2 * u - 1 if bits == 1 else torch.where(u >= 2 ** (bits - 1), u - 2**bits, u)
+    return codes.to(torch.int8).reshape(w_shape)
 
 
 def packed_conv2d(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .packed import unpack_weight
 from .ranges import quant_range
 
 if TYPE_CHECKING:
@@ -347,20 +348,6 @@ def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = torch.stack(planes, 1)  # [Cout, bits, KW] as int64 holding uint32 values
     byte_shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=u.device)
     return ((words.unsqueeze(-1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
-
-
-def unpack_weight(w_packed: torch.Tensor, w_shape: list[int], bits: int) -> torch.Tensor:
-    """The int8 codes [Cout, Cin, kh, kw] stored in a pack_weight buffer."""
-    cout = w_shape[0]
-    k = w_shape[1] * w_shape[2] * w_shape[3]
-    kw = (k + 31) // 32
-    b = w_packed.to(torch.int64).reshape(cout, bits, kw, 4)
-    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    shifts = torch.arange(32, dtype=torch.int64, device=b.device)
-    bitsk = ((words.unsqueeze(-1) >> shifts) & 1).reshape(cout, bits, kw * 32)[..., :k]
-    u = sum(bitsk[:, j] << j for j in range(bits))
-    codes = 2 * u - 1 if bits == 1 else torch.where(u >= 2 ** (bits - 1), u - 2**bits, u)
-    return codes.to(torch.int8).reshape(w_shape)
 
 
 def packed_conv2d(

@@ -16,7 +16,7 @@ from hypothesis_examples import examples
 
 from qops import reference as R
 from qops.mixed_quant_conv import MixedQuantConvSpec, op_args
-from qops.packed import pack_weight, weight_code_range
+from qops.packed import pack_weight, unpack_weight, weight_code_range
 
 SETTINGS = settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BIG = [2**31, 2**40, 2**62, 2**63 - 1]
@@ -224,7 +224,7 @@ def test_packed_convolutions_bad_input(c):
     ok, packed = outcome(lambda: pack_weight(c["codes"], w_bits), NAMES_PACKED)
     if not ok:
         return
-    assert torch.equal(R.unpack_weight(packed, list(c["codes"].shape), w_bits), c["codes"])
+    assert torch.equal(unpack_weight(packed, list(c["codes"].shape), w_bits), c["codes"])
     args = (c["w_shape"], w_bits, a_bits, c["a_signed"], c["stride"], c["padding"])
     ok, y = outcome(lambda: torch.ops.qops.packed_conv2d(c["x_codes"], packed, *args), NAMES_PACKED)
     if ok:

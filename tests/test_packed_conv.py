@@ -15,7 +15,7 @@ from hypothesis_examples import examples
 import qops
 from qops import reference as R
 from qops.nn import PackedConv2d
-from qops.packed import pack_weight, packed_conv2d, quantized_conv2d, weight_code_range
+from qops.packed import pack_weight, packed_conv2d, quantized_conv2d, unpack_weight, weight_code_range
 
 VECTOR = qops._C.max_cpu_isa() != "DEFAULT"
 PATHS = ["scalar"] + (["dot", "lut", "bitserial"] if VECTOR else [])
@@ -195,7 +195,7 @@ def test_pack_weight_layout_and_round_trip(bits, shape):
     assert packed.dtype == torch.uint8 and packed.dim() == 1
     assert packed.numel() == shape[0] * bits * ((k + 31) // 32) * 4
     torch.testing.assert_close(packed, R.pack_weight(w, bits), rtol=0, atol=0)
-    torch.testing.assert_close(R.unpack_weight(packed, list(shape), bits), w, rtol=0, atol=0)
+    torch.testing.assert_close(unpack_weight(packed, list(shape), bits), w, rtol=0, atol=0)
     if k % 32 == 0:  # no padding: exactly bits/8 bytes per weight
         assert packed.numel() * 8 == w.numel() * bits
 
