@@ -49,10 +49,12 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-try:  # Triton twins (torch.ops.qops_triton.*): only where triton is installed
-    from .triton import quant_noise as _triton_quant_noise  # noqa: E402,F401
+try:  # Triton twins (torch.ops.qops_triton.*, qops/triton/__init__.py): only where triton is installed
+    import triton as _triton  # noqa: E402,F401
 except ImportError:  # pragma: no cover - triton is optional
     pass
+else:
+    from . import triton  # noqa: E402,F401
 
 __all__ = [
     "cpu_isa",

@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C
-
 __all__ = ["fake_quant"]
 
 
@@ -106,20 +104,9 @@ def _fake_quant_backward_fake(grad, x, scale, zero_point, axis, quant_min, quant
 
 
 def _setup_context(ctx, inputs, output):
-    x, scale, zero_point, axis, quant_min, quant_max, grad_factor = inputs
+    x, scale, zero_point, axis, quant_min, quant_max, *grad_factor = inputs
     ctx.save_for_backward(x, scale, zero_point)
-    ctx.qparams = (axis, quant_min, quant_max, grad_factor)
-
-
-def _backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    grad_x, grad_scale, grad_zero_point = torch.ops.qops.fake_quant_backward(
-        grad, x, scale, zero_point, *ctx.qparams
-    )
-    return grad_x, grad_scale, grad_zero_point, None, None, None, None
-
-
-torch.library.register_autograd("qops::fake_quant", _backward, setup_context=_setup_context)
+    ctx.qparams = (axis, quant_min, quant_max, *grad_factor)
 
 
 def _no_double_backward(ctx, *grads):
@@ -127,9 +114,27 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError("fake_quant: does not support double backward (gradients of gradients)")
 
 
-torch.library.register_autograd(
-    "qops::fake_quant_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
+def register_autograd(namespace: str) -> None:
+    """The autograd formula of ``<namespace>::fake_quant`` (qops, or its Triton twin qops_triton): one call of
+    ``<namespace>::fake_quant_backward``, which itself refuses double backward."""
+    ops = getattr(torch.ops, namespace)
+
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        grad_x, grad_scale, grad_zero_point = ops.fake_quant_backward(
+            grad, x, scale, zero_point, *ctx.qparams
+        )
+        return (grad_x, grad_scale, grad_zero_point) + (None,) * len(ctx.qparams)
+
+    torch.library.register_autograd(f"{namespace}::fake_quant", backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        f"{namespace}::fake_quant_backward",
+        _no_double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+    )
+
+
+register_autograd("qops")
 
 
 def fake_quant(
@@ -165,25 +170,3 @@ def fake_quant(
         The fake-quantized tensor, like ``torch.empty_like(x)``.
     """
     return torch.ops.qops.fake_quant(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
-
-
-def register_triton_cuda_fallback() -> bool:
-    """Registers the Triton kernels (qops/triton/fake_quant.py) as the CUDA kernels of
-    torch.ops.qops.fake_quant / fake_quant_backward; False where triton is not installed.
-
-    ``import qops`` calls it where torch has CUDA but qops._C was built without it (bitsandbytes-style
-    fallback), so that CUDA tensors work without compiling the extension's CUDA sources.
-    """
-    try:
-        from .triton import fake_quant as triton_fake_quant
-    except ImportError:  # triton not installed: CUDA tensors get torch's "no kernel" error
-        return False
-    torch.library.register_kernel("qops::fake_quant", "cuda", triton_fake_quant.fake_quant_impl)
-    torch.library.register_kernel(
-        "qops::fake_quant_backward", "cuda", triton_fake_quant.fake_quant_backward_impl
-    )
-    return True
-
-
-if torch.version.cuda is not None and not _C.built_with_cuda():
-    register_triton_cuda_fallback()

@@ -274,14 +274,14 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = a["bias"] is not None
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, ops):
     x, probs, w_scales, a_scales, *weights = ctx.saved_tensors
     need = dict(zip(_NAMES, ctx.needs_input_grad, strict=False))  # as short as the inputs
     mask = [
         any(need[n]) if isinstance(need.get(n), (list, tuple)) else bool(need.get(n)) for n in _GRAD_NAMES
     ]
     mask[5] = mask[5] and ctx.has_bias
-    outputs = torch.ops.qops.mixed_quant_conv_backward(
+    outputs = ops.mixed_quant_conv_backward(
         grad,
         x,
         weights,
@@ -300,13 +300,24 @@ def _backward(ctx, grad):
     return tuple(grads.get(name) for name in _NAMES[: len(ctx.needs_input_grad)])
 
 
-torch.library.register_autograd("qops::mixed_quant_conv", _backward, setup_context=_setup_context)
-
-
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("mixed_quant_conv: does not support double backward (gradients of gradients)")
 
 
-torch.library.register_autograd(
-    "qops::mixed_quant_conv_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
+def register_autograd(namespace: str) -> None:
+    """The autograd formula of ``<namespace>::mixed_quant_conv`` (qops, or its Triton twin qops_triton): one call
+    of ``<namespace>::mixed_quant_conv_backward`` with the gradients wanted, which refuses double backward."""
+    ops = getattr(torch.ops, namespace)
+    torch.library.register_autograd(
+        f"{namespace}::mixed_quant_conv",
+        lambda ctx, grad: _backward(ctx, grad, ops),
+        setup_context=_setup_context,
+    )
+    torch.library.register_autograd(
+        f"{namespace}::mixed_quant_conv_backward",
+        _no_double_backward,
+        setup_context=lambda ctx, inputs, output: None,
+    )
+
+
+register_autograd("qops")

@@ -31,16 +31,23 @@ def _quant_noise_fake(x, bits, seed, axis=-1, dist="gaussian"):
 
 
 def _setup_context(ctx, inputs, output):
-    pass
+    ctx.n_inputs = len(inputs)
 
 
 def _quant_noise_backward(ctx, grad):
     # Identity for x: the range (hence delta) is treated as a constant, as QuantNAS does when it
     # perturbs weights and activations during the search. bits, seed, axis, dist: not differentiable.
-    return grad, None, None, None, None
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
-torch.library.register_autograd("qops::quant_noise", _quant_noise_backward, setup_context=_setup_context)
+def register_autograd(namespace: str) -> None:
+    """The autograd formula of ``<namespace>::quant_noise`` (qops, or its Triton twin qops_triton)."""
+    torch.library.register_autograd(
+        f"{namespace}::quant_noise", _quant_noise_backward, setup_context=_setup_context
+    )
+
+
+register_autograd("qops")
 
 
 def quant_noise(

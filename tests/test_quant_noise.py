@@ -413,39 +413,7 @@ def test_errors(case):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton (interpreter on CPU) and CUDA
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize(
-    "shape,axis,dtype",
-    [
-        ((1029,), -1, torch.float32),
-        ((3, 5, 7), 1, torch.float32),
-        ((4, 9), -2, torch.float16),
-        ((2, 3, 4), 2, torch.float64),
-    ],
-)
-@pytest.mark.parametrize("dist", reference.NOISE_DISTS)
-def test_triton_matches_cpu_bitwise(shape, axis, dtype, dist):
-    import qops.triton.quant_noise  # noqa: F401
-
-    x = (torch.randn(shape) * 2).to(dtype)
-    y = torch.ops.qops_triton.quant_noise(x, 6, -42, axis, dist)
-    assert bits_equal(y, OP(x, 6, -42, axis, dist))
-
-
-@pytest.mark.triton
-def test_triton_errors_and_gradient():
-    import qops.triton.quant_noise  # noqa: F401
-
-    op = torch.ops.qops_triton.quant_noise
-    for call, message in ERROR_CASES[1:]:
-        with pytest.raises(RuntimeError, match=message.lstrip("^")):
-            call(op)
-    x = torch.randn(10, requires_grad=True)
-    op(x, 4, 0).backward(torch.ones(10))
-    assert torch.equal(x.grad, torch.ones(10))
+# CUDA (the Triton twins: tests/test_triton_twins.py)
 
 
 @pytest.mark.cuda

@@ -1,11 +1,8 @@
-"""Triton kernels of LSQ fake quantization: ``torch.ops.qops_triton.fake_quant`` / ``fake_quant_backward``.
+"""Triton kernels of LSQ fake quantization: the twins ``torch.ops.qops_triton.fake_quant`` / ``fake_quant_backward``
+(registered as every Triton twin is, qops/triton/__init__.py).
 
 Same semantics, signatures and results as ``torch.ops.qops.fake_quant`` (docs/FAKE_QUANT.md): forward and
-grad_x bit for bit, grad_scale / grad_zero_point to float32 rounding. The ops are registered with
-``torch.library.triton_op`` under their own namespace ``qops_triton``; triton_op derives the schema from
-the Python signature, the one exception to "schemas only in csrc/ops.cpp" (the signature below is kept
-identical to the csrc/ops.cpp one). Where torch has CUDA but qops._C was built without it, qops/fake_quant.py
-registers :func:`fake_quant_impl` / :func:`fake_quant_backward_impl` as the CUDA kernels of ``qops::``.
+grad_x bit for bit, grad_scale / grad_zero_point to float32 rounding.
 
 Numerics: every launch passes ``enable_fp_fusion=False`` so the compiler forms no FMA by itself; the two
 FMAs of the built-in's backward are explicit (``tl.fma``). Rounding half to even is written with floor so
@@ -23,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from qops.fake_quant import check_args, check_grad
+from qops.fake_quant import check_args, check_grad, register_autograd
+from qops.triton import register_twins
 
 _BLOCK = 1024
 _TARGET_PROGRAMS = 512  # backward programs to aim for (fills a GPU; few enough for the interpreter)
@@ -224,45 +222,6 @@ def fake_quant_backward_impl(
     )
 
 
-@triton_op("qops_triton::fake_quant", mutates_args={})
-def fake_quant(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    axis: int,
-    quant_min: int,
-    quant_max: int,
-    grad_factor: float = 1.0,
-) -> Tensor:
-    """torch.ops.qops_triton.fake_quant: the Triton kernel of torch.ops.qops.fake_quant."""
-    return fake_quant_impl(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
-
-
-@triton_op("qops_triton::fake_quant_backward", mutates_args={})
-def fake_quant_backward(
-    grad: Tensor,
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    axis: int,
-    quant_min: int,
-    quant_max: int,
-    grad_factor: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """torch.ops.qops_triton.fake_quant_backward: the Triton kernel of torch.ops.qops.fake_quant_backward."""
-    return fake_quant_backward_impl(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
-
-
-def _setup_context(ctx, inputs, output):
-    x, scale, zero_point, axis, quant_min, quant_max, grad_factor = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.qparams = (axis, quant_min, quant_max, grad_factor)
-
-
-def _backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    grads = torch.ops.qops_triton.fake_quant_backward(grad, x, scale, zero_point, *ctx.qparams)
-    return (*grads, None, None, None, None)
-
-
-fake_quant.register_autograd(_backward, setup_context=_setup_context)
+TWINS = register_twins(
+    register_autograd, {"fake_quant": fake_quant_impl, "fake_quant_backward": fake_quant_backward_impl}
+)

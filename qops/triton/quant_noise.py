@@ -1,4 +1,5 @@
-"""Triton implementation of quant_noise: ``torch.ops.qops_triton.quant_noise``.
+"""Triton implementation of quant_noise: the twin ``torch.ops.qops_triton.quant_noise`` (registered as every
+Triton twin is, qops/triton/__init__.py).
 
 Same signature and the same bits as ``torch.ops.qops.quant_noise`` (csrc/include/qops/philox.h):
 Philox4x32-10 with key = the seed's 32-bit halves and counter = (group low, group high, stream, 0),
@@ -16,10 +17,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from qops.quant_noise import check_args
+from qops.quant_noise import check_args, register_autograd
 from qops.reference import QUANT_NOISE_STREAM
+from qops.triton import register_twins
 
 _MUL0: tl.constexpr = 0xD2511F53
 _MUL1: tl.constexpr = 0xCD9E8D57
@@ -224,8 +226,7 @@ _BLOCK = 1024
 _GROUPS = 256
 
 
-@triton_op("qops_triton::quant_noise", mutates_args=())
-def quant_noise(
+def quant_noise_impl(
     x: torch.Tensor, bits: int, seed: int, axis: int = -1, dist: str = "gaussian"
 ) -> torch.Tensor:
     """Triton twin of torch.ops.qops.quant_noise (see qops.quant_noise for the semantics)."""
@@ -283,12 +284,4 @@ def quant_noise(
     return y
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad):
-    return grad, None, None, None, None
-
-
-quant_noise.register_autograd(_backward, setup_context=_setup_context)
+TWINS = register_twins(register_autograd, {"quant_noise": quant_noise_impl})
