@@ -10,8 +10,10 @@ namespace qops::cpu {
 
 // Scalar operations (a load and a compare, a multiply-add in plain code) worth one parallel task.
 constexpr int64_t kParallelMinWork = int64_t{1} << 18;
-// Multiply-adds of the vectorized convolution paths worth one task (they run ~10-50x faster than plain code).
-constexpr int64_t kParallelMinMacs = int64_t{1} << 22;
+// Multiply-adds of the vectorized convolution paths worth one task (they run ~10-50x faster than plain code):
+// ~2^24 is a few hundred microseconds of the dot path, so a layer of an image of ~41x41 pixels with 32 channels
+// (15M multiply-adds) stays on one thread, and one of 64 channels (60M) uses two.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 24;
 
 // Items per task so that every task does at least `min_work`.
 inline int64_t parallel_grain(int64_t work_per_item, int64_t min_work = kParallelMinWork) {
