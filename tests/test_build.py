@@ -108,7 +108,7 @@ def _parallel_for_calls(text: str):
 
 def test_every_parallel_for_has_a_grain_size():
     """A parallel_for without a grain size splits tiny problems over every thread: with 2 threads on a shared
-    machine a 41x41 image ran 37x slower than with one (a parked thread costs a scheduler quantum). Every
+    machine a parked second thread costs a scheduler quantum, tens of times a small convolution. Every
     at::parallel_for in csrc/ passes a grain computed from the work (parallel_grain, in
     csrc/include/qops/parallel_grain.h, or fake_quant's task plan), never a constant, except a loop over workers
     that claim grain-sized chunks themselves (its range is the thread count)."""
@@ -123,7 +123,7 @@ def test_every_parallel_for_has_a_grain_size():
 
 def test_cmake_builds_with_the_standard_of_setup_py():
     """`make cuda-check` (CMakeLists.txt) must compile the sources as setup.py does, or code that only one
-    standard accepts slips through (the .cu files were compiled as C++17 while the extension is C++20)."""
+    standard accepts slips through."""
     root = Path(__file__).resolve().parents[1]
     setup_std = set(re.findall(r"-std=c\+\+(\d+)", (root / "setup.py").read_text()))
     cmake = (root / "CMakeLists.txt").read_text()

@@ -464,7 +464,7 @@ def test_opcheck_fake_quant_backward(shape, axis):
 
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_double_backward_raises(axis):
-    """torch's built-in raises here too; without the registration autograd returned zeros."""
+    """torch's built-in raises here too (autograd would otherwise take the backward op for a constant: zeros)."""
     x = torch.randn(3, 4, requires_grad=True)
     channels = 1 if axis == -1 else 4
     s = torch.full((channels,), 0.1, requires_grad=True)

@@ -237,8 +237,8 @@ def test_zero_batch():
 
 @pytest.mark.parametrize("h, w, stride", [(0, 9, 1), (7, 0, 2), (0, 0, 3)])
 def test_input_without_rows_or_columns(h, w, stride):
-    """An empty spatial axis gives an empty output and zero gradients (the engines refused the convolution
-    with a message that named no argument)."""
+    """An empty spatial axis gives an empty output and zero gradients (the engines themselves refuse such a
+    convolution, with a message that names no argument)."""
     args, leaves = make_case(POOL[:3], [4, 8], [4, 8], h=h, w=w, stride=stride, seed=0)
     y = mixed_quant_conv(*args)
     assert y.shape == (2, 6, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0)
@@ -566,7 +566,7 @@ def test_errors(match, args):
     "k, name", [(1, "weights\\[1\\]"), (2, "probs"), (5, "w_scales"), (6, "a_scales"), (11, "bias"), (0, "")]
 )
 def test_meta_mixed_with_cpu_tensors_is_refused(k, name):
-    """A meta tensor among CPU ones dispatches to the fake kernel, which returned uninitialised CPU memory."""
+    """A meta tensor among CPU ones dispatches to the fake kernel: it must refuse, not return uninitialised memory."""
     args = _base()
     if k == 1:
         args[1] = [args[1][0], args[1][1].to("meta")]
@@ -597,7 +597,7 @@ def test_fake_kernel_errors(match, args):
 @pytest.mark.parametrize("mode", ["quant", "noise"])
 def test_stride_and_dilation_beyond_the_input_are_clamped(mode):
     """A stride or dilation of 2^40 and more (no tap but the centre reaches the input; one output pixel per
-    image row) gives the result at stride / dilation = the input's size instead of asking for terabytes."""
+    image row) gives the result at stride / dilation = the input's size, in input-sized buffers."""
     args, leaves = make_case([(3, 3, 1, 1), (5, 3, 1, 2)], [0, 4], [4, 8], h=7, w=9, seed=6)
     y = mixed_quant_conv(*with_spec(args, dilations=(2**40, 2**62), stride=2**62, mode=mode), 3)
     y_ref = reference(*with_spec(args, dilations=(9, 9), stride=9, mode=mode), 3)

@@ -375,9 +375,9 @@ def test_errors_packed_conv2d():
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("stride", [(1, 2**60), (2**62, 1), (2**63 - 1, 2**63 - 1), (1, 30_000_000), (12, 1)])
 def test_stride_beyond_the_padded_input_is_clamped(path_name, stride, monkeypatch):
-    """A stride of 2^60 (a crafted .qnp file) overflowed the activation layout and wrote past the heap; 3e7
-    allocated gigabytes. Beyond the padded input a stride leaves one output row or column: the result is the
-    convolution at stride = padded size, computed in input-sized buffers."""
+    """Beyond the padded input a stride (2^60 from a crafted .qnp file, or 3e7) leaves one output row or column:
+    the result is the convolution at stride = padded size, computed in input-sized buffers (unclamped, the
+    activation layout's SW * plane overflows and 3e7 asks for gigabytes)."""
     monkeypatch.setenv("QOPS_PACKED_PATH", path_name)
     gen = torch.Generator().manual_seed(1)
     x = act_codes(gen, (1, 5, 9, 11), 2, False)
@@ -412,7 +412,7 @@ def test_sizes_that_would_overflow_are_refused():
     "a_scale", [1e39, 1e-46, 1e-40, float("inf"), float("nan"), 0.0, -0.5, -float("inf")]
 )
 def test_a_scale_must_be_a_usable_float32_step(a_scale):
-    """1e39 is finite as a double but infinite in float32: it passed the check and gave all-NaN output."""
+    """1e39 is finite as a double but infinite in float32, where it would make every output NaN."""
     x, packed, shape = _ok_args()
     with pytest.raises(RuntimeError, match="a_scale: "):
         torch.ops.qops.quantized_conv2d(
@@ -439,7 +439,7 @@ def _mixed_device_cases():
 
 @pytest.mark.parametrize("case", range(len(_mixed_device_cases())))
 def test_meta_mixed_with_cpu_tensors_is_refused(case):
-    """A meta tensor among CPU tensors dispatches to the fake kernel, which returned uninitialised CPU memory."""
+    """A meta tensor among CPU tensors dispatches to the fake kernel: it must refuse, not return uninitialised memory."""
     name, call = _mixed_device_cases()[case]
     with pytest.raises(RuntimeError, match=f"{name}: expected a tensor on"):
         call()

@@ -288,8 +288,8 @@ def test_nan_poisons_only_its_slice():
 
 @pytest.mark.parametrize("bad", [float("inf"), -float("inf")])
 def test_infinity_poisons_only_its_slice(bad):
-    """A slice holding +-inf has no finite range: all of it is NaN, as with NaN (the kernels gave a mix of
-    +-inf and NaN that depended on each element's noise)."""
+    """A slice holding +-inf has no finite range: all of it is NaN, as with NaN (an infinite step would give
+    +-inf or NaN depending on each element's noise), in the kernels as in the reference."""
     x = torch.randn(3, 40)
     x[1, 7] = bad
     y = OP(x, 4, 0, 0)
@@ -303,8 +303,8 @@ def test_infinity_poisons_only_its_slice(bad):
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
 def test_ranges_near_the_largest_value_stay_finite(dtype, axis, isa, restore_isa):
-    """Finite values more than the dtype's largest value apart: max - min overflowed, delta became inf and
-    every output +-inf. The step is now computed from the halves; the noise is the usual delta-sized one."""
+    """Finite values more than the dtype's largest value apart: max - min overflows, so the step comes from the
+    halves (an infinite step would make every output +-inf); the noise is the usual delta-sized one."""
     if isa not in isas():
         pytest.skip(f"{isa} is not available here")
     qops.set_cpu_isa(isa)
