@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 PYTEST_ARGS ?=
 
-.PHONY: install build test bench cuda-check gpu-check gpu-wheels lint demo clean
+.PHONY: install build test bench cuda-check gpu-check gpu-wheels asan lint demo clean
 
 install: $(VENV)/.deps build
 
@@ -63,6 +63,28 @@ gpu-check:
 # Where PyPI is reachable: the wheels of the requirements a GPU machine may lack, for its Python 3.12.
 gpu-wheels:
 	$(PYTHON) scripts/gpu_check.py --download-wheels $(GPU_WHEELS)
+
+# qops._C with AddressSanitizer and UndefinedBehaviorSanitizer, built into build/asan (the normal build is left
+# alone) and imported from a copy of the package there (PYTHONSAFEPATH: not from the working directory); then the op tests against it (not the Triton ones: they
+# run no C++). Not part of `make test`; docs/kernels.md ("Sanitizers"). ASAN_TESTS and ASAN_EXAMPLES (examples
+# per hypothesis fuzzer) select the run.
+ASAN_TESTS ?= tests/test_fake_quant.py tests/test_quant_noise.py tests/test_mixed_quant_conv.py \
+	tests/test_packed_conv.py tests/test_op_bad_input.py
+ASAN_EXAMPLES ?= 10
+asan: $(VENV)/.deps
+	QOPS_SANITIZE=address,undefined QOPS_WITH_CUDA=0 $(PY) setup.py -q build_ext \
+		--build-lib build/asan/lib --build-temp build/asan/temp
+	rm -rf build/asan/pkg && mkdir -p build/asan/pkg/qops
+	ln -s $(abspath qops)/*.py $(abspath qops/triton) build/asan/pkg/qops/
+	cp build/asan/lib/qops/_C*.so build/asan/pkg/qops/
+	# libasan first in the process (python is not instrumented), libstdc++ with it so that ASan's __cxa_throw
+	# interceptor finds the real one (C++ exceptions, i.e. every RuntimeError of an op, abort otherwise).
+	export LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+		PYTHONPATH=build/asan/pkg PYTHONSAFEPATH=1 \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+		QOPS_HYPOTHESIS_EXAMPLES=$(ASAN_EXAMPLES) && \
+	$(PY) -c "import qops; assert '/build/asan/' in qops._C.__file__, qops._C.__file__" && \
+	$(PY) -m pytest -q -p no:cacheprovider -m "not triton" $(PYTEST_ARGS) $(ASAN_TESTS)
 
 lint: $(VENV)/.deps
 	$(PY) -m ruff check qops python bench tests setup.py

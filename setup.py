@@ -9,6 +9,8 @@ Switches (environment variables):
     QOPS_CUDA_ARCH="8.0;9.0"  forwarded as TORCH_CUDA_ARCH_LIST when set
     QOPS_ISAS="DEFAULT AVX2 AVX512"  CPU kernel variants compiled for runtime dispatch
     QOPS_DEBUG=1              -O0 -g
+    QOPS_SANITIZE=address,undefined   compile and link with -fsanitize=... (`make asan`; needs LD_PRELOAD of
+                              libasan at run time, see docs/kernels.md)
 """
 
 import glob
@@ -88,15 +90,25 @@ def extensions():
     build_dir = os.path.join(ROOT, "build")
     isa_sources, isa_defines = _isa_wrappers(build_dir)
     # Relative paths keep object names short and stable; ISA wrappers come last (see ISAS).
-    sources = ["csrc/ops.cpp"] + sorted(
-        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    # csrc/*.cpp: the schemas and device-neutral host code; csrc/cpu/*.cpp: the CPU entry points.
+    sources = sorted(
+        os.path.relpath(p, ROOT)
+        for pattern in ("*.cpp", os.path.join("cpu", "*.cpp"))
+        for p in glob.glob(os.path.join(ROOT, "csrc", pattern))
     )
     sources += [os.path.relpath(p, ROOT) for p in isa_sources]
     debug = os.environ.get("QOPS_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fopenmp", "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"] + isa_defines
+    link = ["-fopenmp"]
+    sanitize = os.environ.get("QOPS_SANITIZE", "")
+    if sanitize:
+        # Every report is an error (no recovery); frame pointers for readable stacks; -O1 keeps it quick.
+        flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx += flags + ["-O1"]
+        link += flags
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=include_dirs, extra_link_args=link)
     if _want_cuda(torch):
         if os.environ.get("QOPS_CUDA_ARCH"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["QOPS_CUDA_ARCH"]

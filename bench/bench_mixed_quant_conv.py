@@ -18,10 +18,13 @@ extra_info.peak_mb and in the report's table.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import qops  # noqa: F401  (registers torch.ops.qops)
+from qops.mixed_quant_conv import MixedQuantConvSpec
 from qops.mixed_quant_conv import mixed_quant_conv as fused
 from qops.reference import mixed_quant_conv as naive_loop
 
@@ -52,31 +55,24 @@ def _layer(name: str, channels_last: bool, device="cpu", batch=BATCH, size=SIZE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    args = (x, ws, probs, BITS, BITS, w_scales, a_scales, False, groups, [1] * n, 1, bias)
+    spec = MixedQuantConvSpec(BITS, BITS, groups, [1] * n)
+    args = (x, ws, probs, w_scales, a_scales, bias, spec)
     leaves = [x, *ws, probs, w_scales, a_scales, bias]
     terms = tie.tolist()
     macs = sum(batch * size * size * c * (c // g) * kh * kw for kh, kw, g in cfg["candidates"]) * len(BITS)
     return args, leaves, terms, macs
 
 
-def _naive_noise_loop(
-    x,
-    weights,
-    probs,
-    w_bits,
-    a_bits,
-    w_scales,
-    a_scales,
-    a_signed,
-    groups,
-    dilations,
-    stride,
-    bias,
-    terms,
-    seed=0,
-):
+def _naive_noise_loop(x, weights, probs, w_scales, a_scales, bias, spec, terms, seed=0):
     """The per-term loop of noise mode with torch.ops.qops.quant_noise (one seed per noise tensor; the same
     statistics as the fused op's streams, other numbers), identity gradients."""
+    w_bits, a_bits, groups, dilations, stride = (
+        spec.w_bits,
+        spec.a_bits,
+        spec.groups,
+        spec.dilations,
+        spec.stride,
+    )
 
     def noisy(t, bits, k):
         return t if bits == 0 else t + (torch.ops.qops.quant_noise(t.detach(), bits, seed + k) - t).detach()
@@ -102,7 +98,7 @@ def _step(impl, args, leaves, terms, mode="quant"):
     elif impl == "naive":
         y = naive_loop(*args, terms=terms)
     else:
-        y = fused(*args, mode=mode)
+        y = fused(*args[:6], dataclasses.replace(args[6], mode=mode))
     y.backward(torch.ones_like(y))
 
 

@@ -24,6 +24,7 @@ from . import packed  # noqa: E402,F401  (pack_weight, packed_conv2d, quantized_
 from .fake_quant import fake_quant as fake_quant  # noqa: E402  (LSQ: torch.ops.qops.fake_quant)
 from .mixed_quant_conv import mixed_quant_conv  # noqa: E402  (fake + autograd of the supernet op)
 from .quant_noise import quant_noise  # noqa: E402  (fake + autograd of torch.ops.qops.quant_noise)
+from .ranges import quant_range  # noqa: E402  (the integer code range of b bits)
 
 __version__ = "0.1.0"
 
@@ -48,10 +49,12 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
-try:  # Triton twins (torch.ops.qops_triton.*): only where triton is installed
-    from .triton import quant_noise as _triton_quant_noise  # noqa: E402,F401
+try:  # Triton twins (torch.ops.qops_triton.*, qops/triton/__init__.py): only where triton is installed
+    import triton as _triton  # noqa: E402,F401
 except ImportError:  # pragma: no cover - triton is optional
     pass
+else:
+    from . import triton  # noqa: E402,F401
 
 __all__ = [
     "cpu_isa",
@@ -61,5 +64,6 @@ __all__ = [
     "fake_quant",
     "quant_noise",
     "mixed_quant_conv",
+    "quant_range",
     "torch",
 ]

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from . import reference
-from .mixed_quant_conv import mixed_quant_conv
+from .mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
 from .packed import pack_weight, quantize_weight, quantized_conv2d
+from .ranges import quant_range
 
 __all__ = ["MixedQuantConv2d", "PackedConv2d", "alpha_parameters", "weight_parameters"]
 
@@ -103,6 +104,9 @@ class MixedQuantConv2d(nn.Module):
             self.groups.append(g)
             self.dilations.append(d)
         self.weights = nn.ParameterList(weights)
+        self.spec = MixedQuantConvSpec(
+            self.w_bits, self.a_bits, self.groups, self.dilations, a_signed, self.stride, mode
+        )
         self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
         n_ops, n_w, n_a = len(weights), len(self.w_bits), len(self.a_bits)
         self.w_scales = nn.Parameter(torch.ones(n_ops, n_w))
@@ -134,7 +138,7 @@ class MixedQuantConv2d(nn.Module):
 
     @staticmethod
     def _qmax(bits: int, signed: bool) -> int:
-        return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        return quant_range(bits, signed)[1]
 
     @torch.no_grad()
     def _init_scales(self, x: torch.Tensor) -> None:
@@ -177,22 +181,7 @@ class MixedQuantConv2d(nn.Module):
         w_scales, a_scales = self._lsq_scales(x)
         if self.mode == "noise" and seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        args = (
-            x,
-            list(self.weights),
-            self.probs(),
-            self.w_bits,
-            self.a_bits,
-            w_scales,
-            a_scales,
-            self.a_signed,
-            self.groups,
-            self.dilations,
-            self.stride,
-            self.bias,
-            self.mode,
-            seed or 0,
-        )
+        args = (x, list(self.weights), self.probs(), w_scales, a_scales, self.bias, self.spec, seed or 0)
         if self.impl == "naive":
             return reference.mixed_quant_conv(*args, terms=self._terms)
         return mixed_quant_conv(*args)

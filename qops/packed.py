@@ -13,11 +13,22 @@ grad but its backward raises; train with fake quantization and convert with
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 from . import _C  # noqa: F401  (registers the schemas and kernels)
+from .ranges import quant_range
 
-__all__ = ["pack_weight", "packed_conv2d", "quantized_conv2d", "quantize_weight", "weight_code_range"]
+__all__ = [
+    "pack_weight",
+    "unpack_weight",
+    "packed_conv2d",
+    "quantized_conv2d",
+    "quantize_weight",
+    "weight_code_range",
+]
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> list[int]:
@@ -25,8 +36,9 @@ def _pair(v: int | tuple[int, int] | list[int]) -> list[int]:
 
 
 def weight_code_range(bits: int) -> tuple[int, int]:
-    """Codes of a ``bits``-bit weight: [-2^(b-1), 2^(b-1)-1]; for 1 bit the codes are -1 and +1."""
-    return (-1, 1) if bits == 1 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    """Smallest and largest code of a ``bits``-bit packed weight: ``qops.quant_range(bits, signed=True)``, except
+    1 bit, whose codes are the binary -1 and +1 (0 is not a code)."""
+    return (-1, 1) if bits == 1 else quant_range(bits, True)
 
 
 def quantize_weight(weight: torch.Tensor, w_scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,6 +59,21 @@ def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs int8 weight codes [Cout, Cin, kh, kw] in [-2^(b-1), 2^(b-1)-1] (1 bit: -1/+1) into a uint8 buffer
     of Cout * bits * ceil(Cin*kh*kw / 32) * 4 bytes (bit-plane rows, see docs/kernels.md)."""
     return torch.ops.qops.pack_weight(w_codes, bits)
+
+
+def unpack_weight(w_packed: torch.Tensor, w_shape: list[int], bits: int) -> torch.Tensor:
+    """The int8 codes [Cout, Cin, kh, kw] stored in a :func:`pack_weight` buffer of weights of shape ``w_shape`` at
+    ``bits`` bits: the inverse of pack_weight (pure torch, any device; e.g. to export a packed model)."""
+    cout = w_shape[0]
+    k = w_shape[1] * w_shape[2] * w_shape[3]
+    kw = (k + 31) // 32
+    b = w_packed.to(torch.int64).reshape(cout, bits, kw, 4)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    shifts = torch.arange(32, dtype=torch.int64, device=b.device)
+    bitsk = ((words.unsqueeze(-1) >> shifts) & 1).reshape(cout, bits, kw * 32)[..., :k]
+    u = sum(bitsk[:, j] << j for j in range(bits))
+    codes = 2 * u - 1 if bits == 1 else torch.where(u >= 2 ** (bits - 1), u - 2**bits, u)
+    return codes.to(torch.int8).reshape(w_shape)
 
 
 def packed_conv2d(
@@ -96,22 +123,101 @@ def quantized_conv2d(
     )
 
 
-def _out_hw(x, w_shape, stride, padding):
-    ho = (x.shape[2] + 2 * padding[0] - w_shape[2]) // stride[0] + 1
-    wo = (x.shape[3] + 2 * padding[1] - w_shape[3]) // stride[1] + 1
-    return ho, wo
+# The fake (meta) kernels: the checks of csrc/include/qops/packed_conv_args.h with the same messages, so that
+# torch.compile, meta tensors and a meta tensor mixed with real ones fail (or agree) like the kernels.
+
+
+def _check_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    torch._check(
+        t.device == ref.device,
+        lambda: f"{name}: expected a tensor on {ref.device} like {ref_name}, got {t.device}",
+    )
+
+
+def _check_dtype(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    torch._check(t.dtype == dtype, lambda: f"{name}: expected dtype {dtype}, got {t.dtype}")
+
+
+def _float32(v: float) -> float:
+    """v rounded to float32 (infinite beyond its range), without tensors: fake kernels may not read data."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+
+
+def _check_bits(bits: int, name: str) -> None:
+    torch._check(1 <= bits <= 8, lambda: f"{name}: expected a bit-width in 1..8, got {bits}")
+
+
+def _check_conv(x, x_name, w_packed, w_shape, w_bits, a_bits, stride, padding) -> tuple[int, int]:
+    """The checks of csrc/include/qops/packed_conv_args.h (check_conv); returns the output's (Ho, Wo)."""
+    torch._check(x.dim() == 4, lambda: f"{x_name}: expected 4 dimensions, got shape {tuple(x.shape)}")
+    _check_dtype(w_packed, torch.uint8, "w_packed")
+    torch._check(
+        w_packed.dim() == 1, lambda: f"w_packed: expected 1 dimensions, got shape {tuple(w_packed.shape)}"
+    )
+    _check_device(w_packed, "w_packed", x, x_name)
+    _check_bits(w_bits, "w_bits")
+    _check_bits(a_bits, "a_bits")
+    torch._check(len(w_shape) == 4, lambda: f"w_shape: expected [Cout, Cin, kh, kw], got {list(w_shape)}")
+    torch._check(
+        all(v > 0 for v in w_shape), lambda: f"w_shape: expected positive sizes, got {list(w_shape)}"
+    )
+    torch._check(len(stride) == 2, lambda: f"stride: expected 2 values, got {list(stride)}")
+    torch._check(len(padding) == 2, lambda: f"padding: expected 2 values, got {list(padding)}")
+    torch._check(min(stride) >= 1, lambda: f"stride: expected values >= 1, got {list(stride)}")
+    torch._check(min(padding) >= 0, lambda: f"padding: expected values >= 0, got {list(padding)}")
+    cout, cin, kh, kw = w_shape
+    torch._check(
+        cin == x.shape[1],
+        lambda: f"w_shape: Cin = {cin} does not match the {x.shape[1]} channels of {x_name}",
+    )
+    k = cin * kh * kw
+    k_limit = 1 << (32 - a_bits - w_bits)
+    torch._check(
+        k < k_limit,
+        lambda: (
+            f"w_shape: K = Cin*kh*kw = {k} is too large for exact int32 accumulation at {w_bits}x{a_bits} bits"
+        ),
+    )
+    want = cout * w_bits * ((k + 31) // 32) * 4
+    torch._check(
+        w_packed.shape[0] == want,
+        lambda: (
+            f"w_shape: {list(w_shape)} at w_bits={w_bits} needs a packed buffer of {want} bytes, "
+            f"but w_packed has {w_packed.shape[0]}"
+        ),
+    )
+    torch._check(
+        padding[0] < kh and padding[1] < kw,
+        lambda: f"padding: expected values below the kernel size ({kh}, {kw}), got {list(padding)}",
+    )
+    hp, wp = x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]
+    torch._check(
+        hp >= kh and wp >= kw,
+        lambda: f"{x_name}: padded input {hp}x{wp} is smaller than the kernel {kh}x{kw}",
+    )
+    # A stride beyond the padded input leaves one output row (column); the kernels clamp it, same shape.
+    return (hp - kh) // stride[0] + 1, (wp - kw) // stride[1] + 1
 
 
 @torch.library.register_fake("qops::pack_weight")
 def _pack_weight_fake(w_codes, bits):
+    _check_dtype(w_codes, torch.int8, "w_codes")
+    torch._check(
+        w_codes.dim() == 4, lambda: f"w_codes: expected 4 dimensions, got shape {tuple(w_codes.shape)}"
+    )
+    _check_bits(bits, "bits")
     cout = w_codes.shape[0]
-    k = w_codes.numel() // max(cout, 1)
+    k = w_codes.shape[1] * w_codes.shape[2] * w_codes.shape[3]
     return w_codes.new_empty((cout * bits * ((k + 31) // 32) * 4,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("qops::packed_conv2d")
 def _packed_conv2d_fake(x_codes, w_packed, w_shape, w_bits, a_bits, a_signed, stride, padding):
-    ho, wo = _out_hw(x_codes, w_shape, stride, padding)
+    _check_dtype(x_codes, torch.int8 if a_signed else torch.uint8, "x_codes")
+    ho, wo = _check_conv(x_codes, "x_codes", w_packed, w_shape, w_bits, a_bits, stride, padding)
     return x_codes.new_empty((x_codes.shape[0], w_shape[0], ho, wo), dtype=torch.int32)
 
 
@@ -119,7 +225,32 @@ def _packed_conv2d_fake(x_codes, w_packed, w_shape, w_bits, a_bits, a_signed, st
 def _quantized_conv2d_fake(
     x, w_packed, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding
 ):
-    ho, wo = _out_hw(x, w_shape, stride, padding)
+    _check_dtype(x, torch.float32, "x")
+    ho, wo = _check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding)
+    _check_dtype(w_scale, torch.float32, "w_scale")
+    _check_device(w_scale, "w_scale", x, "x")
+    torch._check(
+        w_scale.dim() <= 1 and (w_scale.numel() == w_shape[0] or w_scale.numel() == 1),
+        lambda: f"w_scale: expected shape [Cout] = [{w_shape[0]}] or one element, got {tuple(w_scale.shape)}",
+    )
+    torch._check(
+        math.isfinite(a_scale) and a_scale > 0,
+        lambda: f"a_scale: expected a positive finite step, got {a_scale}",
+    )
+    a_scale_f = _float32(a_scale)
+    torch._check(
+        math.isfinite(a_scale_f) and a_scale_f > 0 and math.isfinite(_float32(1.0 / a_scale_f)),
+        lambda: (
+            f"a_scale: {a_scale} is not a usable float32 step (its float32 value or inverse is 0 or infinite)"
+        ),
+    )
+    if bias is not None:
+        _check_dtype(bias, torch.float32, "bias")
+        _check_device(bias, "bias", x, "x")
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == w_shape[0],
+            lambda: f"bias: expected shape [{w_shape[0]}], got {tuple(bias.shape)}",
+        )
     return x.new_empty((x.shape[0], w_shape[0], ho, wo), dtype=torch.float32)
 
 

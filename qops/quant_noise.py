@@ -12,9 +12,9 @@ import torch
 from .reference import NOISE_DISTS
 
 
-def _check_args(x: torch.Tensor, bits: int, axis: int, dist: str) -> None:
-    # The same checks (and messages) as csrc/include/qops/quant_noise_args.h, so that tracing under
-    # torch.compile fails like eager does.
+def check_args(x: torch.Tensor, bits: int, axis: int, dist: str) -> None:
+    # The same checks (and messages) as csrc/include/qops/quant_noise_args.h, for the fake kernel (tracing
+    # under torch.compile fails like eager does) and the Triton kernel.
     torch._check(x.is_floating_point(), lambda: f"x: expected a floating-point tensor, got {x.dtype}")
     torch._check(1 <= bits <= 16, lambda: f"bits: expected a bit-width in 1..16, got {bits}")
     torch._check(dist in NOISE_DISTS, lambda: f'dist: expected "gaussian" or "uniform", got "{dist}"')
@@ -26,21 +26,28 @@ def _check_args(x: torch.Tensor, bits: int, axis: int, dist: str) -> None:
 
 @torch.library.register_fake("qops::quant_noise")
 def _quant_noise_fake(x, bits, seed, axis=-1, dist="gaussian"):
-    _check_args(x, bits, axis, dist)
+    check_args(x, bits, axis, dist)
     return x.new_empty(x.shape)  # the kernels return a contiguous tensor
 
 
 def _setup_context(ctx, inputs, output):
-    pass
+    ctx.n_inputs = len(inputs)
 
 
 def _quant_noise_backward(ctx, grad):
     # Identity for x: the range (hence delta) is treated as a constant, as QuantNAS does when it
     # perturbs weights and activations during the search. bits, seed, axis, dist: not differentiable.
-    return grad, None, None, None, None
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
-torch.library.register_autograd("qops::quant_noise", _quant_noise_backward, setup_context=_setup_context)
+def register_autograd(namespace: str) -> None:
+    """The autograd formula of ``<namespace>::quant_noise`` (qops, or its Triton twin qops_triton)."""
+    torch.library.register_autograd(
+        f"{namespace}::quant_noise", _quant_noise_backward, setup_context=_setup_context
+    )
+
+
+register_autograd("qops")
 
 
 def quant_noise(

@@ -7,7 +7,15 @@ reference is that built-in.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from .packed import unpack_weight
+from .ranges import quant_range
+
+if TYPE_CHECKING:
+    from qops.mixed_quant_conv import MixedQuantConvSpec
 
 
 def _per_channel_axis(x: torch.Tensor, axis: int) -> int:
@@ -268,6 +276,19 @@ def philox_noise(
     return eps.reshape(-1)[start : start + numel]
 
 
+def quant_noise_half_delta(lo: torch.Tensor, hi: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """delta / 2 = ((hi - lo) / levels) / 2 in lo's dtype (float32 correctly rounded), as
+    csrc/include/qops/quant_noise_math.h computes it: where finite bounds are more than the dtype's largest
+    value apart (hi - lo overflows), from the halves (hi/2 - lo/2) / levels, the unbounded-exponent value;
+    NaN where a bound is NaN or infinite (the slice has no finite range: all its outputs are NaN)."""
+    d = hi - lo
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    overflow = torch.isinf(d) & finite
+    num = torch.where(overflow, hi * 0.5 - lo * 0.5, d)
+    q = div_f32(num, levels) if lo.dtype == torch.float32 else num / levels
+    return torch.where(finite, torch.where(overflow, q, q * 0.5), torch.full_like(q, float("nan")))
+
+
 def quant_noise(
     x: torch.Tensor,
     bits: int,
@@ -298,8 +319,7 @@ def quant_noise(
         view = [1] * x.dim()
         view[ax] = x.shape[ax]
         lo, hi = lo.view(view), hi.view(view)
-    levels = torch.tensor(2**bits - 1, dtype=acc)
-    half_delta = (div_f32(hi - lo, levels) if acc == torch.float32 else (hi - lo) / levels) * 0.5
+    half_delta = quant_noise_half_delta(lo, hi, torch.tensor(2**bits - 1, dtype=acc))
     eps = philox_noise(x.numel(), seed, stream, dist).view(x.shape)
     if acc == torch.float32:
         y = fma_f32(half_delta.expand(x.shape), eps, xf)
@@ -312,10 +332,6 @@ def quant_noise(
 # ---------------------------------------------------------------------------------------------------------
 # Bit-packed low-bit convolution (pack_weight, packed_conv2d, quantized_conv2d): the packed layout of
 # csrc/include/qops/packed_layout.h written with tensor ops, and convolutions computed exactly in float64.
-
-
-def _code_range(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -332,20 +348,6 @@ def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = torch.stack(planes, 1)  # [Cout, bits, KW] as int64 holding uint32 values
     byte_shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=u.device)
     return ((words.unsqueeze(-1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1)
-
-
-def unpack_weight(w_packed: torch.Tensor, w_shape: list[int], bits: int) -> torch.Tensor:
-    """The int8 codes [Cout, Cin, kh, kw] stored in a pack_weight buffer."""
-    cout = w_shape[0]
-    k = w_shape[1] * w_shape[2] * w_shape[3]
-    kw = (k + 31) // 32
-    b = w_packed.to(torch.int64).reshape(cout, bits, kw, 4)
-    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    shifts = torch.arange(32, dtype=torch.int64, device=b.device)
-    bitsk = ((words.unsqueeze(-1) >> shifts) & 1).reshape(cout, bits, kw * 32)[..., :k]
-    u = sum(bitsk[:, j] << j for j in range(bits))
-    codes = 2 * u - 1 if bits == 1 else torch.where(u >= 2 ** (bits - 1), u - 2**bits, u)
-    return codes.to(torch.int8).reshape(w_shape)
 
 
 def packed_conv2d(
@@ -368,9 +370,10 @@ def packed_conv2d(
 
 def quantize_activation(x: torch.Tensor, a_scale: float, a_bits: int, a_signed: bool) -> torch.Tensor:
     """Activation codes as fake_quant computes them: clamp(nearbyint(x * (1 / scale))) in float32."""
-    lo, hi = _code_range(a_bits, a_signed)
+    lo, hi = quant_range(a_bits, a_signed)
     inv = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(a_scale, dtype=torch.float32)
-    return torch.clamp(torch.round(x.to(torch.float32) * inv.to(x.device)), lo, hi)
+    codes = torch.clamp(torch.round(x.to(torch.float32) * inv.to(x.device)), lo, hi)
+    return torch.where(torch.isnan(codes), lo, codes)  # NaN is below the range, as in fake_quant
 
 
 def quantized_conv2d(
@@ -401,17 +404,12 @@ def mixed_quant_conv(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     probs: torch.Tensor,
-    w_bits: list[int],
-    a_bits: list[int],
     w_scales: torch.Tensor,
     a_scales: torch.Tensor,
-    a_signed: bool,
-    groups: list[int],
-    dilations: list[int],
-    stride: int = 1,
-    bias: torch.Tensor | None = None,
-    mode: str = "quant",
+    bias: torch.Tensor | None,
+    spec: MixedQuantConvSpec,
     seed: int = 0,
+    *,
     terms=None,
 ) -> torch.Tensor:
     """The QuantNAS supernet layer written as its definition (Shvetsov et al., "QuantNAS for super
@@ -421,12 +419,21 @@ def mixed_quant_conv(
         y = sum_{o,i,j} probs[o,i,j] * conv_o(FQa_j(x), FQw_i(weights[o])) + bias,
 
     with FQ the LSQ fake quantization (torch's learnable fake quantize, zero point 0), weights signed
-    [-2^(b-1), 2^(b-1)-1], activations [0, 2^b-1] (or signed), bits 0 = full precision, "same" padding
-    dilation*(k-1)/2 per side. mode "noise" replaces each FQ by :func:`quant_noise` (gaussian) of the
-    call's seed on the streams of :func:`mixed_quant_conv_noise_streams`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum
-    to those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks
-    use as the baseline.
+    and activations unsigned or signed in their :func:`qops.quant_range`, bits 0 = full precision, "same"
+    padding dilation*(k-1)/2 per side; arguments as :func:`qops.mixed_quant_conv.mixed_quant_conv`. Mode "noise"
+    replaces each FQ by :func:`quant_noise` (gaussian) of the call's seed on the streams of
+    :func:`mixed_quant_conv_noise_streams`. ``terms`` (nested [o][i][j] booleans, default all) limits the sum to
+    those terms: the naive loop over the non-zero terms (tied bit-widths) that qops.nn and the benchmarks use as
+    the baseline.
     """
+    w_bits, a_bits, a_signed, groups, dilations = (
+        spec.w_bits,
+        spec.a_bits,
+        spec.a_signed,
+        spec.groups,
+        spec.dilations,
+    )
+    stride, mode = spec.stride, spec.mode
     if mode not in ("quant", "noise"):
         raise RuntimeError(f'mode: expected "quant" or "noise", got "{mode}"')
     a_streams, w_streams = mixed_quant_conv_noise_streams(len(weights), len(w_bits), len(a_bits))
@@ -437,7 +444,7 @@ def mixed_quant_conv(
         if mode == "noise":
             # The kernels add noise without differentiating through the range: identity gradient.
             return t + (quant_noise(t, bits, seed, stream=stream) - t).detach()
-        qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        qmin, qmax = quant_range(bits, signed)
         zero_point = torch.zeros(1, dtype=torch.float32, device=t.device)
         return torch._fake_quantize_learnable_per_tensor_affine(
             t, scale.reshape(1), zero_point, qmin, qmax, 1.0

@@ -4,15 +4,17 @@ the nn module, and every documented error."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis_examples import examples
 
 import qops
-from qops.mixed_quant_conv import mixed_quant_conv
+from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv, op_args
 from qops.nn import MixedQuantConv2d, alpha_parameters, weight_parameters
 from qops.reference import mixed_quant_conv as reference
 
@@ -61,22 +63,15 @@ def make_case(
     elif layout == "strided":
         x = torch.randn(n, cin, h, 2 * w, generator=g)[..., ::2]
     x.requires_grad_()
-    args = (
-        x,
-        weights,
-        probs,
-        list(w_bits),
-        list(a_bits),
-        w_scales,
-        a_scales,
-        a_signed,
-        [c[2] for c in cands],
-        [c[3] for c in cands],
-        stride,
-        b,
-    )
+    spec = MixedQuantConvSpec(w_bits, a_bits, [c[2] for c in cands], [c[3] for c in cands], a_signed, stride)
+    args = (x, weights, probs, w_scales, a_scales, b, spec)
     leaves = [x, *weights, probs, w_scales, a_scales] + ([b] if bias else [])
     return args, leaves
+
+
+def with_spec(args, **changes):
+    """args of make_case with spec fields replaced (mode, stride, ...)."""
+    return (*args[:6], dataclasses.replace(args[6], **changes))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,7 +96,7 @@ def check_against_reference(args, leaves, fn=mixed_quant_conv):
             assert rel_err(a, b) <= GRAD_TOL, (k, rel_err(a, b))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cand_idx=st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=4),
     w_bits=st.lists(st.sampled_from([0, 2, 3, 4, 8]), min_size=1, max_size=3),
@@ -240,35 +235,67 @@ def test_zero_batch():
     assert y.shape == (0, 6, 7, 9)
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("h, w, stride", [(0, 9, 1), (7, 0, 2), (0, 0, 3)])
+def test_input_without_rows_or_columns(h, w, stride):
+    """An empty spatial axis gives an empty output and zero gradients (the engines themselves refuse such a
+    convolution, with a message that names no argument)."""
+    args, leaves = make_case(POOL[:3], [4, 8], [4, 8], h=h, w=w, stride=stride, seed=0)
+    y = mixed_quant_conv(*args)
+    assert y.shape == (2, 6, (h - 1) // stride + 1 if h else 0, (w - 1) // stride + 1 if w else 0)
+    assert y.numel() == 0
+    grads = torch.autograd.grad(y.sum(), leaves)
+    for g, t in zip(grads, leaves, strict=True):
+        assert g.shape == t.shape and not g.any()
+
+
+@pytest.mark.parametrize("frozen_weights", [False, True])
+def test_double_backward_raises(frozen_weights):
     args, leaves = make_case(POOL[:2], [4], [4], seed=0)
+    if frozen_weights:
+        for w in args[1]:
+            w.requires_grad_(False)
     y = mixed_quant_conv(*args)
     (gx,) = torch.autograd.grad(y.sum(), [args[0]], create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
+    with pytest.raises(RuntimeError, match="mixed_quant_conv: does not support double backward"):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("trainable", ["x", "probs", "scales", "nothing"])
+def test_backward_with_frozen_weights(trainable):
+    """No candidate weight requires grad (a frozen layer, post-training calibration): the weights' gradient
+    is one None per weight, and the other gradients equal the reference's."""
+    args, leaves = make_case(POOL[:3], [4, 8], [4, 8], seed=2)
+    x, weights, probs, w_scales, a_scales = args[:5]
+    wanted = {"x": [x], "probs": [probs], "scales": [w_scales, a_scales], "nothing": []}[trainable]
+    for t in leaves:
+        t.requires_grad_(any(t is u for u in wanted))
+    y = mixed_quant_conv(*args)
+    y_ref = reference(*args)
+    if not wanted:
+        assert not y.requires_grad
+        return
+    gy = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, wanted, gy)
+    grads_ref = torch.autograd.grad(y_ref, wanted, gy)
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert rel_err(a, b) <= GRAD_TOL
+
+
+def test_frozen_module_backward():
+    layer = MixedQuantConv2d(4, 4, BASIC[:3], w_bits=(4, 8), a_bits=(4, 8))
+    layer.requires_grad_(False)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_backward_output_mask_skips_unneeded():
     args, _ = make_case(POOL[:2], [4], [4], seed=0)
-    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = args
+    probs = args[2]
     y = mixed_quant_conv(*args)
+    mask = [False, False, True, False, False, False]
     outs = torch.ops.qops.mixed_quant_conv_backward(
-        torch.ones_like(y),
-        x,
-        weights,
-        probs,
-        w_bits,
-        a_bits,
-        w_scales,
-        a_scales,
-        a_signed,
-        groups,
-        dilations,
-        stride,
-        True,
-        "quant",
-        0,
-        [False, False, True, False, False, False],
+        torch.ones_like(y), *op_args(*args)[:11], True, "quant", 0, mask
     )
     gx, gw, gp, gws, gas, gb = outs
     assert gx.numel() == 0 and gw == [] and gws.numel() == 0 and gas.numel() == 0 and gb.numel() == 0
@@ -283,8 +310,8 @@ def test_backward_output_mask_skips_unneeded():
 def test_noise_matches_reference(monkeypatch, engine, layout):
     monkeypatch.setenv("QOPS_MQC_ENGINE", engine)
     args, leaves = make_case(POOL[:6], [0, 3, 8], [2, 0, 8], layout=layout, seed=5)
-    y = mixed_quant_conv(*args, mode="noise", seed=1234)
-    y_ref = reference(*args, mode="noise", seed=1234)
+    y = mixed_quant_conv(*with_spec(args, mode="noise"), 1234)
+    y_ref = reference(*with_spec(args, mode="noise"), 1234)
     assert rel_err(y, y_ref) <= FWD_TOL
     gy = torch.randn_like(y_ref)
     grads = torch.autograd.grad(y, leaves, gy)
@@ -301,22 +328,8 @@ def _identity_layer(x, a_bits, mode="noise", seed=0):
     c = x.shape[1]
     w = torch.eye(c).view(c, c, 1, 1)
     probs = torch.full((1, 1, len(a_bits)), 1.0 / len(a_bits))
-    return mixed_quant_conv(
-        x,
-        [w],
-        probs,
-        [0],
-        a_bits,
-        torch.ones(1, 1),
-        torch.ones(len(a_bits)),
-        False,
-        [1],
-        [1],
-        1,
-        None,
-        mode,
-        seed,
-    )
+    spec = MixedQuantConvSpec([0], a_bits, [1], [1], mode=mode)
+    return mixed_quant_conv(x, [w], probs, torch.ones(1, 1), torch.ones(len(a_bits)), None, spec, seed)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -346,9 +359,9 @@ def test_noise_determinism_and_streams():
 
 def test_noise_ignores_scales():
     args, _ = make_case(POOL[:2], [4], [4], seed=0)
-    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    args[5] = -torch.ones(2, 1)  # would be rejected in quant mode
-    y = torch.ops.qops.mixed_quant_conv(*args, "noise", 0)
+    x, weights, probs, _, a_scales, b, spec = args
+    w_scales = -torch.ones(2, 1)  # would be rejected in quant mode
+    y = mixed_quant_conv(x, weights, probs, w_scales, a_scales, b, dataclasses.replace(spec, mode="noise"))
     assert torch.isfinite(y).all()
 
 
@@ -359,8 +372,9 @@ def test_noise_ignores_scales():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_opcheck(layout, mode):
     args, _ = make_case([(3, 3, 1, 1), (1, 3, 3, 1)], [0, 4], [2, 8], stride=2, layout=layout, seed=11)
-    torch.library.opcheck(torch.ops.qops.mixed_quant_conv.default, (*args, mode, 5))
-    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = args
+    flat = op_args(*with_spec(args, mode=mode), 5)
+    torch.library.opcheck(torch.ops.qops.mixed_quant_conv.default, flat)
+    x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups, dilations, stride, b = flat[:12]
     ho, wo = (x.shape[2] - 1) // 2 + 1, (x.shape[3] - 1) // 2 + 1
     grad = torch.randn(x.shape[0], weights[0].shape[0], ho, wo)
     # The backward op is not differentiable itself (double backward raises): check it on plain tensors.
@@ -393,13 +407,9 @@ def test_torch_compile_fullgraph():
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def layer(x, weights, probs, w_scales, a_scales, b):
-        y = mixed_quant_conv(
-            x, weights, probs, [4, 8], [4, 8], w_scales, a_scales, False, args[8], args[9], 1, b
-        )
-        return torch.relu(y).sum()
+        return torch.relu(mixed_quant_conv(x, weights, probs, w_scales, a_scales, b, args[6])).sum()
 
-    x, weights, probs, _, _, w_scales, a_scales, _, _, _, _, b = args
-    loss = layer(x, weights, probs, w_scales, a_scales, b)
+    loss = layer(*args[:6])
     grads = torch.autograd.grad(loss, leaves)
     y_ref = reference(*args)
     loss_ref = torch.relu(y_ref).sum()
@@ -450,9 +460,8 @@ def test_module_lsq_init_and_grad_scale():
     assert torch.allclose(m.w_scales.detach()[0, 0], 2 * m.weights[0].detach().abs().mean() / 7**0.5)
     # LSQ's gradient scale: the raw scale gradient of the op times 1/sqrt(numel * qmax).
     x2 = x.clone().requires_grad_()
-    args = (x2, [m.weights[0]], m.probs(), [4], [4], m.w_scales, m.a_scales, False, [1], [1], 1, m.bias)
     a_scales = m.a_scales.detach().clone().requires_grad_()
-    y = mixed_quant_conv(*args[:6], a_scales, *args[7:])
+    y = mixed_quant_conv(x2, [m.weights[0]], m.probs(), m.w_scales, a_scales, m.bias, m.spec)
     (ga,) = torch.autograd.grad(y.sum(), a_scales)
     assert torch.allclose(m.a_scales.grad, ga / (x[0].numel() * 15) ** 0.5, rtol=1e-3)
 
@@ -507,8 +516,10 @@ def test_module_rejects_bad_config():
 # errors: a RuntimeError naming the argument
 # ---------------------------------------------------------------------------------------------------------
 def _base():
+    """The flat schema arguments (x, weights, probs, w_bits, a_bits, w_scales, a_scales, a_signed, groups,
+    dilations, stride, bias, mode, seed) of a valid call."""
     args, _ = make_case([(3, 3, 1, 1), (1, 1, 1, 1)], [4, 8], [4, 8], cin=6, cout=6, seed=0)
-    return [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    return [a.detach() if isinstance(a, torch.Tensor) else a for a in op_args(*args)]
 
 
 def _with(k, value):
@@ -531,6 +542,8 @@ def _error_cases():
         ("a_bits: bit-widths must be 0", _with(4, [4, 9])),
         ("w_scales: every scale", _with(5, torch.tensor([[0.1, 0.1], [0.1, 0.0]]))),
         ("a_scales: every scale", _with(6, torch.tensor([-0.1, 0.1]))),
+        ("w_scales: every scale", _with(5, torch.tensor([[0.1, float("inf")], [0.1, 0.1]]))),
+        ("a_scales: every scale", _with(6, torch.tensor([0.1, float("nan")]))),
         ("probs: expected shape", _with(2, torch.rand(2, 2))),
         ("w_scales: expected shape", _with(5, torch.rand(2))),
         ("a_scales: expected shape", _with(6, torch.rand(3))),
@@ -549,19 +562,68 @@ def test_errors(match, args):
         torch.ops.qops.mixed_quant_conv(*args)
 
 
+@pytest.mark.parametrize(
+    "k, name", [(1, "weights\\[1\\]"), (2, "probs"), (5, "w_scales"), (6, "a_scales"), (11, "bias"), (0, "")]
+)
+def test_meta_mixed_with_cpu_tensors_is_refused(k, name):
+    """A meta tensor among CPU ones dispatches to the fake kernel: it must refuse, not return uninitialised memory."""
+    args = _base()
+    if k == 1:
+        args[1] = [args[1][0], args[1][1].to("meta")]
+    else:
+        args[k] = args[k].to("meta")
+    with pytest.raises(
+        RuntimeError, match=f"{name}: expected a tensor on" if name else "expected a tensor on"
+    ):
+        torch.ops.qops.mixed_quant_conv(*args)
+    y = torch.ops.qops.mixed_quant_conv(*_base())
+    bargs = (torch.ones_like(y).to("meta"), *_base()[:10], 1, True, "quant", 0, [True] * 6)
+    with pytest.raises(RuntimeError, match="grad: expected a tensor on|expected a tensor on"):
+        torch.ops.qops.mixed_quant_conv_backward(*bargs)
+
+
+@pytest.mark.parametrize("match, args", _error_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_fake_kernel_errors(match, args):
+    """On meta tensors (and under torch.compile) the fake kernel raises the kernels' errors."""
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    meta[1] = [w.to("meta") for w in meta[1]]
+    if "every scale" in match:  # values: the kernels read them, a fake kernel cannot
+        torch.ops.qops.mixed_quant_conv(*meta)
+        return
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.qops.mixed_quant_conv(*meta)
+
+
+@pytest.mark.parametrize("mode", ["quant", "noise"])
+def test_stride_and_dilation_beyond_the_input_are_clamped(mode):
+    """A stride or dilation of 2^40 and more (no tap but the centre reaches the input; one output pixel per
+    image row) gives the result at stride / dilation = the input's size, in input-sized buffers."""
+    args, leaves = make_case([(3, 3, 1, 1), (5, 3, 1, 2)], [0, 4], [4, 8], h=7, w=9, seed=6)
+    y = mixed_quant_conv(*with_spec(args, dilations=(2**40, 2**62), stride=2**62, mode=mode), 3)
+    y_ref = reference(*with_spec(args, dilations=(9, 9), stride=9, mode=mode), 3)
+    assert y.shape == (2, 6, 1, 1) and rel_err(y, y_ref) <= FWD_TOL
+    g = torch.autograd.grad(y.sum(), leaves, allow_unused=True)
+    g_ref = torch.autograd.grad(y_ref.sum(), leaves, allow_unused=True)
+    for a, b in zip(g, g_ref, strict=True):
+        if b is None:
+            assert a.abs().max() == 0
+        else:
+            assert rel_err(a, b) <= GRAD_TOL
+
+
 def test_error_unknown_mode():
     with pytest.raises(RuntimeError, match='mode: expected "quant" or "noise"'):
-        torch.ops.qops.mixed_quant_conv(*_base(), "fancy", 0)
+        torch.ops.qops.mixed_quant_conv(*_with(12, "fancy"))
 
 
 def test_full_precision_entries_ignore_their_scale():
     """bits 0 quantizes nothing, so its scale is not checked and gets no gradient."""
     args, leaves = make_case([(3, 3, 1, 1)], [0, 4], [0, 8], seed=4)
     with torch.no_grad():
-        args[5][:, 0] = -1.0
-        args[6][0] = 0.0
+        args[3][:, 0] = -1.0
+        args[4][0] = 0.0
     y = mixed_quant_conv(*args)
-    g = torch.autograd.grad(y.sum(), [args[5], args[6]])
+    g = torch.autograd.grad(y.sum(), [args[3], args[4]])
     assert g[0][:, 0].eq(0).all() and g[1][0] == 0
 
 
@@ -572,89 +634,6 @@ def test_random_layer_sets_smoke():
         cands = rng.sample(POOL, 5)
         args, leaves = make_case(cands, [2, 4, 8], [4, 8], cin=12, cout=6, h=9, w=8, seed=rng.randrange(1000))
         check_against_reference(args, leaves)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Triton (interpreter on CPU) and CUDA
-# ---------------------------------------------------------------------------------------------------------
-@pytest.mark.triton
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_triton_matches_reference(layout):
-    from qops.triton.mixed_quant_conv import mixed_quant_conv as triton_mixed_quant_conv
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args, leaves = make_case(
-        [(1, 1, 1, 1), (3, 3, 3, 1), (3, 1, 1, 2)],
-        [0, 4],
-        [3, 8, 0],
-        a_signed=True,
-        stride=2,
-        layout=layout,
-        seed=3,
-    )
-    args, leaves = _to(args, leaves, device)
-    check_against_reference(args, leaves, fn=triton_mixed_quant_conv)
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_triton_noise_matches_reference(layout):
-    from qops.triton.mixed_quant_conv import mixed_quant_conv as triton_mixed_quant_conv
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args, leaves = make_case([(1, 1, 1, 1), (3, 3, 3, 1)], [0, 4], [3, 8, 0], layout=layout, seed=3)
-    args, leaves = _to(args, leaves, device)
-    y = triton_mixed_quant_conv(*args, mode="noise", seed=99)
-    y_ref = reference(*args, mode="noise", seed=99)
-    assert rel_err(y, y_ref) <= FWD_TOL
-    gy = torch.randn_like(y_ref)
-    grads = torch.autograd.grad(y, leaves, gy, allow_unused=True)
-    grads_ref = torch.autograd.grad(y_ref, leaves, gy, allow_unused=True)
-    for a, b in zip(grads, grads_ref, strict=True):
-        if b is None:  # scales: unused in noise mode
-            assert a is None or a.abs().max() == 0
-        else:
-            assert rel_err(a, b) <= GRAD_TOL
-
-
-@pytest.mark.triton
-def test_triton_act_passes_match_cpu_kernels():
-    """The Triton activation passes give the C++ kernels' xq, grad x and scale sums."""
-    from qops.triton.mixed_quant_conv import act_backward, act_forward
-
-    x = torch.randn(2, 5, 3, 7) * 2
-    a_scales = torch.tensor([0.3, 0.05, 1.0])
-    a_bits = [2, 8, 0]
-    xq = act_forward(x, a_scales, a_bits, False)
-    expected = torch.cat(
-        [
-            torch.fake_quantize_per_tensor_affine(x, 0.3, 0, 0, 3),
-            torch.fake_quantize_per_tensor_affine(x, 0.05, 0, 0, 255),
-            x,
-        ],
-        dim=1,
-    )
-    assert torch.equal(xq, expected)
-    g = torch.randn_like(xq)
-    gx, ga = act_backward(x, g, a_scales, a_bits, False)
-    xr, sr = x.clone().requires_grad_(), a_scales.clone().requires_grad_()
-    y = _fused_act_reference(xr, sr, a_bits)
-    gx_ref, ga_ref = torch.autograd.grad(y, [xr, sr], g)
-    assert torch.allclose(gx, gx_ref, atol=1e-6)  # sums of the variants in another order
-    assert torch.allclose(ga, ga_ref, rtol=1e-4, atol=1e-5)
-
-
-def _fused_act_reference(x, a_scales, a_bits):
-    parts = []
-    for j, b in enumerate(a_bits):
-        if b == 0:
-            parts.append(x)
-        else:
-            zp = torch.zeros(1)
-            parts.append(
-                torch._fake_quantize_learnable_per_tensor_affine(x, a_scales[j : j + 1], zp, 0, 2**b - 1, 1.0)
-            )
-    return torch.cat(parts, 1)
 
 
 def _to(args, leaves, device):
@@ -731,7 +710,7 @@ def test_ddp_keeps_replicas_identical():
 def test_cuda_noise_equals_cpu():
     """Noise mode draws the same Philox numbers on the GPU: the outputs agree to rounding."""
     args, leaves = make_case(POOL[:5], [0, 4], [2, 8], cin=12, cout=6, seed=31)
-    y_cpu = mixed_quant_conv(*args, mode="noise", seed=77)
+    y_cpu = mixed_quant_conv(*with_spec(args, mode="noise"), 77)
     cargs, _ = _to(args, leaves, "cuda")
-    y = mixed_quant_conv(*cargs, mode="noise", seed=77)
+    y = mixed_quant_conv(*with_spec(cargs, mode="noise"), 77)
     assert rel_err(y.cpu(), y_cpu) <= FWD_TOL

@@ -10,11 +10,12 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from hypothesis_examples import examples
 
 import qops
 from qops import reference as R
 from qops.nn import PackedConv2d
-from qops.packed import pack_weight, packed_conv2d, quantized_conv2d, weight_code_range
+from qops.packed import pack_weight, packed_conv2d, quantized_conv2d, unpack_weight, weight_code_range
 
 VECTOR = qops._C.max_cpu_isa() != "DEFAULT"
 PATHS = ["scalar"] + (["dot", "lut", "bitserial"] if VECTOR else [])
@@ -39,7 +40,7 @@ def path(request, monkeypatch):
 
 
 def act_codes(gen, shape, bits, signed):
-    lo, hi = R._code_range(bits, signed)
+    lo, hi = qops.quant_range(bits, signed)
     x = torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int16)
     return x.to(torch.int8 if signed else torch.uint8)
 
@@ -92,7 +93,7 @@ def test_extreme_codes_exact(path, w_bits, a_bits, a_signed):
     byte accumulation that is one step too long would overflow (K = 64 * 9 covers several chunks)."""
     if not runs_on(path, w_bits, a_bits, a_signed):
         pytest.skip("the lut path needs a_bits <= 2 and byte-sized tables")
-    xlo, xhi = R._code_range(a_bits, a_signed)
+    xlo, xhi = qops.quant_range(a_bits, a_signed)
     wlo, whi = weight_code_range(w_bits)
     dtype = torch.int8 if a_signed else torch.uint8
     for xv, wv in [(xhi, wlo), (xhi, whi), (xlo, wlo)]:
@@ -127,7 +128,7 @@ def test_long_reduction_exact(path):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 # A tap entirely left of a 1-pixel row with stride 2 (found by hypothesis: the scalar path read past the row).
 @example(1, 1, 1, 1, 1, 1, 3, 1, 2, 0, 1, 1, 1, False, "scalar", 0)
 @given(
@@ -157,6 +158,10 @@ def test_fuzz_shapes_exact(n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, w_bits, a
     x = act_codes(gen, (n, cin, h, w), a_bits, a_signed)
     wc = weight_codes(gen, (cout, cin, kh, kw), w_bits)
     packed = pack_weight(wc, w_bits)
+    if ph >= kh or pw >= kw:
+        with pytest.raises(RuntimeError, match="padding: expected values below the kernel size"):
+            packed_conv2d(x, packed, wc.shape, w_bits, a_bits, a_signed, (sh, sw), (ph, pw))
+        return
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QOPS_PACKED_PATH", path)
         got = packed_conv2d(x, packed, wc.shape, w_bits, a_bits, a_signed, (sh, sw), (ph, pw))
@@ -190,7 +195,7 @@ def test_pack_weight_layout_and_round_trip(bits, shape):
     assert packed.dtype == torch.uint8 and packed.dim() == 1
     assert packed.numel() == shape[0] * bits * ((k + 31) // 32) * 4
     torch.testing.assert_close(packed, R.pack_weight(w, bits), rtol=0, atol=0)
-    torch.testing.assert_close(R.unpack_weight(packed, list(shape), bits), w, rtol=0, atol=0)
+    torch.testing.assert_close(unpack_weight(packed, list(shape), bits), w, rtol=0, atol=0)
     if k % 32 == 0:  # no padding: exactly bits/8 bytes per weight
         assert packed.numel() * 8 == w.numel() * bits
 
@@ -260,7 +265,7 @@ def test_quantized_conv2d_has_no_gradient():
 def fake_quant_conv(x, weight, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding, dtype):
     """conv2d(FQa(x), FQw(w)) + bias with torch's fake quantization (zero point 0), in `dtype`."""
     wlo, whi = weight_code_range(w_bits)
-    alo, ahi = R._code_range(a_bits, a_signed)
+    alo, ahi = qops.quant_range(a_bits, a_signed)
     zp = torch.zeros(weight.shape[0], dtype=torch.int32)
     wq = torch.fake_quantize_per_channel_affine(weight, w_scale, zp, 0, wlo, whi)
     xq = torch.fake_quantize_per_tensor_affine(x, a_scale, 0, alo, ahi)
@@ -367,6 +372,100 @@ def test_errors_packed_conv2d():
         op(x[:, :, :2, :2], packed, shape, 4, 4, False, [1, 1], [0, 0])
 
 
+@pytest.mark.parametrize("path_name", PATHS)
+@pytest.mark.parametrize("stride", [(1, 2**60), (2**62, 1), (2**63 - 1, 2**63 - 1), (1, 30_000_000), (12, 1)])
+def test_stride_beyond_the_padded_input_is_clamped(path_name, stride, monkeypatch):
+    """Beyond the padded input a stride (2^60 from a crafted .qnp file, or 3e7) leaves one output row or column:
+    the result is the convolution at stride = padded size, computed in input-sized buffers (unclamped, the
+    activation layout's SW * plane overflows and 3e7 asks for gigabytes)."""
+    monkeypatch.setenv("QOPS_PACKED_PATH", path_name)
+    gen = torch.Generator().manual_seed(1)
+    x = act_codes(gen, (1, 5, 9, 11), 2, False)
+    wc = weight_codes(gen, (3, 5, 3, 3), 2)
+    packed = pack_weight(wc, 2)
+    got = packed_conv2d(x, packed, wc.shape, 2, 2, False, stride, (1, 1))
+    clamped = [min(stride[0], 9 + 2), min(stride[1], 11 + 2)]
+    want = R.packed_conv2d(x, packed, list(wc.shape), 2, 2, False, clamped, [1, 1])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    xf = torch.rand(1, 5, 9, 11, generator=gen)
+    got = quantized_conv2d(
+        xf, packed, wc.shape, torch.full((3,), 0.1), 0.07, 2, 2, False, None, stride, (1, 1)
+    )
+    want = R.quantized_conv2d(
+        xf, packed, list(wc.shape), torch.full((3,), 0.1), 0.07, 2, 2, False, None, clamped, [1, 1]
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sizes_that_would_overflow_are_refused():
+    x, packed, shape = _ok_args()
+    op = torch.ops.qops.packed_conv2d
+    for w_shape in ([2, 3, 2**40, 2**40], [2, 3, 2**62, 3], [2**62, 3, 3, 3], [2**61, 3, 1, 1]):
+        with pytest.raises(RuntimeError, match="w_shape: "):
+            op(x, packed, w_shape, 4, 4, False, [1, 1], [0, 0])
+    for padding in ([3, 0], [0, 2**62], [2**63 - 1, 2**63 - 1]):
+        with pytest.raises(RuntimeError, match="padding: expected values below the kernel size"):
+            op(x, packed, shape, 4, 4, False, [1, 1], padding)
+
+
+@pytest.mark.parametrize(
+    "a_scale", [1e39, 1e-46, 1e-40, float("inf"), float("nan"), 0.0, -0.5, -float("inf")]
+)
+def test_a_scale_must_be_a_usable_float32_step(a_scale):
+    """1e39 is finite as a double but infinite in float32, where it would make every output NaN."""
+    x, packed, shape = _ok_args()
+    with pytest.raises(RuntimeError, match="a_scale: "):
+        torch.ops.qops.quantized_conv2d(
+            x.float(), packed, shape, torch.ones(2), a_scale, 4, 4, False, None, [1, 1], [0, 0]
+        )
+    meta = (x.float().to("meta"), packed.to("meta"), shape, torch.ones(2, device="meta"), a_scale)
+    with pytest.raises(RuntimeError, match="a_scale: "):
+        torch.ops.qops.quantized_conv2d(*meta, 4, 4, False, None, [1, 1], [0, 0])
+
+
+def _mixed_device_cases():
+    x, packed, shape = _ok_args()
+    xf, ws, b = x.float(), torch.ones(2), torch.zeros(2)
+    pc, qc = torch.ops.qops.packed_conv2d, torch.ops.qops.quantized_conv2d
+    m = {"x": lambda t: t.to("meta")}
+    return [
+        ("w_packed", lambda: pc(x, packed.to("meta"), shape, 4, 4, False, [1, 1], [0, 0])),
+        ("w_packed", lambda: pc(m["x"](x), packed, shape, 4, 4, False, [1, 1], [0, 0])),
+        ("w_packed", lambda: qc(xf, packed.to("meta"), shape, ws, 0.1, 4, 4, False, b, [1, 1], [0, 0])),
+        ("w_scale", lambda: qc(xf, packed, shape, ws.to("meta"), 0.1, 4, 4, False, b, [1, 1], [0, 0])),
+        ("bias", lambda: qc(xf, packed, shape, ws, 0.1, 4, 4, False, b.to("meta"), [1, 1], [0, 0])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_mixed_device_cases())))
+def test_meta_mixed_with_cpu_tensors_is_refused(case):
+    """A meta tensor among CPU tensors dispatches to the fake kernel: it must refuse, not return uninitialised memory."""
+    name, call = _mixed_device_cases()[case]
+    with pytest.raises(RuntimeError, match=f"{name}: expected a tensor on"):
+        call()
+
+
+def test_fake_kernels_check_like_the_kernels():
+    """On meta tensors (and under torch.compile) the fake kernels raise the kernels' errors and shapes."""
+    x, packed, shape = _ok_args()
+    xm, pm = x.to("meta"), packed.to("meta")
+    op = torch.ops.qops.packed_conv2d
+    assert op(xm, pm, shape, 4, 4, False, [2, 2**60], [1, 1]).shape == (1, 2, 3, 1)
+    for args, match in [
+        ((xm.float(), pm, shape, 4, 4, False, [1, 1], [0, 0]), "x_codes: expected dtype"),
+        ((xm, pm, shape, 3, 4, False, [1, 1], [0, 0]), "w_shape: .* needs a packed buffer"),
+        ((xm, pm, [2, 4, 3, 3], 4, 4, False, [1, 1], [0, 0]), "w_shape: Cin = 4"),
+        ((xm, pm, shape, 4, 9, False, [1, 1], [0, 0]), "a_bits: expected a bit-width"),
+        ((xm, pm, shape, 4, 4, False, [0, 1], [0, 0]), "stride: expected values >= 1"),
+        ((xm, pm, shape, 4, 4, False, [1, 1], [3, 0]), "padding: expected values below"),
+        ((xm[:, :, :2], pm, shape, 4, 4, False, [1, 1], [0, 0]), "x_codes: padded input"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            op(*args)
+    with pytest.raises(RuntimeError, match="w_codes: expected dtype"):
+        pack_weight(torch.zeros(1, 1, 1, 1, device="meta"), 4)
+
+
 def test_errors_quantized_conv2d():
     x, packed, shape = _ok_args()
     xf = x.float()
@@ -469,3 +568,24 @@ def test_cuda_quantized_conv2d_matches_cpu():
     want = quantized_conv2d(x, packed, w.shape, ws, 0.1, 4, 4, True, bias, 1, 1)
     got = quantized_conv2d(x.cuda(), packed.cuda(), w.shape, ws.cuda(), 0.1, 4, 4, True, bias.cuda(), 1, 1)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("signed", [False, True])
+def test_quant_range_is_what_the_kernels_accept(bits, signed):
+    """qops.quant_range is the activation code range of packed_conv2d at every bit-width, 1 included (signed
+    1-bit codes are {-1, 0}); one step beyond either end is refused."""
+    lo, hi = qops.quant_range(bits, signed)
+    assert (lo, hi) == ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    w = pack_weight(torch.ones(1, 1, 1, 1, dtype=torch.int8), 2)
+    dtype = torch.int8 if signed else torch.uint8
+    x = torch.tensor([lo, hi], dtype=torch.int16).to(dtype).reshape(1, 1, 1, 2)
+    assert packed_conv2d(x, w, [1, 1, 1, 1], 2, bits, signed).flatten().tolist() == [lo, hi]
+    for outside in (lo - 1, hi + 1):
+        if torch.iinfo(dtype).min <= outside <= torch.iinfo(dtype).max:
+            bad = torch.tensor([outside], dtype=torch.int16).to(dtype).reshape(1, 1, 1, 1)
+            with pytest.raises(RuntimeError, match="x_codes: codes must be in"):
+                packed_conv2d(bad, w, [1, 1, 1, 1], 2, bits, signed)
+    assert weight_code_range(bits) == ((-1, 1) if bits == 1 else qops.quant_range(bits, True))
+    with pytest.raises(ValueError, match="bits: expected a bit-width >= 1"):
+        qops.quant_range(0, signed)

@@ -81,6 +81,8 @@ ChannelParams channel_params(const at::Tensor& scale, const at::Tensor& zero_poi
   for (int64_t c = 0; c < n; ++c) {
     TORCH_CHECK(std::isfinite(sp[c]) && sp[c] > 0.f, "scale: expected positive finite values, got ", sp[c],
                 " at index ", c);
+    // As the built-in: NaN would silently become quant_min (fmax), +-inf the range's end.
+    TORCH_CHECK(std::isfinite(zp[c]), "zero_point: expected finite values, got ", zp[c], " at index ", c);
     out.scale[c] = sp[c];
     out.inv_scale[c] = 1.0f / sp[c];
     out.zero_point[c] = backward ? fq_zero_point_backward_for(per_channel, zp[c], quant_min, quant_max)

@@ -1,28 +1,18 @@
-// mixed_quant_conv on the CPU: argument checks, the conv-group plan, the engine choice, the orchestration around
-// the vendor convolution (oneDNN through ATen, channels-last; NNPACK's FFT for large windows), the CPU kernel
-// wrappers and the CPU registrations. docs/MIXED_QUANT_CONV.md explains the design.
-//
-// forward:  xq = all activation variants in one pass over x (csrc/cpu/kernels/mixed_quant_conv.cpp)
-//           Wg = merged weight of each conv group (one small pass over the candidate weights)
-//           y  = sum_g conv(xq, Wg) + bias            (usually one group: one convolution)
-// backward: recomputes xq and Wg (cheaper in memory than saving xq, one fast pass), then
-//           (grad xq, grad Wg, grad bias) = convolution_backward per group,
-//           grad x and the a_scales LSQ sums      = one pass over x and grad xq,
-//           grad weights, w_scales and probs      = one pass over the candidate weights and grad Wg.
+// mixed_quant_conv on the CPU: the CPU kernel wrappers (csrc/cpu/kernels/mixed_quant_conv.cpp, quant_noise's passes
+// for noise mode) plugged into the shared orchestration of csrc/mixed_quant_conv_host.cpp, and the CPU registrations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/record_function.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <string>
+#include <algorithm>
+#include <vector>
 
 #include "qops/checks.h"
 #include "qops/cpu_dispatch.h"
 #include "qops/fake_quant_math.h"
 #include "qops/mixed_quant_conv.h"
 #include "qops/mixed_quant_conv_host.h"
+#include "qops/parallel_grain.h"
 
 QOPS_DECLARE_ISA_FN(void, mqc_act_forward,
                     (const float* x, bool channels_last, int64_t N, int64_t C, int64_t H, int64_t W,
@@ -40,318 +30,6 @@ QOPS_DECLARE_ISA_FN(void, quant_noise_apply_float,
                      int64_t inner, int64_t seed, uint32_t stream, int dist))
 QOPS_DECLARE_ISA_FN(void, mqc_merge_weight_rows, (const qops::MqcWeightJob& job, int64_t co_begin, int64_t co_end))
 QOPS_DECLARE_ISA_FN(void, mqc_weight_backward_units, (const qops::MqcWeightJob& job, int64_t u_begin, int64_t u_end))
-
-namespace qops::mqc {
-
-namespace {
-
-bool valid_bits(int64_t b) { return b == 0 || (b >= 2 && b <= 8); }
-
-void check_bits(c10::IntArrayRef bits, const char* name) {
-  TORCH_CHECK(!bits.empty(), name, ": expected at least one bit-width");
-  TORCH_CHECK(static_cast<int>(bits.size()) <= kMqcMaxBits, name, ": expected at most ", kMqcMaxBits,
-              " bit-widths, got ", bits.size());
-  for (int64_t b : bits) TORCH_CHECK(valid_bits(b), name, ": bit-widths must be 0 (full precision) or 2..8, got ", bits);
-}
-
-// QOPS_MQC_ENGINE=auto|onednn|nnpack picks the CPU convolution engine (tests and benchmarks). auto: NNPACK
-// for dense, undilated, stride-1 groups with windows of 5x5 taps or more, where its FFT convolution beats
-// oneDNN's direct one about twofold on AVX2 (bench/bench_mixed_quant_conv.py); oneDNN otherwise.
-int engine_mode() {
-  const char* env = std::getenv("QOPS_MQC_ENGINE");
-  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return 0;
-  if (std::strcmp(env, "onednn") == 0) return 1;
-  if (std::strcmp(env, "nnpack") == 0) return 2;
-  TORCH_CHECK(false, "QOPS_MQC_ENGINE: expected auto, onednn or nnpack, got '", env, "'");
-  return 0;
-}
-
-// QOPS_MQC_PLAN=auto|merged|split overrides the split rule (tests and benchmarks; the result is the same).
-int plan_mode() {
-  const char* env = std::getenv("QOPS_MQC_PLAN");
-  if (env == nullptr || std::strcmp(env, "auto") == 0 || env[0] == '\0') return 0;
-  if (std::strcmp(env, "merged") == 0) return 1;
-  if (std::strcmp(env, "split") == 0) return 2;
-  TORCH_CHECK(false, "QOPS_MQC_PLAN: expected auto, merged or split, got '", env, "'");
-  return 0;
-}
-
-}  // namespace
-
-Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& probs, c10::IntArrayRef w_bits,
-                c10::IntArrayRef a_bits, const at::Tensor& w_scales, const at::Tensor& a_scales, bool a_signed,
-                c10::IntArrayRef groups, c10::IntArrayRef dilations, int64_t stride, bool has_bias,
-                std::string_view mode, int64_t seed, bool check_scale_values) {
-  Args a;
-  TORCH_CHECK(mode == "quant" || mode == "noise", "mode: expected \"quant\" or \"noise\", got \"", std::string(mode),
-              "\"");
-  a.noise = mode == "noise";
-  a.seed = seed;
-  a.a_signed = a_signed;
-  a.has_bias = has_bias;
-  check_dtype(x, at::kFloat, "x");
-  check_dim(x, 4, "x");
-  a.N = x.size(0);
-  a.cin = x.size(1);
-  a.H = x.size(2);
-  a.W = x.size(3);
-  TORCH_CHECK(a.cin > 0, "x: expected at least one channel, got shape ", x.sizes());
-  TORCH_CHECK(stride >= 1, "stride: expected >= 1, got ", stride);
-  a.stride = stride;
-
-  a.n_ops = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(a.n_ops >= 1, "weights: expected at least one candidate weight");
-  TORCH_CHECK(a.n_ops <= kMqcMaxOps, "weights: expected at most ", kMqcMaxOps, " candidates, got ", a.n_ops);
-  TORCH_CHECK(static_cast<int64_t>(groups.size()) == a.n_ops, "groups: expected one entry per weight (",
-              a.n_ops, "), got ", groups.size());
-  TORCH_CHECK(static_cast<int64_t>(dilations.size()) == a.n_ops, "dilations: expected one entry per weight (",
-              a.n_ops, "), got ", dilations.size());
-  for (int64_t o = 0; o < a.n_ops; ++o) {
-    const at::Tensor& w = weights[o];
-    const std::string name = "weights[" + std::to_string(o) + "]";
-    check_dtype(w, at::kFloat, name.c_str());
-    check_dim(w, 4, name.c_str());
-    check_same_device(w, x, name.c_str(), "x");
-    const int64_t g = groups[o], d = dilations[o];
-    TORCH_CHECK(g >= 1, "groups: entry ", o, " must be >= 1, got ", g);
-    TORCH_CHECK(d >= 1, "dilations: entry ", o, " must be >= 1, got ", d);
-    if (o == 0) a.cout = w.size(0);
-    TORCH_CHECK(w.size(0) == a.cout, name, ": expected ", a.cout, " output channels like weights[0], got shape ",
-                w.sizes());
-    TORCH_CHECK(a.cin % g == 0, "groups: entry ", o, " (", g, ") does not divide the input channels (", a.cin, ")");
-    TORCH_CHECK(a.cout % g == 0, "groups: entry ", o, " (", g, ") does not divide the output channels (", a.cout,
-                ")");
-    TORCH_CHECK(w.size(1) * g == a.cin, name, ": expected in-channels Cin/groups = ", a.cin / g, ", got shape ",
-                w.sizes());
-    TORCH_CHECK(w.size(2) % 2 == 1 && w.size(3) % 2 == 1, name,
-                ": kernel sizes must be odd (\"same\" padding keeps every candidate centred), got shape ", w.sizes());
-    a.cands.push_back(MqcCandidate{w.size(2), w.size(3), g, d});
-  }
-  TORCH_CHECK(a.cout > 0, "weights: expected at least one output channel");
-
-  check_bits(w_bits, "w_bits");
-  check_bits(a_bits, "a_bits");
-  a.w_bits.assign(w_bits.begin(), w_bits.end());
-  a.a_bits.assign(a_bits.begin(), a_bits.end());
-  a.n_w = static_cast<int64_t>(w_bits.size());
-  a.n_a = static_cast<int64_t>(a_bits.size());
-
-  check_dtype(probs, at::kFloat, "probs");
-  check_same_device(probs, x, "probs", "x");
-  TORCH_CHECK(probs.sizes() == c10::IntArrayRef({a.n_ops, a.n_w, a.n_a}), "probs: expected shape [n_ops, len(w_bits), len(a_bits)] = [",
-              a.n_ops, ", ", a.n_w, ", ", a.n_a, "], got ", probs.sizes());
-  check_dtype(w_scales, at::kFloat, "w_scales");
-  check_same_device(w_scales, x, "w_scales", "x");
-  TORCH_CHECK(w_scales.sizes() == c10::IntArrayRef({a.n_ops, a.n_w}), "w_scales: expected shape [n_ops, len(w_bits)] = [",
-              a.n_ops, ", ", a.n_w, "], got ", w_scales.sizes());
-  check_dtype(a_scales, at::kFloat, "a_scales");
-  check_same_device(a_scales, x, "a_scales", "x");
-  TORCH_CHECK(a_scales.sizes() == c10::IntArrayRef({a.n_a}), "a_scales: expected shape [len(a_bits)] = [", a.n_a,
-              "], got ", a_scales.sizes());
-  if (!a.noise && check_scale_values) {
-    // Only the entries that quantize need a scale; full-precision entries (bits 0) ignore theirs. The scales
-    // are tiny: read them on the host (a copy, and a sync, where they live on a GPU).
-    const at::Tensor ws = w_scales.to(at::kCPU).contiguous(), as = a_scales.to(at::kCPU).contiguous();
-    const float* wp = ws.data_ptr<float>();
-    const float* ap = as.data_ptr<float>();
-    for (int64_t o = 0; o < a.n_ops; ++o)
-      for (int64_t i = 0; i < a.n_w; ++i)
-        TORCH_CHECK(a.w_bits[i] == 0 || wp[o * a.n_w + i] > 0.f,
-                    "w_scales: every scale of a quantized entry must be > 0, got ", w_scales);
-    for (int64_t j = 0; j < a.n_a; ++j)
-      TORCH_CHECK(a.a_bits[j] == 0 || ap[j] > 0.f, "a_scales: every scale of a quantized entry must be > 0, got ",
-                  a_scales);
-  }
-
-  a.plan = mqc_plan(a.cands.data(), static_cast<int>(a.n_ops), a.cin, a.cout, a.n_a, plan_mode());
-  a.cb = a.cin / a.plan.channel_blocks;
-  // Noise mode on the CPU writes xq plane by plane (NCHW), where the noise's logical order runs contiguously.
-  if (a.noise && x.is_cpu()) a.xq_channels_last = false;
-  const int engine = x.is_cpu() ? engine_mode() : 1;
-  for (int g = 0; g < a.plan.n_groups && engine != 1; ++g) {
-    const MqcConvGroup& grp = a.plan.group[g];
-    const bool possible = a.N > 0 && a.stride == 1 && grp.groups == 1 && grp.dilation == 1 && grp.kh <= 15 &&
-                          grp.kw <= 15 && at::_nnpack_available();
-    a.nnpack[g] = possible && (engine == 2 || grp.kh * grp.kw >= 25);
-    if (a.nnpack[g]) a.xq_channels_last = false;
-  }
-  return a;
-}
-
-namespace {
-
-std::vector<int64_t> group_padding(const MqcConvGroup& g) {
-  return {g.dilation * (g.kh - 1) / 2, g.dilation * (g.kw - 1) / 2};
-}
-
-at::Tensor layout_for_kernels(const Args& a, const at::Tensor& x) {
-  // The activation kernels read NCHW- or NHWC-contiguous x; anything else is made NCHW once. Noise mode
-  // reads NCHW only: its noise follows the logical (NCHW) order, which then runs contiguously.
-  if (x.is_contiguous() || (!a.noise && x.is_contiguous(at::MemoryFormat::ChannelsLast))) return x;
-  return x.contiguous();
-}
-
-bool is_nhwc(const at::Tensor& x) {
-  // A tensor that is both (C == 1 or H == W == 1) reads the same either way; prefer NCHW indexing.
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::Tensor new_xq(const Args& a, const at::Tensor& x) {
-  return at::empty({a.N, a.n_a * a.cin, a.H, a.W},
-                   x.options().memory_format(a.xq_channels_last ? at::MemoryFormat::ChannelsLast
-                                                                : at::MemoryFormat::Contiguous));
-}
-
-at::Tensor new_wg(const Args& a, int g, const at::Tensor& like) {
-  const MqcConvGroup& grp = a.plan.group[g];
-  // NNPACK wants an NCHW kernel; oneDNN/cuDNN take the channels-last one that matches xq.
-  return at::empty({a.cout, a.n_a * a.cin / grp.groups, grp.kh, grp.kw},
-                   like.options().memory_format(a.nnpack[g] ? at::MemoryFormat::Contiguous
-                                                            : at::MemoryFormat::ChannelsLast));
-}
-
-at::Tensor merged_weight(const Args& a, const Kernels& k, int g, const at::Tensor& like, at::TensorList weights,
-                         const at::Tensor& probs, const at::Tensor& w_scales) {
-  at::Tensor wg = new_wg(a, g, like);
-  RECORD_FUNCTION("mixed_quant_conv::merge_weight", {});
-  k.merge_weight(a, g, weights, probs, w_scales, wg);
-  return wg;
-}
-
-// wt[ci][co][KH-1-r][KW-1-c] = wg[co][ci][r][c]: the kernel of the input gradient (small; one serial pass
-// instead of flip + transpose + copy, three parallel regions).
-at::Tensor flipped_transpose(const at::Tensor& wg_in) {
-  const at::Tensor wg = wg_in.contiguous();
-  const int64_t co_n = wg.size(0), ci_n = wg.size(1), kh = wg.size(2), kw = wg.size(3);
-  at::Tensor wt = at::empty({ci_n, co_n, kh, kw}, wg.options());
-  const float* src = wg.data_ptr<float>();
-  float* dst = wt.data_ptr<float>();
-  for (int64_t co = 0; co < co_n; ++co)
-    for (int64_t ci = 0; ci < ci_n; ++ci)
-      for (int64_t r = 0; r < kh; ++r)
-        for (int64_t c = 0; c < kw; ++c)
-          dst[((ci * co_n + co) * kh + (kh - 1 - r)) * kw + (kw - 1 - c)] = src[((co * ci_n + ci) * kh + r) * kw + c];
-  return wt;
-}
-
-at::Tensor activation_variants(const Args& a, const Kernels& k, const at::Tensor& x, const at::Tensor& a_scales) {
-  at::Tensor xq = new_xq(a, x);
-  RECORD_FUNCTION("mixed_quant_conv::act_forward", {});
-  k.act_forward(a, x, a_scales, xq);
-  return xq;
-}
-
-}  // namespace
-
-at::Tensor forward(const Args& a, const Kernels& k, const at::Tensor& x_in, at::TensorList weights,
-                   const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales,
-                   const std::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    qops::check_dtype(*bias, at::kFloat, "bias");
-    qops::check_same_device(*bias, x_in, "bias", "x");
-    TORCH_CHECK(bias->sizes() == at::IntArrayRef({a.cout}), "bias: expected shape [", a.cout, "], got ", bias->sizes());
-  }
-  const at::Tensor x = layout_for_kernels(a, x_in);
-  const at::Tensor xq = activation_variants(a, k, x, a_scales);
-  at::Tensor y;
-  for (int g = 0; g < a.plan.n_groups; ++g) {
-    const MqcConvGroup& grp = a.plan.group[g];
-    const at::Tensor wg = merged_weight(a, k, g, x, weights, probs, w_scales);
-    const std::optional<at::Tensor> b = g == 0 ? bias : std::nullopt;
-    at::Tensor yg = a.nnpack[g] ? at::_nnpack_spatial_convolution(xq, wg, b, group_padding(grp), {1, 1})
-                                : at::convolution(xq, wg, b, {a.stride, a.stride}, group_padding(grp),
-                                                  {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups);
-    if (g == 0)
-      y = yg;
-    else
-      y.add_(yg);
-  }
-  // The output takes x's layout (as torch's convolution does), whatever the engines produced.
-  return y.contiguous(is_nhwc(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const Args& a, const Kernels& k, const at::Tensor& grad, const at::Tensor& x_in, at::TensorList weights,
-    const at::Tensor& probs, const at::Tensor& w_scales, const at::Tensor& a_scales, const Mask& mask) {
-  const bool need_data = mask[0] || mask[4];
-  const bool need_weight = mask[1] || mask[2] || mask[3];
-  const bool need_bias = mask[5] && a.has_bias;
-  const at::Tensor x = layout_for_kernels(a, x_in);
-  const auto opts = x.options();
-  // Outputs that were not asked for come back as (distinct) empty tensors.
-  auto empty = [&] { return at::empty({0}, opts); };
-  at::Tensor gx = empty(), ga = empty(), gp = empty(), gws = empty(), gb = empty();
-  std::vector<at::Tensor> gw_list;
-
-  // grad y in xq's layout, so that every convolution below reads one layout.
-  const at::Tensor gy = grad.contiguous(a.xq_channels_last ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous);
-  at::Tensor gxq;
-  std::vector<at::Tensor> gwg;
-  if (need_data || need_weight) {
-    const at::Tensor xq = activation_variants(a, k, x, a_scales);
-    for (int g = 0; g < a.plan.n_groups; ++g) {
-      const MqcConvGroup& grp = a.plan.group[g];
-      const at::Tensor wg = merged_weight(a, k, g, x, weights, probs, w_scales);
-      const bool bias_here = need_bias && need_weight && g == 0;
-      const bool data_here = need_data && !a.nnpack[g];
-      std::vector<int64_t> bias_sizes{a.cout};
-      at::Tensor gxq_g, gw_g, gb_g;
-      if (data_here || need_weight) {
-        std::tie(gxq_g, gw_g, gb_g) = at::convolution_backward(
-            gy, xq, wg, bias_here ? std::optional<at::IntArrayRef>(bias_sizes) : std::nullopt, {a.stride, a.stride},
-            group_padding(grp), {grp.dilation, grp.dilation}, false, {0, 0}, grp.groups,
-            {data_here, need_weight, bias_here});
-      }
-      if (need_data && a.nnpack[g]) {
-        // Stride 1, "same" padding: the input gradient is the correlation of grad y with the kernel flipped
-        // and its channel axes swapped, a forward convolution that NNPACK runs with its FFT.
-        const at::Tensor wt = flipped_transpose(wg);
-        gxq_g = at::_nnpack_spatial_convolution(gy, wt, std::nullopt, group_padding(grp), {1, 1});
-      }
-      if (need_data) {
-        if (g == 0)
-          gxq = gxq_g;
-        else
-          gxq.add_(gxq_g);
-      }
-      if (need_weight) gwg.push_back(gw_g);
-      if (bias_here) gb = gb_g;
-    }
-  }
-  if (need_bias && !gb.numel()) gb = gy.sum({0, 2, 3});
-
-  if (need_data) {
-    gx = at::empty_like(x);
-    ga = at::empty({a.n_a}, opts);
-    if (!gxq.is_contiguous() && !gxq.is_contiguous(at::MemoryFormat::ChannelsLast))
-      gxq = gxq.contiguous(a.xq_channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-    RECORD_FUNCTION("mixed_quant_conv::act_backward", {});
-    k.act_backward(a, x, a_scales, gxq, gx, ga);
-    // grad x in x's own layout, as the fake kernel promises (differs only where noise mode made x NCHW).
-    if (is_nhwc(x_in) && !is_nhwc(gx)) gx = gx.contiguous(at::MemoryFormat::ChannelsLast);
-    if (!mask[0]) gx = empty();
-    if (!mask[4]) ga = empty();
-  }
-  if (need_weight) {
-    for (const at::Tensor& w : weights) gw_list.push_back(at::empty_like(w, at::MemoryFormat::Contiguous));
-    gp = at::empty({a.n_ops, a.n_w, a.n_a}, opts);
-    gws = at::empty({a.n_ops, a.n_w}, opts);
-    RECORD_FUNCTION("mixed_quant_conv::weight_backward", {});
-    k.weight_backward(a, gwg, weights, probs, w_scales, gw_list, gp, gws);
-    for (int64_t o = 0; o < a.n_ops; ++o) {
-      // The candidate weights may have come channels-last; hand back the gradient in their layout.
-      if (!weights[o].is_contiguous() && weights[o].is_contiguous(at::MemoryFormat::ChannelsLast))
-        gw_list[o] = gw_list[o].contiguous(at::MemoryFormat::ChannelsLast);
-    }
-    if (!mask[1]) gw_list.clear();
-    if (!mask[2]) gp = empty();
-    if (!mask[3]) gws = empty();
-  }
-  return {gx, gw_list, gp, gws, ga, gb};
-}
-
-}  // namespace qops::mqc
 
 // ---------------------------------------------------------------------------------------------------------
 // CPU kernels
@@ -402,7 +80,7 @@ void cpu_act_forward_noise(const Args& a, const MqcActVariants& v, const at::Ten
                         qops::mqc_act_stream(j), static_cast<int>(qops::NoiseDist::kGaussian));
       src = tmp.data_ptr<float>();
     }
-    at::parallel_for(0, a.N * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, a.N * blocks, qops::cpu::parallel_grain(a.cb * HW), [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / blocks, b = u % blocks;
         const float* from = src + (n * a.cin + b * a.cb) * HW;
@@ -439,10 +117,6 @@ void cpu_act_backward(const Args& a, const at::Tensor& x, const at::Tensor& a_sc
     gap[j] = v.bits[j] == 0 || v.noise ? 0.f : static_cast<float>(s);
   }
 }
-
-// Work (multiply-adds) below which the weight kernels run in one task: a parallel region costs more than
-// that, and much more when the cores are shared.
-constexpr int64_t kSerialWork = int64_t{1} << 18;
 
 // The weights at every bit-width; noise mode also fills `noisy` with each noisy candidate kernel (quant_noise's
 // pass over it on stream mqc_weight_stream, so its logical indices are the kernel's own).
@@ -549,8 +223,7 @@ void cpu_merge_weight(const Args& a, int g, at::TensorList weights, const at::Te
   wj.job.wg = wg.data_ptr<float>();
   set_strides(wj.job, wg);
   // One output channel per task: every write of a task lands in its own row of wg.
-  const int64_t grain = std::max<int64_t>(1, kSerialWork / std::max<int64_t>(wj.row_work, 1));
-  at::parallel_for(0, a.cout, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.cout, qops::cpu::parallel_grain(wj.row_work), [&](int64_t begin, int64_t end) {
     QOPS_CPU_DISPATCH(mqc_merge_weight_rows, wj.job, begin, end);
   });
 }
@@ -574,7 +247,7 @@ void cpu_weight_backward(const Args& a, const std::vector<at::Tensor>& gw, at::T
     job.part_p = part_p.data();
     job.part_s = part_s.data();
     const int64_t unit_work = std::max<int64_t>(1, wj.row_work / std::max(job.n_members, 1));
-    at::parallel_for(0, units, std::max<int64_t>(1, kSerialWork / unit_work), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units, qops::cpu::parallel_grain(unit_work), [&](int64_t begin, int64_t end) {
       QOPS_CPU_DISPATCH(mqc_weight_backward_units, job, begin, end);
     });
     for (int m = 0; m < job.n_members; ++m) {
@@ -622,9 +295,9 @@ mixed_quant_conv_backward_cpu(const at::Tensor& grad, const at::Tensor& x, at::T
                                        dilations, stride, has_bias, std::string_view(mode.data(), mode.size()), seed,
                                        true);
   qops::check_dtype(grad, at::kFloat, "grad");
-  const int64_t ho = (a.H - 1) / a.stride + 1, wo = (a.W - 1) / a.stride + 1;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, ho, wo}), "grad: expected the output's shape [", a.N,
-              ", ", a.cout, ", ", ho, ", ", wo, "], got ", grad.sizes());
+  qops::check_same_device(grad, x, "grad", "x");
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, a.Ho, a.Wo}), "grad: expected the output's shape [",
+              a.N, ", ", a.cout, ", ", a.Ho, ", ", a.Wo, "], got ", grad.sizes());
   return qops::mqc::backward(a, kCpuKernels, grad, x, weights, probs, w_scales, a_scales, output_mask);
 }
 

@@ -16,6 +16,7 @@
 #include "qops/packed_conv_args.h"
 #include "qops/cpu_dispatch.h"
 #include "qops/packed_layout.h"
+#include "qops/parallel_grain.h"
 
 namespace qops::cpu {
 namespace {
@@ -50,9 +51,7 @@ at::Tensor pack_weight_cpu(const at::Tensor& w_codes, int64_t bits) {
   if (out.numel() == 0) return out;
   const int8_t* src = w.const_data_ptr<int8_t>();
   uint32_t* words = reinterpret_cast<uint32_t*>(out.mutable_data_ptr<uint8_t>());
-  // Small jobs run inline: a parallel region costs more than it saves below ~2^18 codes x bits.
-  at::parallel_for(0, Cout, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * b, 1)),
-                   [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, Cout, parallel_grain(K * b), [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co) {
       for (int64_t k = 0; k < K; ++k) {
         const uint32_t u = packed_pattern(src[co * K + k], b);
@@ -110,8 +109,7 @@ at::Tensor unpack_codes(const at::Tensor& w_packed, const ConvShape& s, int bits
   const at::Tensor buf = w_packed.contiguous();
   const uint32_t* words = reinterpret_cast<const uint32_t*>(buf.const_data_ptr<uint8_t>());
   int8_t* out = codes.mutable_data_ptr<int8_t>();
-  at::parallel_for(0, s.Cout, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(K * bits, 1)),
-                   [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, s.Cout, parallel_grain(K * bits), [&](int64_t c0, int64_t c1) {
     std::vector<uint32_t> u(static_cast<size_t>(KW * 32));
     for (int64_t co = c0; co < c1; ++co) {
       // Gather the bit-planes word by word (vectorizable), then decode the patterns.

@@ -8,6 +8,7 @@
 #include "qops/cpu_dispatch.h"
 #include "qops/philox.h"
 #include "qops/quant_noise_args.h"
+#include "qops/quant_noise_math.h"
 
 QOPS_DECLARE_ISA_FN(void, quant_noise_range_float,
                     (const float* x, int64_t outer, int64_t channels, int64_t inner, float* lo, float* hi))
@@ -23,12 +24,12 @@ QOPS_DECLARE_ISA_FN(void, quant_noise_apply_double,
 namespace qops::cpu {
 namespace {
 
-// half_delta[c] = ((hi - lo) / (2^bits - 1)) / 2 in the compute type, as the reference does.
+// half_delta[c] = ((hi - lo) / (2^bits - 1)) / 2 in the compute type (qops/quant_noise_math.h).
 template <typename T>
 std::vector<T> half_deltas(const std::vector<T>& lo, const std::vector<T>& hi, int64_t bits) {
   const T levels = static_cast<T>((int64_t{1} << bits) - 1);
   std::vector<T> out(lo.size());
-  for (size_t c = 0; c < lo.size(); ++c) out[c] = ((hi[c] - lo[c]) / levels) * T(0.5);
+  for (size_t c = 0; c < lo.size(); ++c) out[c] = quant_noise_half_delta(lo[c], hi[c], levels);
   return out;
 }
 

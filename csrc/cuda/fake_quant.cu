@@ -91,9 +91,10 @@ __global__ void prepare_params_kernel(const float* scale, const float* zero_poin
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < channels;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float s = scale[c];
-    // A device-side check would need a host sync to report: a bad scale gives NaN outputs instead.
-    if (!(s > 0.f) || isinf(s)) s = __int_as_float(0x7fc00000);
     const float zp = zero_point[c];
+    // A device-side check would need a host sync to report: a bad scale or a non-finite zero point gives NaN
+    // outputs instead (the CPU raises).
+    if (!(s > 0.f) || isinf(s) || isnan(zp) || isinf(zp)) s = __int_as_float(0x7fc00000);
     params[c] = make_float4(s, 1.0f / s, fq_zero_point_forward(zp, quant_min, quant_max),
                             fq_zero_point_backward_for(per_channel, zp, quant_min, quant_max));
   }

@@ -1,5 +1,5 @@
 // CUDA registration of mixed_quant_conv: the orchestration shared with the CPU (qops::mqc::forward/backward
-// in csrc/cpu/mixed_quant_conv.cpp: cuDNN's convolution through ATen in between) with the CUDA kernels of
+// in csrc/mixed_quant_conv_host.cpp: cuDNN's convolution through ATen in between) with the CUDA kernels of
 // csrc/cuda/mixed_quant_conv.cu. Scale positivity is checked with one host sync per call, like the CPU;
 // noise mode's ranges stay on the device.
 #include <ATen/ops/aminmax.h>
@@ -19,6 +19,7 @@
 namespace {
 
 using qops::mqc::Args;
+using qops::mqc::is_nhwc;
 namespace qc = qops::cuda;
 
 cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
@@ -26,8 +27,6 @@ cudaStream_t current_stream(const at::Tensor& t) { return c10::cuda::getCurrentC
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "mixed_quant_conv (CUDA): ", what, " failed: ", cudaGetErrorString(err));
 }
-
-bool is_nhwc(const at::Tensor& x) { return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast); }
 
 // (min, max) of t as a device tensor [2] (noise mode's range; no host sync).
 at::Tensor device_minmax(const at::Tensor& t) {
@@ -180,9 +179,8 @@ mixed_quant_conv_backward_cuda(const at::Tensor& grad, const at::Tensor& x, at::
                                        true);
   qops::check_dtype(grad, at::kFloat, "grad");
   qops::check_same_device(grad, x, "grad", "x");
-  const int64_t ho = (a.H - 1) / a.stride + 1, wo = (a.W - 1) / a.stride + 1;
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, ho, wo}), "grad: expected the output's shape [", a.N,
-              ", ", a.cout, ", ", ho, ", ", wo, "], got ", grad.sizes());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.N, a.cout, a.Ho, a.Wo}), "grad: expected the output's shape [",
+              a.N, ", ", a.cout, ", ", a.Ho, ", ", a.Wo, "], got ", grad.sizes());
   return qops::mqc::backward(a, kCudaKernels, grad, x, weights, probs, w_scales, a_scales, output_mask);
 }
 

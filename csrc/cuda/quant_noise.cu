@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "qops/philox.h"
+#include "qops/quant_noise_math.h"
 #include "quant_noise.h"
 
 namespace qops::gpu {
@@ -58,8 +59,6 @@ __device__ __forceinline__ A max_nan(A a, A b) {
 
 __device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float div_acc(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_acc(double a, double b) { return __ddiv_rn(a, b); }
 
 template <typename A>
 __device__ __forceinline__ A pos_inf();
@@ -126,7 +125,7 @@ __global__ void half_delta_kernel(const A* __restrict__ part_lo, const A* __rest
     lo = min_nan(lo, part_lo[c * nsplit + s]);
     hi = max_nan(hi, part_hi[c * nsplit + s]);
   }
-  half_delta[c] = div_acc(hi - lo, levels) * A(0.5);
+  half_delta[c] = qops::quant_noise_half_delta(lo, hi, levels);
 }
 
 template <typename T>

@@ -1,17 +1,15 @@
-"""Triton kernels of LSQ fake quantization: ``torch.ops.qops_triton.fake_quant`` / ``fake_quant_backward``.
+"""Triton kernels of LSQ fake quantization: the twins ``torch.ops.qops_triton.fake_quant`` / ``fake_quant_backward``
+(registered as every Triton twin is, qops/triton/__init__.py).
 
 Same semantics, signatures and results as ``torch.ops.qops.fake_quant`` (docs/FAKE_QUANT.md): forward and
-grad_x bit for bit, grad_scale / grad_zero_point to float32 rounding. The ops are registered with
-``torch.library.triton_op`` under their own namespace ``qops_triton``; triton_op derives the schema from
-the Python signature, the one exception to "schemas only in csrc/ops.cpp" (the signature below is kept
-identical to the csrc/ops.cpp one). Where torch has CUDA but qops._C was built without it, qops/fake_quant.py
-registers :func:`fake_quant_impl` / :func:`fake_quant_backward_impl` as the CUDA kernels of ``qops::``.
+grad_x bit for bit, grad_scale / grad_zero_point to float32 rounding.
 
 Numerics: every launch passes ``enable_fp_fusion=False`` so the compiler forms no FMA by itself; the two
 FMAs of the built-in's backward are explicit (``tl.fma``). Rounding half to even is written with floor so
 that it runs under the interpreter too (TRITON_INTERPRET=1; libdevice does not). The backward writes one
 partial sum triple per program (channel c, split k) and reduces them in float64 with torch, in a fixed order.
-Non-positive scales are not checked here (that would need a device-to-host sync): the forward gives NaN.
+Non-positive or non-finite scales and non-finite zero points are not reported here (that would need a
+device-to-host sync): the outputs are NaN instead.
 """
 
 from __future__ import annotations
@@ -22,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
+
+from qops.fake_quant import check_args, check_grad, register_autograd
+from qops.triton import register_twins
 
 _BLOCK = 1024
 _TARGET_PROGRAMS = 512  # backward programs to aim for (fills a GPU; few enough for the interpreter)
@@ -104,31 +105,6 @@ def _as_float32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _check(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, quant_min: int, quant_max: int) -> int:
-    """The checks of csrc/include/qops/fake_quant_args.h that need no device data; returns the axis or -1."""
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise RuntimeError(f"x: expected a float32, float16 or bfloat16 tensor, got {x.dtype}")
-    dim_axis = -1
-    if axis != -1:
-        if not -x.dim() <= axis < x.dim():
-            raise RuntimeError(f"axis: {axis} is out of range for a tensor with {x.dim()} dimensions")
-        dim_axis = axis % x.dim()
-    channels = 1 if dim_axis == -1 else x.shape[dim_axis]
-    for name, t in (("scale", scale), ("zero_point", zero_point)):
-        if not t.is_floating_point():
-            raise RuntimeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise RuntimeError(f"{name}: expected a tensor on {x.device} like x, got {t.device}")
-        if t.numel() != channels:
-            raise RuntimeError(f"{name}: expected {channels} elements for axis={axis}, got {t.numel()}")
-    limit = 1 << 23
-    if not -limit <= quant_min <= limit or not -limit <= quant_max <= limit:
-        raise RuntimeError(f"quant_min: expected quant_min and quant_max in [{-limit}, {limit}]")
-    if quant_min >= quant_max:
-        raise RuntimeError(f"quant_min: expected quant_min < quant_max, got {quant_min} >= {quant_max}")
-    return dim_axis
-
-
 def is_non_overlapping_and_dense(t: Tensor) -> bool:
     """Whether t's elements fill its memory span exactly (any permutation of a contiguous layout)."""
     expected = 1
@@ -162,8 +138,10 @@ def _qparams(
     scale: Tensor, zero_point: Tensor, per_channel: bool, backward: bool, quant_min: int, quant_max: int
 ):
     s = scale.detach().float().reshape(-1)
-    inv = 1.0 / s
     z = zero_point.detach().float().reshape(-1)
+    # No host sync to report them: a bad scale or a non-finite zero point gives NaN outputs (the CPU raises).
+    s = torch.where((s > 0) & torch.isfinite(s) & torch.isfinite(z), s, torch.full_like(s, float("nan")))
+    inv = 1.0 / s
     if backward and not per_channel:  # the per-tensor built-in backward: trunc(clamp(zp + 0.5))
         z = torch.trunc(torch.clamp(z + 0.5, quant_min, quant_max))
     else:
@@ -181,7 +159,7 @@ def fake_quant_impl(
     grad_factor: float = 1.0,
 ) -> Tensor:
     """The Triton forward (any device Triton runs on: CUDA, or CPU under TRITON_INTERPRET=1)."""
-    dim_axis = _check(x, scale, zero_point, axis, quant_min, quant_max)
+    dim_axis = check_args(x, scale, zero_point, axis, quant_min, quant_max)
     dense_x = _dense(x)
     y = torch.empty_like(dense_x)
     if x.numel() == 0:
@@ -207,11 +185,8 @@ def fake_quant_backward_impl(
     grad_factor: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton backward: one pass writing grad_x and per-program partial sums, then a float64 reduction."""
-    dim_axis = _check(x, scale, zero_point, axis, quant_min, quant_max)
-    if grad.shape != x.shape or grad.dtype != x.dtype or grad.device != x.device:
-        raise RuntimeError(
-            f"grad: expected shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device} like x"
-        )
+    dim_axis = check_args(x, scale, zero_point, axis, quant_min, quant_max)
+    check_grad(grad, x)
     dense_x = _dense(x)
     grad_x = torch.empty_like(dense_x)
     if x.numel() == 0:
@@ -247,45 +222,6 @@ def fake_quant_backward_impl(
     )
 
 
-@triton_op("qops_triton::fake_quant", mutates_args={})
-def fake_quant(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    axis: int,
-    quant_min: int,
-    quant_max: int,
-    grad_factor: float = 1.0,
-) -> Tensor:
-    """torch.ops.qops_triton.fake_quant: the Triton kernel of torch.ops.qops.fake_quant."""
-    return fake_quant_impl(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
-
-
-@triton_op("qops_triton::fake_quant_backward", mutates_args={})
-def fake_quant_backward(
-    grad: Tensor,
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    axis: int,
-    quant_min: int,
-    quant_max: int,
-    grad_factor: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """torch.ops.qops_triton.fake_quant_backward: the Triton kernel of torch.ops.qops.fake_quant_backward."""
-    return fake_quant_backward_impl(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
-
-
-def _setup_context(ctx, inputs, output):
-    x, scale, zero_point, axis, quant_min, quant_max, grad_factor = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.qparams = (axis, quant_min, quant_max, grad_factor)
-
-
-def _backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    grads = torch.ops.qops_triton.fake_quant_backward(grad, x, scale, zero_point, *ctx.qparams)
-    return (*grads, None, None, None, None)
-
-
-fake_quant.register_autograd(_backward, setup_context=_setup_context)
+TWINS = register_twins(
+    register_autograd, {"fake_quant": fake_quant_impl, "fake_quant_backward": fake_quant_backward_impl}
+)

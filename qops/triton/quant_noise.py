@@ -1,4 +1,5 @@
-"""Triton implementation of quant_noise: ``torch.ops.qops_triton.quant_noise``.
+"""Triton implementation of quant_noise: the twin ``torch.ops.qops_triton.quant_noise`` (registered as every
+Triton twin is, qops/triton/__init__.py).
 
 Same signature and the same bits as ``torch.ops.qops.quant_noise`` (csrc/include/qops/philox.h):
 Philox4x32-10 with key = the seed's 32-bit halves and counter = (group low, group high, stream, 0),
@@ -16,9 +17,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from qops.reference import NOISE_DISTS, QUANT_NOISE_STREAM
+from qops.quant_noise import check_args, register_autograd
+from qops.reference import QUANT_NOISE_STREAM
+from qops.triton import register_twins
 
 _MUL0: tl.constexpr = 0xD2511F53
 _MUL1: tl.constexpr = 0xCD9E8D57
@@ -93,17 +96,22 @@ def _range_partial_kernel(
 def _half_delta_kernel(
     part_lo_ptr, part_hi_ptr, half_delta_ptr, nsplit, levels, SPLITS: tl.constexpr, ACC: tl.constexpr
 ):
-    """Second stage, one program per slice, fixed order: half_delta = ((max - min) / levels) / 2."""
+    """Second stage, one program per slice, fixed order: half_delta = ((max - min) / levels) / 2, from the
+    halves where max - min overflows (csrc/include/qops/quant_noise_math.h)."""
     c = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, SPLITS)
     mask = k < nsplit
     lo = tl.reduce(tl.load(part_lo_ptr + c * nsplit + k, mask=mask, other=float("inf")), 0, _min_nan)
     hi = tl.reduce(tl.load(part_hi_ptr + c * nsplit + k, mask=mask, other=float("-inf")), 0, _max_nan)
+    d = hi - lo
+    finite = (lo - lo == lo - lo) & (hi - hi == hi - hi)
+    overflow = (d - d != d - d) & finite
+    num = tl.where(overflow, hi * 0.5 - lo * 0.5, d)
     if ACC == tl.float32:
-        delta = tl.div_rn(hi - lo, tl.cast(levels, tl.float32))
+        q = tl.div_rn(num, tl.cast(levels, tl.float32))
     else:
-        delta = (hi - lo) / tl.cast(levels, ACC)
-    tl.store(half_delta_ptr + c, delta * 0.5)
+        q = num / tl.cast(levels, ACC)
+    tl.store(half_delta_ptr + c, tl.where(finite, tl.where(overflow, q, q * 0.5), d - d))
 
 
 @triton.jit
@@ -218,19 +226,12 @@ _BLOCK = 1024
 _GROUPS = 256
 
 
-@triton_op("qops_triton::quant_noise", mutates_args=())
-def quant_noise(
+def quant_noise_impl(
     x: torch.Tensor, bits: int, seed: int, axis: int = -1, dist: str = "gaussian"
 ) -> torch.Tensor:
     """Triton twin of torch.ops.qops.quant_noise (see qops.quant_noise for the semantics)."""
-    torch._check(x.is_floating_point(), lambda: f"x: expected a floating-point tensor, got {x.dtype}")
-    torch._check(1 <= bits <= 16, lambda: f"bits: expected a bit-width in 1..16, got {bits}")
-    torch._check(dist in NOISE_DISTS, lambda: f'dist: expected "gaussian" or "uniform", got "{dist}"')
+    check_args(x, bits, axis, dist)
     dim = x.dim()
-    torch._check(
-        axis == -1 or -dim <= axis < dim,
-        lambda: f"axis: {axis} is out of range for a tensor with {dim} dimensions",
-    )
     xc = x.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     numel = x.numel()
@@ -283,12 +284,4 @@ def quant_noise(
     return y
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad):
-    return grad, None, None, None, None
-
-
-quant_noise.register_autograd(_backward, setup_context=_setup_context)
+TWINS = register_twins(register_autograd, {"quant_noise": quant_noise_impl})

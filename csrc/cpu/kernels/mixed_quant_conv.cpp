@@ -27,6 +27,7 @@
 
 #include "qops/fake_quant_math.h"
 #include "qops/mixed_quant_conv.h"
+#include "qops/parallel_grain.h"
 
 namespace qops::cpu::CPU_CAPABILITY {
 
@@ -220,7 +221,7 @@ void mqc_act_forward(const float* x, bool channels_last, int64_t N, int64_t C, i
   const int64_t ctot = v.n * C, HW = H * W;
   if (!channels_last && !xq_channels_last) {
     // NCHW -> NCHW: every (n, c) plane of x becomes n_a planes of xq, contiguous runs of H * W.
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, parallel_grain(HW * v.n), [&](int64_t begin, int64_t end) {
       MqcActVariants one = v;
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / C, c = u % C;
@@ -237,7 +238,7 @@ void mqc_act_forward(const float* x, bool channels_last, int64_t N, int64_t C, i
     });
     return;
   }
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, parallel_grain(W * ctot), [&](int64_t begin, int64_t end) {
     std::vector<float> xtile(channels_last ? 0 : kTile * C), otile(xq_channels_last ? 0 : kTile * ctot);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / H, h = r % H;
@@ -271,7 +272,7 @@ void mqc_act_backward(const float* x, bool channels_last, int64_t N, int64_t C, 
   };
   if (!channels_last && !gxq_channels_last) {
     // NCHW x and grad xq: plane by plane, H * W contiguous values of each variant. Units: the N * C planes.
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * C, parallel_grain(HW * n_a), [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t n = u / C, c = u % C;
         F acc[kMqcMaxBits];
@@ -285,7 +286,7 @@ void mqc_act_backward(const float* x, bool channels_last, int64_t N, int64_t C, 
     return;
   }
   // Row by row (units: the N * H rows), 8-pixel tiles transposed where a tensor is NCHW.
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, parallel_grain(W * ctot), [&](int64_t begin, int64_t end) {
     std::vector<float> xtile(channels_last ? 0 : kTile * C), gxtile(channels_last ? 0 : kTile * C);
     std::vector<float> gtile(gxq_channels_last ? 0 : kTile * ctot);
     for (int64_t r = begin; r < end; ++r) {

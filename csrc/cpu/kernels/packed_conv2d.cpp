@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../packed_conv2d.h"
+#include "qops/parallel_grain.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -192,7 +193,7 @@ bool run_scalar(const PackedConvParams& p) {
   // Signed activation values, NCHW.
   auto xv = uninit<int16_t>(p.N * p.Cin * HW);
   BadFlag bad;
-  at::parallel_for(0, p.N * p.Cin * p.H, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p.N * p.Cin * p.H, parallel_grain(p.W), [&](int64_t b, int64_t e) {
     std::vector<uint8_t> row(static_cast<size_t>(p.W));
     uint32_t flag = 0;
     for (int64_t t = b; t < e; ++t) {
@@ -205,7 +206,7 @@ bool run_scalar(const PackedConvParams& p) {
   });
   if (!bad.ok()) return false;
   const int64_t K = p.Cin * p.KH * p.KW;
-  at::parallel_for(0, p.N * p.Cout, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p.N * p.Cout, parallel_grain(p.Ho * p.Wo * K), [&](int64_t b, int64_t e) {
     std::vector<int32_t> acc(static_cast<size_t>(p.Wo));
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / p.Cout, co = t % p.Cout;
@@ -310,11 +311,15 @@ int64_t padded_width(const PackedConvParams& p, const ActLayout& L) {
   return std::max(L.Wq * p.SW, p.PW + p.W);
 }
 
+// Multiply-adds of the whole convolution.
+int64_t conv_macs(const PackedConvParams& p) { return p.N * p.Ho * p.Wo * p.Cout * p.Cin * p.KH * p.KW; }
+
 // Output rows per work item of run_blocked: the item's activation block (its rows plus the KH - SH halo)
 // within ~256 KiB so that it stays in L2 while the tiles use it, and at least 4 items per thread, their
 // number a multiple of the thread count (equal shares: the work per row is uniform).
 int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
-  const int64_t threads = std::max(1, at::get_num_threads());
+  // The threads the problem is worth: a small one stays in one block per image (no halo rows loaded twice).
+  const int64_t threads = parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs);
   const int64_t fit = std::max<int64_t>(1, ((256 << 10) / std::max<int64_t>(bytes_per_row, 1) - p.KH) / p.SH + 1);
   int64_t items = std::max<int64_t>(4 * threads, p.N * ((p.Ho + fit - 1) / fit));
   items = (items + threads - 1) / threads * threads;
@@ -334,7 +339,8 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
   const int64_t nb = (p.Ho + R - 1) / R;
   const int64_t per_row = (p.Wo + SEG - 1) / SEG;
   BadFlag bad;
-  at::parallel_for(0, p.N * nb, 1, [&](int64_t b, int64_t e) {
+  const int64_t item_macs = std::max<int64_t>(1, conv_macs(p) / std::max<int64_t>(p.N * nb, 1));
+  at::parallel_for(0, p.N * nb, parallel_grain(item_macs, kParallelMinMacs), [&](int64_t b, int64_t e) {
     auto buf = uninit<uint8_t>(L.image);
     std::vector<uint8_t> tmp(static_cast<size_t>(tmp_bytes));
     alignas(32) int32_t res[MR][NR][SEG];
@@ -707,7 +713,7 @@ bool run_lut(const PackedConvParams& p) {
   __m256i fields[4];  // field_t(idx) - off for idx = 0..15, int16
   for (int t = 0; t < 4; ++t) fields[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(field16[t]));
   const int64_t KHW = p.KH * p.KW;
-  at::parallel_for(0, CB * MR, std::max<int64_t>(4, (int64_t{1} << 16) / S), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, CB * MR, parallel_grain(S * 16 * g), [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co) {
       int64_t min_sum = 0;
       const int8_t* wco = p.w_codes + std::min(co, p.Cout - 1) * K;
@@ -840,7 +846,7 @@ bool run_bitserial(const PackedConvParams& p) {
 
   // Planes of the two's complement pattern x & mask = u ^ off (offset codes with the top bit flipped).
   BadFlag bad;
-  at::parallel_for(0, p.N * Lay.groups * Lay.Hp, 4, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p.N * Lay.groups * Lay.Hp, parallel_grain(64 * width * bp.na), [&](int64_t b, int64_t e) {
     std::vector<uint8_t> tmp(static_cast<size_t>(width));
     std::vector<uint64_t> words(static_cast<size_t>(bp.na * width));
     uint32_t flag = 0;
@@ -890,7 +896,9 @@ bool run_bitserial(const PackedConvParams& p) {
   const bool vpopcnt = p.use_vpopcntdq;
   (void)vpopcnt;
   const Segments seg(p, 4, NR);
-  at::parallel_for(0, p.N * seg.groups, 1, [&](int64_t b, int64_t e) {
+  // A work item: NR segments of 4 pixels for every output channel, 64 multiply-adds per popcount word.
+  const int64_t item_macs = int64_t{NR} * 4 * p.Cout * p.Cin * p.KH * p.KW * bp.na * bp.nw;
+  at::parallel_for(0, p.N * seg.groups, parallel_grain(item_macs, kParallelMinMacs), [&](int64_t b, int64_t e) {
     alignas(32) int64_t res[MR][NR][4];
     int32_t vals[4];
     for (int64_t t = b; t < e; ++t) {

@@ -20,6 +20,7 @@
 
 #include "qops/fake_quant_math.h"
 #include "qops/philox.h"
+#include "qops/quant_noise_math.h"
 
 namespace qops {
 
@@ -56,7 +57,7 @@ QOPS_HD uint32_t mqc_weight_stream(int64_t n_a, int64_t n_w, int64_t o, int64_t 
 // quant_noise's half step of a tensor with range [lo, hi] at `bits`: ((hi - lo) / (2^b - 1)) * 0.5, in float;
 // the noisy value is fma(half_delta, eps, v) (v itself when half_delta == 0), as quant_noise computes it.
 QOPS_HD float mqc_half_delta(float lo, float hi, int bits) {
-  return ((hi - lo) / static_cast<float>((1 << bits) - 1)) * 0.5f;
+  return quant_noise_half_delta(lo, hi, static_cast<float>((1 << bits) - 1));
 }
 
 QOPS_HD float mqc_noisy(float v, float half_delta, int64_t seed, uint32_t stream, uint64_t index) {

@@ -1,5 +1,5 @@
-// Host side of mixed_quant_conv shared by the CPU entry points (csrc/cpu/mixed_quant_conv.cpp, which defines
-// everything declared here) and the CUDA binding (csrc/cuda/mixed_quant_conv_binding.cpp): argument checks,
+// Host side of mixed_quant_conv shared by the CPU entry points (csrc/cpu/mixed_quant_conv.cpp) and the CUDA binding
+// (csrc/cuda/mixed_quant_conv_binding.cpp), defined in csrc/mixed_quant_conv_host.cpp: argument checks,
 // the conv-group plan and the orchestration around the vendor convolution, parameterized by the device's
 // kernels. See csrc/include/qops/mixed_quant_conv.h for the math and the channel order.
 #pragma once
@@ -20,6 +20,7 @@ namespace qops::mqc {
 // Validated arguments of one call.
 struct Args {
   int64_t N = 0, cin = 0, H = 0, W = 0, cout = 0, stride = 1;
+  int64_t Ho = 0, Wo = 0;  // the output's size: (H - 1) / stride + 1, and 0 for an empty input axis
   int64_t n_ops = 0, n_w = 0, n_a = 0;
   bool a_signed = false, noise = false, has_bias = false;
   int64_t seed = 0;
@@ -39,6 +40,12 @@ Args check_args(const at::Tensor& x, at::TensorList weights, const at::Tensor& p
                 c10::IntArrayRef a_bits, const at::Tensor& w_scales, const at::Tensor& a_scales, bool a_signed,
                 c10::IntArrayRef groups, c10::IntArrayRef dilations, int64_t stride, bool has_bias,
                 std::string_view mode, int64_t seed, bool check_scale_values);
+
+// x laid out NHWC (channels-last) rather than NCHW; a tensor that is both (C == 1 or H == W == 1) reads the same
+// either way and counts as NCHW.
+inline bool is_nhwc(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
 
 // Output mask of the backward op: which of (x, weights, probs, w_scales, a_scales, bias) need a gradient.
 using Mask = std::array<bool, 6>;

@@ -4,9 +4,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/safe_numerics.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 
 #include "qops/checks.h"
 #include "qops/packed_layout.h"
@@ -22,9 +25,22 @@ struct ConvShape {
   int64_t N, Cin, H, W, Cout, KH, KW, SH, SW, PH, PW, Ho, Wo;
 };
 
-// Checks shared by packed_conv2d and quantized_conv2d; returns the geometry.
+// a * b, or an error naming `name` when it does not fit in int64 (sizes come from files: no wrap-around).
+inline int64_t checked_mul(int64_t a, int64_t b, const char* name) {
+  int64_t out = 0;
+  TORCH_CHECK(!c10::mul_overflows(a, b, &out), name, ": sizes too large (", a, " * ", b, " overflows int64)");
+  return out;
+}
+
+// Checks shared by packed_conv2d and quantized_conv2d; returns the geometry. Every size, stride and padding is
+// bounded before it enters arithmetic, so that no product below (nor in the kernels' index and buffer sizes)
+// overflows, and no buffer is larger than the input and the kernel justify:
+//   K = Cin*kh*kw      below 2^31 / 2^(a_bits + w_bits - 1) (exact int32 accumulation), checked without overflow;
+//   padding            below the kernel size: a wider padding only adds outputs whose window holds no input;
+//   stride             a stride beyond the padded input leaves one output row (column) whatever its value, so it
+//                      is clamped to the padded input (the same output; PyTorch's convolution accepts it too).
 inline ConvShape check_conv(const at::Tensor& x, const char* x_name, const at::Tensor& w_packed, at::IntArrayRef w_shape,
-                     int64_t w_bits, int64_t a_bits, at::IntArrayRef stride, at::IntArrayRef padding) {
+                            int64_t w_bits, int64_t a_bits, at::IntArrayRef stride, at::IntArrayRef padding) {
   check_dim(x, 4, x_name);
   check_dtype(w_packed, at::kByte, "w_packed");
   check_dim(w_packed, 1, "w_packed");
@@ -45,26 +61,33 @@ inline ConvShape check_conv(const at::Tensor& x, const char* x_name, const at::T
   s.Cout = w_shape[0];
   s.KH = w_shape[2];
   s.KW = w_shape[3];
-  s.SH = stride[0];
-  s.SW = stride[1];
-  s.PH = padding[0];
-  s.PW = padding[1];
   TORCH_CHECK(w_shape[1] == s.Cin, "w_shape: Cin = ", w_shape[1], " does not match the ", s.Cin, " channels of ",
               x_name, " (shape ", x.sizes(), ")");
-  const int64_t K = s.Cin * s.KH * s.KW;
-  const int64_t want = packed_weight_bytes(s.Cout, K, w_bits);
-  TORCH_CHECK(w_packed.numel() == want, "w_shape: ", w_shape, " at w_bits=", w_bits, " needs a packed buffer of ",
-              want, " bytes, but w_packed has ", w_packed.numel(), " (was it packed with other bits or shape?)");
+  // int32 accumulation is exact while K * max|x| * max|w| <= K * 2^a_bits * 2^(w_bits-1) < 2^31.
+  const int64_t k_limit = int64_t{1} << (32 - a_bits - w_bits);
+  int64_t K = 0;
+  const bool k_overflows = c10::mul_overflows(s.Cin, s.KH, &K) || c10::mul_overflows(K, s.KW, &K);
+  TORCH_CHECK(!k_overflows && K < k_limit, "w_shape: K = Cin*kh*kw = ", s.Cin, "*", s.KH, "*", s.KW,
+              " is too large for exact int32 accumulation at ", w_bits, "x", a_bits, " bits (at most ",
+              k_limit - 1, ")");
+  int64_t want = 0;
+  const bool want_overflows = c10::mul_overflows(s.Cout, w_bits * packed_plane_words(K) * 4, &want);
+  TORCH_CHECK(!want_overflows && w_packed.numel() == want, "w_shape: ", w_shape, " at w_bits=", w_bits,
+              " needs a packed buffer of ", want_overflows ? std::string("more than 2^63") : std::to_string(want),
+              " bytes, but w_packed has ", w_packed.numel(), " (was it packed with other bits or shape?)");
+  TORCH_CHECK(padding[0] < s.KH && padding[1] < s.KW, "padding: expected values below the kernel size (", s.KH, ", ",
+              s.KW, "), got ", padding, " (outputs beyond would see no input, only zero padding)");
+  s.PH = padding[0];
+  s.PW = padding[1];
+  // K < 2^31 bounds kh, kw and so the padding: these sums cannot overflow.
   const int64_t hp = s.H + 2 * s.PH, wp = s.W + 2 * s.PW;
   TORCH_CHECK(hp >= s.KH && wp >= s.KW, x_name, ": padded input ", hp, "x", wp, " is smaller than the kernel ", s.KH,
               "x", s.KW);
+  s.SH = std::min(stride[0], hp);
+  s.SW = std::min(stride[1], wp);
   s.Ho = (hp - s.KH) / s.SH + 1;
   s.Wo = (wp - s.KW) / s.SW + 1;
-  // int32 accumulation is exact while K * max|x| * max|w| < 2^31.
-  const double bound = static_cast<double>(K) * std::ldexp(1.0, static_cast<int>(a_bits)) *
-                       std::ldexp(1.0, static_cast<int>(w_bits) - 1);
-  TORCH_CHECK(bound < 2147483647.0, "w_shape: K = Cin*kh*kw = ", K, " is too large for exact int32 accumulation at ",
-              w_bits, "x", a_bits, " bits");
+  checked_mul(checked_mul(checked_mul(s.N, s.Cout, "w_shape"), s.Ho, x_name), s.Wo, x_name);
   return s;
 }
 
@@ -77,8 +100,10 @@ inline void check_quantized_args(const at::Tensor& x, const ConvShape& s, const 
   TORCH_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == s.Cout || w_scale.numel() == 1),
               "w_scale: expected shape [Cout] = [", s.Cout, "] or one element, got ", w_scale.sizes());
   TORCH_CHECK(std::isfinite(a_scale) && a_scale > 0, "a_scale: expected a positive finite step, got ", a_scale);
+  // The kernels compute in float32: the step, its inverse and the output scale must all be finite there.
   const float a_scale_f = static_cast<float>(a_scale);
-  TORCH_CHECK(a_scale_f > 0 && std::isfinite(1.f / a_scale_f), "a_scale: ", a_scale, " is not a usable float32 step");
+  TORCH_CHECK(std::isfinite(a_scale_f) && a_scale_f > 0 && std::isfinite(1.f / a_scale_f), "a_scale: ", a_scale,
+              " is not a usable float32 step (its float32 value or inverse is 0 or infinite)");
   if (bias.has_value() && bias->defined()) {
     check_dtype(*bias, at::kFloat, "bias");
     check_same_device(*bias, x, "bias", "x");

@@ -26,7 +26,7 @@ import torch
 
 from qnas.atomic_write import atomic_write_bytes
 from qnas.deploy.format import bias_step, quant_range
-from qops.reference import unpack_weight
+from qops.packed import unpack_weight
 
 OPSET = 17
 

@@ -41,7 +41,7 @@ from qnas.nas.graph import (
 )
 from qnas.spaces import is_single_conv, op_stages
 from qops import reference
-from qops.mixed_quant_conv import mixed_quant_conv
+from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
 
 MODES = ("quant", "noise")
 IMPLS = ("fused", "naive")
@@ -329,41 +329,15 @@ class SearchLayer(nn.Module):
             a_scales = _positive(_grad_scaled(self.a_scales, af))
         else:
             w_scales, a_scales = self.w_scales, self.a_scales
+        spec = MixedQuantConvSpec(
+            self.w_bits, self.a_bits, self.groups, self.dilations, self.a_signed, 1, self.mode
+        )
         if self.impl == "fused":
-            return mixed_quant_conv(
-                x,
-                list(self.weights),
-                p,
-                self.w_bits,
-                self.a_bits,
-                w_scales,
-                a_scales,
-                self.a_signed,
-                self.groups,
-                self.dilations,
-                1,
-                self.bias,
-                self.mode,
-                seed,
-            )
+            return mixed_quant_conv(x, list(self.weights), p, w_scales, a_scales, self.bias, spec, seed)
         terms = [self._terms[k] for k in self.single_idx]
         if self.mode == "quant":
             return reference.mixed_quant_conv(
-                x,
-                list(self.weights),
-                p,
-                self.w_bits,
-                self.a_bits,
-                w_scales,
-                a_scales,
-                self.a_signed,
-                self.groups,
-                self.dilations,
-                1,
-                self.bias,
-                "quant",
-                0,
-                terms=terms,
+                x, list(self.weights), p, w_scales, a_scales, self.bias, spec, 0, terms=terms
             )
         # Naive noise: the per-term loop with torch.randn noise (reference.mixed_quant_conv's noise mode
         # reproduces the kernels' Philox streams in pure torch, far slower than anything a user would write).
