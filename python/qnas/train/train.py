@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qnas.errors import QnasError
+from qnas.errors import CheckpointError, QnasError
 from qnas.train.network import build_network, model_blob
 from qnas.train.run import RunDir
 
@@ -141,14 +141,24 @@ def train(
     step = 0
     if resume:
         state = run.load_checkpoint()
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"])
-        step = int(state["step"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            torch.set_rng_state(state["rng"])
+            step = int(state["step"])
+        except KeyError as e:
+            raise CheckpointError(f"{run.checkpoint_path}: not a checkpoint of `qnas train` (no {e})") from e
+        except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+            first = " ".join(str(e).split())[:160] or type(e).__name__
+            raise CheckpointError(
+                f"{run.checkpoint_path}: does not match this run's network or options ({first})"
+            ) from e
+        if not 0 <= step <= opts.steps:
+            raise CheckpointError(f"{run.checkpoint_path}: step {step} is outside this run's 0..{opts.steps}")
         run.truncate_metrics(step)
     else:
         run.write_config(config)
