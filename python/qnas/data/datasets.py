@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from qnas.data import builtin
-from qnas.data.images import image_size, list_images, load_image
+from qnas.data.images import image_size, is_image_file, list_images, load_image
 from qnas.data.imresize import imresize, modcrop
 from qnas.errors import DataError
 
@@ -85,7 +85,7 @@ def _find_lr(lr_dir: Path, stem: str, scale: int) -> Path | None:
         return None
     for candidate_stem in (f"{stem}x{scale}", stem):
         for p in sorted(lr_dir.glob(f"{candidate_stem}.*")):
-            if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            if p.is_file() and is_image_file(p):
                 return p
     return None
 
