@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qnas.errors import QnasError
+from qnas.files import check_input_file
 from qnas.nas.graph import GraphModule, LayerSite, compile_space, stage_channels
 from qnas.nas.layers import ACT_QUANTIZERS, DerivedLayer
 from qnas.spaces import load_space, op_stages
@@ -115,6 +116,9 @@ def read_genotype(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / "genotype.json"
+    if not p.exists():
+        raise QnasError(f"{p}: file not found")
+    check_input_file(p, "genotype JSON file")
     try:
         g = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as e:

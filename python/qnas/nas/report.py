@@ -21,22 +21,16 @@ from qnas.nas.plots import pareto_front, plot_pareto
 BICUBIC = "bicubic"
 
 
-def _run_entry(run: str, data: str, lr_size: tuple[int, int], progress: bool) -> tuple[dict, int]:
+def _run_entry(run: str, net, blob: dict, data: str, lr_size: tuple[int, int], progress: bool) -> dict:
     from qnas.cost import count_cost
     from qnas.data.datasets import eval_dataset
     from qnas.evaluate import evaluate
-    from qnas.train.network import build_network, load_network, model_file, network_scale, network_upscaler
+    from qnas.train.network import build_network, network_scale, network_upscaler
 
     p = Path(run)
-    if p.is_dir() and not (p / "model.pt").exists() and (p / "genotype.json").exists():
-        raise QnasError(
-            f"{run}: a search run has no trained model; retrain it first: qnas train --arch {p / 'genotype.json'} ..."
-        )
-    model_file(run)  # one-line error for a missing model.pt
-    net, blob = load_network(run)
     cfg = blob["network"]
     scale = network_scale(cfg)
-    result = evaluate(network_upscaler(net), eval_dataset(data, scale), scale, progress=progress)
+    result = evaluate(network_upscaler(net), eval_dataset(data, scale), scale, progress=progress, label=run)
     with torch.device("meta"):
         meta_net = build_network(cfg)
     cost = count_cost(meta_net, lr_size)
@@ -57,7 +51,7 @@ def _run_entry(run: str, data: str, lr_size: tuple[int, int], progress: bool) ->
     if cfg.get("kind") == "genotype":
         layers = cfg["genotype"]["layers"]
         entry["layers"] = {s: f"{c['op']} w{c['w_bits']}a{c['a_bits']}" for s, c in layers.items()}
-    return entry, scale
+    return entry
 
 
 def build_report(
@@ -68,24 +62,27 @@ def build_report(
     lr_size: tuple[int, int] = (180, 320),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluates every run (a folder with model.pt, or "bicubic") and writes the report files to `out`."""
+    """Evaluates every run (a folder with model.pt, or "bicubic") and writes the report files to `out`.
+    Every run is loaded and their scales compared before anything is evaluated."""
     from qnas.data.datasets import eval_dataset
     from qnas.evaluate import bicubic_upscaler, evaluate
+    from qnas.train.network import load_network, network_scale
 
     if not runs:
         raise QnasError("give at least one RUN (a trained run folder) or 'bicubic'")
-    entries, scales = [], {}
+    loaded, scales = {}, {}
     for r in runs:
-        if r == BICUBIC:
+        if r == BICUBIC or r in loaded:
             continue
-        e, s = _run_entry(r, data, lr_size, progress)
-        scales[r] = s
-        entries.append(e)
+        net, blob = load_network(r)
+        loaded[r] = (net, blob)
+        scales[r] = network_scale(blob["network"])
     if len(set(scales.values())) > 1:
         raise QnasError("runs have different scales: " + ", ".join(f"{r} x{s}" for r, s in scales.items()))
     if not scales:
         raise QnasError("give at least one trained RUN beside 'bicubic' (the scale comes from the runs)")
     scale = next(iter(scales.values()))
+    entries = [_run_entry(r, *loaded[r], data, lr_size, progress) for r in loaded]
     names = [e["name"] for e in entries]
     for e in entries:  # disambiguate runs with the same folder name
         if names.count(e["name"]) > 1:
