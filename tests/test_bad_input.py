@@ -601,3 +601,99 @@ def test_model_configs(name, key, value):
             assert "\n" not in str(e)
             return
     assert sum(p.numel() for p in net.parameters()) <= 50 * MAX_PARAMETERS
+
+
+# ------------------------------------------------------------------------------------------------
+# Found by probing each command
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--batch-size", "1000000000"], "--batch-size 1000000000"),  # allocated until killed
+        (["--grad-clip", "nan"], "--grad-clip"),  # NaN > 0 is False: silently no clipping
+        (["--lr", "inf"], "--lr"),  # the loss was finite, model.pt held NaN weights, exit 0
+    ],
+)
+def test_train_options_refused_before_work(tmp_path, capsys, extra, needle):
+    with deadline(30):
+        fails(capsys, "train", *TINY_MODEL, "--scale", "2", "--steps", "1", *extra, "--out", tmp_path / "r",
+              "--quiet", needle=needle)  # fmt: skip
+    assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_search_batch_is_bounded(tmp_path, capsys):
+    with deadline(60):
+        fails(capsys, "search", "--space", "basic", "--scale", "2", "--steps", "1", "--batch-size", "100000000",
+              "--patch-size", "16", "--out", tmp_path / "s", "--quiet", needle="--batch-size")  # fmt: skip
+
+
+def test_a_last_step_to_nan_weights_is_not_saved(tmp_path, monkeypatch):
+    from qnas.errors import QnasError
+    from qnas.train.train import TrainOptions, train
+
+    real_step = torch.optim.Adam.step
+
+    def poison(self, *a, **k):
+        out = real_step(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poison)
+    network = {
+        "kind": "sr",
+        "model": {"name": "edsr-baseline", "scale": 2, "kwargs": {"n_resblocks": 1, "n_feats": 8}},
+    }
+    with pytest.raises(QnasError, match="non-finite weights"):
+        train(
+            network,
+            TrainOptions(scale=2, steps=1, batch_size=2, patch_size=16),
+            tmp_path / "r",
+            progress=False,
+        )
+    assert not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_cost_of_a_checkpoint_runs_a_bounded_input(runs, capsys):
+    with deadline(30):
+        fails(capsys, "cost", "--checkpoint", runs / "fp", "--lr-size", "16384x16384", needle="1024 pixels")
+
+
+def test_report_checks_its_out_folder_before_evaluating(runs, tmp_path, capsys, monkeypatch):
+    import qnas.evaluate
+
+    monkeypatch.setattr(qnas.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    fails(
+        capsys,
+        "report",
+        runs / "fp",
+        "--out",
+        blocker / "rep",
+        "--quiet",
+        needle="cannot create the report folder",
+    )
+
+
+def test_a_file_that_is_not_a_torch_file(runs, capsys):
+    err = fails(
+        capsys, "eval", "--checkpoint", runs / "fp" / "config.json", needle="not a file written by torch.save"
+    )
+    assert "weights_only" not in err
+
+
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"train_steps": -5}, "train_steps=-5"),
+        ({"penalty": "high"}, "penalty='high'"),
+        ({"bits_search": 1}, "bits_search"),
+    ],
+)
+def test_demo_settings_are_checked_before_the_first_stage(tmp_path, capsys, settings, needle):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(settings))
+    with deadline(30):
+        fails(capsys, "demo", "--settings", path, "--out", tmp_path / "d", "--quiet", needle=needle)

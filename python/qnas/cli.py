@@ -400,7 +400,8 @@ def cost_command(
 
     if sum(v is not None for v in (model_name, arch_file, run_dir)) != 1:
         raise QnasError("give exactly one of --model NAME, --arch FILE or --checkpoint RUN")
-    size = parse_lr_size(lr_size)
+    # --checkpoint runs the network on a real input of that size; the others count on the meta device.
+    size = parse_lr_size(lr_size, max_side=1024) if run_dir is not None else parse_lr_size(lr_size)
     if bits is not None and not (1 <= bits <= 32):
         raise QnasError(f"--bits {bits:g} is out of range (1..32)")
     if bits is not None and bits.is_integer():

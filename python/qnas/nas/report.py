@@ -9,6 +9,7 @@ every model (default 180x320, the LR side of a 720p output at x4), so they compa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ def build_report(
 
     if not runs:
         raise QnasError("give at least one RUN (a trained run folder) or 'bicubic'")
+    out = Path(out)
+    try:  # before any evaluation: an unusable --out must not cost the whole report
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QnasError(f"{out}: cannot create the report folder ({e.strerror})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise QnasError(f"{out}: the report folder is not writable")
     loaded, scales = {}, {}
     for r in runs:
         if r == BICUBIC or r in loaded:
@@ -115,11 +123,6 @@ def build_report(
         "models": models,
         "pareto": front,
     }
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QnasError(f"{out}: cannot create the report folder ({e.strerror})") from e
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     title = f"x{scale} on {data} (validation images); BitOps at LR {lr_size[0]}x{lr_size[1]}"
     plot_pareto(entries, out / "pareto.png", title=title, baseline=baseline)

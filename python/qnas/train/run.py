@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     if not path.exists():
         raise CheckpointError(f"{path}: {what} not found")
     check_input_file(path, what, CheckpointError)
+    if not zipfile.is_zipfile(path):  # what torch.save writes; anything else is not ours
+        raise CheckpointError(f"{path}: not a readable {what} (not a file written by torch.save)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/corrupt/pickled files
