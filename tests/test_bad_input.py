@@ -2,6 +2,7 @@
 option, nothing existing overwritten or lost, no non-finite number reported, no allocation or work
 beyond what the input justifies. Tiny models, in-process calls (run_cli)."""
 
+import copy
 import json
 import os
 import shutil
@@ -697,3 +698,25 @@ def test_demo_settings_are_checked_before_the_first_stage(tmp_path, capsys, sett
     path.write_text(json.dumps(settings))
     with deadline(30):
         fails(capsys, "demo", "--settings", path, "--out", tmp_path / "d", "--quiet", needle=needle)
+
+
+def test_documents_with_values_of_the_wrong_type(runs, tmp_path, capsys):
+    """Found by fuzzing model.pt and genotype files: unhashable values crashed with TypeError."""
+    run = tmp_path / "kind"
+    shutil.copytree(runs / "fp", run)
+    blob = torch.load(run / "model.pt", weights_only=True)
+    blob["network"]["kind"] = [1, 2]
+    torch.save(blob, run / "model.pt")
+    fails(capsys, "eval", "--checkpoint", run, needle='"kind" must be a string')
+    g = tmp_path / "g.json"
+    ok(capsys, "genotype", "--space", "basic", "--scale", "2", "--op", "conv3x3", "--bits", "4", "--lr-size", "8",
+       "--out", g)  # fmt: skip
+    doc = json.loads(g.read_text())
+    for key, value, needle in [("candidates", 1.5, '"candidates" must be null'), ("op", [], "unknown op")]:
+        bad = copy.deepcopy(doc)
+        if key == "op":
+            bad["layers"]["head2"]["op"] = value
+        else:
+            bad[key] = value
+        g.write_text(json.dumps(bad))
+        fails(capsys, "train", "--arch", g, "--out", tmp_path / "r", "--quiet", needle=needle)

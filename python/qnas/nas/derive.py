@@ -83,6 +83,9 @@ def check_genotype(g: Any, where: str = "genotype") -> None:
     space = load_space(g["space"]) if isinstance(g["space"], dict) else None
     if space is None:
         raise QnasError(f'{where}: "space" must be the space document (a JSON object)')
+    cands = g.get("candidates")
+    if cands is not None and not (isinstance(cands, list) and all(isinstance(c, str) for c in cands)):
+        raise QnasError(f'{where}: "candidates" must be null or a list of op names, got {cands!r}')
     compiled = compile_space(space, g["scale"], g.get("candidates"))
     layers = g["layers"]
     if not isinstance(layers, dict):
@@ -96,7 +99,7 @@ def check_genotype(g: Any, where: str = "genotype") -> None:
     for slot, ch in layers.items():
         if not isinstance(ch, dict) or not {"op", "w_bits", "a_bits"} <= set(ch):
             raise QnasError(f'{where}: layer {slot}: expected {{"op", "w_bits", "a_bits"}}')
-        if ch["op"] not in compiled.ops:
+        if not isinstance(ch["op"], str) or ch["op"] not in compiled.ops:
             raise QnasError(f"{where}: layer {slot}: unknown op {ch['op']!r}")
         for k in ("w_bits", "a_bits"):
             b = ch[k]

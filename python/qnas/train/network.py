@@ -60,6 +60,8 @@ def build_network(cfg: dict) -> nn.Module:
     if not isinstance(cfg, dict) or "kind" not in cfg:
         raise QnasError('a network config must be a JSON object with a "kind"')
     kind = cfg["kind"]
+    if not isinstance(kind, str):
+        raise QnasError(f'a network config\'s "kind" must be a string, got {kind!r}')
     if kind not in _BUILDERS:
         _load_plugins()
     if kind not in _BUILDERS:
