@@ -720,3 +720,25 @@ def test_documents_with_values_of_the_wrong_type(runs, tmp_path, capsys):
             bad[key] = value
         g.write_text(json.dumps(bad))
         fails(capsys, "train", "--arch", g, "--out", tmp_path / "r", "--quiet", needle=needle)
+
+
+def test_decompression_bombs_are_refused_from_the_header(runs, tmp_path, capsys):
+    """A 9000x9000 black PNG is a few KB; decoded and upscaled x2 it was gigabytes."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (9000, 9000)).save(bomb)
+    assert bomb.stat().st_size < 200_000
+    with deadline(30):
+        fails(capsys, "upscale", "--model", runs / "m.qnp", bomb, tmp_path / "o.png", needle="more than the")
+        folder = tmp_path / "data"
+        folder.mkdir()
+        shutil.copy(bomb, folder / "bomb.png")
+        fails(capsys, "eval", "--model", "bicubic", "--scale", "2", "--data", folder, needle="more than the")
+
+
+def test_upscale_output_is_bounded(runs, tmp_path, capsys, monkeypatch):
+    import qnas.deploy.upscale as up
+
+    monkeypatch.setattr(up, "MAX_OUTPUT_PIXELS", 4 * 12 * 10 - 1)
+    fails(capsys, "upscale", "--model", runs / "m.qnp", _png(tmp_path / "a.png"), tmp_path / "o.png",
+          needle="output pixels")  # fmt: skip
+    assert not (tmp_path / "o.png").exists()

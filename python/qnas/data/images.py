@@ -7,7 +7,8 @@ Gray images are repeated into 3 channels; alpha is dropped (not composited); pal
 expanded; 16-bit gray images are scaled to 8 bits (round(v / 257), MATLAB's im2uint8 of uint16;
 Pillow itself gives 16-bit RGB files as their high bytes); 32-bit float images are read when every
 value is in [0, 1] (to_uint8), and refused otherwise, as are 32-bit integer images, whose range is
-not defined. Multi-frame files (TIFF, GIF) give their first frame.
+not defined. Multi-frame files (TIFF, GIF) give their first frame. Images of more than MAX_PIXELS
+pixels are refused from their header.
 
 Float images leave qnas as 8 bits through one rule, `to_uint8`: floor(255 x + 0.5) clamped to 0..255
 (round half up, MATLAB's im2uint8), for the images `qnas eval --save-images` and `qnas upscale` write
@@ -79,13 +80,27 @@ def to_uint8(x) -> np.ndarray:
     return np.clip(np.floor(arr * 255.0 + 0.5), 0, 255).astype(np.uint8)
 
 
+# The largest image qnas decodes: 2^26 pixels (an 8K frame is 33 M). A compressed file of a few KB can
+# declare far more (a "decompression bomb"); its header is refused before any pixel is decoded.
+MAX_PIXELS = 2**26
+
+
+def _check_size(im: Image.Image, path: Path) -> None:
+    width, height = im.size
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{path}: {height}x{width} pixels, more than the {MAX_PIXELS:,} qnas reads")
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) from the file header, without decoding the pixels."""
     path = Path(path)
     _check_file(path)
     try:
         with Image.open(path) as im:
+            _check_size(im, path)
             width, height = im.size
+    except DataError:
+        raise
     except _PIL_ERRORS as e:
         raise DataError(f"{path}: not a readable image ({_describe(e)})") from e
     return height, width
@@ -118,6 +133,7 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     _check_file(path)
     try:
         with Image.open(path) as im:
+            _check_size(im, path)
             if im.mode in ("I", "F"):
                 im.load()
                 _pixels(im, path)
@@ -139,6 +155,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     _check_file(path)
     try:
         with Image.open(path) as im:
+            _check_size(im, path)
             im.load()  # decode now: truncated/corrupt data fails here, not later
             rgb = _pixels(im, path)
     except DataError:

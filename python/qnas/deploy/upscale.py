@@ -33,6 +33,9 @@ from qnas.deploy.runtime import PackedModel, retain_freed_memory
 from qnas.errors import DataError, QnasError
 from qnas.files import check_output_file, same_file
 
+# The largest output image: 2^28 pixels (16384 x 16384, 3 GB as float32 RGB while it is assembled).
+MAX_OUTPUT_PIXELS = 2**28
+
 
 def read_rgb(path: Path) -> torch.Tensor:
     """An image file as float32 [1, 3, H, W] in [0, 1], read by qnas.data.images.load_image (the reader
@@ -168,6 +171,13 @@ def run_upscale(
     pairs = plan_outputs(inputs, out, force)
     retain_freed_memory()
     model = load_model(model_path, device)
+    for src, _ in pairs:  # the output is held whole as float32 (12 bytes per pixel)
+        h, w = image_size(src)
+        if h * w * model.scale**2 > MAX_OUTPUT_PIXELS:
+            raise DataError(
+                f"{src}: {h}x{w} upscaled x{model.scale} is more than the {MAX_OUTPUT_PIXELS:,} output "
+                "pixels qnas upscale writes; cut the image into parts"
+            )
     result = upscale_files(model, pairs, tile, overlap, progress, str(model_path))
     result.update(
         scale=model.scale,
