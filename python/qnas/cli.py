@@ -807,7 +807,7 @@ def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Deployment (issue 9): `qnas export` and `qnas upscale` (docs/deploy.md)
+# Deployment: `qnas export` and `qnas upscale` (docs/deploy.md)
 
 
 @cli.command("export")

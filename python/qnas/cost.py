@@ -2,8 +2,8 @@
 weight memory, counted by forward hooks during one forward pass on a [1, C, H, W] input.
 
 What is counted (docs/models.md has the rules with examples):
-- MAC layers: nn.Conv2d / nn.Linear (subclasses included, so quantized convolutions of later
-  issues count too), MACs = output elements x (C_in / groups) x kh x kw (Linear: x in_features);
+- MAC layers: nn.Conv2d / nn.Linear (subclasses included, so quantized convolutions count
+  too), MACs = output elements x (C_in / groups) x kh x kw (Linear: x in_features);
   and any module with an attribute `macs_per_output` (MACs = output elements x that number), whose
   submodules are then not counted separately. Batch size 1.
 - Listed with 0 MACs: MeanShift, PixelShuffle, Add (skip connections, which FQSR quantizes), and
