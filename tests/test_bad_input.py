@@ -135,7 +135,7 @@ def _write_png16_gray(path, values):
 
 
 def test_upscale_reads_16_bit_and_float_images_as_eval_does(runs, tmp_path, capsys):
-    """Before, upscale had its own reader: 16-bit and float images came out saturated (white)."""
+    """upscale reads with eval's reader: a 16-bit or float image is converted, never saturated to white."""
     rng = np.random.default_rng(1)
     gray8 = rng.integers(0, 256, (12, 10), dtype=np.uint8)
     _write_png16_gray(tmp_path / "g16.png", gray8.astype(np.uint16) * 257)
@@ -605,15 +605,15 @@ def test_model_configs(name, key, value):
 
 
 # ------------------------------------------------------------------------------------------------
-# Found by probing each command
+# Options and files that would waste work or memory
 
 
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--batch-size", "1000000000"], "--batch-size 1000000000"),  # allocated until killed
-        (["--grad-clip", "nan"], "--grad-clip"),  # NaN > 0 is False: silently no clipping
-        (["--lr", "inf"], "--lr"),  # the loss was finite, model.pt held NaN weights, exit 0
+        (["--batch-size", "1000000000"], "--batch-size 1000000000"),  # would allocate without bound
+        (["--grad-clip", "nan"], "--grad-clip"),  # NaN > 0 is False: no clipping, silently
+        (["--lr", "inf"], "--lr"),  # a finite first loss, then NaN weights
     ],
 )
 def test_train_options_refused_before_work(tmp_path, capsys, extra, needle):
@@ -701,7 +701,7 @@ def test_demo_settings_are_checked_before_the_first_stage(tmp_path, capsys, sett
 
 
 def test_documents_with_values_of_the_wrong_type(runs, tmp_path, capsys):
-    """Found by fuzzing model.pt and genotype files: unhashable values crashed with TypeError."""
+    """Lists, dicts and floats where a name or a list of names belongs: one line, not a TypeError."""
     run = tmp_path / "kind"
     shutil.copytree(runs / "fp", run)
     blob = torch.load(run / "model.pt", weights_only=True)
@@ -723,7 +723,7 @@ def test_documents_with_values_of_the_wrong_type(runs, tmp_path, capsys):
 
 
 def test_decompression_bombs_are_refused_from_the_header(runs, tmp_path, capsys):
-    """A 9000x9000 black PNG is a few KB; decoded and upscaled x2 it was gigabytes."""
+    """A 9000x9000 black PNG is a few KB; decoded and upscaled x2 it is gigabytes."""
     bomb = tmp_path / "bomb.png"
     Image.new("L", (9000, 9000)).save(bomb)
     assert bomb.stat().st_size < 200_000

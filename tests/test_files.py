@@ -90,7 +90,7 @@ def test_input_files_must_be_regular(tmp_path):
     fifo = tmp_path / "x.png"
     os.mkfifo(fifo)
     with pytest.raises(QnasError, match="x.png: not a regular file"):
-        check_input_file(fifo, "image")  # a hang before: opening a FIFO waits for a writer
+        check_input_file(fifo, "image")  # opening a FIFO would wait for a writer
     with pytest.raises(QnasError, match="no such file"):
         check_input_file(tmp_path / "nope")
     with pytest.raises(QnasError, match="is a folder"):
