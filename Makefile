@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 PYTEST_ARGS ?=
 
-.PHONY: install build test bench cuda-check gpu-check gpu-wheels asan lint demo clean
+.PHONY: install build test test-install bench cuda-check gpu-check gpu-wheels asan lint demo clean
 
 install: $(VENV)/.deps build
 
@@ -18,10 +18,12 @@ $(VENV)/.deps: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24" "setuptools>=69" wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
+	@echo "install: compiling qops._C (C++ kernels, every ISA variant): several minutes on 2 cores with no output"
 	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
 	@touch $@
 
-# qops._C, rebuilt in place (ninja, incremental) whenever a C++/CUDA source changes.
+# qops._C, rebuilt in place (ninja, incremental) whenever a C++/CUDA source changes. ninja prints
+# one line per compiled file; a first build takes minutes.
 build: qops/.built
 qops/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
@@ -30,8 +32,13 @@ qops/.built: $(VENV)/.deps $(SOURCES)
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The wheel as a user installs it: built from the in-place build (no recompiling), installed into a
+# fresh environment outside the repository, the main commands run there (scripts/test_install.sh).
+test-install: build
+	bash scripts/test_install.sh $(PY)
+
 # Search -> derive -> retrain -> eval vs bicubic and uniform baselines -> report, into runs/demo
-# (report.json, pareto.png, report.md; 11 minutes measured on 2 CPU cores). A rerun skips finished stages.
+# (report.json, pareto.png, report.md; about 13 minutes on 2 CPU cores). A rerun skips finished stages.
 demo: install
 	$(PY) -m qnas demo --out runs/demo
 

@@ -128,4 +128,4 @@ def test_console_entry_point_end_to_end():
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and bad.stdout == ""
-    assert bad.stderr == "qnas: error: lr-size '48x' is not HxW with positive integers (e.g. 48x48)\n"
+    assert bad.stderr == "qnas: error: --lr-size '48x' is not HxW with positive integers (e.g. 48x48)\n"

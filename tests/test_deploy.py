@@ -1,4 +1,4 @@
-"""Deployment (issue 9): `qnas export --format packed|onnx`, the packed runtime (qnas.deploy), tiling, and
+"""Deployment: `qnas export --format packed|onnx`, the packed runtime (qnas.deploy), tiling, and
 `qnas upscale`, with their errors. A tiny FQSR edsr-baseline trained for two steps keeps it fast."""
 
 import json

@@ -52,8 +52,9 @@ def cli(debug: bool) -> None:
     type=click.Path(file_okay=False, path_type=str),
     default=None,
     metavar="DIR",
-    help="Write each upscaled image to DIR/<name>.png.",
+    help="Write each upscaled image to DIR/<name>.png (never over an image of --data).",
 )
+@click.option("--force", is_flag=True, help="Replace images in --save-images DIR that exist.")
 def eval_command(
     model_name: str | None,
     checkpoint: str | None,
@@ -61,6 +62,7 @@ def eval_command(
     scale: int | None,
     fmt: str,
     save_images: str | None,
+    force: bool,
 ) -> None:
     """PSNR/SSIM (Y channel, scale-pixel border cropped, MATLAB protocol) per image and mean."""
     import json
@@ -88,7 +90,7 @@ def eval_command(
         scale = check_scale(scale)
         upscale, label = bicubic_upscaler(scale), model_name
     dataset = eval_dataset(data, scale)
-    result = evaluate(upscale, dataset, scale, save_dir=save_images)
+    result = evaluate(upscale, dataset, scale, save_dir=save_images, label=label, force=force)
     if fmt == "json":
         click.echo(json.dumps({"model": label, "data": data, **result}, indent=2))
     else:
@@ -286,7 +288,9 @@ def train_command(
             cfg = model_config(build_model(model_name, scale, **extra))
     network = {"kind": "sr", "model": cfg}
     if quant != "none":
-        network["quant"] = _quant_plan(cfg, quant, bits, quantizer, skip_bits, calibration_weight)
+        network["quant"] = _quant_plan(
+            cfg, quant, bits, quantizer, skip_bits, calibration_weight, kw["steps"]
+        )
     elif any(v is not None for v in (bits, quantizer, skip_bits, calibration_weight)):
         raise QnasError("--bits/--quantizer/--skip-bits/--calibration-weight need --quant fqsr|uniform")
     if init_state is not None and "quant" in network:
@@ -311,9 +315,9 @@ def train_command(
     )
 
 
-def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight) -> dict:
+def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight, steps) -> dict:
     """The resolved per-layer plan of `qnas train --quant` (qnas.quant.apply)."""
-    from qnas.quant.apply import check_bits, check_quantizer, resolve_plan
+    from qnas.quant.apply import DEFAULTS, check_bits, check_quantizer, resolve_plan
     from qnas.sr import build_from_config
 
     if bits is None:
@@ -332,6 +336,16 @@ def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight) -> 
             if not calibration_weight >= 0:
                 raise QnasError(f"--calibration-weight: must be >= 0, got {calibration_weight}")
             quant["calibration_weight"] = calibration_weight
+        # FQSR's quantizers pass values through while they gather statistics for `warmup` steps: in a
+        # short run that would be the whole run (trained in float, silently). Keep it to a quarter.
+        warmup = DEFAULTS["fqsr"]["warmup"]
+        if steps is not None and steps > 0 and warmup > steps // 4:
+            quant["warmup"] = steps // 4
+            click.echo(
+                f"note: --steps {steps}: FQSR's statistics warm-up is {quant['warmup']} steps (a quarter "
+                f"of the run) instead of {warmup}",
+                err=True,
+            )
     return resolve_plan(build_from_config(cfg), quant)
 
 
@@ -395,7 +409,8 @@ def cost_command(
 
     if sum(v is not None for v in (model_name, arch_file, run_dir)) != 1:
         raise QnasError("give exactly one of --model NAME, --arch FILE or --checkpoint RUN")
-    size = parse_lr_size(lr_size)
+    # --checkpoint runs the network on a real input of that size; the others count on the meta device.
+    size = parse_lr_size(lr_size, max_side=1024) if run_dir is not None else parse_lr_size(lr_size)
     if bits is not None and not (1 <= bits <= 32):
         raise QnasError(f"--bits {bits:g} is out of range (1..32)")
     if bits is not None and bits.is_integer():
@@ -564,18 +579,23 @@ def search_command(space, ops, bits, a_bits, untie_bits, no_adq, lr_size, out, r
 )
 @click.option("--lr-size", default="180x320", show_default=True, metavar="HxW")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Genotype JSON file to write.")
-def genotype_command(space, scale, op, bits, lr_size, out) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists (never a file of a run folder).")
+def genotype_command(space, scale, op, bits, lr_size, out, force) -> None:
     """Write the genotype of a fixed architecture of a space (every layer one op, uniform bits): the
     uniform-quantization baseline to retrain with `qnas train --arch`."""
     import json
 
     from qnas.atomic_write import atomic_write_bytes
     from qnas.cost import parse_lr_size
+    from qnas.files import check_output_file
     from qnas.nas.derive import genotype_cost, uniform_genotype
     from qnas.spaces import load_space
+    from qnas.train.run import run_files
 
     if bits != 0 and not 2 <= bits <= 8:
         raise QnasError(f"--bits {bits}: expected 0 (full precision) or 2..8")
+    parent = os.path.dirname(os.path.abspath(out))
+    check_output_file(out, force=force, inputs=run_files(parent) + [space])
     g = uniform_genotype(load_space(space), scale, op, bits)
     g["cost"] = genotype_cost(g, parse_lr_size(lr_size))
     path = os.path.abspath(out)
@@ -637,6 +657,9 @@ def demo_command(out, settings_file, quiet) -> None:
 
     overrides = {}
     if settings_file is not None:
+        from qnas.files import check_input_file
+
+        check_input_file(settings_file, "JSON file")
         try:
             with open(settings_file, encoding="utf-8") as f:
                 overrides = json.load(f)
@@ -776,7 +799,7 @@ def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
     from qnas.quant.inspect import format_trace, trace_network
     from qnas.train.network import load_network
 
-    h, w = parse_lr_size(lr_size)
+    h, w = parse_lr_size(lr_size, max_side=1024)  # a real forward pass traces it
     net, blob = load_network(run)
     plan = getattr(net, "qnas_quant", None)
     channels = int(getattr(net, "in_channels", 3))
@@ -792,7 +815,7 @@ def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Deployment (issue 9): `qnas export` and `qnas upscale` (docs/deploy.md)
+# Deployment: `qnas export` and `qnas upscale` (docs/deploy.md)
 
 
 @cli.command("export")
@@ -800,11 +823,17 @@ def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["packed", "onnx"]), required=True)
 @click.option("--out", required=True, type=click.Path(path_type=str), help="File to write.")
 @click.option("--no-check", is_flag=True, help="Skip running the exported model against the trained one.")
-def export_command(run, fmt, out, no_check) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists (never a file of the run itself).")
+def export_command(run, fmt, out, no_check, force) -> None:
     """Export a fully quantized run: a bit-packed safetensors file for `qnas upscale`, or ONNX QDQ."""
     from qnas.deploy.format import write_packed
     from qnas.export import check_export, load_run_packed
+    from qnas.files import check_output_file
+    from qnas.train.network import model_file
+    from qnas.train.run import run_files
 
+    model = model_file(run)
+    check_output_file(out, force=force, inputs=run_files(model.parent) + [model])
     graph, tensors = load_run_packed(run)
     if fmt == "packed":
         size = write_packed(out, graph, tensors)
@@ -840,14 +869,15 @@ def export_command(run, fmt, out, no_check) -> None:
     help="Context pixels around each tile (default: the receptive radius: exact result).",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Replace output images that exist (never an input).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def upscale_command(model_path, paths, tile, overlap, device, quiet) -> None:
+def upscale_command(model_path, paths, tile, overlap, device, force, quiet) -> None:
     """Super-resolve IN... (image files or folders) into OUT (a .png for one input, else a folder)."""
     from qnas.deploy.upscale import run_upscale
 
     if len(paths) < 2:
         raise click.UsageError("give at least one input and the output: IN... OUT")
-    r = run_upscale(model_path, paths[:-1], paths[-1], tile, overlap, device, not quiet)
+    r = run_upscale(model_path, paths[:-1], paths[-1], tile, overlap, device, not quiet, force)
     per = r["network_seconds"] / max(r["images"], 1)
     click.echo(
         f"upscaled {r['images']} image(s) x{r['scale']} on {r['device']} in {r['seconds']:.2f} s "

@@ -2,8 +2,8 @@
 weight memory, counted by forward hooks during one forward pass on a [1, C, H, W] input.
 
 What is counted (docs/models.md has the rules with examples):
-- MAC layers: nn.Conv2d / nn.Linear (subclasses included, so quantized convolutions of later
-  issues count too), MACs = output elements x (C_in / groups) x kh x kw (Linear: x in_features);
+- MAC layers: nn.Conv2d / nn.Linear (subclasses included, so quantized convolutions count
+  too), MACs = output elements x (C_in / groups) x kh x kw (Linear: x in_features);
   and any module with an attribute `macs_per_output` (MACs = output elements x that number), whose
   submodules are then not counted separately. Batch size 1.
 - Listed with 0 MACs: MeanShift, PixelShuffle, Add (skip connections, which FQSR quantizes), and
@@ -203,8 +203,15 @@ def _shape(t: torch.Tensor | None) -> list[int]:
     return [] if t is None else list(t.shape[1:])  # without the batch dimension
 
 
-def parse_lr_size(text: str) -> tuple[int, int]:
-    """ "HxW" (e.g. "48x48") or "N" (square) -> (H, W); QnasError naming the value otherwise."""
+# The largest LR side --lr-size accepts: 16384 pixels (a x4 output of 65536), beyond any image qnas
+# is for; counting stays exact and cheap (meta tensors). Commands that run the network on a real
+# input of that size pass a smaller limit.
+MAX_LR_SIDE = 16384
+
+
+def parse_lr_size(text: str, max_side: int = MAX_LR_SIDE, option: str = "--lr-size") -> tuple[int, int]:
+    """ "HxW" (e.g. "48x48") or "N" (square) -> (H, W), each side in 1..max_side; QnasError naming the
+    option and the value otherwise."""
     parts = text.strip().lower().split("x")
     try:
         if len(parts) == 1:
@@ -214,9 +221,11 @@ def parse_lr_size(text: str) -> tuple[int, int]:
         else:
             raise ValueError
     except ValueError:
-        raise QnasError(f"lr-size {text!r} is not HxW with positive integers (e.g. 48x48)") from None
+        raise QnasError(f"{option} {text!r} is not HxW with positive integers (e.g. 48x48)") from None
     if h < 1 or w < 1:
-        raise QnasError(f"lr-size {text!r} is not HxW with positive integers (e.g. 48x48)")
+        raise QnasError(f"{option} {text!r} is not HxW with positive integers (e.g. 48x48)")
+    if max(h, w) > max_side:
+        raise QnasError(f"{option} {text!r}: a side is larger than {max_side} pixels")
     return h, w
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -80,7 +81,10 @@ class DemoSettings:
         unknown = sorted(set(d) - known)
         if unknown:
             raise QnasError(f"demo settings: unknown keys {unknown} (known: {', '.join(sorted(known))})")
-        return cls(**{**dataclasses.asdict(cls()), **d})
+        defaults = dataclasses.asdict(cls())
+        for key, value in d.items():
+            _check_setting(key, value, defaults[key])
+        return cls(**{**defaults, **d})
 
     def check(self) -> None:
         for b in self.uniform_bits:
@@ -88,6 +92,26 @@ class DemoSettings:
                 raise QnasError(f"demo settings: uniform_bits {b} is not 0 or 2..8")
         if 4 not in self.uniform_bits:
             raise QnasError("demo settings: uniform_bits must include 4 (the baseline of the comparison)")
+
+
+def _check_setting(key: str, value: object, default: object) -> None:
+    """A settings value of its default's JSON type; step/batch/patch counts >= 1, other numbers finite
+    and >= 0: the demo's last stages use them, so they are checked before the first one runs."""
+    bad = QnasError(f"demo settings: {key}={value!r} (expected {type(default).__name__} like {default!r})")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(default, (int, float)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (isinstance(default, int) and not isinstance(value, int)):
+            raise bad
+        if not math.isfinite(value) or value < (1 if key.endswith(("_steps", "_batch", "_patch")) else 0):
+            raise bad
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad
+    elif isinstance(default, list) and not (isinstance(value, list) or (key == "ops" and value is None)):
+        raise bad
 
 
 def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int):

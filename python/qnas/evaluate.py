@@ -18,6 +18,8 @@ from tqdm import tqdm
 from qnas.data.datasets import EvalImages, check_scale
 from qnas.data.images import save_image
 from qnas.data.imresize import imresize
+from qnas.errors import QnasError
+from qnas.files import check_output_file
 from qnas.metrics import psnr_ssim, to_uint8_image
 
 __all__ = ["Upscaler", "bicubic_upscaler", "evaluate", "format_table"]
@@ -44,25 +46,41 @@ def evaluate(
     scale: int,
     save_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    *,
+    label: str = "the model",
+    force: bool = False,
 ) -> dict:
     """Upscale every LR image of ``dataset`` and score it against its HR image.
 
     Returns ``{"psnr": mean dB, "ssim": mean, "scale": scale, "images": [{"name", "psnr",
     "ssim"}, ...]}``: per-image PSNR/SSIM on Y with a ``scale``-pixel border cropped, and their
-    arithmetic means (the way SR tables average). With ``save_dir``, each SR image is written there
-    as ``<name>.png``. Runs under ``torch.inference_mode``; progress bar on stderr.
+    arithmetic means (the way SR tables average). An output with NaN or inf is a QnasError naming
+    ``label`` and the image, never a number. With ``save_dir``, each SR image is written there as
+    ``<name>.png`` (checked first: never over an image of the data set, nor over an existing file
+    unless ``force``). Runs under ``torch.inference_mode``; progress bar on stderr.
     """
     scale = check_scale(scale)
     if dataset.scale != scale:
         raise ValueError(f"dataset is for x{dataset.scale}, evaluate was asked for x{scale}")
     out_dir = Path(save_dir) if save_dir is not None else None
+    if out_dir is not None:
+        sources = [p for r in dataset.records for p in (r.hr_path, r.lr_path) if p is not None]
+        for r in dataset.records:
+            check_output_file(out_dir / f"{r.name}.png", force=force, inputs=sources, option="--save-images")
     images = []
     with torch.inference_mode():
         for index in tqdm(
             range(len(dataset)), desc=f"eval x{scale}", unit="img", file=sys.stderr, disable=not progress
         ):
             item = dataset[index]
-            sr = to_uint8_image(upscale_fn(item["lr"].unsqueeze(0)))
+            out = upscale_fn(item["lr"].unsqueeze(0))
+            if (
+                isinstance(out, torch.Tensor)
+                and out.is_floating_point()
+                and not bool(torch.isfinite(out).all())
+            ):
+                raise QnasError(f"{label}: the output on image {item['name']} is not finite (NaN or inf)")
+            sr = to_uint8_image(out)
             hr = to_uint8_image(item["hr"])
             if sr.shape != hr.shape:
                 raise ValueError(f"{item['name']}: upscaled image is {sr.shape}, HR image is {hr.shape}")

@@ -3,7 +3,9 @@
 The protocol every SR table since SRCNN reports (the MATLAB scripts of SRCNN/VDSR/EDSR/RCAN):
 
 1. Both images as uint8 RGB. Float tensors in [0, 1] are quantised the way MATLAB's im2uint8
-   does: ``floor(255 * x + 0.5)`` (round half away from zero), saturated to 0..255.
+   does: ``floor(255 * x + 0.5)`` (round half away from zero), saturated to 0..255
+   (qnas.data.images.to_uint8, the rule of every image qnas writes too). A non-finite value is
+   an error, never a pixel.
 2. Luma Y of ``rgb2ycbcr`` on the uint8 image (ITU-R BT.601, studio swing):
    ``Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255`` with R, G, B in 0..255. For uint8 input
    MATLAB returns uint8, so Y is rounded half away from zero (range 16..235; no clamp needed).
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 from scipy.ndimage import correlate1d
 
+from qnas.data.images import to_uint8
+
 __all__ = ["to_uint8_image", "rgb_to_y", "psnr", "ssim", "psnr_ssim"]
 
 _SSIM_WINDOW = 11
@@ -40,8 +44,8 @@ _PEAK = 255.0
 
 def to_uint8_image(img: np.ndarray | torch.Tensor) -> np.ndarray:
     """uint8 HxWx3 (or HxW) view of an image given as uint8 HxWx(3) numpy, or as a float image in
-    [0, 1] (torch or numpy) shaped 3xHxW / 1x3xHxW, quantised as im2uint8: floor(255 x + 0.5),
-    clamped to 0..255."""
+    [0, 1] (torch or numpy) shaped 3xHxW / 1x3xHxW, quantised by to_uint8 (im2uint8: floor(255 x +
+    0.5), clamped to 0..255; ValueError for NaN or inf)."""
     if isinstance(img, torch.Tensor):
         if img.dtype == torch.uint8:
             arr = img.detach().cpu().numpy()
@@ -54,8 +58,7 @@ def to_uint8_image(img: np.ndarray | torch.Tensor) -> np.ndarray:
         raise ValueError(f"image: expected uint8 HxWx3 or HxW, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"image: expected uint8 or float in [0, 1], got {arr.dtype}")
-    quantised = np.clip(np.floor(arr.astype(np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
-    return _chw_to_hwc_uint8(quantised)
+    return _chw_to_hwc_uint8(to_uint8(arr))
 
 
 def _chw_to_hwc_uint8(arr: np.ndarray) -> np.ndarray:

@@ -35,12 +35,13 @@ import torch
 from tqdm import tqdm
 
 from qnas.data import builtin
-from qnas.data.images import image_size, list_images, load_image
+from qnas.data.images import image_size, is_image_file, list_images, load_image
 from qnas.data.imresize import imresize, modcrop
 from qnas.errors import DataError
 
 __all__ = [
     "SCALES",
+    "check_batch",
     "check_scale",
     "ImageRecord",
     "resolve_data",
@@ -57,6 +58,20 @@ SCALES = (2, 3, 4)
 _SPLITS = ("train", "eval")
 _DIV2K_HR = re.compile(r"^DIV2K_(train|valid)_HR$")
 _SSIM_WINDOW = 11  # the smallest Y image SSIM's 11x11 'valid' window accepts
+
+
+# The most HR pixels one training batch may hold (batch size x patch side^2): 2^26, e.g. 1024 patches
+# of 256x256, about 1 GB as float32 with the LR patches; far above what training here uses (16 x 64^2).
+MAX_BATCH_PIXELS = 2**26
+
+
+def check_batch(batch_size: int, patch_size: int) -> None:
+    """DataError naming --batch-size unless batch_size x patch_size^2 HR pixels fit MAX_BATCH_PIXELS."""
+    if batch_size * patch_size * patch_size > MAX_BATCH_PIXELS:
+        raise DataError(
+            f"--batch-size {batch_size} of {patch_size}x{patch_size} patches: more than the "
+            f"{MAX_BATCH_PIXELS:,} pixels a batch may hold"
+        )
 
 
 def check_scale(scale: int) -> int:
@@ -85,7 +100,7 @@ def _find_lr(lr_dir: Path, stem: str, scale: int) -> Path | None:
         return None
     for candidate_stem in (f"{stem}x{scale}", stem):
         for p in sorted(lr_dir.glob(f"{candidate_stem}.*")):
-            if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            if p.is_file() and is_image_file(p):
                 return p
     return None
 
@@ -303,6 +318,7 @@ class PatchSampler:
             raise ValueError(f"seed, step and rank must be >= 0, got {seed}, {step}, {rank}")
         if world < 1 or rank >= world or batch_size % world:
             raise ValueError(f"batch_size {batch_size} must split evenly over {world} ranks (rank {rank})")
+        check_batch(batch_size, dataset.patch_size)
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.seed = int(seed)

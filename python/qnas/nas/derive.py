@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from qnas.errors import QnasError
+from qnas.files import check_input_file
 from qnas.nas.graph import GraphModule, LayerSite, compile_space, stage_channels
 from qnas.nas.layers import ACT_QUANTIZERS, DerivedLayer
 from qnas.quant.apply import probe_network, quantize_network
@@ -119,6 +120,9 @@ def check_genotype(g: Any, where: str = "genotype") -> None:
     space = load_space(g["space"]) if isinstance(g["space"], dict) else None
     if space is None:
         raise QnasError(f'{where}: "space" must be the space document (a JSON object)')
+    cands = g.get("candidates")
+    if cands is not None and not (isinstance(cands, list) and all(isinstance(c, str) for c in cands)):
+        raise QnasError(f'{where}: "candidates" must be null or a list of op names, got {cands!r}')
     compiled = compile_space(space, g["scale"], g.get("candidates"))
     layers = g["layers"]
     if not isinstance(layers, dict):
@@ -132,7 +136,7 @@ def check_genotype(g: Any, where: str = "genotype") -> None:
     for slot, ch in layers.items():
         if not isinstance(ch, dict) or not {"op", "w_bits", "a_bits"} <= set(ch):
             raise QnasError(f'{where}: layer {slot}: expected {{"op", "w_bits", "a_bits"}}')
-        if ch["op"] not in compiled.ops:
+        if not isinstance(ch["op"], str) or ch["op"] not in compiled.ops:
             raise QnasError(f"{where}: layer {slot}: unknown op {ch['op']!r}")
         for k in ("w_bits", "a_bits"):
             b = ch[k]
@@ -152,6 +156,9 @@ def read_genotype(path: str | os.PathLike) -> dict:
     p = Path(path)
     if p.is_dir():
         p = p / "genotype.json"
+    if not p.exists():
+        raise QnasError(f"{p}: file not found")
+    check_input_file(p, "genotype JSON file")
     try:
         g = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as e:

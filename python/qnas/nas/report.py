@@ -9,6 +9,7 @@ every model (default 180x320, the LR side of a 720p output at x4), so they compa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,16 @@ from qnas.nas.plots import pareto_front, plot_pareto
 BICUBIC = "bicubic"
 
 
-def _run_entry(run: str, data: str, lr_size: tuple[int, int], progress: bool) -> tuple[dict, int]:
+def _run_entry(run: str, net, blob: dict, data: str, lr_size: tuple[int, int], progress: bool) -> dict:
     from qnas.cost import count_cost
     from qnas.data.datasets import eval_dataset
     from qnas.evaluate import evaluate
-    from qnas.train.network import build_network, load_network, model_file, network_scale, network_upscaler
+    from qnas.train.network import build_network, network_scale, network_upscaler
 
     p = Path(run)
-    if p.is_dir() and not (p / "model.pt").exists() and (p / "genotype.json").exists():
-        raise QnasError(
-            f"{run}: a search run has no trained model; retrain it first: qnas train --arch {p / 'genotype.json'} ..."
-        )
-    model_file(run)  # one-line error for a missing model.pt
-    net, blob = load_network(run)
     cfg = blob["network"]
     scale = network_scale(cfg)
-    result = evaluate(network_upscaler(net), eval_dataset(data, scale), scale, progress=progress)
+    result = evaluate(network_upscaler(net), eval_dataset(data, scale), scale, progress=progress, label=run)
     with torch.device("meta"):
         meta_net = build_network(cfg)
     cost = count_cost(meta_net, lr_size)
@@ -57,7 +52,7 @@ def _run_entry(run: str, data: str, lr_size: tuple[int, int], progress: bool) ->
     if cfg.get("kind") == "genotype":
         layers = cfg["genotype"]["layers"]
         entry["layers"] = {s: f"{c['op']} w{c['w_bits']}a{c['a_bits']}" for s, c in layers.items()}
-    return entry, scale
+    return entry
 
 
 def build_report(
@@ -68,24 +63,34 @@ def build_report(
     lr_size: tuple[int, int] = (180, 320),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluates every run (a folder with model.pt, or "bicubic") and writes the report files to `out`."""
+    """Evaluates every run (a folder with model.pt, or "bicubic") and writes the report files to `out`.
+    Every run is loaded and their scales compared before anything is evaluated."""
     from qnas.data.datasets import eval_dataset
     from qnas.evaluate import bicubic_upscaler, evaluate
+    from qnas.train.network import load_network, network_scale
 
     if not runs:
         raise QnasError("give at least one RUN (a trained run folder) or 'bicubic'")
-    entries, scales = [], {}
+    out = Path(out)
+    try:  # before any evaluation: an unusable --out must not cost the whole report
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QnasError(f"{out}: cannot create the report folder ({e.strerror})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise QnasError(f"{out}: the report folder is not writable")
+    loaded, scales = {}, {}
     for r in runs:
-        if r == BICUBIC:
+        if r == BICUBIC or r in loaded:
             continue
-        e, s = _run_entry(r, data, lr_size, progress)
-        scales[r] = s
-        entries.append(e)
+        net, blob = load_network(r)
+        loaded[r] = (net, blob)
+        scales[r] = network_scale(blob["network"])
     if len(set(scales.values())) > 1:
         raise QnasError("runs have different scales: " + ", ".join(f"{r} x{s}" for r, s in scales.items()))
     if not scales:
         raise QnasError("give at least one trained RUN beside 'bicubic' (the scale comes from the runs)")
     scale = next(iter(scales.values()))
+    entries = [_run_entry(r, *loaded[r], data, lr_size, progress) for r in loaded]
     names = [e["name"] for e in entries]
     for e in entries:  # disambiguate runs with the same folder name
         if names.count(e["name"]) > 1:
@@ -118,11 +123,6 @@ def build_report(
         "models": models,
         "pareto": front,
     }
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QnasError(f"{out}: cannot create the report folder ({e.strerror})") from e
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     title = f"x{scale} on {data} (validation images); BitOps at LR {lr_size[0]}x{lr_size[1]}"
     plot_pareto(entries, out / "pareto.png", title=title, baseline=baseline)

@@ -38,6 +38,7 @@ from importlib import resources
 from typing import Any
 
 from qnas.errors import QnasError
+from qnas.files import check_input_file
 
 SPACE_FORMAT = "qnas-space/1"
 BUILTIN_SPACES = ("basic", "rfdn")
@@ -66,6 +67,14 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SLOT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _MAX_DEPTH = 16
 
+# Size limits of a space (docs/guide.md): far above the builtin spaces (36-50 channels, a few dozen
+# nodes) and the EDSR-sized example, low enough that a space cannot make qnas build a network for
+# hours or allocate without bound.
+MAX_CHANNELS = 4096  # "channels" and every channel expression's value
+MAX_COLORS = 4
+MAX_REPEAT = 256  # "repeat" of a cell node
+MAX_NODES = 4096  # nodes of the whole network once cells are inlined and repeated
+
 
 def list_spaces() -> list[str]:
     """The builtin space names."""
@@ -87,6 +96,7 @@ def load_space(spec: str | os.PathLike | dict) -> dict[str, Any]:
             raise QnasError(
                 f"unknown search space {str(spec)!r}: not one of {', '.join(BUILTIN_SPACES)} and no such file"
             )
+        check_input_file(path, "search space JSON file")
         try:
             with open(path, encoding="utf-8") as f:
                 space = json.load(f)
@@ -145,6 +155,8 @@ def eval_channels(expr: Any, env: dict[str, int], where: str) -> int:
         raise QnasError(f"{where}: expected an integer or an expression string, got {expr!r}")
     if value < 1:
         raise QnasError(f"{where}: {expr!r} evaluates to {value}, expected a positive count")
+    if value > MAX_CHANNELS:
+        raise QnasError(f"{where}: {expr!r} evaluates to {value} channels, more than {MAX_CHANNELS}")
     return value
 
 
@@ -189,11 +201,11 @@ def validate_space(space: Any, where: str = "space") -> None:
     if not isinstance(space["name"], str) or not space["name"]:
         raise QnasError(f'{where}: "name" must be a non-empty string')
     c = space["channels"]
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-        raise QnasError(f'{where}: "channels" must be a positive integer, got {c!r}')
+    if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= MAX_CHANNELS:
+        raise QnasError(f'{where}: "channels" must be an integer in 1..{MAX_CHANNELS}, got {c!r}')
     colors = space.get("colors", 3)
-    if isinstance(colors, bool) or not isinstance(colors, int) or colors < 1:
-        raise QnasError(f'{where}: "colors" must be a positive integer, got {colors!r}')
+    if isinstance(colors, bool) or not isinstance(colors, int) or not 1 <= colors <= MAX_COLORS:
+        raise QnasError(f'{where}: "colors" must be an integer in 1..{MAX_COLORS}, got {colors!r}')
     ops = space.get("ops", {})
     if not isinstance(ops, dict):
         raise QnasError(f'{where}: "ops" must be an object of op specs')
@@ -212,6 +224,7 @@ def validate_space(space: Any, where: str = "space") -> None:
         _check_nodes(nodes, library, cells, default, f"{where}: cell {cname}")
     _check_nodes(space["network"], library, cells, default, f"{where}: network")
     _check_cell_cycles(space, where)
+    _check_total_nodes(space, where)
 
 
 def _check_op(name: Any, op: Any, where: str) -> None:
@@ -296,11 +309,11 @@ def _check_nodes(nodes: Any, library: dict, cells: dict, default: Any, where: st
         if op == "act" and node.get("fn", "relu") not in ACTIVATIONS:
             raise QnasError(f"{w}: fn {node.get('fn')!r} is not one of {', '.join(ACTIVATIONS)}")
         if op in ("residual", "cell"):
-            if node.get("cell") not in cells:
+            if not isinstance(node.get("cell"), str) or node["cell"] not in cells:
                 raise QnasError(f'{w}: cell {node.get("cell")!r} is not defined in "cells"')
             rep = node.get("repeat", 1)
-            if isinstance(rep, bool) or not isinstance(rep, int) or rep < 1:
-                raise QnasError(f'{w}: "repeat" must be a positive integer, got {rep!r}')
+            if isinstance(rep, bool) or not isinstance(rep, int) or not 1 <= rep <= MAX_REPEAT:
+                raise QnasError(f'{w}: "repeat" must be an integer in 1..{MAX_REPEAT}, got {rep!r}')
             alphas = node.get("alphas")
             if alphas is not None and (not isinstance(alphas, str) or not _SLOT.match(alphas)):
                 raise QnasError(f'{w}: "alphas" must be a name like "cell", got {alphas!r}')
@@ -324,3 +337,25 @@ def _check_cell_cycles(space: dict, where: str) -> None:
                 visit(cells[c], (*stack, c))
 
     visit(space["network"], ())
+
+
+def _check_total_nodes(space: dict, where: str) -> None:
+    """Refuses a network of more than MAX_NODES nodes once its cells are inlined and repeated (counted
+    per cell once, so a deep nest of repeats is counted, not built)."""
+    cells = space.get("cells", {})
+    sizes: dict[str, int] = {}
+
+    def size(nodes: list) -> int:
+        total = 0
+        for node in nodes:
+            total += 1
+            if node["op"] in ("residual", "cell"):
+                c = node["cell"]
+                if c not in sizes:
+                    sizes[c] = size(cells[c])
+                total += node.get("repeat", 1) * sizes[c]
+        return total
+
+    n = size(space["network"])
+    if n > MAX_NODES:
+        raise QnasError(f"{where}: the network has {n} nodes once cells are repeated, more than {MAX_NODES}")

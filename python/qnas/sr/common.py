@@ -80,9 +80,20 @@ def check_scale(scale: object) -> int:
     return scale
 
 
-def check_positive_int(model: str, name: str, value: object) -> int:
+# Upper limits of the models' size arguments: far above the published models (EDSR: 256 features,
+# 32 blocks), low enough that a config (a model.pt, --model-args) cannot make qnas build for hours;
+# qnas.train.network also bounds the total parameter count.
+MAX_FEATURES = 2048
+MAX_BLOCKS = 512
+MAX_COLORS = 4
+
+
+def check_positive_int(model: str, name: str, value: object, limit: int | None = None) -> int:
+    """`value` if it is an integer in 1..limit (no limit: any positive one), else QnasError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise QnasError(f"{model}: {name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise QnasError(f"{model}: {name}={value} is larger than the {limit} qnas builds")
     return value
 
 

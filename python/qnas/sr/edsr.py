@@ -11,6 +11,9 @@ from torch import nn
 from qnas.errors import QnasError
 from qnas.sr.common import (
     DIV2K_RGB_MEAN,
+    MAX_BLOCKS,
+    MAX_COLORS,
+    MAX_FEATURES,
     Add,
     AddFactory,
     ConvFactory,
@@ -69,9 +72,9 @@ class EDSR(nn.Module):
     ):
         super().__init__()
         self.scale = check_scale(scale)
-        check_positive_int("edsr", "n_resblocks", n_resblocks)
-        check_positive_int("edsr", "n_feats", n_feats)
-        check_positive_int("edsr", "n_colors", n_colors)
+        check_positive_int("edsr", "n_resblocks", n_resblocks, MAX_BLOCKS)
+        check_positive_int("edsr", "n_feats", n_feats, MAX_FEATURES)
+        check_positive_int("edsr", "n_colors", n_colors, MAX_COLORS)
         if len(rgb_mean) != n_colors:
             raise QnasError(f"edsr: rgb_mean has {len(rgb_mean)} values for n_colors={n_colors}")
         self.in_channels = n_colors

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from qnas.errors import QnasError
+from qnas.files import check_input_file
 from qnas.sr.common import AddFactory, ConvFactory, check_scale
 from qnas.sr.edsr import EDSR
 from qnas.sr.rfdn import RFDN
@@ -200,6 +201,8 @@ def build_from_config(
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a JSON model config file, raising QnasError naming the file if it is missing or corrupt."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        check_input_file(path, "JSON file")  # a FIFO would block the open
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)

@@ -9,7 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from qnas.errors import QnasError
-from qnas.sr.common import Add, AddFactory, ConvFactory, check_positive_int, check_scale, default_conv
+from qnas.sr.common import (
+    MAX_BLOCKS,
+    MAX_COLORS,
+    MAX_FEATURES,
+    Add,
+    AddFactory,
+    ConvFactory,
+    check_positive_int,
+    check_scale,
+    default_conv,
+)
 
 ATTENTIONS = ("esa", "cca")
 
@@ -146,9 +156,9 @@ class RFDN(nn.Module):
     ):
         super().__init__()
         self.scale = check_scale(scale)
-        check_positive_int("rfdn", "nf", nf)
-        check_positive_int("rfdn", "n_blocks", n_blocks)
-        check_positive_int("rfdn", "n_colors", n_colors)
+        check_positive_int("rfdn", "nf", nf, MAX_FEATURES)
+        check_positive_int("rfdn", "n_blocks", n_blocks, MAX_BLOCKS)
+        check_positive_int("rfdn", "n_colors", n_colors, MAX_COLORS)
         if attention not in ATTENTIONS:
             raise QnasError(f"rfdn: attention {attention!r} is not one of {', '.join(ATTENTIONS)}")
         if nf < 4:

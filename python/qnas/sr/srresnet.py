@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from qnas.sr.common import (
+    MAX_BLOCKS,
+    MAX_COLORS,
+    MAX_FEATURES,
     Add,
     AddFactory,
     ConvFactory,
@@ -70,9 +73,9 @@ class SRResNet(nn.Module):
     ):
         super().__init__()
         self.scale = check_scale(scale)
-        check_positive_int("srresnet", "n_blocks", n_blocks)
-        check_positive_int("srresnet", "n_feats", n_feats)
-        check_positive_int("srresnet", "n_colors", n_colors)
+        check_positive_int("srresnet", "n_blocks", n_blocks, MAX_BLOCKS)
+        check_positive_int("srresnet", "n_feats", n_feats, MAX_FEATURES)
+        check_positive_int("srresnet", "n_colors", n_colors, MAX_COLORS)
         self.in_channels = n_colors
         self.head = nn.Sequential(conv(n_colors, n_feats, 9), _prelu())
         body: list[nn.Module] = [SRResBlock(n_feats, bn, conv, add) for _ in range(n_blocks)]

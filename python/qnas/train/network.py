@@ -46,15 +46,31 @@ def _build_sr(cfg: dict) -> nn.Module:
 register_network_kind("sr", _build_sr)
 
 
+# The most parameters a network config may ask for (2 GB of float32): about 12x EDSR (43 M), the
+# largest model here. A config beyond it (a corrupt or hostile model.pt, a typo in --model-args) is an
+# error before anything is allocated, not a machine running out of memory.
+MAX_PARAMETERS = 500_000_000
+
+
 def build_network(cfg: dict) -> nn.Module:
-    """Rebuilds a network from its config (see module docstring)."""
+    """Rebuilds a network from its config (see module docstring). Outside a meta-device context the
+    config is first built on the meta device (nothing allocated) and refused beyond MAX_PARAMETERS."""
+    import torch
+
     if not isinstance(cfg, dict) or "kind" not in cfg:
         raise QnasError('a network config must be a JSON object with a "kind"')
     kind = cfg["kind"]
+    if not isinstance(kind, str):
+        raise QnasError(f'a network config\'s "kind" must be a string, got {kind!r}')
     if kind not in _BUILDERS:
         _load_plugins()
     if kind not in _BUILDERS:
         raise QnasError(f"network kind {kind!r} is unknown (known: {', '.join(sorted(_BUILDERS))})")
+    if torch.get_default_device().type != "meta":
+        with torch.device("meta"):
+            n = sum(p.numel() for p in _BUILDERS[kind](cfg).parameters())
+        if n > MAX_PARAMETERS:
+            raise QnasError(f"the network has {n:,} parameters, more than the {MAX_PARAMETERS:,} qnas builds")
     return _BUILDERS[kind](cfg)
 
 
@@ -71,14 +87,23 @@ def _load_plugins() -> None:
 
 
 def model_file(path: str | os.PathLike) -> Path:
-    """A run folder's model.pt, or the given file."""
+    """A run folder's model.pt, or the given file. A folder without one is a CheckpointError that says
+    what to do: retrain a search run's genotype, or resume an unfinished training run."""
     p = Path(path)
     if p.is_dir():
         p = p / "model.pt"
         if not p.exists():
-            raise CheckpointError(
-                f"{path}: no model.pt (did the run finish? `qnas train --resume` continues it)"
-            )
+            if (Path(path) / "genotype.json").exists():
+                raise CheckpointError(
+                    f"{path}: a search run has no trained model; retrain its genotype first: "
+                    f"qnas train --arch {Path(path) / 'genotype.json'} --out RUN"
+                )
+            if (Path(path) / "checkpoint.pt").exists():
+                raise CheckpointError(
+                    f"{path}: no model.pt, the run did not finish; the command that started it, "
+                    "with its options and --resume, continues it"
+                )
+            raise CheckpointError(f"{path}: no model.pt (not a finished qnas run folder)")
     return p
 
 
@@ -91,7 +116,11 @@ def load_network(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     blob = load_torch_file(p, "model file")
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT or "network" not in blob:
         raise CheckpointError(f"{p}: not a qnas model file (expected format {MODEL_FORMAT})")
-    net = build_network(blob["network"])
+    try:
+        net = build_network(blob["network"])
+    except QnasError as e:
+        msg = str(e)
+        raise CheckpointError(msg if msg.startswith(str(p)) else f"{p}: {msg}") from e
     try:
         net.load_state_dict(blob["model"])
     except (RuntimeError, KeyError, TypeError) as e:
@@ -115,7 +144,8 @@ def network_scale(cfg: dict) -> int:
 
 
 def network_upscaler(net: nn.Module):
-    """An upscale_fn for qnas.evaluate.evaluate: LR [1,3,h,w] in [0,1] -> SR clamped to [0,1]."""
+    """An upscale_fn for qnas.evaluate.evaluate: LR [1,3,h,w] in [0,1] -> SR clamped to [0,1] (an
+    output with NaN or inf is returned as it is, for evaluate to refuse)."""
     import torch
 
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
@@ -124,6 +154,9 @@ def network_upscaler(net: nn.Module):
     def upscale(lr):
         with torch.inference_mode():
             x = lr.to(device).contiguous(memory_format=torch.channels_last)
-            return net(x).clamp_(0, 1).contiguous().cpu()
+            y = net(x)
+            if not bool(torch.isfinite(y).all()):
+                return y.contiguous().cpu()  # unclamped (inf would clamp to white): evaluate refuses it
+            return y.clamp_(0, 1).contiguous().cpu()
 
     return upscale

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qnas.errors import QnasError
+from qnas.data.datasets import check_batch
+from qnas.errors import CheckpointError, QnasError
 from qnas.train.network import build_network, model_blob
 from qnas.train.run import RunDir
 
@@ -46,14 +47,15 @@ class TrainOptions:
         for name in ("steps", "batch_size", "patch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise QnasError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise QnasError(f"--lr: must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise QnasError(f"--lr: must be a positive finite number, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise QnasError(f"--schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.ema < 1:
             raise QnasError(f"--ema: decay must be in [0, 1), got {self.ema}")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise QnasError("--warmup-steps and --grad-clip must not be negative")
+        if self.warmup_steps < 0 or not 0 <= self.grad_clip < math.inf:
+            raise QnasError("--warmup-steps and --grad-clip must be finite and not negative")
+        check_batch(self.batch_size, self.patch_size)
 
 
 def lr_factor(step: int, opts: TrainOptions) -> float:
@@ -141,14 +143,24 @@ def train(
     step = 0
     if resume:
         state = run.load_checkpoint()
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"])
-        step = int(state["step"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            torch.set_rng_state(state["rng"])
+            step = int(state["step"])
+        except KeyError as e:
+            raise CheckpointError(f"{run.checkpoint_path}: not a checkpoint of `qnas train` (no {e})") from e
+        except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+            first = " ".join(str(e).split())[:160] or type(e).__name__
+            raise CheckpointError(
+                f"{run.checkpoint_path}: does not match this run's network or options ({first})"
+            ) from e
+        if not 0 <= step <= opts.steps:
+            raise CheckpointError(f"{run.checkpoint_path}: step {step} is outside this run's 0..{opts.steps}")
         run.truncate_metrics(step)
     else:
         run.write_config(config)
@@ -210,6 +222,9 @@ def train(
         bar.close()
         run.close()
     final = ema.module if ema is not None else model
+    # A last step can leave inf/NaN weights behind a finite loss (it was computed before the update).
+    if not all(bool(torch.isfinite(p).all()) for p in final.parameters()):
+        raise QnasError(f"training diverged at step {step} (non-finite weights); lower --lr")
     run.save_model(model_blob(network, final, train=config["train"]))
     distributed.barrier(info)  # other ranks leave only once rank 0 has written the model
     distributed.teardown(info)
