@@ -377,3 +377,89 @@ def test_adq_network_trains_but_does_not_export(search_run, tmp_path, capsys):
     assert code == 0, err
     code, _, err = qnas(capsys, "export", run, "--format", "packed", "--out", tmp_path / "m.qnp")
     assert code == 2 and "ADQ" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_logs_the_gradient_health_of_every_slot(search_run):
+    recs = [json.loads(line) for line in (search_run / "metrics.jsonl").read_text().splitlines()]
+    slots = ["head", "block.a", "block.skip", "block.b", "up"]
+    for r in recs:
+        for s in slots:
+            assert r[f"grad_loss/{s}"] >= 0 and r[f"grad_reg/{s}"] >= 0
+    # The cost term acts on every slot whose candidates differ in cost, the loss on every slot.
+    assert all(recs[-1][f"grad_reg/{s}"] > 0 and recs[-1][f"grad_loss/{s}"] > 0 for s in slots)
+    assert (search_run / "health.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_target_search_moves_the_expected_bitops_to_the_target(space_file, tmp_path, capsys):
+    """Far above a target, the cost term dominates and the expected BitOps fall every architecture step;
+    the genotype records the target; the CLI prints the per-slot health summary."""
+    from qnas.nas.search import SearchOptions, build_supernet
+
+    opts = SearchOptions(space=str(space_file), scale=2, lr_size=[16, 16])
+    with torch.no_grad():
+        e0 = float(build_supernet(opts).expected_bitops_per_pixel(build_supernet(opts).probs())) * 256
+    code, out, err = qnas(
+        capsys, "search", "--space", space_file, *FAST, "--steps", "8", "--lr-size", "16x16",
+        "--alpha-lr", "0.05", "--target-gbitops", str(e0 / 4 / 1e9), "--out", tmp_path / "r",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "|loss| / |regularizer|" in out and "block.a" in out
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    e = [r["expected_bitops"] for r in recs]
+    assert all(b < a for a, b in zip(e, e[1:], strict=False)) and e[-1] < 0.8 * e0
+    assert recs[-1]["temperature"] == pytest.approx(0.1) and recs[0]["temperature"] == 1.0
+    g = json.loads((tmp_path / "r" / "genotype.json").read_text())
+    assert g["search"]["target_gbitops"] == pytest.approx(e0 / 4 / 1e9)
+    code, _, err = qnas(
+        capsys, "search", "--space", space_file, *FAST, "--target-gbitops", "1", "--penalty", "0.1",
+        "--out", tmp_path / "both",
+    )  # fmt: skip
+    assert code == 2 and "alternatives" in err
+
+
+def test_no_anchor_search_and_genotype_use_the_papers_space(tmp_path, capsys):
+    space = tmp_path / "anchored.json"
+    space.write_text(json.dumps({**tiny_space(["conv1x1", "conv3x3"]), "anchor": "nearest"}))
+    code, _, err = qnas(
+        capsys, "search", "--space", space, *FAST, "--steps", "1", "--no-anchor", "--out", tmp_path / "r"
+    )
+    assert code == 0, err
+    assert read_genotype(tmp_path / "r")["space"]["anchor"] is None
+    for extra, anchor in (([], "nearest"), (["--no-anchor"], None)):
+        out = tmp_path / f"u{len(extra)}.json"
+        code, _, err = qnas(
+            capsys, "genotype", "--space", space, "--scale", "2", "--op", "conv3x3", "--bits", "4",
+            *extra, "--out", out,
+        )  # fmt: skip
+        assert code == 0, err
+        assert read_genotype(out)["space"]["anchor"] == anchor
+
+
+def test_random_genotype_lands_at_the_target(capsys, tmp_path):
+    """`qnas genotype --random`: the cost the derived network counts (qnas.cost, not the search's own
+    tables) is within 5% of the target, the same seed gives the same genotype and others differ; an
+    unreachable target is a one-line error with the space's range."""
+    target = 120.0
+    layers = []
+    for seed in (0, 0, 1, 2):
+        out = tmp_path / f"r{seed}_{len(layers)}.json"
+        code, text, err = qnas(
+            capsys, "genotype", "--space", "basic", "--scale", "4", "--random", "--target-gbitops",
+            str(target), "--seed", str(seed), "--out", out,
+        )  # fmt: skip
+        assert code == 0, err
+        g = read_genotype(out)
+        assert abs(g["cost"]["bitops"] / 1e9 - target) <= 0.05 * target
+        assert g["random"] == {"seed": seed, "target_gbitops": target, "tolerance": 0.05}
+        assert {c["w_bits"] for c in g["layers"].values()} <= {4, 8}
+        layers.append(g["layers"])
+        assert "random (seed" in text
+    assert layers[0] == layers[1] and layers[0] != layers[2] and layers[2] != layers[3]
+    code, _, err = qnas(
+        capsys, "genotype", "--scale", "4", "--random", "--target-gbitops", "1", "--out", tmp_path / "x.json"
+    )
+    assert (
+        code == 2 and "--target-gbitops 1" in err and "GBitOps" in err and len(err.strip().splitlines()) == 1
+    )
+    code, _, err = qnas(capsys, "genotype", "--scale", "4", "--random", "--out", tmp_path / "x.json")
+    assert code == 2 and "--target-gbitops" in err

@@ -10,7 +10,7 @@ import torch
 from qnas.errors import QnasError
 from qnas.nas.graph import compile_space, op_macs_per_pixel
 from qnas.nas.supernet import Supernet
-from qnas.spaces import BUILTIN_OPS, list_spaces, load_space
+from qnas.spaces import BUILTIN_OPS, list_spaces, load_space, with_anchor
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "space_edsr_small.json"
@@ -144,3 +144,21 @@ def test_load_space_returns_a_copy():
     d = _tiny()
     load_space(d)["channels"] = 99
     assert d == _tiny() and copy.deepcopy(d) == d
+
+
+@pytest.mark.parametrize("name", list_spaces())
+def test_builtin_spaces_have_the_anchor_and_without_it_are_the_papers(name):
+    space = load_space(name)
+    assert space["anchor"] == "nearest"
+    paper = with_anchor(space, None)
+    assert paper["anchor"] is None and space["anchor"] == "nearest"  # a copy
+    assert compile_space(paper, 2).graph.anchor is None
+    assert compile_space(space, 3).graph.anchor == "nearest" and compile_space(space, 3).graph.scale == 3
+
+
+def test_bad_anchor_is_a_one_line_error():
+    with pytest.raises(QnasError, match='"anchor" must be null or one of nearest') as e:
+        load_space(_with(lambda s: s.update(anchor="bicubic")))
+    assert "\n" not in str(e.value)
+    with pytest.raises(QnasError, match="anchor"):
+        with_anchor(_tiny(), "bilinear")

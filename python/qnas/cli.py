@@ -503,6 +503,18 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     help="fused: torch.ops.qops.mixed_quant_conv; naive: the per-candidate loop (baseline).",
 )
 @click.option("--no-adq", is_flag=True, help="Plain residuals instead of ADQ (ablation).")
+@click.option(
+    "--no-anchor",
+    is_flag=True,
+    help="Remove the space's anchor skip (input image upsampled, added to the output): the paper's space.",
+)
+@click.option(
+    "--mix-norm",
+    type=click.Choice(["rescale", "none"]),
+    default="rescale",
+    show_default=True,
+    help="rescale: candidate mixture divided by sqrt(sum of squared op probabilities); none: plain sum.",
+)
 @click.option("--single-pass", is_flag=True, help="One forward-backward updates weights and alphas.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate of the weights.")
 @click.option(
@@ -518,11 +530,28 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     help="Fraction of the steps with no entropy term; it then grows linearly to --entropy-coef.",
 )
 @click.option(
+    "--target-gbitops",
+    type=float,
+    default=None,
+    help="BitOps target at --lr-size (GBitOps): adds target-weight * log^2(expected BitOps / target).",
+)
+@click.option(
+    "--target-weight", type=float, default=1.0, show_default=True, help="Weight of the BitOps target term."
+)
+@click.option(
+    "--final-temperature",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Softmax temperature of the alphas at the last step, annealed geometrically from 1 (1 = off).",
+)
+@click.option(
     "--penalty",
     type=float,
     default=0.0,
     show_default=True,
-    help="Weight of the BitOps penalty (expected BitOps / their initial value).",
+    help="The paper's BitOps penalty weight (expected BitOps / their initial value); "
+    "an alternative to --target-gbitops.",
 )
 @click.option(
     "--alpha-warmup",
@@ -546,7 +575,9 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def search_command(space, ops, bits, a_bits, untie_bits, no_adq, lr_size, out, resume, quiet, **kw) -> None:
+def search_command(
+    space, ops, bits, a_bits, untie_bits, no_adq, no_anchor, lr_size, out, resume, quiet, **kw
+) -> None:
     """QuantNAS: search operations and bit-widths jointly; writes RUN/genotype.json and alpha plots."""
     from qnas.cost import parse_lr_size
     from qnas.nas.search import SearchOptions, search
@@ -560,6 +591,7 @@ def search_command(space, ops, bits, a_bits, untie_bits, no_adq, lr_size, out, r
         a_bits=_int_list(a_bits, "--a-bits"),
         tie_bits=not untie_bits,
         adq=not no_adq,
+        anchor=not no_anchor,
         lr_size=list(parse_lr_size(lr_size)),
         **kw,
     )
@@ -568,43 +600,84 @@ def search_command(space, ops, bits, a_bits, untie_bits, no_adq, lr_size, out, r
         f"searched {summary['steps']} steps in {summary['seconds']:.0f} s: {summary['genotype']} "
         f"({summary['bitops'] / 1e9:.2f} GBitOps at LR {opts.lr_size[0]}x{opts.lr_size[1]})"
     )
+    if summary["health"]:
+        ratios = ", ".join(f"{s} {h['ratio']:.2g}" for s, h in summary["health"].items())
+        click.echo(f"|loss| / |regularizer| gradient on the alphas, median of the second half: {ratios}")
 
 
 @cli.command("genotype")
 @click.option("--space", default="basic", show_default=True, metavar="basic|rfdn|FILE")
 @click.option("--scale", type=int, required=True, help="Upscaling factor: 2, 3 or 4.")
-@click.option("--op", required=True, metavar="OP", help="The op of every layer, e.g. conv3x3.")
 @click.option(
-    "--bits", type=int, required=True, metavar="B", help="Bits of every weight and activation (0 = fp)."
+    "--op", default=None, metavar="OP", help="The op of every layer, e.g. conv3x3 (not with --random)."
 )
+@click.option(
+    "--bits",
+    default=None,
+    metavar="B[,B...]",
+    help="Bits of every weight and activation (0 = fp); with --random the bit-widths to draw from "
+    "(default 4,8).",
+)
+@click.option(
+    "--random",
+    "random_draw",
+    is_flag=True,
+    help="A random genotype (op and tied bits of every layer) at --target-gbitops: the search's control.",
+)
+@click.option("--target-gbitops", type=float, default=None, help="With --random: its BitOps at --lr-size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="With --random: the draw.")
+@click.option("--no-anchor", is_flag=True, help="Remove the space's anchor skip (the paper's space).")
 @click.option("--lr-size", default="180x320", show_default=True, metavar="HxW")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Genotype JSON file to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (never a file of a run folder).")
-def genotype_command(space, scale, op, bits, lr_size, out, force) -> None:
+def genotype_command(
+    space, scale, op, bits, random_draw, target_gbitops, seed, no_anchor, lr_size, out, force
+) -> None:
     """Write the genotype of a fixed architecture of a space (every layer one op, uniform bits): the
-    uniform-quantization baseline to retrain with `qnas train --arch`."""
+    uniform-quantization baseline to retrain with `qnas train --arch`; or with --random, a random
+    genotype at a BitOps target (the control a search must beat)."""
     import json
 
     from qnas.atomic_write import atomic_write_bytes
     from qnas.cost import parse_lr_size
     from qnas.files import check_output_file
     from qnas.nas.derive import genotype_cost, uniform_genotype
-    from qnas.spaces import load_space
+    from qnas.nas.search import random_genotype
+    from qnas.spaces import load_space, with_anchor
     from qnas.train.run import run_files
 
-    if bits != 0 and not 2 <= bits <= 8:
-        raise QnasError(f"--bits {bits}: expected 0 (full precision) or 2..8")
     parent = os.path.dirname(os.path.abspath(out))
     check_output_file(out, force=force, inputs=run_files(parent) + [space])
-    g = uniform_genotype(load_space(space), scale, op, bits)
-    g["cost"] = genotype_cost(g, parse_lr_size(lr_size))
+    size = parse_lr_size(lr_size)
+    doc = load_space(space)
+    if no_anchor:
+        doc = with_anchor(doc, None)
+    bit_list = _int_list(bits, "--bits")
+    for b in bit_list or []:
+        if b != 0 and not 2 <= b <= 8:
+            raise QnasError(f"--bits {bits}: expected 0 (full precision) or 2..8")
+    if random_draw:
+        if op is not None:
+            raise QnasError("--op: not with --random (every layer draws its own op)")
+        if target_gbitops is None:
+            raise QnasError("--random needs --target-gbitops (the BitOps the genotype should cost)")
+        g = random_genotype(
+            doc, scale, target_gbitops, seed, bits=bit_list or [4, 8], lr_size=size
+        )
+        what = f"random (seed {seed}) at target {target_gbitops:g}"
+    else:
+        if op is None or bit_list is None or len(bit_list) != 1:
+            raise QnasError("--op OP and --bits B (one value) are required (or --random --target-gbitops X)")
+        if target_gbitops is not None:
+            raise QnasError("--target-gbitops: only with --random")
+        g = uniform_genotype(doc, scale, op, bit_list[0])
+        what = f"every layer {op} at {bit_list[0]} bits"
+    g["cost"] = genotype_cost(g, size)
     path = os.path.abspath(out)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_bytes(path, (json.dumps(g, indent=2) + "\n").encode())
-    click.echo(
-        f"{out}: {g['space']['name']} x{scale}, every layer {op} at {bits} bits, {g['cost']['bitops'] / 1e9:.2f} GBitOps"
-    )
+    click.echo(f"{out}: {g['space']['name']} x{scale}, {what}, {g['cost']['bitops'] / 1e9:.2f} GBitOps")
 
 
 @cli.command("report")

@@ -1,11 +1,10 @@
 """A search space instantiated for one scale: every node with its channels and resolution, every searched
 layer with its architecture slot, and the module that runs such a graph (shared by the supernet and the
-derived network, so both have the same structure and state-dict names).
+derived network, so both have the same structure, state-dict names, anchor skip and initialisation).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +50,8 @@ class Graph:
     in_ch: int = 0
     out_ch: int = 0
     output: str = ""
+    anchor: str | None = None  # the whole network only: its global anchor skip (qnas.spaces.ANCHORS)
+    scale: int = 1  # the whole network only: the upscaling factor the anchor skip applies
 
 
 @dataclass
@@ -181,6 +182,7 @@ def compile_space(space: dict, scale: int, candidates: list[str] | None = None) 
         return g
 
     graph = build(space["network"], colors, 1, "", "", 0)
+    graph.anchor, graph.scale = space.get("anchor"), scale
     if graph.out_ch != colors:
         raise QnasError(f"space {name}: the network ends with {graph.out_ch} channels, expected {colors}")
     if not _ends_upscaled(graph, scale):
@@ -219,9 +221,14 @@ class GraphModule(nn.Module):
     """Runs a compiled graph. Layer modules come from `make_layer(site)` and are called as
     ``layer(x, ctx)``: ctx is what the owning network passes down (the supernet: architecture
     probabilities by slot; a derived network: None). Residual cells are wrapped in ADQ, or a plain
-    residual when `adq` is False."""
+    residual when `adq` is False.
 
-    def __init__(self, graph: Graph, make_layer: LayerFactory, adq: bool):
+    The whole network's module (the graph compile_space returns) adds the space's anchor skip to its
+    output (anchor_skip) and, once built, re-initialises every nn.Conv2d its layers hold with
+    init_conv (the supernet's layers create their kernels with it directly), so the supernet and the
+    derived network start from the same kind of weights."""
+
+    def __init__(self, graph: Graph, make_layer: LayerFactory, adq: bool, *, _cell: bool = False):
         super().__init__()
         self.spec = graph
         self.nodes = nn.ModuleDict()
@@ -236,9 +243,13 @@ class GraphModule(nn.Module):
             elif n.op == "pixel_shuffle":
                 self.nodes[n.name] = nn.PixelShuffle(n.spec["factor"])
             elif n.op == "residual":
-                self.nodes[n.name] = Residual(n.out_ch, GraphModule(n.sub, make_layer, adq), adq)
+                self.nodes[n.name] = Residual(n.out_ch, GraphModule(n.sub, make_layer, adq, _cell=True), adq)
             elif n.op == "cell":
-                self.nodes[n.name] = GraphModule(n.sub, make_layer, adq)
+                self.nodes[n.name] = GraphModule(n.sub, make_layer, adq, _cell=True)
+        self.anchor = None if _cell else graph.anchor
+        self.scale = graph.scale
+        if not _cell:
+            init_convs(self)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         values = {"input": x}
@@ -256,7 +267,19 @@ class GraphModule(nn.Module):
             else:
                 y = mod(ins[0])
             values[n.name] = y
-        return values[self.spec.output]
+        y = values[self.spec.output]
+        if self.anchor is not None:
+            y = y + anchor_skip(x, self.scale, self.anchor)
+        return y
+
+
+def anchor_skip(x: torch.Tensor, scale: int, anchor: str = "nearest") -> torch.Tensor:
+    """The image path of a space with an anchor: the LR input upsampled by `scale`, each pixel repeated
+    (nearest). On the 8-bit input image it is a copy of integers (0 BitOps), so the network's layers
+    only add the residual detail and the image's brightness never goes through a quantized layer."""
+    if anchor != "nearest":
+        raise ValueError(f"anchor: expected 'nearest', got {anchor!r}")
+    return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
 class Residual(nn.Module):
@@ -282,8 +305,27 @@ def conv2d_same(x: torch.Tensor, w: torch.Tensor, groups: int, dilation: int, bi
     return F.conv2d(x, w, bias, 1, same_padding((w.shape[2], w.shape[3]), dilation), dilation, groups)
 
 
-def kaiming_uniform(shape: tuple[int, ...]) -> torch.Tensor:
-    """nn.Conv2d's default initialisation of a kernel of this shape."""
+def init_kernel(shape: tuple[int, ...], relu: bool) -> torch.Tensor:
+    """A variance-preserving kernel of this shape (He et al., "Delving Deep into Rectifiers", ICCV 2015):
+    uniform with variance gain²/fan_in, gain √2 for a convolution that reads relu'd activations, 1 for
+    signed ones. (nn.Conv2d's default, kaiming_uniform with a=√5, has variance 1/(3·fan_in): every layer
+    of a chain then shrinks the signal about √6 times.)"""
     w = torch.empty(shape)
-    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(w, a=0.0, nonlinearity="relu" if relu else "linear")
     return w
+
+
+@torch.no_grad()
+def init_conv(conv: nn.Conv2d) -> None:
+    """init_kernel for an existing convolution, bias zero. A convolution whose `act` attribute is
+    "none" (qnas.nas.layers.QuantConv2d with signed inputs) gets gain 1, any other gain √2."""
+    conv.weight.copy_(init_kernel(tuple(conv.weight.shape), getattr(conv, "act", "relu") != "none"))
+    if conv.bias is not None:
+        conv.bias.zero_()
+
+
+def init_convs(module: nn.Module) -> None:
+    """init_conv on every nn.Conv2d inside `module` (a no-op on the meta device)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
+            init_conv(m)

@@ -80,6 +80,65 @@ def plot_search_curves(metrics: list[dict], path: str | Path) -> None:
     _save(fig, path)
 
 
+def health_series(metrics: list[dict]) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per slot, from a search's metrics: (steps, loss gradient norms, regularizer gradient norms) of
+    the architecture steps (search.py logs grad_loss/SLOT and grad_reg/SLOT)."""
+    out: dict[str, tuple[list[int], list[float], list[float]]] = {}
+    for m in metrics:
+        for k, v in m.items():
+            if k.startswith("grad_loss/"):
+                slot = k[len("grad_loss/") :]
+                steps, gl, gr = out.setdefault(slot, ([], [], []))
+                steps.append(m["step"])
+                gl.append(v)
+                gr.append(m.get(f"grad_reg/{slot}", float("nan")))
+    return out
+
+
+def health_summary(metrics: list[dict], last: float = 0.5) -> dict[str, dict[str, float]]:
+    """Per slot, over the last `last` fraction of the architecture steps: the median loss and regularizer
+    gradient norms and their ratio (loss / regularizer; > 1: the loss decides more than the cost)."""
+    import statistics
+
+    out = {}
+    for slot, (steps, gl, gr) in health_series(metrics).items():
+        k = int(len(steps) * (1 - last))
+        ml, mr = statistics.median(gl[k:]), statistics.median(gr[k:])
+        out[slot] = {"grad_loss": ml, "grad_reg": mr, "ratio": ml / mr if mr > 0 else float("inf")}
+    return out
+
+
+def plot_search_health(metrics: list[dict], path: str | Path, window: int = 10) -> bool:
+    """Per slot, the norm of the loss gradient on its alphas and its ratio to the regularizers' gradient
+    (entropy and cost term), a moving median over `window` architecture steps. False if nothing was
+    logged (no architecture step)."""
+    import statistics
+
+    series = health_series(metrics)
+    if not series:
+        return False
+
+    def smooth(v: list[float]) -> list[float]:
+        return [statistics.median(v[max(0, k - window + 1) : k + 1]) for k in range(len(v))]
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    for slot, (steps, gl, gr) in series.items():
+        axes[0].plot(steps, smooth(gl), lw=0.9, label=slot)
+        ratio = [a / b if b > 0 else float("nan") for a, b in zip(gl, gr, strict=True)]
+        axes[1].plot(steps, smooth(ratio), lw=0.9, label=slot)
+    axes[0].set_title("|loss gradient| on the slot's alphas", fontsize=9)
+    axes[1].set_title("|loss gradient| / |regularizer gradient| (above 1: the loss leads)", fontsize=9)
+    axes[1].axhline(1.0, color="gray", ls="--", lw=0.8)
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
 def plot_pareto(models: list[dict], path: str | Path, title: str = "", baseline: dict | None = None) -> None:
     """PSNR against BitOps (log scale) of every model with a cost; the Pareto front as a step line;
     `baseline` (bicubic) as a horizontal line."""
@@ -134,4 +193,12 @@ def pareto_front(models: list[dict]) -> list[str]:
     return front
 
 
-__all__ = ["plot_alphas", "plot_pareto", "plot_search_curves", "pareto_front"]
+__all__ = [
+    "health_series",
+    "health_summary",
+    "plot_alphas",
+    "plot_pareto",
+    "plot_search_curves",
+    "plot_search_health",
+    "pareto_front",
+]

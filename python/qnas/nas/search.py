@@ -2,12 +2,18 @@
 
 Per step (Shvetsov et al., arXiv:2208.14839; Liu et al., "DARTS", ICLR 2019, first-order variant):
   1. architecture step (from --alpha-warmup on): a batch of the alpha split of the TRAINING images,
-     loss = L1 + entropy_coef(t) · Σ H(probs) + penalty · E[BitOps] / E0[BitOps], gradients to the alphas
-     only (weights frozen), Adam(--alpha-lr, betas (0.5, 0.999)) step;
+     loss = L1 + entropy_coef(t) · Σ H(probs) + cost term, gradients to the alphas only (weights
+     frozen), Adam(--alpha-lr, betas (0.5, 0.999)) step. The cost term is the BitOps target
+     weight · log²(E[BitOps] / target) (--target-gbitops) or the paper's penalty · E[BitOps] / E0
+     (--penalty), or nothing;
   2. weight step: a batch of the weight split, loss = L1 with the probabilities held fixed, gradients to
      weights, biases and LSQ steps, clipped to norm --grad-clip, Adam(--lr) with a cosine schedule.
 With --single-pass (the one-pass scheme DQSS uses) one forward-backward of the regularized loss on a
 batch of all training images updates both. The validation images of the data set are never used here.
+
+Every architecture step logs, per slot, the norm of the gradient the L1 loss and the regularizers
+(entropy and cost) give its alphas (metrics.jsonl: grad_loss/SLOT, grad_reg/SLOT; health.png): whether
+the choices come from the loss or from the cost term.
 
 Everything that decides the result is in the checkpoint (weights, alphas, both optimizers, the schedule,
 both batch samplers, torch's RNG: noise mode draws its seeds from it), so `--resume` continues a killed
@@ -30,9 +36,9 @@ from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import QnasError
 from qnas.nas.derive import GENOTYPE_FORMAT, genotype_cost
 from qnas.nas.graph import compile_space
-from qnas.nas.regularizers import BitOpsPenalty, entropy_coef
-from qnas.nas.supernet import IMPLS, MODES, Supernet
-from qnas.spaces import load_space
+from qnas.nas.regularizers import BitOpsPenalty, BitOpsTarget, entropy_coef, temperature_at
+from qnas.nas.supernet import IMPLS, MIX_NORMS, MODES, Supernet, slot_bitops
+from qnas.spaces import load_space, with_anchor
 from qnas.train.run import RunDir
 
 #: BitOps are reported for this LR input by default: the LR side of a 1280x720 output at x4 (the usual
@@ -57,12 +63,17 @@ class SearchOptions:
     mode: str = "noise"
     impl: str = "fused"
     adq: bool = True
+    anchor: bool = True  # False: remove the space's anchor skip (the paper's exact space)
+    mix_norm: str = "rescale"
     single_pass: bool = False
     lr: float = 1e-3
     alpha_lr: float = 3e-4
     grad_clip: float = 5.0
     entropy_coef: float = 1e-3
     entropy_warmup: float = 0.25
+    target_gbitops: float | None = None  # at lr_size
+    target_weight: float = 1.0
+    final_temperature: float = 0.1
     penalty: float = 0.0
     alpha_warmup: float = 0.0
     alpha_split: float = 0.5
@@ -78,6 +89,17 @@ class SearchOptions:
             raise QnasError(f"--mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.impl not in IMPLS:
             raise QnasError(f"--impl: expected one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if self.mix_norm not in MIX_NORMS:
+            raise QnasError(f"--mix-norm: expected one of {', '.join(MIX_NORMS)}, got {self.mix_norm!r}")
+        if self.target_gbitops is not None:
+            if not self.target_gbitops > 0:
+                raise QnasError(f"--target-gbitops: must be positive, got {self.target_gbitops}")
+            if self.penalty > 0:
+                raise QnasError("--target-gbitops and --penalty are alternatives: give one of them")
+        if not 0 < self.final_temperature <= 1:
+            raise QnasError(f"--final-temperature: expected a value in (0, 1], got {self.final_temperature}")
+        if self.target_weight < 0:
+            raise QnasError(f"--target-weight: must not be negative, got {self.target_weight}")
         for name in ("lr", "alpha_lr"):
             if not getattr(self, name) > 0:
                 raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
@@ -118,8 +140,14 @@ def _subset(data, idx: list[int]):
     )
 
 
+def search_space(opts: SearchOptions) -> dict:
+    """The space document a search runs on: --space, without its anchor skip under --no-anchor."""
+    space = load_space(opts.space)
+    return space if opts.anchor else with_anchor(space, None)
+
+
 def build_supernet(opts: SearchOptions, space: dict | None = None) -> Supernet:
-    space = load_space(opts.space) if space is None else space
+    space = search_space(opts) if space is None else space
     compiled = compile_space(space, opts.scale, opts.ops)
     return Supernet(
         compiled,
@@ -129,7 +157,18 @@ def build_supernet(opts: SearchOptions, space: dict | None = None) -> Supernet:
         mode=opts.mode,
         impl=opts.impl,
         adq=opts.adq,
+        mix_norm=opts.mix_norm,
     )
+
+
+def cost_term(opts: SearchOptions, initial_bitops_per_pixel: float) -> BitOpsTarget | BitOpsPenalty | None:
+    """The cost regularizer of the architecture loss: the BitOps target, the paper's penalty, or None."""
+    if opts.target_gbitops is not None:
+        pixels = opts.lr_size[0] * opts.lr_size[1]
+        return BitOpsTarget(opts.target_weight, opts.target_gbitops * 1e9 / pixels)
+    if opts.penalty > 0:
+        return BitOpsPenalty(opts.penalty, initial_bitops_per_pixel)
+    return None
 
 
 def search(
@@ -145,7 +184,7 @@ def search(
     from qnas.train.train import _compare_config
 
     opts.check()
-    space = load_space(opts.space)
+    space = search_space(opts)
     run = RunDir(out)
     config = json.loads(json.dumps({"search": dataclasses.asdict(opts), "space": space}))
     if resume:
@@ -197,7 +236,7 @@ def search(
         run.truncate_metrics(step)
     else:
         run.write_config(config)
-    penalty = BitOpsPenalty(opts.penalty, initial_bitops / pixels)
+    penalty = cost_term(opts, initial_bitops / pixels)
 
     def checkpoint() -> None:
         run.save_checkpoint(
@@ -225,6 +264,7 @@ def search(
             t0 = time.perf_counter()
             ent_w = entropy_coef(step, opts.steps, opts.entropy_coef, opts.entropy_warmup)
             update_alphas = step >= alpha_start
+            net.temperature = temperature_at(step, opts.steps, alpha_start, opts.final_temperature)
             a_batch = _batch(a_sampler) if (update_alphas and a_sampler is not None) else None
             rec = search_step(
                 net,
@@ -246,6 +286,7 @@ def search(
                 rec.setdefault("entropy", float(net.entropy(probs)))
             rec.update(
                 entropy_coef=ent_w,
+                temperature=net.temperature,
                 expected_bitops=expected,
                 lr=w_opt.param_groups[0]["lr"],
                 step_time_s=time.perf_counter() - t0,
@@ -263,13 +304,16 @@ def search(
 
     genotype = make_genotype(net, opts, space, initial_bitops)
     atomic_write_bytes(run.path / "genotype.json", (json.dumps(genotype, indent=2) + "\n").encode())
-    from qnas.nas.plots import plot_alphas, plot_search_curves
+    from qnas.nas.plots import health_summary, plot_alphas, plot_search_curves, plot_search_health
 
     plot_alphas(
         net, run.path / "alphas.png", title=f"{space['name']} x{opts.scale}, {opts.mode}, step {step}"
     )
-    plot_search_curves(run.read_metrics(), run.path / "search.png")
+    metrics = run.read_metrics()
+    plot_search_curves(metrics, run.path / "search.png")
+    plot_search_health(metrics, run.path / "health.png")
     return {
+        "health": health_summary(metrics),
         "steps": step,
         "genotype": str(run.path / "genotype.json"),
         "bitops": genotype["cost"]["bitops"],
@@ -287,13 +331,14 @@ def search_step(
     *,
     update_alphas: bool,
     entropy_weight: float,
-    penalty: BitOpsPenalty,
+    penalty: BitOpsTarget | BitOpsPenalty | None,
     grad_clip: float,
     step: int = 0,
 ) -> dict[str, float]:
     """One search step (module docstring): with `a_batch`, the architecture step on it then the weight step
     on `w_batch` (alternating); without, one pass on `w_batch` that updates the weights and, if
-    `update_alphas`, the alphas. Returns the values to log (losses, entropy, penalty)."""
+    `update_alphas`, the alphas. Returns the values to log (losses, entropy, cost term, and per slot the
+    gradient norms of the loss and of the regularizers on its alphas)."""
     l1 = nn.L1Loss()
     weights = [p for g in w_opt.param_groups for p in g["params"]]
     alphas = [p for g in a_opt.param_groups for p in g["params"]]
@@ -305,24 +350,22 @@ def search_step(
         probs = net.probs() if update_alphas else _detached(net.probs())
         rec_loss = l1(net(lr_img, probs), hr_img)
         _check_finite(rec_loss, step)
-        loss = (
-            rec_loss + _regularizers(net, probs, entropy_weight, penalty, rec) if update_alphas else rec_loss
-        )
-        loss.backward()
+        rec_loss.backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(weights, grad_clip)
         w_opt.step()
         if update_alphas:
+            _add_regularizer_grads(net, entropy_weight, penalty, rec)
             a_opt.step()
         rec["loss"] = rec_loss.item()
         return rec
     lr_a, hr_a = a_batch
     a_opt.zero_grad(set_to_none=True)
-    probs = net.probs()
-    a_loss = l1(net(lr_a, probs), hr_a)
+    a_loss = l1(net(lr_a, net.probs()), hr_a)
     _check_finite(a_loss, step)
     # Gradients to the alphas only: autograd skips the weight gradients of every convolution on the way.
-    (a_loss + _regularizers(net, probs, entropy_weight, penalty, rec)).backward(inputs=alphas)
+    a_loss.backward(inputs=alphas)
+    _add_regularizer_grads(net, entropy_weight, penalty, rec)
     a_opt.step()
     rec["loss_alpha"] = a_loss.item()
     lr_w, hr_w = w_batch
@@ -335,6 +378,32 @@ def search_step(
     w_opt.step()
     rec["loss"] = w_loss.item()
     return rec
+
+
+def _add_regularizer_grads(
+    net: Supernet, ent_w: float, penalty: BitOpsTarget | BitOpsPenalty | None, rec: dict
+) -> None:
+    """Adds the gradient of entropy_coef · H + cost term to the alphas' .grad (which holds the loss's)
+    and logs both per slot: grad_loss/SLOT and grad_reg/SLOT are the norms of the two parts."""
+    slots = net.slots
+    alphas = [net.alpha(s) for s in slots]
+    for s, a in zip(slots, alphas, strict=True):
+        rec[f"grad_loss/{s}"] = float(a.grad.norm()) if a.grad is not None else 0.0
+    probs = net.probs()
+    h = net.entropy(probs)
+    rec["entropy"] = float(h.detach())
+    reg = ent_w * h
+    if penalty is not None:
+        e = net.expected_bitops_per_pixel(probs)
+        pen = penalty(e)
+        rec["penalty"] = float(pen.detach())
+        rec["bitops_ratio"] = float(penalty.normalized(e).detach())
+        reg = reg + pen
+    grads = torch.autograd.grad(reg, alphas, allow_unused=True) if reg.requires_grad else [None] * len(alphas)
+    for s, a, g in zip(slots, alphas, grads, strict=True):
+        rec[f"grad_reg/{s}"] = float(g.norm()) if g is not None else 0.0
+        if g is not None:
+            a.grad = g if a.grad is None else a.grad + g
 
 
 def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitops: float) -> dict:
@@ -359,11 +428,75 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
         "tie_bits": opts.tie_bits,
         "steps": opts.steps,
         "penalty": opts.penalty,
+        "target_gbitops": opts.target_gbitops,
+        "target_weight": opts.target_weight,
+        "mix_norm": opts.mix_norm,
+        "alpha_lr": opts.alpha_lr,
+        "final_temperature": opts.final_temperature,
         "single_pass": opts.single_pass,
         "initial_expected_bitops": initial_bitops,
         "final_expected_bitops": expected,
     }
     return g
+
+
+def random_genotype(
+    space: dict,
+    scale: int,
+    target_gbitops: float,
+    seed: int,
+    *,
+    bits: list[int] = (4, 8),
+    candidates: list[str] | None = None,
+    lr_size: tuple[int, int] = DEFAULT_LR_SIZE,
+    tolerance: float = 0.05,
+) -> dict:
+    """The control of a search at a BitOps target: a genotype drawn uniformly among those of the space
+    (every slot an op and tied weight/activation bits from `bits`) whose BitOps at `lr_size` are within
+    ±tolerance of the target. Rejection sampling: every slot drawn uniformly, the first draw in the band
+    kept (a torch.Generator seeded with `seed`, so the same arguments give the same genotype).
+
+    QnasError naming --target-gbitops when no draw lands in the band (the message gives the range)."""
+    compiled = compile_space(space, scale, candidates)
+    bits = [int(b) for b in bits]
+    pixels = lr_size[0] * lr_size[1]
+    costs = slot_bitops(compiled, bits, bits)
+    # Tied bits: the choices of a slot are (op, i) with cost[o, i, i]; flattened op-major.
+    tables = {
+        s: torch.stack([c[:, i, i] for i in range(len(bits))], 1).flatten() * pixels for s, c in costs.items()
+    }
+    target = float(target_gbitops) * 1e9
+    gen = torch.Generator().manual_seed(int(seed))
+    batch, rounds = 1 << 14, 64
+    for _ in range(rounds):
+        picks = {s: torch.randint(len(t), (batch,), generator=gen) for s, t in tables.items()}
+        total = sum(t[picks[s]] for s, t in tables.items())
+        hits = ((total - target).abs() <= tolerance * target).nonzero()
+        if len(hits):
+            k = int(hits[0])
+            layers = {}
+            for s in tables:
+                o, i = divmod(int(picks[s][k]), len(bits))
+                layers[s] = {"op": compiled.slots[s][o], "w_bits": bits[i], "a_bits": bits[i]}
+            return {
+                "format": GENOTYPE_FORMAT,
+                "space": compiled.space,
+                "scale": compiled.scale,
+                "candidates": candidates,
+                "layers": layers,
+                "random": {
+                    "seed": int(seed),
+                    "target_gbitops": float(target_gbitops),
+                    "tolerance": tolerance,
+                },
+            }
+    lo = sum(float(t.min()) for t in tables.values()) / 1e9
+    hi = sum(float(t.max()) for t in tables.values()) / 1e9
+    raise QnasError(
+        f"--target-gbitops {target_gbitops:g}: no random genotype within {tolerance:.0%} of it in "
+        f"{batch * rounds} draws (genotypes of this space cost {lo:.1f} to {hi:.1f} GBitOps at "
+        f"{lr_size[0]}x{lr_size[1]}, most of them near the middle)"
+    )
 
 
 def _batch(sampler) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,17 +506,6 @@ def _batch(sampler) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _detached(probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in probs.items()}
-
-
-def _regularizers(net: Supernet, probs, ent_w: float, penalty: BitOpsPenalty, rec: dict) -> torch.Tensor:
-    """entropy_coef · H + penalty · E/E0 (logged into rec)."""
-    h = net.entropy(probs)
-    e = net.expected_bitops_per_pixel(probs)
-    pen = penalty(e)
-    rec["entropy"] = float(h.detach())
-    rec["penalty"] = float(pen.detach())
-    rec["bitops_ratio"] = float(penalty.normalized(e).detach())
-    return ent_w * h + pen
 
 
 def _check_finite(loss: torch.Tensor, step: int) -> None:

@@ -36,7 +36,7 @@ from qnas.nas.graph import (
     GraphModule,
     LayerSite,
     conv2d_same,
-    kaiming_uniform,
+    init_kernel,
     op_macs_per_pixel,
 )
 from qnas.spaces import is_single_conv, op_stages
@@ -45,6 +45,10 @@ from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
 
 MODES = ("quant", "noise")
 IMPLS = ("fused", "naive")
+#: How a layer's candidate outputs are mixed: "rescale" (default) divides the probability-weighted sum
+#: by the root of the sum of squared op probabilities (Supernet.mixing_weights); "none" is the plain
+#: DARTS sum.
+MIX_NORMS = ("rescale", "none")
 FULL_PRECISION_BITS = 32
 
 
@@ -114,6 +118,22 @@ def allowed_mask(n_ops: int, w_bits: list[int], a_bits: list[int], tie_bits: boo
     return mask
 
 
+def slot_bitops(compiled: CompiledSpace, w_bits: list[int], a_bits: list[int]) -> dict[str, torch.Tensor]:
+    """BitOps per LR input pixel of every (op, w_bits, a_bits) term of every slot, summed over the sites
+    of the slot: {slot: float64 [n_ops, n_w, n_a]} (layers after the pixel shuffle count scale² pixels)."""
+    out = {}
+    for slot, cands in compiled.slots.items():
+        cost = torch.zeros(len(cands), len(w_bits), len(a_bits), dtype=torch.float64)
+        for site in compiled.slot_sites(slot):
+            for o, c in enumerate(site.candidates):
+                macs = op_macs_per_pixel(compiled.ops[c], site.in_ch, site.out_ch) * site.pixels
+                for i, wb in enumerate(w_bits):
+                    for j, ab in enumerate(a_bits):
+                        cost[o, i, j] += macs * cost_bits(wb) * cost_bits(ab)
+        out[slot] = cost
+    return out
+
+
 class SearchLayer(nn.Module):
     """One searched layer (see the module docstring). Called as layer(x, probs_by_slot)."""
 
@@ -142,7 +162,8 @@ class SearchLayer(nn.Module):
         for k in self.single_idx:
             st = op_stages(ops[site.candidates[k]])[0]
             kh, kw = st["kernel"]
-            weights.append(nn.Parameter(kaiming_uniform((site.out_ch, site.in_ch // st["groups"], kh, kw))))
+            shape = (site.out_ch, site.in_ch // st["groups"], kh, kw)
+            weights.append(nn.Parameter(init_kernel(shape, self.relu)))
             self.groups.append(st["groups"])
             self.dilations.append(st["dilation"])
         self.weights = nn.ParameterList(weights)
@@ -150,7 +171,7 @@ class SearchLayer(nn.Module):
         self.a_scales = nn.Parameter(torch.ones(n_a))
         self.bias = nn.Parameter(torch.zeros(site.out_ch))
         self.composites = nn.ModuleList(
-            CompositeBranch(ops[site.candidates[k]], site.in_ch, site.out_ch, n_w, n_a)
+            CompositeBranch(ops[site.candidates[k]], site.in_ch, site.out_ch, n_w, n_a, self.relu)
             for k in self.composite_idx
         )
         stages = [op_stages(ops[site.candidates[k]]) for k in self.composite_idx]
@@ -368,14 +389,16 @@ class CompositeBranch(nn.Module):
     """A composite candidate (convolutions in sequence) of a SearchLayer: kernels, LSQ steps of each
     stage's weights per weight bit-width, and of the activations between stages per activation bit-width."""
 
-    def __init__(self, op: dict, in_ch: int, out_ch: int, n_w: int, n_a: int):
+    def __init__(self, op: dict, in_ch: int, out_ch: int, n_w: int, n_a: int, relu: bool = True):
         super().__init__()
         self.stages = op_stages(op)
         ws, cin = [], in_ch
         for k, st in enumerate(self.stages):
             cout = out_ch if k == len(self.stages) - 1 else out_ch * st["width"]
             kh, kw = st["kernel"]
-            ws.append(nn.Parameter(kaiming_uniform((cout, cin // st["groups"], kh, kw))))
+            # The first stage reads the layer's input (relu'd unless the layer's act is "none"), the
+            # others the relu between stages.
+            ws.append(nn.Parameter(init_kernel((cout, cin // st["groups"], kh, kw), relu or k > 0)))
             cin = cout
         self.weights = nn.ParameterList(ws)
         self.w_scales = nn.Parameter(torch.ones(len(ws), n_w))
@@ -433,8 +456,11 @@ class Supernet(nn.Module):
         mode: str = "noise",
         impl: str = "fused",
         adq: bool = True,
+        mix_norm: str = "rescale",
     ):
         super().__init__()
+        if mix_norm not in MIX_NORMS:
+            raise QnasError(f"--mix-norm: expected one of {', '.join(MIX_NORMS)}, got {mix_norm!r}")
         if mode not in MODES:
             raise QnasError(f"--mode: expected one of {', '.join(MODES)}, got {mode!r}")
         if impl not in IMPLS:
@@ -446,7 +472,9 @@ class Supernet(nn.Module):
         self.compiled = compiled
         self.scale = compiled.scale
         self.w_bits, self.a_bits, self.tie_bits = list(w_bits), list(a_bits), bool(tie_bits)
-        self.mode, self.impl, self.adq = mode, impl, adq
+        self.mode, self.impl, self.adq, self.mix_norm = mode, impl, adq, mix_norm
+        #: Softmax temperature of the architecture distribution (1: plain softmax; set by the search loop).
+        self.temperature = 1.0
         self.in_channels = int(compiled.space.get("colors", 3))
         self.slots = list(compiled.slots)
         self.alphas = nn.ParameterDict()
@@ -465,33 +493,49 @@ class Supernet(nn.Module):
 
         self.net = GraphModule(compiled.graph, make_layer, adq)
         # BitOps per LR pixel of every (op, w, a) term, summed over the sites of a slot.
-        for slot in self.slots:
-            cost = torch.zeros(
-                len(compiled.slots[slot]), len(self.w_bits), len(self.a_bits), dtype=torch.float64
-            )
-            for site in compiled.slot_sites(slot):
-                for o, c in enumerate(site.candidates):
-                    macs = op_macs_per_pixel(compiled.ops[c], site.in_ch, site.out_ch) * site.pixels
-                    for i, wb in enumerate(self.w_bits):
-                        for j, ab in enumerate(self.a_bits):
-                            cost[o, i, j] += macs * cost_bits(wb) * cost_bits(ab)
+        for slot, cost in slot_bitops(compiled, self.w_bits, self.a_bits).items():
             self.register_buffer(f"bitops_{_key(slot)}", cost, persistent=False)
 
     # -- architecture -------------------------------------------------------------------------------
+    def alpha(self, slot: str) -> nn.Parameter:
+        """The architecture parameters of a slot."""
+        return self.alphas[_key(slot)]
+
     def allowed(self, slot: str) -> torch.Tensor:
         return getattr(self, f"allowed_{_key(slot)}")
 
     def probs(self) -> dict[str, torch.Tensor]:
-        """Joint softmax over the allowed (op, w_bits, a_bits) entries of every slot (others exactly 0)."""
+        """Joint softmax of alphas / temperature over the allowed (op, w_bits, a_bits) entries of every slot
+        (others exactly 0). The search anneals `temperature` (qnas.nas.search.temperature_at)."""
         out = {}
         for slot in self.slots:
             a = self.alphas[_key(slot)]
-            logits = a.masked_fill(~self.allowed(slot), float("-inf"))
+            logits = (a / self.temperature).masked_fill(~self.allowed(slot), float("-inf"))
             out[slot] = torch.softmax(logits.flatten(), 0).view_as(a)
         return out
 
+    def mixing_weights(self, probs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights the layers mix their candidates with: the probabilities, or with mix_norm
+        "rescale" p[o,i,j] / √(Σ_o P_o²), P_o = Σ_ij p[o,i,j] the probability of op o.
+
+        A plain mixture of n ops whose outputs are uncorrelated (independent kernels) has √(Σ P_o²)
+        times a single op's standard deviation (1/√6 at uniform p over six ops), and every layer of a
+        chain shrinks the signal again, so the loss barely reaches the architecture parameters of the
+        deep layers while a parallel skip layer carries the function. The rescaled mixture keeps the
+        variance at any p and is exact at a one-hot p (the derived network). Bit-width variants of one
+        op share its kernel, so their outputs are nearly equal: they are counted together (P_o), not as
+        separate terms. (The rescaling follows the variance argument of He et al., ICCV 2015; it plays
+        the role of the per-candidate normalisation of DARTS variants without changing the fused op.)"""
+        if self.mix_norm == "none":
+            return probs
+        out = {}
+        for slot, p in probs.items():
+            per_op = p.sum(dim=(1, 2))
+            out[slot] = p * per_op.square().sum().rsqrt()
+        return out
+
     def forward(self, x: torch.Tensor, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        return self.net(x, self.probs() if probs is None else probs)
+        return self.net(x, self.mixing_weights(self.probs() if probs is None else probs))
 
     def expected_bitops_per_pixel(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ_sites Σ probs · BitOps of each term, per LR input pixel (differentiable in the probs)."""

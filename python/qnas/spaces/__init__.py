@@ -3,6 +3,7 @@
 A space is a JSON object (docs/search_spaces.md is the reference, with an example made from EDSR):
 
     {"format": "qnas-space/1", "name": "basic", "channels": 36,
+     "anchor": "nearest",                             # optional image path: the input, upsampled, added
      "candidates": ["conv1x1", "conv3x3", ...],      # default candidate ops of every searched layer
      "ops": {"my_op": {"kernel": [3, 1]}},            # optional: ops added to the builtin library
      "cells": {"body_cell": [node, ...]},             # named sub-graphs
@@ -45,6 +46,10 @@ BUILTIN_SPACES = ("basic", "rfdn")
 NODE_OPS = ("layer", "add", "concat", "act", "pixel_shuffle", "residual", "cell")
 ACTIVATIONS = ("relu", "lrelu")
 LAYER_ACTS = ("relu", "none")
+#: The global anchor skips a space can declare: the LR input image upsampled by the scale and added to
+#: the network's output (qnas.nas.graph.GraphModule). "nearest" repeats each input pixel: 0 BitOps and
+#: integer arithmetic on the 8-bit input, as INT8 mobile SR networks do it.
+ANCHORS = ("nearest",)
 
 #: The op library every space can name without declaring it. Single convolutions (the fused op mixes
 #: them) and composites (two convolutions in sequence, mixed beside it).
@@ -109,6 +114,13 @@ def load_space(spec: str | os.PathLike | dict) -> dict[str, Any]:
         where = path
     validate_space(space, where)
     return space
+
+
+def with_anchor(space: dict, anchor: str | None) -> dict[str, Any]:
+    """A copy of a space with its global anchor skip set ("nearest") or removed (None)."""
+    if anchor is not None and anchor not in ANCHORS:
+        raise QnasError(f"anchor: expected None or one of {', '.join(ANCHORS)}, got {anchor!r}")
+    return {**copy.deepcopy(space), "anchor": anchor}
 
 
 def space_ops(space: dict) -> dict[str, dict]:
@@ -206,6 +218,9 @@ def validate_space(space: Any, where: str = "space") -> None:
     colors = space.get("colors", 3)
     if isinstance(colors, bool) or not isinstance(colors, int) or not 1 <= colors <= MAX_COLORS:
         raise QnasError(f'{where}: "colors" must be an integer in 1..{MAX_COLORS}, got {colors!r}')
+    anchor = space.get("anchor")
+    if anchor is not None and anchor not in ANCHORS:
+        raise QnasError(f'{where}: "anchor" must be null or one of {", ".join(ANCHORS)}, got {anchor!r}')
     ops = space.get("ops", {})
     if not isinstance(ops, dict):
         raise QnasError(f'{where}: "ops" must be an object of op specs')
