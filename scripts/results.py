@@ -83,48 +83,54 @@ def split_training_images(data_dir: Path, runs: Path) -> dict[str, Path]:
     return out
 
 
-# One fine-tune recipe for the FQSR ablation (chosen rows then differ in one thing each) and the
-# recipe of the table's fine-tuned rows (the ablation's winner; docs/RESULTS.md). HR patches of 64
-# pixels (16 LR), Adam, cosine decay.
-FT_ABLATION = ["--steps", "300", "--batch-size", "8", "--patch-size", "64", "--lr", "2e-4"]
-FT_TABLE = ["--steps", "600", "--batch-size", "8", "--patch-size", "64", "--lr", "2e-4"]
+# One fine-tune recipe for every fine-tuned row (300 steps of 8 HR patches of 64 pixels, Adam,
+# cosine decay): the FQSR ablation's rows differ from each other in one thing each, and the table's
+# FQSR rows are the ablation's best row (kd_tail8, now the defaults of --quant fqsr) at 3 seeds.
+FT = ["--steps", "300", "--batch-size", "8", "--patch-size", "64", "--lr", "2e-4"]
+FT_LONG = ["--steps", "900", *FT[2:]]
 FT_COMMON = ["--data", "@data/train", "--checkpoint-every", "50"]
 # The FQSR options the ablation varies, stated explicitly in every ablation command so that a change
 # of the defaults never changes what a row measured.
 FQSR_PLAIN = {"distill_weight": 0, "distill_feature_weight": 0, "tail_bits": None}
 ABLATION = [  # (suffix, label, options over FQSR_PLAIN, fine-tune recipe)
-    ("plain", "FQSR as before: learnable clipping, MSE warm-up, calibration loss", {}, FT_ABLATION),
-    ("kd", "+ L1 to the FP output (distill_weight 1)", {"distill_weight": 1}, FT_ABLATION),
+    ("plain", "FQSR as before: learnable clipping, MSE warm-up, calibration loss", {}, FT),
+    ("kd", "+ L1 to the FP output (distill_weight 1)", {"distill_weight": 1}, FT),
     (
         "kdf",
         "+ L1 to the FP output and feature distillation at the skips (weights 1, 1)",
         {"distill_weight": 1, "distill_feature_weight": 1},
-        FT_ABLATION,
+        FT,
     ),
-    ("tail8", "+ 8-bit input of the last convolution", {"tail_bits": 8}, FT_ABLATION),
+    ("tail8", "+ 8-bit input of the last convolution", {"tail_bits": 8}, FT),
     (
         "kd_tail8",
         "+ L1 to the FP output + 8-bit last input",
         {"distill_weight": 1, "tail_bits": 8},
-        FT_ABLATION,
+        FT,
+    ),
+    (
+        "kd_edge8",
+        "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights",
+        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        FT,
+    ),
+    (
+        "kd_tail8_long",
+        "+ L1 to the FP output + 8-bit last input, 900 steps",
+        {"distill_weight": 1, "tail_bits": 8},
+        FT_LONG,
     ),
 ]
 ABLATION_BITS = (4, 2)
+# Suffixes run at 2 bits only (where 4 bits has little left to gain).
+ABLATION_2BIT_ONLY = ("kd_edge8", "kd_tail8_long")
+# The table's FQSR rows: the ablation's kd_tail8 (seed 0) and the same command at seeds 1, 2.
+TABLE_FQSR = "kd_tail8"
 FQSR_SEEDS = (0, 1, 2)
-# PTQ / DQSS: one calibration set per draw (--seed): 16 batches of 4 patches of 96x96 HR pixels
-# (64 patches, about one per training image), 80 steps, the same for every strategy list.
-PTQ = [
-    "--steps",
-    "80",
-    "--calib-batches",
-    "16",
-    "--batch-size",
-    "4",
-    "--patch-size",
-    "96",
-    "--data",
-    "@data/train",
-]
+# PTQ / DQSS: one calibration set per draw (--seed): 12 batches of 4 patches of 96x96 HR pixels
+# (48 patches from the 64 training images), 60 steps, the same for every strategy list.
+PTQ = ["--steps", "60", "--calib-batches", "12", "--batch-size", "4", "--patch-size", "96"]
+PTQ += ["--data", "@data/train"]
 QAT = ["--steps", "600", "--batch-size", "8", "--patch-size", "64", "--data", "@data/train"]
 SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse", "aciq")  # hwgq: activations only
 # A fixed strategy with the stronger grids: per-channel weight steps and asymmetric activations.
@@ -159,6 +165,8 @@ def runs_list() -> list[dict]:
     ]
     for bits in ABLATION_BITS:
         for suffix, _, options, recipe in ABLATION:
+            if bits != 2 and suffix in ABLATION_2BIT_ONLY:
+                continue
             out.append(
                 {
                     "name": f"fqsr{bits}_{suffix}",
@@ -166,21 +174,25 @@ def runs_list() -> list[dict]:
                     "resumable": True,
                 }
             )
+    table_options = {**FQSR_PLAIN, **dict((a[0], a[2]) for a in ABLATION)[TABLE_FQSR]}
     for bits in (4, 2):
         for seed in FQSR_SEEDS:
-            out.append(
-                {
-                    "name": fqsr_name(bits, seed),
-                    "cmd": fqsr_cmd(bits, {}, FT_TABLE, seed),
-                    "resumable": True,
-                    "test": True,
-                }
-            )
-    out.append({"name": "fqsr8", "cmd": fqsr_cmd(8, {}, FT_TABLE), "resumable": True, "test": True})
+            row = {
+                "name": fqsr_name(bits, seed),
+                "cmd": fqsr_cmd(bits, table_options, FT, seed),
+                "resumable": True,
+                "test": True,
+            }
+            if seed == 0:  # the ablation's row: evaluated on the test sets too
+                out = [row if r["name"] == row["name"] else r for r in out]
+            else:
+                out.append(row)
+    out.append({"name": "release", "cmd": None, "release": True})
+    out.append({"name": "fqsr8", "cmd": fqsr_cmd(8, table_options, FT), "resumable": True, "test": True})
     out.append(
         {
             "name": "uniform4",
-            "cmd": ["train", "--init", "@fp", "--quant", "uniform", "--bits", "4", *FT_TABLE, *FT_COMMON],
+            "cmd": ["train", "--init", "@fp", "--quant", "uniform", "--bits", "4", *FT, *FT_COMMON],
             "resumable": True,
             "test": True,
         }
@@ -236,14 +248,15 @@ def draw_runs(bits: int, best: list[str]) -> list[dict]:
     return out
 
 
-def best_singles(results: dict[str, dict], bits: int, n: int = 2) -> list[str]:
-    """The `n` single strategies (SINGLE and FIXED_STRONG) with the highest hold-out PSNR at draw 0."""
+def best_singles(results: dict[str, dict], bits: int, n: int = 1) -> list[str]:
+    """The `n` single strategies (SINGLE and FIXED_STRONG) with the highest hold-out PSNR at draw 0:
+    the ones DQSS is compared with over the calibration draws."""
     have = [q for q in (*SINGLE, FIXED_STRONG) if ptq_name(q, bits, 0) in results]
     return sorted(have, key=lambda q: -results[ptq_name(q, bits, 0)]["sets"]["holdout"]["psnr"])[:n]
 
 
 def fqsr_name(bits: int, seed: int) -> str:
-    return f"fqsr{bits}" + (f"_seed{seed}" if seed else "")
+    return f"fqsr{bits}_{TABLE_FQSR}" + (f"_seed{seed}" if seed else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,11 +376,18 @@ def measure(runner: Runner, row: dict, runs: Path, data: dict[str, Path]) -> dic
     """{"sets": {set: eval result}, "cost", "cpu_s", "wall_s", "strategy"}, cached in the run."""
     run = runs / row["name"]
     run.mkdir(parents=True, exist_ok=True)
-    what = ["--checkpoint", str(run)] if row["cmd"] else ["--model", "bicubic", "--scale", str(SCALE)]
+    if row.get("file"):
+        what = ["--checkpoint", str(row["file"])]
+    elif row["cmd"]:
+        what = ["--checkpoint", str(run)]
+    else:
+        what = ["--model", "bicubic", "--scale", str(SCALE)]
     result: dict = {"sets": {}}
     for set_name, folder in eval_sets(row, data).items():
         args = ["eval", *what, "--data", str(folder), "--format", "json"]
         result["sets"][set_name] = cached_json(runner, run / f"eval_{set_name}.json", args, row["name"])
+    if row.get("file"):  # a released file: evaluated as it is shipped, no cost or run times
+        return result
     cost_args = ["cost", "--checkpoint", str(run), "--lr-size", LR_SIZE, "--format", "json"]
     result["cost"] = cached_json(runner, run / "cost.json", cost_args, row["name"]) if row["cmd"] else None
     for k in ("cpu_s", "wall_s"):
@@ -421,8 +441,8 @@ def fmt_cpu(s: float | None) -> str:
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
 
-def fmt_delta(d: float, se: float) -> str:
-    return f"{d:+.2f} ± {se:.2f}".replace("-", "−")
+def fmt_delta(d: float, se: float, digits: int = 2) -> str:
+    return f"{d:+.{digits}f} ± {se:.{digits}f}".replace("-", "−")
 
 
 def table_rows() -> list[tuple[str, str, list[str]]]:
@@ -445,6 +465,12 @@ def table_rows() -> list[tuple[str, str, list[str]]]:
             [ptq_name("extended", 4, d) for d in DRAWS],
         ),
         ("DQSS QAT, extended candidates", "4/4", ["qat4_dqssx"]),
+        (f"released `release/{RELEASE_FP}` (float16 weights)", "16/32", [f"release_{Path(RELEASE_FP).stem}"]),
+        (
+            f"released `release/{RELEASE_FQSR}` (packed, integer runtime)",
+            "4/4",
+            [f"release_{Path(RELEASE_FQSR).stem}"],
+        ),
     ]
     return rows
 
@@ -503,7 +529,7 @@ def ablation_table(results: dict[str, dict]) -> str:
                 continue
             d_fp = fmt_delta(*paired([r], [fp], "holdout")) if fp else ""
             d_base = (
-                fmt_delta(*paired([r], [base], "holdout")) if base and name != f"fqsr{bits}_plain" else ""
+                fmt_delta(*paired([r], [base], "holdout"), 3) if base and name != f"fqsr{bits}_plain" else ""
             )
             lines.append(
                 f"| {bits} | {label} | {r['sets']['holdout']['psnr']:.2f} | {d_fp} | {d_base} | {fmt_cpu(r['cpu_s'])} |"
@@ -540,8 +566,8 @@ def dqss_table(results: dict[str, dict]) -> str:
 
 def draws_table(results: dict[str, dict]) -> str:
     """Test-set average PSNR (mean of the three sets) per calibration draw: DQSS over the extended
-    candidates and the two best single strategies of the hold-out; DQSS minus the single strategy
-    with the higher mean, mean ± standard error over the draws."""
+    candidates and the best single strategy of the hold-out (best_singles); DQSS minus it, mean ±
+    standard error over the draws."""
     lines = [
         "| bits | draw | DQSS, extended | single strategies (test average) | DQSS − best single |",
         "|---|---|---|---|---|",
@@ -579,6 +605,11 @@ def draws_table(results: dict[str, dict]) -> str:
 
 
 def command_text(row: dict) -> str:
+    if row.get("release"):
+        return (
+            f"qnas export RUNS/{fqsr_name(4, 0)} --format packed --out release/{RELEASE_FQSR}  "
+            f"# and RUNS/fp/model.pt in float16 as release/{RELEASE_FP}"
+        )
     if row["cmd"] is None:
         return f"qnas eval --model bicubic --scale {SCALE} --data DATA/SET"
     args = [("RUNS/" + a[1:]) if a.startswith("@") else a for a in row["cmd"]]
@@ -596,6 +627,45 @@ def write_doc(text: str, path: Path, block: str) -> None:
     head, rest = doc.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+RELEASE = ROOT / "release"
+# The published checkpoints: the FP network (its model.pt with float16 weights: half the bytes, the
+# released file's own PSNR is what docs/RESULTS.md and release/README.md report) and FQSR 4-bit
+# (seed 0) as a packed file.
+RELEASE_FP, RELEASE_FQSR = "edsr-baseline-x4-fp.pt", "edsr-baseline-x4-fqsr4.qnp"
+
+
+def make_release(runner: Runner, runs: Path) -> None:
+    """release/: the FP and FQSR 4-bit models of the table with their configs (paths replaced by
+    RUNS/...); files that exist are kept."""
+    import torch
+
+    RELEASE.mkdir(exist_ok=True)
+    fp_out = RELEASE / RELEASE_FP
+    if not fp_out.exists() and (runs / "fp" / "model.pt").exists():
+        blob = torch.load(runs / "fp" / "model.pt", map_location="cpu", weights_only=True)
+        blob["model"] = {k: v.half() if v.is_floating_point() else v for k, v in blob["model"].items()}
+        blob["train"] = json.loads(_portable(json.dumps(blob.get("train", {})), runs))
+        torch.save(blob, fp_out)
+    q_out = RELEASE / RELEASE_FQSR
+    if not q_out.exists() and (runs / fqsr_name(4, 0) / "model.pt").exists():
+        code, _, _, out = runner.qnas(
+            ["export", str(runs / fqsr_name(4, 0)), "--format", "packed", "--out", str(q_out)]
+        )
+        if code != 0:
+            raise SystemExit(f"release: qnas export exited with {code}")
+        print(out.strip(), flush=True)
+    for name, run in ((RELEASE_FP, "fp"), (RELEASE_FQSR, fqsr_name(4, 0))):
+        config = runs / run / "config.json"
+        if config.exists():
+            target = RELEASE / f"{Path(name).stem}.config.json"
+            target.write_text(_portable(config.read_text(), runs))
+
+
+def _portable(text: str, runs: Path) -> str:
+    """`text` with the runs folder written as RUNS (no machine's paths in released files)."""
+    return text.replace(str(runs), "RUNS")
 
 
 def cached(row: dict, runs: Path, data: dict[str, Path]) -> bool:
@@ -640,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict] = {}
 
     def visit(row: dict) -> None:
-        if wanted(row["name"]):
+        if wanted(row["name"]) and not row.get("never_run"):
             if row["cmd"]:
                 make_run(runner, row, runs, args.chunk_minutes * 60)
             results[row["name"]] = measure(runner, row, runs, data)
@@ -649,18 +719,39 @@ def main(argv: list[str] | None = None) -> None:
                 f"[{now()}] {row['name']}: " + ", ".join(f"{k} {v['psnr']:.2f}" for k, v in r.items()),
                 flush=True,
             )
-        elif (row["cmd"] is None or (runs / row["name"] / "model.pt").exists()) and cached(row, runs, data):
+        elif (row["cmd"] is None or row.get("file") or (runs / row["name"] / "model.pt").exists()) and cached(
+            row, runs, data
+        ):
             results[row["name"]] = measure(runner, row, runs, data)
 
-    for row in all_runs:
+    released = [(f"release_{Path(n).stem}", RELEASE / n) for n in (RELEASE_FP, RELEASE_FQSR)]
+    drawn: set[int] = set()
+    for row in list(all_runs):
+        if row.get("release"):
+            if wanted("release"):
+                make_release(runner, runs)
+            for name, f in released:
+                if f.exists():
+                    visit(
+                        {
+                            "name": name,
+                            "cmd": ["release"],
+                            "test": True,
+                            "file": f,
+                            "never_run": not wanted("release"),
+                        }
+                    )
+            continue
         visit(row)
-    # Further calibration draws of the two single strategies that are best on the hold-out at draw 0.
-    for bits in DQSS_BITS:
-        if all(ptq_name(q, bits, 0) in results for q in (*SINGLE, FIXED_STRONG)):
-            extra = draw_runs(bits, best_singles(results, bits))
-            all_runs += [r for r in extra if r["name"] not in {x["name"] for x in all_runs}]
-            for row in extra:
-                visit(row)
+        # Once a bit-width's single strategies are measured at draw 0, the best one (hold-out) runs
+        # over the further calibration draws, before the next block.
+        for bits in DQSS_BITS:
+            if bits not in drawn and all(ptq_name(q, bits, 0) in results for q in (*SINGLE, FIXED_STRONG)):
+                drawn.add(bits)
+                extra = draw_runs(bits, best_singles(results, bits))
+                all_runs += [r for r in extra if r["name"] not in {x["name"] for x in all_runs}]
+                for r in extra:
+                    visit(r)
     tables = {
         "results": main_table(results),
         "ablation": ablation_table(results),

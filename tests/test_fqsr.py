@@ -197,8 +197,13 @@ def test_tail_bits_sets_the_last_input_only():
     assert bits[names[0]] == 8 and bits[names[-1]] == 8  # the image, and the last convolution's input
     assert set(bits[n] for n in names[1:-1]) == {2}
     assert all(spec["w"]["bits"] == 2 for spec in plan["layers"].values())
+    same = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2, "tail_bits": None})
+    assert same["layers"][names[-1]]["a"]["bits"] == 2 and same["tail_bits"] == 2
+    # The default: an 8-bit last input (docs/RESULTS.md, the FQSR ablation); weights at "bits".
     default = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2})
-    assert default["layers"][names[-1]]["a"]["bits"] == 2 and default["tail_bits"] == 2
+    assert default["layers"][names[-1]]["a"]["bits"] == 8 and default["layers"][names[-1]]["w"]["bits"] == 2
+    edge = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2, "edge_weight_bits": 8})
+    assert [edge["layers"][n]["w"]["bits"] for n in (names[0], names[1], names[-1])] == [8, 2, 8]
 
 
 def test_distillation_loss_is_the_l1_to_the_teacher(fp_run):

@@ -201,3 +201,13 @@ def test_asymmetric_errors():
         build_quantizer("mse", 4, kind="weight", asymmetric=True)
     with pytest.raises(QnasError, match="no asymmetric form"):
         build_quantizer("lsq", 4, kind="activation", asymmetric=True)
+
+
+def test_asymmetric_quantizer_is_not_exported():
+    """The packed format has no zero point: export must refuse, not drop it."""
+    from qnas.export import ExportError, quantizer_step
+
+    q = build_quantizer("minmax", 4, kind="activation", signed=True, asymmetric=True)
+    q(torch.rand(10) * 4 - 1)
+    with pytest.raises(ExportError, match="cannot export"):
+        quantizer_step(q, "layer")

@@ -699,7 +699,8 @@ def demo_command(out, settings_file, quiet) -> None:
     default="all",
     show_default=True,
     metavar="LIST",
-    help="Comma-separated strategies (lsq,pact,dorefa,hwgq,minmax,percentile,mse) or 'all'. "
+    help="Comma-separated strategies (lsq,pact,dorefa,hwgq,minmax,percentile,mse,aciq; NAME_pc: per-channel "
+    "weights; NAME_asym: asymmetric activations), 'all' (the seed's 7) or 'extended' (docs/quantization.md). "
     "One quantizer = uniform quantization with it (the baseline).",
 )
 @click.option("--bits", type=int, required=True, help="Bit-width of weights and activations (2..8).")

@@ -49,6 +49,7 @@ SCHEMES = ("fqsr", "uniform", "dqss", "genotype")
 #: Schemes whose plan must list its layers (they come from a search, not from probing).
 GIVEN_LAYERS = ("dqss", "genotype")
 BITS_RANGE = (2, 8)
+DISTILL_KEYS = ("distill_weight", "distill_feature_weight")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fqsr": {
         "quantizer": "fqsr",
@@ -57,9 +58,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup": 20,
         "init_stat": "mse",
         "calibration_weight": 0.3,
-        "tail_bits": None,  # bits of the last convolution's input; None: the same as "bits"
+        "tail_bits": 8,  # bits of the last convolution's input (None: the same as "bits")
+        "edge_weight_bits": None,  # bits of the first and last convolutions' weights (None: "bits")
         "teacher": None,  # full-precision run to distil from (`qnas train --init` sets it)
-        "distill_weight": 0.0,  # weight of L1(student output, teacher output); 0 = off
+        "distill_weight": 1.0,  # weight of L1(student output, teacher output); 0 = off
         "distill_feature_weight": 0.0,  # weight of the skips' relative feature error; 0 = off
     },
     "uniform": {"quantizer": "lsq"},
@@ -143,6 +145,12 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
     if scheme not in SCHEMES:
         raise QnasError(f"quant scheme {scheme!r} is unknown (known: {', '.join(SCHEMES)})")
     plan = {**DEFAULTS[scheme], **copy.deepcopy(quant)}
+    if scheme == "fqsr" and not plan.get("teacher"):
+        # Distillation is on by default when there is a teacher (fine-tuning from an FP run) and
+        # off without one; asked for explicitly without a teacher it is an error (below).
+        for key in DISTILL_KEYS:
+            if key not in quant:
+                plan[key] = 0.0
     if scheme in GIVEN_LAYERS and "layers" not in plan:
         made_by = "`qnas strategy`" if scheme == "dqss" else "qnas.nas.derive"
         raise QnasError(f'quant scheme "{scheme}" needs per-layer "layers" (made by {made_by})')
@@ -169,7 +177,9 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
     io_bits = check_bits(plan["io_bits"], "io_bits")
     skip_bits = check_bits(plan["skip_bits"] if plan["skip_bits"] is not None else max(bits, 8), "skip_bits")
     tail_bits = check_bits(plan["tail_bits"] if plan["tail_bits"] is not None else bits, "tail_bits")
-    plan["skip_bits"], plan["tail_bits"] = skip_bits, tail_bits
+    edge_w = plan.get("edge_weight_bits")
+    edge_w = check_bits(edge_w if edge_w is not None else bits, "edge_weight_bits")
+    plan["skip_bits"], plan["tail_bits"], plan["edge_weight_bits"] = skip_bits, tail_bits, edge_w
     for key in ("distill_weight", "distill_feature_weight", "calibration_weight"):
         value = plan.get(key) or 0.0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -179,7 +189,7 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
     for name, nonneg in probe["convs"].items():
         a_bits = io_bits if name == first else (tail_bits if name == last else bits)
         layers[name] = {
-            "w": {"quantizer": q, "bits": bits},
+            "w": {"quantizer": q, "bits": edge_w if name in (first, last) else bits},
             "a": {"quantizer": q, "bits": a_bits, "signed": not nonneg},
         }
     adds = {
@@ -197,7 +207,7 @@ FQSR_OPTIONS = tuple(k for k in DEFAULTS["fqsr"] if k not in ("quantizer", "teac
 def fqsr_plan_options(model_cfg: dict, plan: dict, options: dict, teacher: str | None = None) -> dict:
     """An FQSR plan with `options` (keys of FQSR_OPTIONS) applied and `teacher` (the full-precision
     run it is fine-tuned from) as distillation teacher, resolved again for the model of `model_cfg`.
-    Without a teacher the default distillation is off; asking for it explicitly is an error."""
+    Without a teacher the default distillation is off (resolve_plan); asking for it is an error."""
     from qnas.sr import build_from_config
 
     if not isinstance(options, dict):
@@ -205,12 +215,8 @@ def fqsr_plan_options(model_cfg: dict, plan: dict, options: dict, teacher: str |
     unknown = sorted(set(options) - set(FQSR_OPTIONS))
     if unknown:
         raise QnasError(f"quant options: unknown {', '.join(unknown)} (known: {', '.join(FQSR_OPTIONS)})")
-    quant = {k: v for k, v in plan.items() if k not in ("layers", "adds", "output")}
+    quant = {k: v for k, v in plan.items() if k not in ("layers", "adds", "output", *DISTILL_KEYS)}
     quant.update(options, teacher=teacher)
-    if teacher is None:
-        for key in ("distill_weight", "distill_feature_weight"):
-            if key not in options:
-                quant[key] = 0.0
     return resolve_plan(build_from_config(model_cfg), quant)
 
 
