@@ -1,19 +1,25 @@
-"""Rebuilds every run of docs/RESULTS.md from scratch and rewrites its table (idempotent).
+"""Rebuilds every run of docs/RESULTS.md on the standard SR images and rewrites its tables.
 
-    python scripts/results.py [--runs runs/results] [--only NAME,...] [--no-table] [--dry-run]
+    python scripts/results.py DATA_DIR [--runs runs/x4] [--only NAME,...] [--lock PATH]
+                              [--chunk-minutes 14] [--no-table] [--dry-run]
 
-Each row is one `qnas` command (the full-precision edsr-baseline x2 run first, everything else
-starts from it), then `qnas eval --checkpoint` on the builtin validation images and `qnas cost
---checkpoint` for BitOps. A row whose RUN/model.pt exists is not run again, and its evaluation and
-cost are cached beside it (RUN/eval.json, RUN/cost.json), so the script continues where it stopped.
+DATA_DIR holds the standard image sets as plain folders of HR images (docs/RESULTS.md says where
+they come from): SunHays80 (training), Set5, Set14 and BSD68 (test). The script splits SunHays80
+into RUNS/data/train (64 images) and RUNS/data/holdout (every 5th image by name, 16), folders of
+symbolic links: every choice (fine-tune recipe, FQSR additions, which single strategies DQSS is
+compared with over several draws) is made on the hold-out; the test sets are only reported.
 
-The machine is shared (CONVENTIONS.md): every command runs holding /tmp/qnas-cpu.lock (an flock,
-the same lock as `flock /tmp/qnas-cpu.lock CMD`), and the recorded wall time (RUN/wall_s) is
-measured while holding it, i.e. without the wait for the lock. Training runs are resumable: a
-`qnas train` longer than --chunk-minutes is stopped (SIGINT/SIGTERM), the lock released so others
-can run, and continued with --resume; its wall time is the sum of the chunks (work lost since the
-last checkpoint counts, which is why the FP run checkpoints every 25 steps). Searches
-(`qnas strategy`) are minutes long and run in one piece.
+Each row is one `qnas` command (the full-precision edsr-baseline x4 run first, everything else
+starts from it), then `qnas eval --checkpoint RUN --data SET` per evaluation set and `qnas cost`
+for BitOps. A row whose RUN/model.pt exists is not run again; evaluations and cost are cached in
+the run (RUN/eval_<set>.json, RUN/cost.json), so the script continues where it stopped. Training
+runs are resumable: a `qnas train` longer than --chunk-minutes is stopped (SIGINT) and continued
+with --resume, so a long row never holds the machine (or the --lock) for long. Every command's
+CPU time (user + system of the child process) is summed into RUN/cpu_s, its wall time into
+RUN/wall_s: CPU time is the figure that does not depend on what else the machine runs.
+
+With --lock PATH, every command holds an flock on PATH (`flock PATH CMD` takes the same lock),
+for machines shared by several users who agree to run heavy jobs one at a time.
 """
 
 from __future__ import annotations
@@ -23,152 +29,285 @@ import contextlib
 import datetime
 import fcntl
 import json
+import math
 import os
 import platform
+import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCK = "/tmp/qnas-cpu.lock"
-LR_SIZE = "640x360"  # BitOps for a 1280x720 output at x2
-BITS = 4
-# One fine-tune budget for every `qnas train --quant` row (FQSR 8/4/2, uniform 4): 1000 steps of
-# batch 4, 48x48 HR patches, Adam, cosine decay (docs/RESULTS.md says how it was chosen).
-FINETUNE = ["--steps", "1000", "--batch-size", "4", "--patch-size", "48", "--lr", "2e-4"]
-FINETUNE_LONG = ["--steps", "2000", *FINETUNE[2:]]
-# One search budget for every `qnas strategy --mode ptq` row: the same 8 calibration batches of
-# 4 patches (48x48 HR) from the train split, 60 steps.
-PTQ = ["--steps", "60", "--calib-batches", "8", "--batch-size", "4", "--patch-size", "48"]
-QAT = ["--steps", "300", "--batch-size", "4", "--patch-size", "48"]
-SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse")  # hwgq quantizes activations only
-# Calibration draws (--seed) beyond the table's seed 0, for DQSS and the two best single strategies.
-DRAWS = (1, 2, 3, 4)
-DRAWN = {"mse": "mse only", "lsq": "lsq only", "all": "all strategies"}
+SCALE = 4
+LR_SIZE = "180x320"  # BitOps for a 720x1280 output at x4
+TEST_SETS = ("Set5", "Set14", "BSD68")
+TRAIN_SET = "SunHays80"
+HOLDOUT_EVERY = 5  # every 5th training image (sorted by name) is held out for choosing settings
+# Published numbers (EDSR-baseline x4 trained on DIV2K; DDTB, Zhong et al., ECCV 2022, which keeps
+# the first and last layers in full precision). DDTB reports B100; BSD68 is its 68-image subset.
+PUBLISHED_FP = {"Set5": 32.10, "Set14": 28.58, "BSD68": 27.56}
+PUBLISHED_DDTB = {
+    4: {"Set5": 31.85, "Set14": 28.39, "BSD68": 27.44},
+    2: {"Set5": 30.97, "Set14": 27.87, "BSD68": 27.09},
+}
+
+FP = [
+    "train", "--model", "edsr-baseline", "--scale", str(SCALE), "--data", "@data/train",
+    "--steps", "3000", "--batch-size", "8", "--patch-size", "96", "--lr", "5e-4", "--checkpoint-every", "50",
+]  # fmt: skip
 
 
-def drawn_name(q: str, seed: int) -> str:
-    """The run of strategy list `q` at calibration draw `seed` (seed 0: the table's own row)."""
-    base = f"ptq{BITS}_{'dqss' if q == 'all' else q}"
-    return base if seed == 0 else f"{base}_seed{seed}"
-
-
-def rows() -> list[dict]:
-    """The table, in order: name, label, the qnas command (None for bicubic), resumable or not."""
-    fp = "fp"
-    table = [
-        {"name": "bicubic", "label": "bicubic (MATLAB imresize)", "cmd": None},
-        {
-            "name": fp,
-            "label": "FP edsr-baseline (32-bit)",
-            "cmd": ["train", "--model", "edsr-baseline", "--scale", "2", "--checkpoint-every", "25"],
-            "resumable": True,
-        },
-    ]
-    for bits in (8, 4, 2):
-        table.append(
-            {
-                "name": f"fqsr{bits}",
-                "label": f"FQSR {bits}-bit (fully quantized)",
-                "cmd": ["train", "--init", "@fp", "--quant", "fqsr", "--bits", str(bits), *FINETUNE],
-                "resumable": True,
-            }
-        )
-    table.append(
-        {
-            "name": "fqsr4_2000",
-            "label": "FQSR 4-bit, fine-tuned twice as long (2000 steps)",
-            "cmd": ["train", "--init", "@fp", "--quant", "fqsr", "--bits", "4", *FINETUNE_LONG],
-            "resumable": True,
-        }
+def split_training_images(data_dir: Path, runs: Path) -> dict[str, Path]:
+    """RUNS/data/train and RUNS/data/holdout: symbolic links to the SunHays80 images, every
+    HOLDOUT_EVERY-th (sorted by name) in the hold-out. Recreated when missing; idempotent."""
+    src = data_dir / TRAIN_SET
+    images = sorted(
+        p for p in src.iterdir() if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")
     )
-    table.append(
-        {
-            "name": f"uniform{BITS}",
-            "label": f"uniform {BITS}-bit LSQ, float skips/first/last",
-            "cmd": ["train", "--init", "@fp", "--quant", "uniform", "--bits", str(BITS), *FINETUNE],
-            "resumable": True,
-        }
-    )
+    if len(images) < 2 * HOLDOUT_EVERY:
+        raise SystemExit(f"{src}: expected the {TRAIN_SET} training images, found {len(images)}")
+    out = {}
+    for part in ("train", "holdout"):
+        folder = runs / "data" / part
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = [p for i, p in enumerate(images) if (i % HOLDOUT_EVERY == 0) == (part == "holdout")]
+        for p in chosen:
+            link = folder / p.name
+            if not link.is_symlink():
+                link.symlink_to(p.resolve())
+        out[part] = folder
+    return out
 
-    def ptq(quantizers: str, *extra: str) -> list[str]:
-        return [
-            "strategy",
-            "--checkpoint",
-            "@fp",
-            "--quantizers",
-            quantizers,
-            "--bits",
-            str(BITS),
-            *PTQ,
-            *extra,
-        ]
 
-    for q in SINGLE:
-        table.append({"name": f"ptq{BITS}_{q}", "label": f"PTQ {BITS}-bit, {q} only", "cmd": ptq(q)})
-    table += [
-        {"name": f"ptq{BITS}_dqss", "label": f"DQSS PTQ {BITS}-bit, all strategies", "cmd": ptq("all")},
-        {
-            "name": f"ptq{BITS}_dqss_search_only",
-            "label": f"DQSS PTQ {BITS}-bit, all, search only (no discrete phase)",
-            "cmd": ptq("all", "--discrete-fraction", "0"),
-        },
-        {
-            "name": f"ptq{BITS}_dqss_plain",
-            "label": f"DQSS PTQ {BITS}-bit, all, plain mixture search (uniform start, batch MSE)",
-            "cmd": ptq("all", "--init", "uniform", "--objective", "mixture", "--loss", "mse"),
-        },
+# One fine-tune recipe for every fine-tuned row (300 steps of 8 HR patches of 64 pixels, Adam,
+# cosine decay): the FQSR ablation's rows differ from each other in one thing each, and the table's
+# FQSR rows are the ablation's best row (kd_tail8, now the defaults of --quant fqsr) at 3 seeds.
+FT = ["--steps", "300", "--batch-size", "8", "--patch-size", "64", "--lr", "2e-4"]
+FT_LONG = ["--steps", "900", *FT[2:]]
+FT_COMMON = ["--data", "@data/train", "--checkpoint-every", "50"]
+# The FQSR options the ablation varies, stated explicitly in every ablation command so that a change
+# of the defaults never changes what a row measured.
+FQSR_PLAIN = {"distill_weight": 0, "distill_feature_weight": 0, "tail_bits": None}
+ABLATION = [  # (suffix, label, options over FQSR_PLAIN, fine-tune recipe)
+    ("plain", "FQSR as before: learnable clipping, MSE warm-up, calibration loss", {}, FT),
+    ("kd", "+ L1 to the FP output (distill_weight 1)", {"distill_weight": 1}, FT),
+    (
+        "kdf",
+        "+ L1 to the FP output and feature distillation at the skips (weights 1, 1)",
+        {"distill_weight": 1, "distill_feature_weight": 1},
+        FT,
+    ),
+    ("tail8", "+ 8-bit input of the last convolution", {"tail_bits": 8}, FT),
+    (
+        "kd_tail8",
+        "+ L1 to the FP output + 8-bit last input",
+        {"distill_weight": 1, "tail_bits": 8},
+        FT,
+    ),
+    (
+        "kd_edge8",
+        "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights",
+        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        FT,
+    ),
+    (
+        "kd_tail8_long",
+        "+ L1 to the FP output + 8-bit last input, 900 steps",
+        {"distill_weight": 1, "tail_bits": 8},
+        FT_LONG,
+    ),
+]
+ABLATION_BITS = (4, 2)
+# Suffixes run at 2 bits only (where 4 bits has little left to gain).
+ABLATION_2BIT_ONLY = ("kd_edge8", "kd_tail8_long")
+# The table's FQSR rows: the ablation's kd_tail8 (seed 0) and the same command at seeds 1, 2.
+TABLE_FQSR = "kd_tail8"
+FQSR_SEEDS = (0, 1, 2)
+# PTQ / DQSS: one calibration set per draw (--seed): 12 batches of 4 patches of 96x96 HR pixels
+# (48 patches from the 64 training images), 60 steps, the same for every strategy list.
+PTQ = ["--steps", "60", "--calib-batches", "12", "--batch-size", "4", "--patch-size", "96"]
+PTQ += ["--data", "@data/train"]
+QAT = ["--steps", "600", "--batch-size", "8", "--patch-size", "64", "--data", "@data/train"]
+SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse", "aciq")  # hwgq: activations only
+# A fixed strategy with the stronger grids: per-channel weight steps and asymmetric activations.
+FIXED_STRONG = "mse_pc,mse_asym"
+DQSS_BITS = (4, 3, 2)
+DRAWS = (0, 1, 2, 3, 4)
+
+
+def fqsr_cmd(bits: int, options: dict, recipe: list[str], seed: int = 0) -> list[str]:
+    cmd = ["train", "--init", "@fp", "--quant", "fqsr", "--bits", str(bits), *recipe, *FT_COMMON]
+    if options:
+        cmd += ["--quant-options", json.dumps(options, sort_keys=True)]
+    return cmd + (["--seed", str(seed)] if seed else [])
+
+
+def ptq_cmd(quantizers: str, bits: int, seed: int, *extra: str) -> list[str]:
+    cmd = ["strategy", "--checkpoint", "@fp", "--quantizers", quantizers, "--bits", str(bits), *PTQ, *extra]
+    return cmd + (["--seed", str(seed)] if seed else [])
+
+
+def ptq_name(quantizers: str, bits: int, seed: int) -> str:
+    short = {"all": "dqss", "extended": "dqssx", FIXED_STRONG: "msepc_mseasym"}.get(quantizers, quantizers)
+    return f"ptq{bits}_{short}" + (f"_seed{seed}" if seed else "")
+
+
+def runs_list() -> list[dict]:
+    """Every run, in order: name, the qnas command (None for bicubic), whether it is resumable, and
+    whether it is evaluated on the test sets too ("test"; the hold-out always)."""
+    out = [
+        {"name": "bicubic", "cmd": None, "test": True},
+        {"name": "fp", "cmd": FP, "resumable": True, "test": True},
     ]
-    # Further draws of the calibration patches (--seed k) for DQSS and the two best single
-    # strategies: one draw's margin is within the spread between draws (the draws table).
-    for seed in DRAWS:
-        for q in DRAWN:
-            table.append(
+    for bits in ABLATION_BITS:
+        for suffix, _, options, recipe in ABLATION:
+            if bits != 2 and suffix in ABLATION_2BIT_ONLY:
+                continue
+            out.append(
                 {
-                    "name": drawn_name(q, seed),
-                    "label": f"{'DQSS ' if q == 'all' else ''}PTQ {BITS}-bit, {DRAWN[q]}, seed {seed}",
-                    "cmd": ptq(q, "--seed", str(seed)),
-                    "draw": seed,
+                    "name": f"fqsr{bits}_{suffix}",
+                    "cmd": fqsr_cmd(bits, {**FQSR_PLAIN, **options}, recipe),
+                    "resumable": True,
                 }
             )
-    table.append(
+    table_options = {**FQSR_PLAIN, **dict((a[0], a[2]) for a in ABLATION)[TABLE_FQSR]}
+    for bits in (4, 2):
+        for seed in FQSR_SEEDS:
+            row = {
+                "name": fqsr_name(bits, seed),
+                "cmd": fqsr_cmd(bits, table_options, FT, seed),
+                "resumable": True,
+                "test": True,
+            }
+            if seed == 0:  # the ablation's row: evaluated on the test sets too
+                out = [row if r["name"] == row["name"] else r for r in out]
+            else:
+                out.append(row)
+    out.append({"name": "release", "cmd": None, "release": True})
+    out.append({"name": "fqsr8", "cmd": fqsr_cmd(8, table_options, FT), "resumable": True, "test": True})
+    out.append(
         {
-            "name": f"qat{BITS}_dqss",
-            "label": f"DQSS QAT {BITS}-bit, all strategies",
+            "name": "uniform4",
+            "cmd": ["train", "--init", "@fp", "--quant", "uniform", "--bits", "4", *FT, *FT_COMMON],
+            "resumable": True,
+            "test": True,
+        }
+    )
+    for bits in DQSS_BITS:
+        for q in (*SINGLE, FIXED_STRONG):
+            out.append({"name": ptq_name(q, bits, 0), "cmd": ptq_cmd(q, bits, 0), "test": bits == 4})
+        out.append({"name": ptq_name("all", bits, 0), "cmd": ptq_cmd("all", bits, 0), "test": bits == 4})
+        for seed in DRAWS:
+            out.append(
+                {
+                    "name": ptq_name("extended", bits, seed),
+                    "cmd": ptq_cmd("extended", bits, seed),
+                    "test": True,
+                    "holdout": seed == 0,
+                }
+            )
+    out.append(
+        {
+            "name": "qat4_dqssx",
             "cmd": [
                 "strategy",
                 "--checkpoint",
                 "@fp",
                 "--quantizers",
-                "all",
+                "extended",
                 "--bits",
-                str(BITS),
+                "4",
                 "--mode",
                 "qat",
                 *QAT,
             ],
+            "test": True,
         }
     )
-    return table
+    return out
 
 
-@contextlib.contextmanager
-def cpu_lock():
-    """The shared machine's CPU lock (the flock of CONVENTIONS.md), held for one command; not taken
-    again when the caller holds it for the whole script (QNAS_CPU_LOCK_HELD=1, e.g. under
-    `flock /tmp/qnas-cpu.lock env QNAS_CPU_LOCK_HELD=1 python scripts/results.py --only ...`)."""
-    if os.environ.get("QNAS_CPU_LOCK_HELD") == "1":
-        yield
-        return
-    with open(LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+def draw_runs(bits: int, best: list[str]) -> list[dict]:
+    """The further calibration draws of the single strategies `best` (chosen on the hold-out at
+    draw 0, best_singles), evaluated on the test sets like DQSS's draws."""
+    out = []
+    for q in best:
+        for seed in DRAWS:
+            out.append(
+                {
+                    "name": ptq_name(q, bits, seed),
+                    "cmd": ptq_cmd(q, bits, seed),
+                    "test": True,
+                    "holdout": seed == 0,
+                }
+            )
+    return out
+
+
+def best_singles(results: dict[str, dict], bits: int, n: int = 1) -> list[str]:
+    """The `n` single strategies (SINGLE and FIXED_STRONG) with the highest hold-out PSNR at draw 0:
+    the ones DQSS is compared with over the calibration draws."""
+    have = [q for q in (*SINGLE, FIXED_STRONG) if ptq_name(q, bits, 0) in results]
+    return sorted(have, key=lambda q: -results[ptq_name(q, bits, 0)]["sets"]["holdout"]["psnr"])[:n]
+
+
+def fqsr_name(bits: int, seed: int) -> str:
+    return f"fqsr{bits}_{TABLE_FQSR}" + (f"_seed{seed}" if seed else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Running commands
+
+
+class Runner:
+    """Runs `python -m qnas ...` (holding the optional --lock), timing wall and CPU."""
+
+    def __init__(self, lock: str | None):
+        self.lock = lock
+
+    @contextlib.contextmanager
+    def locked(self):
+        if not self.lock:
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            return
+        with open(self.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def qnas(self, args: list[str], *, timeout: float | None = None) -> tuple[int | None, float, float, str]:
+        """(exit code, wall seconds, CPU seconds, stdout); a timeout stops the command with SIGINT,
+        then SIGTERM (exit code None)."""
+        with self.locked():
+            cpu0 = _children_cpu()
+            t0 = time.perf_counter()
+            p = subprocess.Popen(
+                [sys.executable, "-m", "qnas", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True
+            )
+            code: int | None
+            try:
+                out, _ = p.communicate(timeout=timeout)
+                code = p.returncode
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+                try:
+                    out, _ = p.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    p.terminate()
+                    out, _ = p.communicate()
+                code = None
+            return code, time.perf_counter() - t0, _children_cpu() - cpu0, out
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def env() -> dict:
@@ -176,89 +315,84 @@ def env() -> dict:
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "python"), e.get("PYTHONPATH", "")]).rstrip(
         os.pathsep
     )
-    # Threads that wait on each other while other jobs hold the cores (docs/quantization.md).
-    e.setdefault("OMP_NUM_THREADS", "2")
+    # One thread: on a machine whose cores other jobs keep busy, torch's OpenMP threads wait on each
+    # other at every small operation (docs/quantization.md); the CPU time stays the work done.
+    e.setdefault("OMP_NUM_THREADS", "1")
     return e
 
 
-def qnas(args: list[str], *, timeout: float | None = None) -> tuple[int, float, str]:
-    """Runs `python -m qnas ARGS` holding the CPU lock: (exit code, seconds, stdout). A timeout
-    stops it with SIGINT, then SIGTERM (exit code None)."""
-    with cpu_lock():
-        t0 = time.perf_counter()
-        p = subprocess.Popen(
-            [sys.executable, "-m", "qnas", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True
-        )
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGINT)
-            try:
-                out, _ = p.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.terminate()
-                out, _ = p.communicate()
-            return None, time.perf_counter() - t0, out
-        return p.returncode, time.perf_counter() - t0, out
+def _add(path: Path, seconds: float) -> None:
+    before = float(path.read_text()) if path.exists() else 0.0
+    path.write_text(f"{before + seconds:.1f}\n")
 
 
-def make_run(row: dict, runs: Path, chunk_s: float) -> None:
+def make_run(runner: Runner, row: dict, runs: Path, chunk_s: float) -> None:
     run = runs / row["name"]
     if (run / "model.pt").exists():
         return
     cmd = [str(runs / a[1:]) if a.startswith("@") else a for a in row["cmd"]]
-    wall = run / "wall_s"
-    spent = float(wall.read_text()) if wall.exists() else 0.0
-    if not row.get("resumable"):
-        if run.exists():  # a search killed half-way: not resumable, start again
-            shutil.rmtree(run)
-        spent = 0.0
+    if not row.get("resumable") and run.exists():  # a search killed half-way: start again
+        shutil.rmtree(run)
     while True:
         resume = ["--resume"] if row.get("resumable") and (run / "checkpoint.pt").exists() else []
         full = [*cmd, "--out", str(run), "--quiet", *resume]
         print(f"[{now()}] qnas {' '.join(full)}", flush=True)
-        code, seconds, out = qnas(full, timeout=chunk_s if row.get("resumable") else None)
-        spent += seconds
+        code, wall, cpu, out = runner.qnas(full, timeout=chunk_s if row.get("resumable") else None)
         run.mkdir(parents=True, exist_ok=True)
-        wall.write_text(f"{spent:.1f}\n")
+        _add(run / "wall_s", wall)
+        _add(run / "cpu_s", cpu)
         if out.strip():
             print(out.strip(), flush=True)
         if code == 0:
             return
         if code is None:
-            print(f"[{now()}] chunk of {seconds:.0f} s done, released the lock; resuming", flush=True)
+            print(f"[{now()}] chunk of {wall:.0f} s done; resuming", flush=True)
             continue
         raise SystemExit(f"{row['name']}: qnas exited with {code}")
 
 
-def cached_json(path: Path, args: list[str], name: str, label: str) -> dict:
-    """The JSON that `qnas ARGS` prints, run once and cached in `path` (`label` names the command in
-    the error of a failed run of row `name`)."""
+def cached_json(runner: Runner, path: Path, args: list[str], name: str) -> dict:
+    """The JSON that `qnas ARGS` prints, run once and cached in `path`; its CPU time is added to
+    the run's eval_cpu_s."""
     if not path.exists():
-        code, _, out = qnas(args)
+        code, _, cpu, out = runner.qnas(args)
         if code != 0:
-            raise SystemExit(f"{name}: qnas {label} exited with {code}")
+            raise SystemExit(f"{name}: qnas {' '.join(args[:1])} exited with {code}")
         path.write_text(out)
+        _add(path.parent / "eval_cpu_s", cpu)
     return json.loads(path.read_text())
 
 
-def measure(row: dict, runs: Path) -> dict:
-    """eval.json (PSNR/SSIM on the builtin validation images), eval_train.json (on the training
-    images) and cost.json, cached in the run."""
+def eval_sets(row: dict, data: dict[str, Path]) -> dict[str, Path]:
+    """{set name: folder} a row is evaluated on: the hold-out always, the test sets for the rows of
+    the main table."""
+    sets = {"holdout": data["holdout"]} if row.get("holdout", True) else {}
+    if row.get("test"):
+        sets.update({s: data[s] for s in TEST_SETS})
+    return sets
+
+
+def measure(runner: Runner, row: dict, runs: Path, data: dict[str, Path]) -> dict:
+    """{"sets": {set: eval result}, "cost", "cpu_s", "wall_s", "strategy"}, cached in the run."""
     run = runs / row["name"]
     run.mkdir(parents=True, exist_ok=True)
-    what = ["--checkpoint", str(run)] if row["cmd"] else ["--model", "bicubic", "--scale", "2"]
-    result = cached_json(run / "eval.json", ["eval", *what, "--format", "json"], row["name"], "eval")
-    # The training images too (whole images; calibration and fine-tuning saw patches of them): a
-    # method that only fits the training distribution shows as a gap between the two columns.
-    train_args = ["eval", *what, "--data", "builtin:train", "--format", "json"]
-    result["psnr_train"] = cached_json(
-        run / "eval_train.json", train_args, row["name"], "eval --data builtin:train"
-    )["psnr"]
+    if row.get("file"):
+        what = ["--checkpoint", str(row["file"])]
+    elif row["cmd"]:
+        what = ["--checkpoint", str(run)]
+    else:
+        what = ["--model", "bicubic", "--scale", str(SCALE)]
+    result: dict = {"sets": {}}
+    for set_name, folder in eval_sets(row, data).items():
+        args = ["eval", *what, "--data", str(folder), "--format", "json"]
+        result["sets"][set_name] = cached_json(runner, run / f"eval_{set_name}.json", args, row["name"])
+    if row.get("file"):  # a released file: evaluated as it is shipped, no cost or run times
+        return result
     cost_args = ["cost", "--checkpoint", str(run), "--lr-size", LR_SIZE, "--format", "json"]
-    result["cost"] = cached_json(run / "cost.json", cost_args, row["name"], "cost") if row["cmd"] else None
-    wall = run / "wall_s"
-    result["wall_s"] = float(wall.read_text()) if wall.exists() else None
+    result["cost"] = cached_json(runner, run / "cost.json", cost_args, row["name"]) if row["cmd"] else None
+    for k in ("cpu_s", "wall_s"):
+        f = run / k
+        result[k] = float(f.read_text()) if f.exists() else None
     strategy = run / "strategy.json"
     result["strategy"] = json.loads(strategy.read_text()) if strategy.exists() else None
     return result
@@ -268,23 +402,139 @@ def now() -> str:
     return datetime.datetime.now().strftime("%H:%M:%S")
 
 
-def fmt_bitops(cost: dict | None) -> str:
-    if cost is None:
-        return "–"
-    return f"{cost['bitops'] / 1e12:.2f}"
+# ------------------------------------------------------------------------------------------------
+# Tables
 
 
-def fmt_wall(s: float | None) -> str:
+def per_image(result: dict, set_name: str) -> dict[str, float]:
+    return {im["name"]: im["psnr"] for im in result["sets"][set_name]["images"]}
+
+
+def paired(a: list[dict], b: list[dict], set_name: str) -> tuple[float, float]:
+    """Mean and standard error over images of the PSNR difference a − b, where a and b are lists of
+    results of one row at several seeds (each image's PSNR averaged over the seeds first)."""
+
+    def avg(rs: list[dict]) -> dict[str, float]:
+        ims = [per_image(r, set_name) for r in rs]
+        return {k: statistics.mean(d[k] for d in ims) for k in ims[0]}
+
+    pa, pb = avg(a), avg(b)
+    diffs = [pa[k] - pb[k] for k in pa]
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.mean(diffs), se
+
+
+def mean_of(rs: list[dict], set_name: str, key: str = "psnr") -> float:
+    return statistics.mean(r["sets"][set_name][key] for r in rs)
+
+
+def test_average(r: dict) -> float:
+    """Mean PSNR of the three test sets (each set's mean weighted equally, as tables average)."""
+    return statistics.mean(r["sets"][s]["psnr"] for s in TEST_SETS)
+
+
+def fmt_cpu(s: float | None) -> str:
     if s is None:
         return "–"
+    if s >= 5400:
+        return f"{s / 3600:.1f} h"
     return f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"
 
 
-def command_text(row: dict) -> str:
-    if row["cmd"] is None:
-        return "qnas eval --model bicubic --scale 2"
-    args = [("RUNS/" + a[1:]) if a.startswith("@") else a for a in row["cmd"]]
-    return f"qnas {' '.join(args)} --out RUNS/{row['name']}"
+def fmt_delta(d: float, se: float, digits: int = 2) -> str:
+    return f"{d:+.{digits}f} ± {se:.{digits}f}".replace("-", "−")
+
+
+def table_rows() -> list[tuple[str, str, list[str]]]:
+    """The main table: (label, W/A bits, runs averaged into the row)."""
+    rows = [
+        ("bicubic (MATLAB imresize)", "–", ["bicubic"]),
+        ("FP edsr-baseline", "32/32", ["fp"]),
+        ("uniform LSQ, first/last layers and skips float", "4/4", ["uniform4"]),
+        ("FQSR, fully quantized", "8/8", ["fqsr8"]),
+        ("FQSR, fully quantized (3 seeds)", "4/4", [fqsr_name(4, s) for s in FQSR_SEEDS]),
+        ("FQSR, fully quantized (3 seeds)", "2/2", [fqsr_name(2, s) for s in FQSR_SEEDS]),
+    ]
+    rows += [(f"PTQ, {q} only", "4/4", [ptq_name(q, 4, 0)]) for q in SINGLE]
+    rows += [
+        ("PTQ, mse per-channel weights + asymmetric mse activations", "4/4", [ptq_name(FIXED_STRONG, 4, 0)]),
+        ("DQSS PTQ, the seed's 7 strategies", "4/4", [ptq_name("all", 4, 0)]),
+        (
+            f"DQSS PTQ, extended candidates ({len(DRAWS)} draws)",
+            "4/4",
+            [ptq_name("extended", 4, d) for d in DRAWS],
+        ),
+        ("DQSS QAT, extended candidates", "4/4", ["qat4_dqssx"]),
+        (f"released `release/{RELEASE_FP}` (float16 weights)", "16/32", [f"release_{Path(RELEASE_FP).stem}"]),
+        (
+            f"released `release/{RELEASE_FQSR}` (packed, integer runtime)",
+            "4/4",
+            [f"release_{Path(RELEASE_FQSR).stem}"],
+        ),
+    ]
+    return rows
+
+
+def main_table(results: dict[str, dict]) -> str:
+    head = "| method | W/A bits | " + " | ".join(TEST_SETS) + " | TBitOps | CPU time |"
+    lines = [
+        head,
+        "|---|---|" + "---|" * len(TEST_SETS) + "---|---|",
+        "| *published*: EDSR-baseline (DIV2K, 300k steps of 16 patches) | 32/32 | "
+        + " | ".join(f"{PUBLISHED_FP[s]:.2f}" for s in TEST_SETS)
+        + " | | |",
+    ]
+    for bits, ddtb in PUBLISHED_DDTB.items():
+        cells = " | ".join(
+            f"{ddtb[s]:.2f} ({ddtb[s] - PUBLISHED_FP[s]:+.2f})".replace("-", "−") for s in TEST_SETS
+        )
+        lines.append(f"| *published*: DDTB (first/last layers float) | {bits}/{bits} | {cells} | | |")
+    fp = results.get("fp")
+    for label, bits, names in table_rows():
+        have = [results[n] for n in names if n in results and all(s in results[n]["sets"] for s in TEST_SETS)]
+        if len(have) < len(names):
+            lines.append(f"| {label} | {bits} | " + " | ".join("not run" for _ in TEST_SETS) + " | | |")
+            continue
+        cells = []
+        for s in TEST_SETS:
+            text = f"{mean_of(have, s):.2f} / {mean_of(have, s, 'ssim'):.4f}"
+            if fp is not None and names != ["fp"]:
+                text += f" ({fmt_delta(*paired(have, [fp], s))})"
+            cells.append(text)
+        cost = have[0]["cost"]
+        bitops = f"{cost['bitops'] / 1e12:.2f}" if cost else "–"
+        cpu = [r["cpu_s"] for r in have if r["cpu_s"] is not None]
+        cpu_text = fmt_cpu(statistics.mean(cpu)) if cpu else "–"
+        if len(have) > 1 and cpu:
+            cpu_text += " each"
+        lines.append(f"| {label} | {bits} | {' | '.join(cells)} | {bitops} | {cpu_text} |")
+    return "\n".join(lines)
+
+
+def ablation_table(results: dict[str, dict]) -> str:
+    """FQSR additions on the hold-out (one seed each): PSNR, Δ vs FP and vs the plain recipe."""
+    lines = [
+        "| bits | FQSR recipe | hold-out PSNR | Δ vs FP | Δ vs the first row | CPU time |",
+        "|---|---|---|---|---|---|",
+    ]
+    fp = results.get("fp")
+    for bits in ABLATION_BITS:
+        base = results.get(f"fqsr{bits}_plain")
+        entries = [(f"fqsr{bits}_{suffix}", label) for suffix, label, _, _ in ABLATION]
+        entries.append((fqsr_name(bits, 0), "the table's recipe (the defaults, 600 steps; seed 0)"))
+        for name, label in entries:
+            r = results.get(name)
+            if r is None or "holdout" not in r["sets"]:
+                lines.append(f"| {bits} | {label} | not run | | | |")
+                continue
+            d_fp = fmt_delta(*paired([r], [fp], "holdout")) if fp else ""
+            d_base = (
+                fmt_delta(*paired([r], [base], "holdout"), 3) if base and name != f"fqsr{bits}_plain" else ""
+            )
+            lines.append(
+                f"| {bits} | {label} | {r['sets']['holdout']['psnr']:.2f} | {d_fp} | {d_base} | {fmt_cpu(r['cpu_s'])} |"
+            )
+    return "\n".join(lines)
 
 
 def strategy_text(s: dict | None) -> str:
@@ -295,66 +545,79 @@ def strategy_text(s: dict | None) -> str:
     return f"W: {w}; A: {a}"
 
 
-def table(table_rows: list[dict], results: dict[str, dict]) -> str:
-    fp = results.get("fp", {}).get("psnr")
-    lines = [
-        "| run | PSNR (dB) | Δ vs FP | SSIM | PSNR, training images | TBitOps | wall time | chosen strategies (layers) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in table_rows:
-        if "draw" in row:  # in draws_table
-            continue
-        r = results.get(row["name"])
-        if r is None:
-            lines.append(f"| {row['label']} | not run | | | | | | |")
-            continue
-        delta = "" if fp is None or row["name"] == "fp" else f"{r['psnr'] - fp:+.2f}"
-        lines.append(
-            f"| {row['label']} | {r['psnr']:.2f} | {delta} | {r['ssim']:.4f} | {r['psnr_train']:.2f} "
-            f"| {fmt_bitops(r['cost'])} "
-            f"| {fmt_wall(r['wall_s'])} | {strategy_text(r['strategy'])} |"
-        )
+def dqss_table(results: dict[str, dict]) -> str:
+    """PTQ at each bit-width, calibration draw 0, on the hold-out: every single strategy, the fixed
+    strong pair, DQSS over the seed's strategies and over the extended candidates."""
+    lines = ["| bits | strategies | hold-out PSNR | Δ vs FP | chosen (layers) |", "|---|---|---|---|---|"]
+    fp = results.get("fp")
+    for bits in DQSS_BITS:
+        for q in (*SINGLE, FIXED_STRONG, "all", "extended"):
+            r = results.get(ptq_name(q, bits, 0))
+            label = {"all": "DQSS, the seed's 7", "extended": "DQSS, extended"}.get(q, q)
+            if r is None or "holdout" not in r["sets"]:
+                lines.append(f"| {bits} | {label} | not run | | |")
+                continue
+            d = fmt_delta(*paired([r], [fp], "holdout")) if fp else ""
+            lines.append(
+                f"| {bits} | {label} | {r['sets']['holdout']['psnr']:.2f} | {d} | {strategy_text(r['strategy'])} |"
+            )
     return "\n".join(lines)
 
 
 def draws_table(results: dict[str, dict]) -> str:
-    """Validation PSNR (training images in brackets) of mse, lsq and DQSS for every calibration
-    draw, DQSS minus the better of the two single strategies of the same draw, and mean ± sample
-    standard deviation over the draws that have all three runs."""
-    import statistics
-
+    """Test-set average PSNR (mean of the three sets) per calibration draw: DQSS over the extended
+    candidates and the best single strategy of the hold-out (best_singles); DQSS minus it, mean ±
+    standard error over the draws."""
     lines = [
-        "| calibration draw (`--seed`) | mse only | lsq only | DQSS, all strategies | DQSS − best single |",
+        "| bits | draw | DQSS, extended | single strategies (test average) | DQSS − best single |",
         "|---|---|---|---|---|",
     ]
-    cols: dict[str, list[float]] = {k: [] for k in ("mse", "lsq", "all", "margin", "mse_t", "lsq_t", "all_t")}
-    for seed in (0, *DRAWS):
-        r = {q: results.get(drawn_name(q, seed)) for q in DRAWN}
-        if any(v is None for v in r.values()):
-            lines.append(f"| {seed} | not run | | | |")
-            continue
-        margin = r["all"]["psnr"] - max(r["mse"]["psnr"], r["lsq"]["psnr"])
-        for q in DRAWN:
-            cols[q].append(r[q]["psnr"])
-            cols[f"{q}_t"].append(r[q]["psnr_train"])
-        cols["margin"].append(margin)
-        cells = " | ".join(f"{r[q]['psnr']:.2f} ({r[q]['psnr_train']:.2f})" for q in DRAWN)
-        lines.append(f"| {seed} | {cells} | {margin:+.2f} |")
-    if len(cols["margin"]) >= 2:
-
-        def ms(v: list[float], sign: str = "") -> str:
-            return f"{statistics.mean(v):{sign}.2f} ± {statistics.stdev(v):.2f}"
-
-        cells = " | ".join(f"{ms(cols[q])} ({ms(cols[q + '_t'])})" for q in DRAWN)
-        lines.append(f"| mean ± std ({len(cols['margin'])} draws) | {cells} | {ms(cols['margin'], '+')} |")
+    for bits in DQSS_BITS:
+        best = best_singles(results, bits)
+        per_draw = []
+        for d in DRAWS:
+            dq = results.get(ptq_name("extended", bits, d))
+            singles = {q: results.get(ptq_name(q, bits, d)) for q in best}
+            ok = dq is not None and all(
+                r is not None and all(s in r["sets"] for s in TEST_SETS) for r in (dq, *singles.values())
+            )
+            if not ok:
+                lines.append(f"| {bits} | {d} | not run | | |")
+                continue
+            per_draw.append((test_average(dq), {q: test_average(r) for q, r in singles.items()}))
+            cells = ", ".join(f"{q} {test_average(r):.3f}" for q, r in singles.items())
+            lines.append(f"| {bits} | {d} | {test_average(dq):.3f} | {cells} | |")
+        if len(per_draw) >= 2 and best:
+            top = max(best, key=lambda q: statistics.mean(v[1][q] for v in per_draw))
+            diffs = [v[0] - v[1][top] for v in per_draw]
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            verdict = (
+                "DQSS wins"
+                if statistics.mean(diffs) > 2 * se
+                else ("DQSS loses" if statistics.mean(diffs) < -2 * se else "tie")
+            )
+            lines.append(
+                f"| {bits} | mean of {len(per_draw)} | {statistics.mean(v[0] for v in per_draw):.3f} | "
+                f"{top} {statistics.mean(v[1][top] for v in per_draw):.3f} | "
+                f"{fmt_delta(statistics.mean(diffs), se)} ({verdict}) |"
+            )
     return "\n".join(lines)
 
 
-def commands(table_rows: list[dict]) -> str:
-    return "\n".join(command_text(r) for r in table_rows)
+def command_text(row: dict) -> str:
+    if row.get("release"):
+        return (
+            f"qnas export RUNS/{fqsr_name(4, 0)} --format packed --out release/{RELEASE_FQSR}  "
+            f"# and RUNS/fp/model.pt in float16 as release/{RELEASE_FP}"
+        )
+    if row["cmd"] is None:
+        return f"qnas eval --model bicubic --scale {SCALE} --data DATA/SET"
+    args = [("RUNS/" + a[1:]) if a.startswith("@") else a for a in row["cmd"]]
+    args = [f"'{a}'" if a.startswith("{") else a for a in args]
+    return f"qnas {' '.join(args)} --out RUNS/{row['name']}"
 
 
-def write_doc(text: str, path: Path, block: str = "results") -> None:
+def write_doc(text: str, path: Path, block: str) -> None:
     """Replaces a generated block of docs/RESULTS.md (between its two markers; a block whose markers
     are missing is appended at the end)."""
     begin, end = f"<!-- {block}:begin (scripts/results.py) -->", f"<!-- {block}:end -->"
@@ -366,47 +629,149 @@ def write_doc(text: str, path: Path, block: str = "results") -> None:
     path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
+RELEASE = ROOT / "release"
+# The published checkpoints: the FP network (its model.pt with float16 weights: half the bytes, the
+# released file's own PSNR is what docs/RESULTS.md and release/README.md report) and FQSR 4-bit
+# (seed 0) as a packed file.
+RELEASE_FP, RELEASE_FQSR = "edsr-baseline-x4-fp.pt", "edsr-baseline-x4-fqsr4.qnp"
+
+
+def make_release(runner: Runner, runs: Path) -> None:
+    """release/: the FP and FQSR 4-bit models of the table with their configs (paths replaced by
+    RUNS/...); files that exist are kept."""
+    import torch
+
+    RELEASE.mkdir(exist_ok=True)
+    fp_out = RELEASE / RELEASE_FP
+    if not fp_out.exists() and (runs / "fp" / "model.pt").exists():
+        blob = torch.load(runs / "fp" / "model.pt", map_location="cpu", weights_only=True)
+        blob["model"] = {k: v.half() if v.is_floating_point() else v for k, v in blob["model"].items()}
+        blob["train"] = json.loads(_portable(json.dumps(blob.get("train", {})), runs))
+        torch.save(blob, fp_out)
+    q_out = RELEASE / RELEASE_FQSR
+    if not q_out.exists() and (runs / fqsr_name(4, 0) / "model.pt").exists():
+        code, _, _, out = runner.qnas(
+            ["export", str(runs / fqsr_name(4, 0)), "--format", "packed", "--out", str(q_out)]
+        )
+        if code != 0:
+            raise SystemExit(f"release: qnas export exited with {code}")
+        print(out.strip(), flush=True)
+    for name, run in ((RELEASE_FP, "fp"), (RELEASE_FQSR, fqsr_name(4, 0))):
+        config = runs / run / "config.json"
+        if config.exists():
+            target = RELEASE / f"{Path(name).stem}.config.json"
+            target.write_text(_portable(config.read_text(), runs))
+
+
+def _portable(text: str, runs: Path) -> str:
+    """`text` with the runs folder written as RUNS (no machine's paths in released files)."""
+    return text.replace(str(runs), "RUNS")
+
+
+def cached(row: dict, runs: Path, data: dict[str, Path]) -> bool:
+    """Whether every evaluation (and the cost) of a row is cached: measure() will run nothing."""
+    run = runs / row["name"]
+    files = [run / f"eval_{s}.json" for s in eval_sets(row, data)] + (
+        [run / "cost.json"] if row["cmd"] else []
+    )
+    return all(f.exists() for f in files)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import fnmatch
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "results"), help="Folder of the runs.")
-    ap.add_argument("--only", default=None, help="Comma-separated row names (default: all).")
-    ap.add_argument("--chunk-minutes", type=float, default=14.0, help="Longest hold of the CPU lock.")
+    ap.add_argument("data_dir", metavar="DATA_DIR", help="Folder with SunHays80, Set5, Set14, BSD68.")
+    ap.add_argument("--runs", default=str(ROOT / "runs" / f"x{SCALE}"), help="Folder of the runs.")
+    ap.add_argument(
+        "--only", default=None, help="Comma-separated run names or patterns (fqsr4_*); default all."
+    )
+    ap.add_argument("--chunk-minutes", type=float, default=14.0, help="Longest piece of a training run.")
+    ap.add_argument("--lock", default=None, metavar="PATH", help="Hold an flock on PATH around each command.")
     ap.add_argument("--no-table", action="store_true", help="Do not rewrite docs/RESULTS.md.")
     ap.add_argument("--dry-run", action="store_true", help="Print the commands only.")
     args = ap.parse_args(argv)
-    runs = Path(args.runs)
-    table_rows = rows()
-    wanted = set(args.only.split(",")) if args.only else {r["name"] for r in table_rows}
-    unknown = wanted - {r["name"] for r in table_rows}
-    if unknown:
-        raise SystemExit(f"--only: unknown rows {sorted(unknown)}")
+    data_dir = Path(args.data_dir)
+    missing = [s for s in (TRAIN_SET, *TEST_SETS) if not (data_dir / s).is_dir()]
+    if missing:
+        raise SystemExit(f"{data_dir}: no {', '.join(missing)} folder (docs/RESULTS.md: the data)")
+    runs = Path(os.path.abspath(args.runs))
+    patterns = args.only.split(",") if args.only else ["*"]
+
+    def wanted(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    all_runs = runs_list()
     if args.dry_run:
-        print(commands([r for r in table_rows if r["name"] in wanted]))
+        print("\n".join(command_text(r) for r in all_runs if wanted(r["name"])))
         return
+    data = {**split_training_images(data_dir, runs), **{s: data_dir / s for s in TEST_SETS}}
+    runner = Runner(args.lock)
     results: dict[str, dict] = {}
-    for row in table_rows:
-        if row["name"] in wanted:
+
+    def visit(row: dict) -> None:
+        if wanted(row["name"]) and not row.get("never_run"):
             if row["cmd"]:
-                make_run(row, runs, args.chunk_minutes * 60)
-            results[row["name"]] = measure(row, runs)
-            r = results[row["name"]]
-            print(f"[{now()}] {row['name']}: {r['psnr']:.2f} dB / {r['ssim']:.4f}", flush=True)
-        elif (runs / row["name"] / "eval.json").exists() and (
-            row["cmd"] is None or (runs / row["name"] / "cost.json").exists()
+                make_run(runner, row, runs, args.chunk_minutes * 60)
+            results[row["name"]] = measure(runner, row, runs, data)
+            r = results[row["name"]]["sets"]
+            print(
+                f"[{now()}] {row['name']}: " + ", ".join(f"{k} {v['psnr']:.2f}" for k, v in r.items()),
+                flush=True,
+            )
+        elif (row["cmd"] is None or row.get("file") or (runs / row["name"] / "model.pt").exists()) and cached(
+            row, runs, data
         ):
-            results[row["name"]] = measure(row, runs)  # cached (but a missing eval_train.json)
-    text = table(table_rows, results)
-    draws = draws_table(results)
-    print(text, draws, sep="\n\n")
+            results[row["name"]] = measure(runner, row, runs, data)
+
+    released = [(f"release_{Path(n).stem}", RELEASE / n) for n in (RELEASE_FP, RELEASE_FQSR)]
+    drawn: set[int] = set()
+    for row in list(all_runs):
+        if row.get("release"):
+            if wanted("release"):
+                make_release(runner, runs)
+            for name, f in released:
+                if f.exists():
+                    visit(
+                        {
+                            "name": name,
+                            "cmd": ["release"],
+                            "test": True,
+                            "file": f,
+                            "never_run": not wanted("release"),
+                        }
+                    )
+            continue
+        visit(row)
+        # Once a bit-width's single strategies are measured at draw 0, the best one (hold-out) runs
+        # over the further calibration draws, before the next block.
+        for bits in DQSS_BITS:
+            if bits not in drawn and all(ptq_name(q, bits, 0) in results for q in (*SINGLE, FIXED_STRONG)):
+                drawn.add(bits)
+                extra = draw_runs(bits, best_singles(results, bits))
+                all_runs += [r for r in extra if r["name"] not in {x["name"] for x in all_runs}]
+                for r in extra:
+                    visit(r)
+    tables = {
+        "results": main_table(results),
+        "ablation": ablation_table(results),
+        "dqss": dqss_table(results),
+        "draws": draws_table(results),
+    }
+    print("\n\n".join(tables.values()))
     if not args.no_table:
-        # The doc names the runs folder relative to the checkout, so it reads the same on every machine.
-        runs_label = os.path.relpath(os.path.abspath(runs), ROOT)
-        stamp = f"Generated {datetime.date.today()} on {platform.node()} ({platform.machine()}); runs in {runs_label}."
-        write_doc(
-            f"{text}\n\n{stamp}\n\nCommands (RUNS = {runs_label}):\n\n```\n{commands(table_rows)}\n```",
-            ROOT / "docs" / "RESULTS.md",
+        runs_label = os.path.relpath(runs, ROOT)
+        stamp = (
+            f"Generated {datetime.date.today()} on {platform.node()} ({platform.machine()}, "
+            f"{os.cpu_count()} cores); runs in {runs_label}."
         )
-        write_doc(draws, ROOT / "docs" / "RESULTS.md", block="draws")
+        commands = "\n".join(command_text(r) for r in all_runs)
+        tables["results"] += (
+            f"\n\n{stamp}\n\nCommands (RUNS = {runs_label}, DATA = the data folder; each run is then "
+            f"evaluated with `qnas eval --checkpoint RUNS/NAME --data DATA/SET`):\n\n```\n{commands}\n```"
+        )
+        for block, text in tables.items():
+            write_doc(text, ROOT / "docs" / "RESULTS.md", block)
 
 
 if __name__ == "__main__":

@@ -398,3 +398,46 @@ def test_digits_example_tiny_budget():
     assert set(acc) == {"float", "lsq", "mse", "dqss"}
     assert acc["float"] > 0.5 and all(0 <= v <= 1 for v in acc.values())
     assert set(res["chosen"]) == {"conv1", "conv2", "conv3"}
+
+
+def test_candidate_names():
+    from qnas.quant.dqss import EXTENDED_STRATEGIES, candidate_name, candidate_spec
+
+    assert parse_quantizers("extended") == list(EXTENDED_STRATEGIES)
+    assert candidate_spec("mse_pc") == ("mse", {"per_channel": True})
+    assert candidate_spec("minmax_asym") == ("minmax", {"asymmetric": True})
+    assert candidate_name({"quantizer": "mse", "per_channel": True}) == "mse_pc"
+    for bad, needle in [
+        ("mse_pcx", "unknown"),
+        ("hwgq_pc", "does not quantize weights"),
+        ("lsq_asym", "asymmetric forms exist"),
+        ("mse_pc", "no activation quantizer"),
+        ("hwgq,mse_asym", "no weight quantizer"),
+    ]:
+        with pytest.raises(QnasError, match=needle):
+            parse_quantizers(bad)
+
+
+@pytest.mark.parametrize("w_choice,a_choice", [("mse_pc", "mse_asym"), ("aciq", "percentile_asym")])
+def test_derived_network_of_extended_candidates(w_choice, a_choice):
+    """Per-channel weights and asymmetric activations survive the derivation: at one-hot logits the
+    derived network is the supernet, the plan names the flags, and the quantizers are the right kind."""
+    names = ["mse", "mse_pc", "aciq", "mse_asym", "percentile_asym"]
+    fp, sup, calib = calibrated_supernet(names)
+    for m in supernet_layers(sup).values():
+        with torch.no_grad():
+            m.strategy_w_logits.fill_(-30).index_fill_(0, torch.tensor(m.w_names.index(w_choice)), 30)
+            m.strategy_a_logits.fill_(-30).index_fill_(0, torch.tensor(m.a_names.index(a_choice)), 30)
+        assert "mse_asym" not in m.w_names and "mse_pc" not in m.a_names
+    plan = derive_plan(sup, names, 3)
+    net = derive_network(sup, build_model("edsr-baseline", 2, **TINY), plan)
+    sup.eval()
+    x = calib[0]
+    with torch.no_grad():
+        assert torch.allclose(net(x), sup(x), atol=1e-5)
+    spec = plan["layers"]["body.0.body.0"]
+    assert spec["w"].get("per_channel", False) == w_choice.endswith("_pc")
+    assert spec["a"]["asymmetric"] is True
+    conv = net.get_submodule("body.0.body.0")
+    assert conv.w_quant.scale().numel() == (conv.out_channels if w_choice.endswith("_pc") else 1)
+    assert conv.a_quant.strategy == a_choice

@@ -188,3 +188,130 @@ def test_cli_train_errors(fp_run, tmp_path, capsys, extra, needle):
     code, _, err = run_cli(args, capsys)
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_tail_bits_sets_the_last_input_only():
+    plan = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2, "tail_bits": 8})
+    bits = {name: spec["a"]["bits"] for name, spec in plan["layers"].items()}
+    names = list(bits)
+    assert bits[names[0]] == 8 and bits[names[-1]] == 8  # the image, and the last convolution's input
+    assert set(bits[n] for n in names[1:-1]) == {2}
+    assert all(spec["w"]["bits"] == 2 for spec in plan["layers"].values())
+    same = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2, "tail_bits": None})
+    assert same["layers"][names[-1]]["a"]["bits"] == 2 and same["tail_bits"] == 2
+    # The default: an 8-bit last input (docs/RESULTS.md, the FQSR ablation); weights at "bits".
+    default = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2})
+    assert default["layers"][names[-1]]["a"]["bits"] == 8 and default["layers"][names[-1]]["w"]["bits"] == 2
+    edge = resolve_plan(tiny(), {"scheme": "fqsr", "bits": 2, "edge_weight_bits": 8})
+    assert [edge["layers"][n]["w"]["bits"] for n in (names[0], names[1], names[-1])] == [8, 2, 8]
+
+
+def test_distillation_loss_is_the_l1_to_the_teacher(fp_run):
+    """distill_weight · mean|y_q − y_fp| (+ the feature term), added to the calibration loss; the
+    teacher is loaded from its run, stays out of the state dict, and only the student gets gradients."""
+    fp, _ = load_network(fp_run)
+    m = tiny()
+    plan = {"scheme": "fqsr", "bits": 4, "warmup": 0, "calibration_weight": 0.0, "teacher": str(fp_run)}
+    quantize_network(m, {**plan, "distill_weight": 2.0})
+    load_float_weights(m, fp.state_dict(), "fp")
+    keys = set(m.state_dict())
+    m.train()
+    x = torch.rand(2, 3, 12, 12)
+    y = m(x)
+    loss = m.auxiliary_loss()
+    with torch.no_grad():
+        expected = 2.0 * (y - fp(x)).abs().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5) and loss.item() > 0
+    loss.backward()
+    assert m.body[1].weight.grad is not None and m.body[1].weight.grad.abs().sum() > 0
+    assert set(m.state_dict()) == keys and not any(p.grad is not None for p in fp.parameters())
+    assert m.auxiliary_loss() is None  # consumed; evaluation forwards record nothing
+    m.eval()
+    m(x)
+    assert m.auxiliary_loss() is None
+    # Features: zero at identical networks' skips is impossible after quantization, positive here.
+    f = tiny()
+    quantize_network(f, {**plan, "distill_feature_weight": 1.0})
+    load_float_weights(f, fp.state_dict(), "fp")
+    f.train()
+    f(x)
+    assert f.auxiliary_loss().item() > 0
+
+
+def test_cli_fqsr_quant_options_and_packed_eval(fp_run, tmp_path, capsys):
+    """--quant-options sets plan options (the --init run becomes the teacher); the exported packed
+    file evaluates with `qnas eval --checkpoint FILE` like the run it came from."""
+    out = tmp_path / "kd"
+    options = json.dumps({"distill_weight": 1, "tail_bits": 8})
+    args = ["train", "--init", fp_run, "--quant", "fqsr", "--bits", "4", "--steps", "3", "--quant-options"]
+    args += [options, "--batch-size", "2", "--patch-size", "16", "--out", out, "--quiet"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    plan = load_network(out)[1]["network"]["quant"]
+    assert plan["teacher"] == str(fp_run) and plan["distill_weight"] == 1 and plan["tail_bits"] == 8
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in metrics if r["step"] > 1)
+    qnp = tmp_path / "kd.qnp"
+    assert run_cli(["export", out, "--format", "packed", "--out", qnp, "--no-check"], capsys)[0] == 0
+    code, text, err = run_cli(["eval", "--checkpoint", qnp, "--format", "json"], capsys)
+    assert code == 0, err
+    packed = json.loads(text)
+    code, text, _ = run_cli(["eval", "--checkpoint", out, "--format", "json"], capsys)
+    trained = json.loads(text)
+    assert packed["scale"] == 2 and abs(packed["psnr"] - trained["psnr"]) < 0.1
+    bad = tmp_path / "bad.qnp"
+    bad.write_bytes(b"not a model")
+    code, _, err = run_cli(["eval", "--checkpoint", bad], capsys)
+    assert code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--quant-options", '{"nope": 1}'], "unknown nope"),
+        (["--quant-options", "{"], "not valid JSON"),
+        (["--quant-options", '{"tail_bits": 9}'], "out of range"),
+        (["--quant-options", '{"distill_weight": -1}'], "distill_weight"),
+    ],
+)
+def test_cli_quant_options_errors(fp_run, tmp_path, capsys, extra, needle):
+    args = ["train", "--init", fp_run, "--quant", "fqsr", "--bits", "4", *extra]
+    code, _, err = run_cli([*args, "--steps", "1", "--out", tmp_path / "x", "--quiet"], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_distillation_needs_a_teacher(tmp_path, capsys):
+    args = [
+        "train",
+        "--model",
+        "edsr-baseline",
+        "--model-args",
+        json.dumps(TINY["edsr-baseline"]),
+        "--scale",
+        "2",
+    ]
+    args += [
+        "--quant",
+        "fqsr",
+        "--bits",
+        "4",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--patch-size",
+        "16",
+        "--quiet",
+    ]
+    code, _, err = run_cli(
+        [*args, "--quant-options", '{"distill_weight": 1}', "--out", tmp_path / "a"], capsys
+    )
+    assert code == 2 and "teacher" in err
+    # Without --init the default distillation is simply off.
+    code, _, err = run_cli([*args, "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert load_network(tmp_path / "b")[1]["network"]["quant"]["distill_weight"] == 0
+    code, _, err = run_cli(
+        [*args, "--quant", "uniform", "--quant-options", "{}", "--out", tmp_path / "c"], capsys
+    )
+    assert code == 2 and "fqsr only" in err

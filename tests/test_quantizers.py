@@ -132,3 +132,82 @@ def test_hwgq_step_is_mse_optimal():
 def test_errors(call, needle):
     with pytest.raises(QnasError, match=needle):
         call()
+
+
+def _laplace_mse(step: float, bits: int, signed: bool, n: int = 200_000) -> float:
+    g = torch.Generator().manual_seed(0)
+    x = (
+        torch.distributions.Laplace(0.0, 1.0).sample((n,))
+        if signed
+        else torch.empty(n).exponential_(generator=g)
+    )
+    qmin, qmax = quant_range(bits, signed)
+    return float(((torch.clamp(torch.round(x / step), qmin, qmax) * step - x) ** 2).mean())
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, True), (3, False)])
+def test_aciq_step_is_mse_optimal_for_laplace(bits, signed):
+    """ACIQ's unit step beats a 20 % smaller and a 20 % larger one on Laplace (exponential) samples,
+    and a Laplace tensor of scale b gets b times the unit step."""
+    from qnas.quant.quantizers import _optimal_unit_step
+
+    torch.manual_seed(0)
+    step = _optimal_unit_step("laplace", bits, signed)
+    best = _laplace_mse(step, bits, signed)
+    assert best < _laplace_mse(step * 0.8, bits, signed) and best < _laplace_mse(step * 1.2, bits, signed)
+    x = torch.distributions.Laplace(0.0, 3.0).sample((100_000,))
+    q = build_quantizer("aciq", bits, kind="activation", signed=True)
+    q(x)
+    expected = 3.0 * _optimal_unit_step("laplace", bits, True)
+    assert q.scale().item() == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("stat", ["minmax", "percentile", "mse"])
+def test_asymmetric_quantizer_grid_and_error(stat):
+    """On a skewed tensor (range [-1, 3]) the asymmetric grid has zero as a code, outputs lie on
+    lo + k·s, and its error is well below the symmetric quantizer's of the same statistic."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 8, 16, 16) * 4 - 1
+    qa = build_quantizer(stat, 3, kind="activation", signed=True, asymmetric=True)
+    qs = build_quantizer(stat, 3, kind="activation", signed=True)
+    ya, ys = qa(x), qs(x)
+    s, z = qa.scale(), qa.zero_point()
+    codes = ya / s + z
+    assert (
+        torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= -1e-3 and codes.max() <= 7 + 1e-3
+    )
+    assert qa(torch.zeros(3)).abs().max() == 0
+    assert float((ya - x).square().mean()) < 0.6 * float((ys - x).square().mean())
+    assert qa.strategy == f"{stat}_asym" and qa.from_statistics
+
+
+def test_mse_optimal_range_beats_minmax_on_outliers():
+    from qnas.quant.quantizers import mse_optimal_range
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(10_000) + 1.0, torch.tensor([-20.0, 30.0])])
+
+    def err(lo, hi):
+        s = (hi - lo) / 15
+        z = torch.round(-lo / s)
+        return float(((torch.clamp(torch.round(x / s) + z, 0, 15) - z) * s - x).square().mean())
+
+    lo, hi = mse_optimal_range(x, 16)
+    assert lo < 0 < hi and err(lo, hi) < 0.3 * err(x.min(), x.max())
+
+
+def test_asymmetric_errors():
+    with pytest.raises(QnasError, match="activations only"):
+        build_quantizer("mse", 4, kind="weight", asymmetric=True)
+    with pytest.raises(QnasError, match="no asymmetric form"):
+        build_quantizer("lsq", 4, kind="activation", asymmetric=True)
+
+
+def test_asymmetric_quantizer_is_not_exported():
+    """The packed format has no zero point: export must refuse, not drop it."""
+    from qnas.export import ExportError, quantizer_step
+
+    q = build_quantizer("minmax", 4, kind="activation", signed=True, asymmetric=True)
+    q(torch.rand(10) * 4 - 1)
+    with pytest.raises(ExportError, match="cannot export"):
+        quantizer_step(q, "layer")

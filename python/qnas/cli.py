@@ -35,7 +35,8 @@ def cli(debug: bool) -> None:
     "--checkpoint",
     metavar="RUN",
     type=click.Path(path_type=str),
-    help="A run folder (or its model.pt) written by `qnas train`, `search`, `strategy`.",
+    help="A run folder (or its model.pt) written by `qnas train`, `search`, `strategy`, or a packed "
+    "file of `qnas export --format packed` (run by the integer runtime).",
 )
 @click.option(
     "--data",
@@ -75,11 +76,18 @@ def eval_command(
     if checkpoint is not None:
         from qnas.train.network import load_network, network_scale, network_upscaler
 
-        net, blob = load_network(checkpoint)
-        own = network_scale(blob["network"])
+        if os.path.isfile(checkpoint) and not checkpoint.endswith(".pt"):
+            # A packed file (`qnas export --format packed`): what `qnas upscale` runs, on the CPU.
+            from qnas.deploy import PackedModel
+
+            packed = PackedModel.load(checkpoint, "cpu")
+            own, upscale = packed.scale, packed
+        else:
+            net, blob = load_network(checkpoint)
+            own, upscale = network_scale(blob["network"]), network_upscaler(net)
         if scale is not None and scale != own:
             raise QnasError(f"--scale {scale}: {checkpoint} is a x{own} network")
-        scale, upscale, label = own, network_upscaler(net), checkpoint
+        scale, label = own, checkpoint
     else:
         if model_name != "bicubic":
             raise QnasError(
@@ -197,6 +205,12 @@ def _train_options(f):
     help="--quant fqsr: weight of the calibration loss mean|Q(x)-x| (default 0.3; 0 = off).",
 )
 @click.option(
+    "--quant-options",
+    default=None,
+    metavar="JSON",
+    help="--quant fqsr: further plan options (docs/quantization.md), e.g. '{\"distill_weight\": 0}'.",
+)
+@click.option(
     "--init",
     "init_run",
     default=None,
@@ -217,6 +231,7 @@ def train_command(
     quantizer,
     skip_bits,
     calibration_weight,
+    quant_options,
     init_run,
     quiet,
     resume,
@@ -291,8 +306,14 @@ def train_command(
         network["quant"] = _quant_plan(
             cfg, quant, bits, quantizer, skip_bits, calibration_weight, kw["steps"]
         )
-    elif any(v is not None for v in (bits, quantizer, skip_bits, calibration_weight)):
-        raise QnasError("--bits/--quantizer/--skip-bits/--calibration-weight need --quant fqsr|uniform")
+        if quant == "fqsr":
+            network["quant"] = _fqsr_options(cfg, network["quant"], quant_options, init_run)
+        elif quant_options is not None:
+            raise QnasError("--quant-options applies to --quant fqsr only")
+    elif any(v is not None for v in (bits, quantizer, skip_bits, calibration_weight, quant_options)):
+        raise QnasError(
+            "--bits/--quantizer/--skip-bits/--calibration-weight/--quant-options need --quant fqsr|uniform"
+        )
     if init_state is not None and "quant" in network:
         from qnas.quant.apply import load_float_weights
         from qnas.train.network import build_network
@@ -347,6 +368,19 @@ def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight, ste
                 err=True,
             )
     return resolve_plan(build_from_config(cfg), quant)
+
+
+def _fqsr_options(cfg: dict, plan: dict, quant_options: str | None, init_run: str | None) -> dict:
+    """The FQSR plan with --quant-options applied and the --init run as distillation teacher."""
+    import json
+
+    from qnas.quant.apply import fqsr_plan_options
+
+    try:
+        extra = json.loads(quant_options) if quant_options else {}
+    except json.JSONDecodeError as e:
+        raise QnasError(f"--quant-options: not valid JSON ({e})") from e
+    return fqsr_plan_options(cfg, plan, extra, teacher=init_run)
 
 
 def torch_meta():
@@ -761,7 +795,8 @@ def demo_command(out, settings_file, quiet) -> None:
     default="all",
     show_default=True,
     metavar="LIST",
-    help="Comma-separated strategies (lsq,pact,dorefa,hwgq,minmax,percentile,mse) or 'all'. "
+    help="Comma-separated strategies (lsq,pact,dorefa,hwgq,minmax,percentile,mse,aciq; NAME_pc: per-channel "
+    "weights; NAME_asym: asymmetric activations), 'all' (the seed's 7) or 'extended' (docs/quantization.md). "
     "One quantizer = uniform quantization with it (the baseline).",
 )
 @click.option("--bits", type=int, required=True, help="Bit-width of weights and activations (2..8).")

@@ -26,7 +26,9 @@ Schemes (docs/quantization.md):
   the bits its layer was searched at, skips and output as in "fqsr"; "layers" must be given, and
   "bits" is not used (each layer has its own).
 
-A weight entry may say "per_channel": true (one step per output channel, as QuantNAS retrains).
+A weight entry may say "per_channel": true (one step per output channel, as QuantNAS retrains); an
+activation entry "asymmetric": true (an affine grid with a zero point, statistics-based quantizers;
+qnas.quant.quantizers.AsymmetricQuantizer).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ SCHEMES = ("fqsr", "uniform", "dqss", "genotype")
 #: Schemes whose plan must list its layers (they come from a search, not from probing).
 GIVEN_LAYERS = ("dqss", "genotype")
 BITS_RANGE = (2, 8)
+DISTILL_KEYS = ("distill_weight", "distill_feature_weight")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fqsr": {
         "quantizer": "fqsr",
@@ -55,6 +58,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup": 20,
         "init_stat": "mse",
         "calibration_weight": 0.3,
+        "tail_bits": 8,  # bits of the last convolution's input (None: the same as "bits")
+        "edge_weight_bits": None,  # bits of the first and last convolutions' weights (None: "bits")
+        "teacher": None,  # full-precision run to distil from (`qnas train --init` sets it)
+        "distill_weight": 1.0,  # weight of L1(student output, teacher output); 0 = off
+        "distill_feature_weight": 0.0,  # weight of the skips' relative feature error; 0 = off
     },
     "uniform": {"quantizer": "lsq"},
     "dqss": {},
@@ -137,6 +145,12 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
     if scheme not in SCHEMES:
         raise QnasError(f"quant scheme {scheme!r} is unknown (known: {', '.join(SCHEMES)})")
     plan = {**DEFAULTS[scheme], **copy.deepcopy(quant)}
+    if scheme == "fqsr" and not plan.get("teacher"):
+        # Distillation is on by default when there is a teacher (fine-tuning from an FP run) and
+        # off without one; asked for explicitly without a teacher it is an error (below).
+        for key in DISTILL_KEYS:
+            if key not in quant:
+                plan[key] = 0.0
     if scheme in GIVEN_LAYERS and "layers" not in plan:
         made_by = "`qnas strategy`" if scheme == "dqss" else "qnas.nas.derive"
         raise QnasError(f'quant scheme "{scheme}" needs per-layer "layers" (made by {made_by})')
@@ -162,11 +176,21 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
         return plan
     io_bits = check_bits(plan["io_bits"], "io_bits")
     skip_bits = check_bits(plan["skip_bits"] if plan["skip_bits"] is not None else max(bits, 8), "skip_bits")
-    plan["skip_bits"] = skip_bits
+    tail_bits = check_bits(plan["tail_bits"] if plan["tail_bits"] is not None else bits, "tail_bits")
+    edge_w = plan.get("edge_weight_bits")
+    edge_w = check_bits(edge_w if edge_w is not None else bits, "edge_weight_bits")
+    plan["skip_bits"], plan["tail_bits"], plan["edge_weight_bits"] = skip_bits, tail_bits, edge_w
+    for key in ("distill_weight", "distill_feature_weight", "calibration_weight"):
+        value = plan.get(key) or 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise QnasError(f"{key}: expected a number >= 0, got {value!r}")
+    if (plan["distill_weight"] or plan["distill_feature_weight"]) and not plan.get("teacher"):
+        raise QnasError("distillation needs a full-precision teacher run (`qnas train --init FP_RUN`)")
     for name, nonneg in probe["convs"].items():
+        a_bits = io_bits if name == first else (tail_bits if name == last else bits)
         layers[name] = {
-            "w": {"quantizer": q, "bits": bits},
-            "a": {"quantizer": q, "bits": io_bits if name == first else bits, "signed": not nonneg},
+            "w": {"quantizer": q, "bits": edge_w if name in (first, last) else bits},
+            "a": {"quantizer": q, "bits": a_bits, "signed": not nonneg},
         }
     adds = {
         name: {"quantizer": q, "bits": skip_bits, "signed": [not s for s in signs]}
@@ -174,6 +198,26 @@ def resolve_plan(model: nn.Module, quant: dict) -> dict:
     }
     plan.update(layers=layers, adds=adds, output={"quantizer": q, "bits": io_bits, "signed": False})
     return plan
+
+
+#: Plan options of the "fqsr" scheme a user may set (`qnas train --quant-options`).
+FQSR_OPTIONS = tuple(k for k in DEFAULTS["fqsr"] if k not in ("quantizer", "teacher"))
+
+
+def fqsr_plan_options(model_cfg: dict, plan: dict, options: dict, teacher: str | None = None) -> dict:
+    """An FQSR plan with `options` (keys of FQSR_OPTIONS) applied and `teacher` (the full-precision
+    run it is fine-tuned from) as distillation teacher, resolved again for the model of `model_cfg`.
+    Without a teacher the default distillation is off (resolve_plan); asking for it is an error."""
+    from qnas.sr import build_from_config
+
+    if not isinstance(options, dict):
+        raise QnasError("quant options: expected a JSON object")
+    unknown = sorted(set(options) - set(FQSR_OPTIONS))
+    if unknown:
+        raise QnasError(f"quant options: unknown {', '.join(unknown)} (known: {', '.join(FQSR_OPTIONS)})")
+    quant = {k: v for k, v in plan.items() if k not in ("layers", "adds", "output", *DISTILL_KEYS)}
+    quant.update(options, teacher=teacher)
+    return resolve_plan(build_from_config(model_cfg), quant)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,6 +244,7 @@ def make_quantizer(spec: dict, kind: str, plan: dict, channels: int = 1) -> nn.M
         signed=signed,
         channels=channels if per_channel else 1,
         per_channel=per_channel,
+        asymmetric=bool(spec.get("asymmetric", False)),
         **_quantizer_kwargs(name, plan),
     )
 
@@ -240,14 +285,118 @@ def quantize_network(model: nn.Module, quant: dict) -> nn.Module:
             q.to(device)
     model.qnas_quant = plan
     weight = float(plan.get("calibration_weight") or 0.0)
-    if weight > 0:
-        model.calibration_weight = weight
-        model.auxiliary_loss = types.MethodType(calibration_loss, model)
+    model.calibration_weight = weight
+    if float(plan.get("distill_weight") or 0.0) > 0 or float(plan.get("distill_feature_weight") or 0.0) > 0:
+        Distillation(model, plan)
+    if weight > 0 or getattr(model, "distillation", None) is not None:
+        model.auxiliary_loss = types.MethodType(auxiliary_loss, model)
     return model
 
 
 def _quantize_output(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     return module.output_quant(output)
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """What training adds to the task loss of a quantized network (`model.auxiliary_loss()`, called
+    by the training loop after each forward): FQSR's calibration loss and the distillation losses."""
+    terms = [calibration_loss(model) if model.calibration_weight > 0 else None]
+    if getattr(model, "distillation", None) is not None:
+        terms.append(model.distillation.loss())
+    terms = [t for t in terms if t is not None]
+    return sum(terms) if terms else None
+
+
+class Distillation:
+    """Distillation from the full-precision network a quantized one was fine-tuned from, as the
+    quantized-SR literature does at 2-4 bits (PAMS, Li et al., ECCV 2020: structured knowledge
+    transfer of features; CADyQ, Hong et al., ECCV 2022: L1 to the full-precision output):
+
+    - output: `distill_weight` · mean|y_q − y_fp| on the training patch;
+    - features: `distill_feature_weight` · mean over the skip connections (QuantAdd, the residual
+      stream) of mean|z_q − z_fp| / mean|z_fp|, matched by module name.
+
+    The teacher (plan["teacher"], a run folder) is loaded on the first training forward and is not
+    part of the network's state: evaluation never needs it. Hooks record the training input, the
+    (quantized) output and the skips' sums; `loss()` runs the teacher on the same input."""
+
+    def __init__(self, model: nn.Module, plan: dict):
+        self.model = model
+        self.source = str(plan["teacher"])
+        self.weight = float(plan.get("distill_weight") or 0.0)
+        self.feature_weight = float(plan.get("distill_feature_weight") or 0.0)
+        self._teacher: nn.Module | None = None
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._features: dict[str, torch.Tensor] = {}
+        self.skips = [n for n, m in model.named_modules() if isinstance(m, QuantAdd)]
+        model.register_forward_pre_hook(self._record_input)
+        # Registered after the output quantizer's hook: sees the quantized output.
+        model.register_forward_hook(self._record_output)
+        if self.feature_weight > 0:
+            for name in self.skips:
+                model.get_submodule(name).register_forward_hook(self._feature_hook(name))
+        # Not an nn.Module attribute: the teacher stays out of the state dict and of .parameters().
+        object.__setattr__(model, "distillation", self)
+
+    def _record_input(self, module: nn.Module, args: tuple) -> None:
+        self._input = args[0] if module.training else None
+        self._features = {}
+
+    def _record_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._output = output if module.training else None
+
+    def _feature_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if module.training:
+                self._features[name] = output
+
+        return hook
+
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            from qnas.train.network import load_network
+
+            net, blob = load_network(self.source)
+            if blob["network"].get("quant"):
+                raise QnasError(f"distillation teacher {self.source}: expected a full-precision run")
+            device = next(self.model.parameters()).device
+            self._teacher = net.to(device).to(memory_format=torch.channels_last).eval()
+            for p in self._teacher.parameters():
+                p.requires_grad_(False)
+        return self._teacher
+
+    def loss(self) -> torch.Tensor | None:
+        if self._input is None or self._output is None:
+            return None
+        teacher = self.teacher()
+        features: dict[str, torch.Tensor] = {}
+        hooks = []
+        if self.feature_weight > 0:
+            modules = dict(teacher.named_modules())
+            for name in self.skips:
+
+                def keep(_m, _a, out, name=name):
+                    features[name] = out
+
+                hooks.append(modules[name].register_forward_hook(keep))
+        try:
+            with torch.no_grad():
+                target = teacher(self._input)
+        finally:
+            for h in hooks:
+                h.remove()
+        total = self.weight * (self._output - target).abs().mean() if self.weight > 0 else None
+        if self.feature_weight > 0 and self._features:
+            rel = [
+                (self._features[n] - features[n]).abs().mean() / features[n].abs().mean().clamp_min(1e-8)
+                for n in self._features
+            ]
+            term = self.feature_weight * torch.stack(rel).mean()
+            total = term if total is None else total + term
+        self._input = self._output = None
+        self._features = {}
+        return total
 
 
 def calibration_loss(model: nn.Module) -> torch.Tensor | None:

@@ -50,6 +50,7 @@ from qnas.errors import QnasError
 from qnas.quant.apply import check_bits, probe_network
 from qnas.quant.quantizers import (
     QUANTIZERS,
+    AsymmetricQuantizer,
     LSQQuantizer,
     Quantizer,
     build_quantizer,
@@ -57,37 +58,114 @@ from qnas.quant.quantizers import (
 
 #: The strategies of the seed: every quantizer of qnas.quant but FQSR's (`qnas strategy --quantizers all`).
 DQSS_STRATEGIES = ("lsq", "pact", "dorefa", "hwgq", "minmax", "percentile", "mse")
+# Candidate names beyond the plain quantizers: NAME_pc is NAME with one step per output channel
+# (weights only), NAME_asym its asymmetric form with a zero point (activations only;
+# qnas.quant.quantizers.AsymmetricQuantizer).
+PER_CHANNEL, ASYMMETRIC = "_pc", "_asym"
+#: `--quantizers extended`: candidates that differ in more than the step of one symmetric per-tensor
+#: grid: the seed's strategies, ACIQ, per-channel weight steps and asymmetric activation ranges.
+EXTENDED_STRATEGIES = (
+    *DQSS_STRATEGIES,
+    "aciq",
+    "lsq_pc",
+    "minmax_pc",
+    "percentile_pc",
+    "mse_pc",
+    "aciq_pc",
+    "minmax_asym",
+    "percentile_asym",
+    "mse_asym",
+)
 # Strategies whose forward is fake_quant(x, s) and whose gradient to x is its straight-through mask:
-# they can be variants of mixed_quant_conv. PACT (clipping gradient) and DoReFa (tanh weights,
-# activation gradient cut at exactly 1) are not of that form.
-_STEP_ONLY = {"lsq", "minmax", "percentile", "mse", "hwgq"}
-# Strategies whose step is a statistic of the data (calibrated, then frozen).
-_STATISTICS = {"minmax", "percentile", "mse", "hwgq"}
+# they can be variants of mixed_quant_conv (per-tensor ones only). PACT (clipping gradient) and
+# DoReFa (tanh weights, activation gradient cut at exactly 1) are not of that form.
+_STEP_ONLY = {"lsq", "minmax", "percentile", "mse", "hwgq", "aciq"}
+
+
+def candidate_spec(name: str) -> tuple[str, dict]:
+    """(quantizer name, plan flags) of a candidate: "mse" -> ("mse", {}), "mse_pc" -> ("mse",
+    {"per_channel": True}), "mse_asym" -> ("mse", {"asymmetric": True}). QnasError for a bad name."""
+    base, flags = name, {}
+    if name.endswith(PER_CHANNEL):
+        base, flags = name[: -len(PER_CHANNEL)], {"per_channel": True}
+    elif name.endswith(ASYMMETRIC):
+        base, flags = name[: -len(ASYMMETRIC)], {"asymmetric": True}
+    known = ", ".join([*sorted(QUANTIZERS), "NAME_pc", "NAME_asym"])
+    if base not in QUANTIZERS:
+        raise QnasError(f"--quantizers: unknown quantizer {name!r} (known: {known}, or 'all', 'extended')")
+    if flags.get("per_channel") and not QUANTIZERS[base].weight_ok:
+        raise QnasError(
+            f"--quantizers: {name!r}: {base} does not quantize weights (per-channel is for weights)"
+        )
+    if flags.get("asymmetric") and base not in AsymmetricQuantizer.STATS:
+        raise QnasError(
+            f"--quantizers: {name!r}: asymmetric forms exist for {', '.join(AsymmetricQuantizer.STATS)}"
+        )
+    return base, flags
+
+
+def candidate_name(spec: dict) -> str:
+    """The candidate name of a plan entry {"quantizer", "per_channel"?, "asymmetric"?}."""
+    suffix = PER_CHANNEL if spec.get("per_channel") else (ASYMMETRIC if spec.get("asymmetric") else "")
+    return f"{spec['quantizer']}{suffix}"
+
+
+def is_weight_candidate(name: str) -> bool:
+    base, flags = candidate_spec(name)
+    return QUANTIZERS[base].weight_ok and not flags.get("asymmetric")
+
+
+def is_activation_candidate(name: str) -> bool:
+    base, flags = candidate_spec(name)
+    return QUANTIZERS[base].activation_ok and not flags.get("per_channel")
+
+
+def build_candidate(name: str, bits: int, *, kind: str, signed: bool = True, channels: int = 1) -> Quantizer:
+    """The quantizer of candidate `name` for a weight of `channels` output channels or an input."""
+    base, flags = candidate_spec(name)
+    per_channel = bool(flags.get("per_channel"))
+    return build_quantizer(
+        base,
+        bits,
+        kind=kind,
+        signed=signed,
+        channels=channels if per_channel else 1,
+        per_channel=per_channel,
+        asymmetric=bool(flags.get("asymmetric")),
+    )
 
 
 def parse_quantizers(spec: str | Sequence[str]) -> list[str]:
-    """A comma-separated list (or "all") of strategy names, checked; QnasError names a bad one."""
-    names = list(DQSS_STRATEGIES) if spec == "all" else spec
+    """A comma-separated list (or "all", "extended") of candidate names, checked; QnasError names a
+    bad one."""
+    if spec == "all":
+        names: str | Sequence[str] = list(DQSS_STRATEGIES)
+    elif spec == "extended":
+        names = list(EXTENDED_STRATEGIES)
+    else:
+        names = spec
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
     if not names:
         raise QnasError("--quantizers: give at least one quantizer (or 'all')")
     for n in names:
-        if n not in QUANTIZERS:
-            raise QnasError(
-                f"--quantizers: unknown quantizer {n!r} (known: {', '.join(sorted(QUANTIZERS))}, or 'all')"
-            )
+        candidate_spec(n)
     if len(set(names)) != len(names):
         raise QnasError(f"--quantizers: {','.join(names)} names a quantizer twice")
-    if not any(QUANTIZERS[n].weight_ok for n in names):
+    if not any(is_weight_candidate(n) for n in names):
         raise QnasError(
-            f"--quantizers: {','.join(names)} has no weight quantizer (hwgq quantizes activations only)"
+            f"--quantizers: {','.join(names)} has no weight quantizer (hwgq and NAME_asym quantize activations only)"
+        )
+    if not any(is_activation_candidate(n) for n in names):
+        raise QnasError(
+            f"--quantizers: {','.join(names)} has no activation quantizer (NAME_pc is for weights)"
         )
     return names
 
 
 def _step_only(q: Quantizer) -> bool:
-    return q.strategy in _STEP_ONLY
+    return q.strategy in _STEP_ONLY and q.axis is None
 
 
 def _op_scale(q: Quantizer, t: torch.Tensor) -> torch.Tensor:
@@ -131,14 +209,14 @@ class StrategyConv2d(nn.Conv2d):
             raise QnasError(f"engine: expected 'fused' or 'factorized', got {engine!r}")
         self.bits = self.w_bits = self.a_bits = check_bits(bits)
         self.a_signed = bool(a_signed)
-        self.w_names = [n for n in quantizers if QUANTIZERS[n].weight_ok]
-        self.a_names = [n for n in quantizers if QUANTIZERS[n].activation_ok]
+        self.w_names = [n for n in quantizers if is_weight_candidate(n)]
+        self.a_names = [n for n in quantizers if is_activation_candidate(n)]
         device = conv.weight.device
-        self.w_quants = nn.ModuleDict({n: build_quantizer(n, bits, kind="weight") for n in self.w_names}).to(
-            device
-        )
+        self.w_quants = nn.ModuleDict(
+            {n: build_candidate(n, bits, kind="weight", channels=conv.out_channels) for n in self.w_names}
+        ).to(device)
         self.a_quants = nn.ModuleDict(
-            {n: build_quantizer(n, bits, kind="activation", signed=a_signed) for n in self.a_names}
+            {n: build_candidate(n, bits, kind="activation", signed=a_signed) for n in self.a_names}
         ).to(device)
         self.strategy_w_logits = nn.Parameter(torch.zeros(len(self.w_names), device=device))
         self.strategy_a_logits = nn.Parameter(torch.zeros(len(self.a_names), device=device))
@@ -390,9 +468,10 @@ def derive_plan(model: nn.Module, quantizers: Sequence[str], bits: int) -> dict:
     layers, probs = {}, {}
     for name, m in supernet_layers(model).items():
         w, a = m.choice()
+        (w_base, w_flags), (a_base, a_flags) = candidate_spec(w), candidate_spec(a)
         layers[name] = {
-            "w": {"quantizer": w, "bits": m.bits},
-            "a": {"quantizer": a, "bits": m.bits, "signed": m.a_signed},
+            "w": {"quantizer": w_base, "bits": m.bits, **w_flags},
+            "a": {"quantizer": a_base, "bits": m.bits, "signed": m.a_signed, **a_flags},
         }
         with torch.no_grad():
             probs[name] = {
@@ -428,8 +507,8 @@ def derive_network(supernet: nn.Module, float_model: nn.Module, plan: dict) -> n
             out[key] = value
             continue
         sub = key[len(owner) + 1 :]
-        w_name = plan["layers"][owner]["w"]["quantizer"]
-        a_name = plan["layers"][owner]["a"]["quantizer"]
+        w_name = candidate_name(plan["layers"][owner]["w"])
+        a_name = candidate_name(plan["layers"][owner]["a"])
         if sub in ("weight", "bias"):
             out[key] = value
         elif sub.startswith(f"w_quants.{w_name}."):
@@ -458,7 +537,7 @@ def calibrate(supernet: nn.Module, batches: Iterable[torch.Tensor]) -> None:
 
     Why not the quantizers' training-mode EMA (momentum 0.1): over 8 batches it gives the first
     batch about half the weight, so the step of a PTQ run came mostly from its first few patches."""
-    stats = [m for m in supernet.modules() if isinstance(m, Quantizer) and m.strategy in _STATISTICS]
+    stats = [m for m in supernet.modules() if isinstance(m, Quantizer) and m.from_statistics]
     saved = [m.momentum for m in stats]
     supernet.train()
     try:
@@ -725,7 +804,7 @@ def recalibrate(net: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     on the activations it computes itself, then freezes them; learned steps (LSQ, PACT) keep their
     values. For a network whose activations did not change this reproduces the same steps."""
     for m in net.modules():
-        if isinstance(m, Quantizer) and m.strategy in _STATISTICS:
+        if isinstance(m, Quantizer) and m.from_statistics:
             m.reset()
     calibrate(net, batches)
 
@@ -822,7 +901,11 @@ def entropy(model: nn.Module) -> float:
 
 __all__ = [
     "DQSS_STRATEGIES",
+    "EXTENDED_STRATEGIES",
     "StrategyConv2d",
+    "build_candidate",
+    "candidate_name",
+    "candidate_spec",
     "build_supernet",
     "calibrate",
     "derive_network",

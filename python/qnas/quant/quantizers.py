@@ -17,6 +17,12 @@ The strategies (all usable for weights and for activations unless stated):
 - ``minmax``: s = max|x|/qmax.
 - ``percentile``: s = percentile(|x|, p)/qmax (p = 99.99 by default).
 - ``mse``: the clipping value on a grid in (0, max|x|] that minimizes ‖Q(x) − x‖².
+- ``aciq``: analytical clipping, ACIQ (Banner, Nahshan, Soudry, "Post training 4-bit quantization
+  of convolutional networks for rapid-deployment", NeurIPS 2019): the MSE-optimal clip of a
+  Laplace distribution (half-Laplace for unsigned tensors) fitted to the tensor.
+
+Statistics-based quantizers may also be asymmetric (``build_quantizer(..., asymmetric=True)``,
+activations only): an affine grid over [lo, hi] with an integer zero point (AsymmetricQuantizer).
 - ``fqsr``: FQSR's learnable clipping (Wang et al., ACM MM 2021): LSQ's learned step, initialised
   from statistics over the first `warmup` training iterations (pass-through meanwhile), keeping
   the quantization error for FQSR's calibration loss (see FQSRQuantizer).
@@ -76,6 +82,8 @@ class Quantizer(nn.Module):
     strategy = "base"
     weight_ok = True
     activation_ok = True
+    #: The step is a statistic of the data (calibrated, then frozen), not learned by gradient.
+    from_statistics = False
 
     def __init__(
         self, bits: int, *, signed: bool, axis: int | None = None, channels: int = 1, momentum: float = 0.1
@@ -161,6 +169,8 @@ class Quantizer(nn.Module):
 
 class _StatQuantizer(Quantizer):
     """A step computed from statistics of the data (EMA in training mode), not learned."""
+
+    from_statistics = True
 
     def __init__(self, bits: int, **kw):
         super().__init__(bits, **kw)
@@ -259,6 +269,88 @@ def mse_optimal_clip(x: torch.Tensor, axis: int | None, qmin: int, qmax: int, gr
     return best
 
 
+def mse_optimal_range(x: torch.Tensor, levels: int, grid: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) = (a·min(x, 0), b·max(x, 0)), a and b on a grid of `grid` values in (0, 1] each,
+    minimizing ‖Q(x) − x‖² for an affine grid of `levels` codes over [lo, hi] with an integer zero
+    point; on at most 2^14 evenly strided elements (plus the extremes). A non-negative tensor gets
+    lo = 0 and a one-dimensional search."""
+    x = x.detach().float().reshape(-1)
+    lo0, hi0 = x.min().clamp_max(0), x.max().clamp_min(0)
+    if x.numel() > _MSE_SAMPLE:
+        x = torch.cat([x[:: x.numel() // _MSE_SAMPLE + 1], lo0.reshape(1), hi0.reshape(1)])
+    f = torch.arange(1, grid + 1, device=x.device, dtype=x.dtype) / grid
+    a = f if bool(lo0 < 0) else torch.zeros(1, device=x.device, dtype=x.dtype)
+    lo = (a[:, None] * lo0).expand(-1, grid).reshape(-1)  # [n_a * grid]
+    hi = (f[None, :] * hi0).expand(len(a), -1).reshape(-1)
+    s = ((hi - lo) / (levels - 1)).clamp_min(1e-8)
+    z = torch.round(-lo / s).clamp(0, levels - 1)
+    q = (torch.clamp(torch.round(x[None] / s[:, None]) + z[:, None], 0, levels - 1) - z[:, None]) * s[:, None]
+    k = int(((q - x[None]) ** 2).sum(1).argmin())
+    return lo[k], hi[k]
+
+
+class AsymmetricQuantizer(Quantizer):
+    """y = s·(clamp(round(x/s) + z, 0, 2^b − 1) − z): an affine grid over [lo, hi] with an integer
+    zero point z, for activations whose range is not centred on zero (the residual stream of a
+    network without batch norm; DDTB, Zhong et al., ECCV 2022, motivates asymmetric bounds for
+    SR). Zero is a code, so zero padding stays exact. lo and hi are statistics of the data, like
+    the symmetric quantizer of the same name: `stat` "minmax" (min, max), "percentile" (the
+    0.01th and 99.99th percentiles) or "mse" (mse_optimal_range); EMA in training mode until
+    frozen. Activations only; the packed integer format does not represent a zero point, so
+    networks with these quantizers do not export."""
+
+    weight_ok = False
+    from_statistics = True
+    STATS = ("minmax", "percentile", "mse")
+
+    def __init__(self, bits: int, *, stat: str = "minmax", signed: bool = True, **kw):
+        if stat not in self.STATS:
+            raise QnasError(f"asymmetric quantizer: statistic {stat!r} is not one of {', '.join(self.STATS)}")
+        super().__init__(bits, signed=False, **kw)
+        if self.axis is not None:
+            raise QnasError("asymmetric quantizer: per-tensor only")
+        self.signed = bool(signed)  # what the tensor is; the codes are unsigned with a zero point
+        self.stat = stat
+        self.strategy = f"{stat}_asym"
+        self.register_buffer("lo", torch.zeros(1))
+        self.register_buffer("hi", torch.ones(1))
+
+    def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().float()
+        if self.stat == "minmax":
+            return x.min().clamp_max(0), x.max().clamp_min(0)
+        if self.stat == "percentile":
+            flat = x.reshape(-1)
+            if flat.numel() > 1 << 24:
+                flat = flat[:: flat.numel() // (1 << 24) + 1]
+            q = torch.quantile(flat, torch.tensor([1e-4, 1 - 1e-4], device=flat.device))
+            return q[0].clamp_max(0), q[1].clamp_min(0)
+        return mse_optimal_range(x, self.qmax + 1)
+
+    def _init(self, x: torch.Tensor) -> None:
+        lo, hi = self._range(x)
+        self.lo.fill_(float(lo))
+        self.hi.fill_(float(hi))
+
+    def _track(self, x: torch.Tensor) -> None:
+        lo, hi = self._range(x)
+        self.lo.mul_(1 - self.momentum).add_(lo, alpha=self.momentum)
+        self.hi.mul_(1 - self.momentum).add_(hi, alpha=self.momentum)
+
+    def scale(self) -> torch.Tensor:
+        return ((self.hi - self.lo) / self.qmax).clamp_min(1e-8)
+
+    def zero_point(self) -> torch.Tensor:
+        return torch.round(-self.lo / self.scale()).clamp(0, self.qmax)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale().detach()
+        return torch.ops.qops.fake_quant(x, s, self.zero_point().detach(), -1, 0, self.qmax, 1.0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, asymmetric {self.stat}"
+
+
 class HWGQQuantizer(_StatQuantizer):
     """Step = σ·Δ*(bits), Δ* the MSE-optimal uniform step for a unit (half-)Gaussian (Cai et al. 2017).
 
@@ -285,17 +377,43 @@ class HWGQQuantizer(_StatQuantizer):
         return sigma.reshape(-1) * self.optimal_step(self.bits, self.signed) * self.qmax
 
 
-_GAUSS_STEP_CACHE: dict[tuple[int, bool], float] = {}
+class ACIQQuantizer(_StatQuantizer):
+    """Step = b·Δ*(bits), Δ* the MSE-optimal uniform step for a unit Laplace distribution (ACIQ,
+    Banner, Nahshan, Soudry, NeurIPS 2019, who find activations and weights closer to Laplace than
+    to Gaussian). Signed tensors: b = mean|x| (Laplace(0, b)); unsigned ones see the positive half,
+    an exponential of mean b = mean of the positive values. Weights and activations."""
+
+    strategy = "aciq"
+
+    def _clip(self, x):
+        x = x.detach().float()
+        dims = _reduce_dims(x, self.axis)
+        if self.signed:
+            b = x.abs().mean(dim=dims)
+        else:
+            b = x.clamp_min(0).sum(dim=dims) / (x > 0).sum(dim=dims).clamp_min(1)
+        return b.reshape(-1) * _optimal_unit_step("laplace", self.bits, self.signed) * self.qmax
+
+
+_GAUSS_STEP_CACHE: dict[tuple[str, int, bool], float] = {}
 
 
 def _optimal_gaussian_step(bits: int, signed: bool) -> float:
-    key = (bits, signed)
+    return _optimal_unit_step("gaussian", bits, signed)
+
+
+def _optimal_unit_step(dist: str, bits: int, signed: bool) -> float:
+    """The step minimizing the expected squared error of quantizing a unit `dist` ("gaussian":
+    N(0, 1); "laplace": Laplace(0, 1)), its positive half when unsigned, found numerically."""
+    key = (dist, bits, signed)
     if key not in _GAUSS_STEP_CACHE:
+        import numpy as np
         from scipy import integrate, optimize, stats
 
         qmin, qmax = quant_range(bits, signed)
-        lo = 0.0 if not signed else -12.0  # the half-wave case only sees x > 0 (ReLU)
-        pdf = stats.norm.pdf
+        tail = 12.0 if dist == "gaussian" else 30.0
+        lo = 0.0 if not signed else -tail  # the half-wave case only sees x > 0 (ReLU)
+        pdf = stats.norm.pdf if dist == "gaussian" else (lambda x: 0.5 * np.exp(-abs(x)))
 
         def mse(step: float) -> float:
             def err(x):
@@ -303,8 +421,8 @@ def _optimal_gaussian_step(bits: int, signed: bool) -> float:
                 return (x - q) ** 2 * pdf(x)
 
             # Integrate piecewise between the rounding thresholds, where the integrand is smooth.
-            cuts = [(k + 0.5) * step for k in range(qmin, qmax) if lo < (k + 0.5) * step < 12.0]
-            edges = [lo, *cuts, 12.0]
+            cuts = [(k + 0.5) * step for k in range(qmin, qmax) if lo < (k + 0.5) * step < tail]
+            edges = [lo, *cuts, tail]
             return sum(integrate.quad(err, a, b)[0] for a, b in zip(edges[:-1], edges[1:], strict=True))
 
         res = optimize.minimize_scalar(mse, bounds=(1e-3, 4.0), method="bounded", options={"xatol": 1e-6})
@@ -471,6 +589,7 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
         MinMaxQuantizer,
         PercentileQuantizer,
         MSEQuantizer,
+        ACIQQuantizer,
     )
 }
 
@@ -483,13 +602,23 @@ def build_quantizer(
     signed: bool | None = None,
     channels: int = 1,
     per_channel: bool = False,
+    asymmetric: bool = False,
     **kw,
 ) -> Quantizer:
     """A quantizer by strategy name for `kind` "weight" (signed, per output channel when
-    `per_channel`) or "activation" (unsigned unless `signed`, per tensor)."""
+    `per_channel`) or "activation" (unsigned unless `signed`, per tensor; an AsymmetricQuantizer
+    with the statistic `name` when `asymmetric`)."""
     if name not in QUANTIZERS:
         raise QnasError(f"quantizer: unknown '{name}' (known: {', '.join(sorted(QUANTIZERS))})")
     cls = QUANTIZERS[name]
+    if asymmetric:
+        if kind != "activation":
+            raise QnasError(f"quantizer: asymmetric '{name}' quantizes activations only")
+        if name not in AsymmetricQuantizer.STATS:
+            raise QnasError(
+                f"quantizer: '{name}' has no asymmetric form (known: {', '.join(AsymmetricQuantizer.STATS)})"
+            )
+        return AsymmetricQuantizer(bits, stat=name, signed=bool(signed), **kw)
     if kind == "weight":
         if not cls.weight_ok:
             raise QnasError(f"quantizer: '{name}' quantizes activations only")

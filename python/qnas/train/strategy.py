@@ -29,6 +29,7 @@ from qnas.quant.apply import check_bits, load_float_weights
 from qnas.quant.dqss import (
     build_supernet,
     calibrate,
+    candidate_name,
     derive_network,
     derive_plan,
     entropy,
@@ -192,8 +193,8 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
         run.close()
     seconds = time.perf_counter() - t0
     counts = {
-        "weight": dict(collections.Counter(s["w"]["quantizer"] for s in plan["layers"].values())),
-        "activation": dict(collections.Counter(s["a"]["quantizer"] for s in plan["layers"].values())),
+        "weight": dict(collections.Counter(candidate_name(s["w"]) for s in plan["layers"].values())),
+        "activation": dict(collections.Counter(candidate_name(s["a"]) for s in plan["layers"].values())),
     }
     layers = supernet_layers(supernet)
     strategy = {
@@ -203,8 +204,8 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
         "quantizers": opts.quantizers,
         "layers": {
             name: {
-                "weight": s["w"]["quantizer"],
-                "activation": s["a"]["quantizer"],
+                "weight": candidate_name(s["w"]),
+                "activation": candidate_name(s["a"]),
                 "probs": plan["probs"][name],
                 **(
                     {
