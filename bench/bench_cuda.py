@@ -28,12 +28,14 @@ the file runs, not a measurement.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from qops.mixed_quant_conv import mixed_quant_conv as fused_mqc
+from qops.mixed_quant_conv import op_args
 from qops.packed import pack_weight, packed_conv2d, quantized_conv2d
 from qops.reference import mixed_quant_conv as naive_mqc
 
@@ -160,12 +162,12 @@ def _mqc_step(impl, args, leaves, terms, mode):
         t.grad = None
     if impl == "naive":
         y = _naive_noise_loop(*args, terms) if mode == "noise" else naive_mqc(*args, terms=terms)
-    elif impl == "triton":
-        from qops.triton.mixed_quant_conv import mixed_quant_conv as triton_mqc
-
-        y = triton_mqc(*args, mode=mode)
     else:
-        y = fused_mqc(*args, mode=mode)
+        call = (*args[:6], dataclasses.replace(args[6], mode=mode))
+        if impl == "triton":
+            y = torch.ops.qops_triton.mixed_quant_conv(*op_args(*call))
+        else:
+            y = fused_mqc(*call)
     y.backward(torch.ones_like(y))
 
 

@@ -934,7 +934,7 @@ def demo_steps(device: str, *, batch: int | None = None, patch: int | None = Non
         )
 
     t_opts = TrainOptions(scale=s.scale, batch_size=s.train_batch, patch_size=s.train_patch, lr=s.train_lr)
-    genotype = uniform_genotype(s.space, s.scale, s.fixed_op, 4, adq=True)
+    genotype = uniform_genotype(s.space, s.scale, s.fixed_op, 4)
     model = build_network(genotype_network_config(genotype, s.act_quantizer)).to(device, memory_format=cl)
     model.train()
     t_data = train_dataset(s.data, s.scale, s.train_patch, progress=False)

@@ -276,7 +276,7 @@ def test_cli_fqsr_quant_options_and_packed_eval(fp_run, tmp_path, capsys):
 )
 def test_cli_quant_options_errors(fp_run, tmp_path, capsys, extra, needle):
     args = ["train", "--init", fp_run, "--quant", "fqsr", "--bits", "4", *extra]
-    code, _, err = run_cli([*args, "--steps", "1", "--out", tmp_path / "x", "--quiet"], capsys)
+    code, _, err = run_cli([*args, "--steps", "80", "--out", tmp_path / "x", "--quiet"], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 

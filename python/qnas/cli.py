@@ -76,7 +76,7 @@ def eval_command(
     if checkpoint is not None:
         from qnas.train.network import load_network, network_scale, network_upscaler
 
-        if os.path.isfile(checkpoint) and not checkpoint.endswith(".pt"):
+        if os.path.isfile(checkpoint) and checkpoint.lower().endswith(".qnp"):
             # A packed file (`qnas export --format packed`): what `qnas upscale` runs, on the CPU.
             from qnas.deploy import PackedModel
 
@@ -695,9 +695,7 @@ def genotype_command(
             raise QnasError("--op: not with --random (every layer draws its own op)")
         if target_gbitops is None:
             raise QnasError("--random needs --target-gbitops (the BitOps the genotype should cost)")
-        g = random_genotype(
-            doc, scale, target_gbitops, seed, bits=bit_list or [4, 8], lr_size=size
-        )
+        g = random_genotype(doc, scale, target_gbitops, seed, bits=bit_list or [4, 8], lr_size=size)
         what = f"random (seed {seed}) at target {target_gbitops:g}"
     else:
         if op is None or bit_list is None or len(bit_list) != 1:
