@@ -41,7 +41,9 @@ TRITON_TWINS_RUN = HAS_CUDA or _TORCH >= (2, 13)
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_triton = pytest.mark.skip(reason="triton is not installed")
-    skip_old_interpreter = pytest.mark.skip(reason="interpreted Triton kernels need torch >= 2.13 (no GPU here)")
+    skip_old_interpreter = pytest.mark.skip(
+        reason="interpreted Triton kernels need torch >= 2.13 (no GPU here)"
+    )
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)

@@ -123,7 +123,8 @@ def test_runtime_needs_no_training_code(packed_file):
 
 def test_export_onnx_qdq_and_onnxruntime(fqsr_run, packed_file, tmp_path, capsys):
     import onnx
-    import onnxruntime as ort
+
+    from qnas.export.onnx import ort_session
 
     out = tmp_path / "m.onnx"
     code, text, err = run_cli(["export", fqsr_run, "--format", "onnx", "--out", out], capsys)
@@ -143,7 +144,7 @@ def test_export_onnx_qdq_and_onnxruntime(fqsr_run, packed_file, tmp_path, capsys
         assert all(producer[i].op_type == "DequantizeLinear" for i in a.input)
     # 4-bit codes travel in int8 / uint8 with a Clip to their code range before QuantizeLinear.
     assert any(n.op_type == "Clip" and producer.get(n.input[0]) is not None for n in model.graph.node)
-    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    sess = ort_session(out)
     packed = PackedModel.load(packed_file)
     for shape in [(1, 3, 12, 12), (1, 3, 9, 21)]:  # dynamic height and width
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(2))
@@ -267,10 +268,9 @@ def test_check_image_is_deterministic():
 
 def test_srresnet_with_prelu_and_batchnorm_exports():
     """SRResNet's PReLU and inference batch norm become "prelu" / "affine" nodes; onnxruntime agrees."""
-    import onnxruntime as ort
 
     from qnas.export import packed_graph
-    from qnas.export.onnx import onnx_model
+    from qnas.export.onnx import onnx_model, ort_session
     from qnas.quant.apply import quantize_network
     from qnas.sr import build_model
 
@@ -287,9 +287,7 @@ def test_srresnet_with_prelu_and_batchnorm_exports():
     y = packed(x)
     with torch.inference_mode():
         assert agreement_psnr(y, m(x).clamp(0, 1)) > 30  # int32 biases only
-    sess = ort.InferenceSession(
-        onnx_model(graph, tensors).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
+    sess = ort_session(onnx_model(graph, tensors).SerializeToString())
     assert agreement_psnr(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), y) >= 40
     assert torch.equal(packed.upscale(x, tile=5), y)
 
@@ -310,10 +308,9 @@ def test_unsupported_layers_are_named():
 def test_searched_network_with_concat_exports():
     """A derived network of an RFDN-style space (feature distillation by concatenation, LeakyReLU) is fully
     quantized and exports: the concatenation is a graph node in both formats."""
-    import onnxruntime as ort
 
     from qnas.export import packed_graph
-    from qnas.export.onnx import onnx_model
+    from qnas.export.onnx import onnx_model, ort_session
     from qnas.nas.derive import DerivedNetwork, uniform_genotype
 
     space = {
@@ -348,7 +345,5 @@ def test_searched_network_with_concat_exports():
     packed = PackedModel(graph, tensors)(x)
     with torch.inference_mode():
         assert agreement_psnr(packed, net(x).clamp(0, 1)) > 35
-    sess = ort.InferenceSession(
-        onnx_model(graph, tensors).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
+    sess = ort_session(onnx_model(graph, tensors).SerializeToString())
     assert agreement_psnr(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), packed) >= 40

@@ -10,6 +10,7 @@ from qnas.cost import count_cost
 from qnas.nas.adq import ADQ
 from qnas.nas.derive import DerivedNetwork, genotype_cost, uniform_genotype
 from qnas.nas.graph import compile_space
+from qnas.nas.layers import DerivedLayer
 from qnas.nas.regularizers import BitOpsPenalty, BitOpsTarget, entropy_coef
 from qnas.nas.supernet import SearchLayer, Supernet
 from qnas.spaces import load_space
@@ -290,7 +291,9 @@ def test_anchor_skip_adds_the_nearest_upsampled_input_in_supernet_and_derived_ne
     da, dp = DerivedNetwork(g, "lsq").eval(), DerivedNetwork({**g, "space": paper}, "lsq").eval()
     dp.load_state_dict(da.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(da(x), dp(x) + up)
+        # The derived network is fully quantized: the anchor is added before its output quantizer.
+        torch.testing.assert_close(da(x), da.output_quant(dp.net(x) + up))
+        assert not torch.equal(da(x), dp(x) + up)
     # 0 BitOps: the cost of the network does not change.
     assert genotype_cost(g, (8, 8)) == genotype_cost({**g, "space": paper}, (8, 8))
 
@@ -314,12 +317,14 @@ def test_every_conv_starts_variance_preserving():
             gain = 1.0 if name.startswith("net.nodes.head.") and first_stage else math.sqrt(2)
             assert 0.85 < _std_ratio(p, gain) < 1.15, name
     derived = DerivedNetwork(uniform_genotype(load_space(space), 2, "conv3x1_1x3", 4))
-    convs = [m for m in derived.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs
-    for conv in convs:
-        gain = 1.0 if conv.act == "none" else math.sqrt(2)
-        assert 0.75 < _std_ratio(conv.weight, gain) < 1.25
-        assert conv.bias is None or not conv.bias.any()
+    layers = [m for m in derived.modules() if isinstance(m, DerivedLayer)]
+    assert layers
+    for layer in layers:
+        for k, conv in enumerate(layer.convs):
+            # The layer's first conv reads its input (relu'd unless act "none"), later ones a relu.
+            gain = 1.0 if k == 0 and isinstance(layer.act, torch.nn.Identity) else math.sqrt(2)
+            assert 0.75 < _std_ratio(conv.weight, gain) < 1.25
+            assert conv.bias is None or not conv.bias.any()
 
 
 def test_rescaled_mixture_keeps_the_variance_and_is_exact_at_one_hot():

@@ -51,6 +51,7 @@ OPS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "leaky_relu": (1, ("slope",), (), ()),
     "affine": (1, (), ("scale", "shift"), ()),
     "pixel_shuffle": (1, ("factor",), (), ()),
+    "upsample": (1, ("factor",), (), ()),  # nearest: every pixel repeated factor x factor times
     "clamp": (1, ("min", "max"), (), ()),
     "concat": (None, (), (), ()),  # along channels
 }
@@ -290,6 +291,11 @@ def check_graph(graph: Any, tensors: dict[str, torch.Tensor], where: str) -> Non
             if channels % (r * r):
                 _fail(where, f"{at}: {channels} channels do not divide by factor^2 = {r * r}")
             channels, factor = channels // (r * r), factor * r
+        elif op == "upsample":
+            r = node["factor"]
+            if not (_is_int(r) and 1 <= r <= MAX_SHUFFLE):
+                _fail(where, f"{at}: factor must be an integer in 1..{MAX_SHUFFLE}, got {r!r}")
+            factor = factor * r
         elif op == "clamp":
             if not (_is_number(node["min"]) and _is_number(node["max"]) and node["min"] <= node["max"]):
                 _fail(where, f"{at}: min and max must be finite numbers with min <= max")

@@ -144,6 +144,10 @@ class PackedModel:
         if op == "pixel_shuffle":
             r = int(node["factor"])
             return lambda xs: F.pixel_shuffle(xs[0], r)
+        if op == "upsample":
+            r = int(node["factor"])
+            # What the trained network's NearestAnchor computes (the runtime imports no model code).
+            return lambda xs: xs[0].repeat_interleave(r, dim=2).repeat_interleave(r, dim=3)
         if op == "concat":
             return lambda xs: torch.cat(xs, 1)
         if op == "clamp":
@@ -183,7 +187,7 @@ class PackedModel:
             if node["op"] == "conv":
                 kh, kw = node["w_shape"][2:]
                 r += max((kh - 1) // 2, (kw - 1) // 2) / f
-            elif node["op"] == "pixel_shuffle":
+            elif node["op"] in ("pixel_shuffle", "upsample"):
                 f *= int(node["factor"])
             radius[node["output"]], factor[node["output"]] = r, f
         return math.ceil(radius[self.graph["output"]])

@@ -8,7 +8,8 @@ graph is exactly the packed model's computation:
   DequantizeLinear.
 - "add" -> Add, "add_const" -> Add of an initializer, "mul_const" -> Mul, "relu" -> Relu, "prelu" -> PRelu,
   "leaky_relu" -> LeakyRelu, "affine" -> Mul and Add of per-channel initializers,
-  "pixel_shuffle" -> DepthToSpace (mode CRD, PixelShuffle's channel order), "clamp" -> Clip.
+  "pixel_shuffle" -> DepthToSpace (mode CRD, PixelShuffle's channel order), "upsample" -> Resize
+  (nearest, asymmetric, floor: each pixel repeated), "clamp" -> Clip.
 
 ONNX's QuantizeLinear saturates to the range of its 8-bit type. Codes of b < 8 bits are carried in int8
 (signed) / uint8 (unsigned) with the clipped code range [qmin, qmax] of b bits: a Clip to
@@ -29,6 +30,22 @@ from qnas.deploy.format import bias_step, quant_range
 from qops.packed import unpack_weight
 
 OPSET = 17
+
+#: onnxruntime graph optimizers that change the numbers of a QDQ graph. DoubleQDQPairsRemover merges a
+#: chain Q1 -> DQ1 -> Q2 -> DQ2 (a value requantized to a second step, as a quantized skip does with a
+#: sum that a skip already quantized) into one Q -> DQ pair: it drops one rounding, so codes change.
+#: Without it onnxruntime computes the exported graph exactly (the packed runtime's output bit for bit).
+ORT_INEXACT_OPTIMIZERS = ("DoubleQDQPairsRemover",)
+
+
+def ort_session(model: str | os.PathLike | bytes, exact: bool = True):
+    """An onnxruntime CPU session of an exported model (a path or the serialized bytes); `exact` disables
+    ORT_INEXACT_OPTIMIZERS so that it computes what the packed runtime computes."""
+    import onnxruntime as ort
+
+    src = model if isinstance(model, bytes) else str(model)
+    disabled = list(ORT_INEXACT_OPTIMIZERS) if exact else None
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
 
 
 def onnx_model(graph: dict, tensors: dict[str, torch.Tensor]):
@@ -137,6 +154,21 @@ def onnx_model(graph: dict, tensors: dict[str, torch.Tensor]):
         elif op == "pixel_shuffle":
             nodes.append(
                 helper.make_node("DepthToSpace", xs, [y], name=name, blocksize=node["factor"], mode="CRD")
+            )
+        elif op == "upsample":
+            r = float(node["factor"])
+            sc = init(f"{name}.scales", np.array([1.0, 1.0, r, r], dtype=np.float32))
+            # asymmetric + floor: output pixel i reads input pixel floor(i / r), a pixel repeated r times.
+            nodes.append(
+                helper.make_node(
+                    "Resize",
+                    [xs[0], "", sc],
+                    [y],
+                    name=name,
+                    mode="nearest",
+                    coordinate_transformation_mode="asymmetric",
+                    nearest_mode="floor",
+                )  # fmt: skip
             )
         elif op == "concat":
             nodes.append(helper.make_node("Concat", xs, [y], name=name, axis=1))

@@ -16,7 +16,7 @@ from torch import nn
 from qnas.errors import QnasError
 from qnas.nas.adq import ADQ
 from qnas.spaces import eval_channels, op_stages, space_ops
-from qnas.sr.common import Add, check_scale
+from qnas.sr.common import Add, NearestAnchor, check_scale
 
 
 @dataclass
@@ -224,9 +224,8 @@ class GraphModule(nn.Module):
     residual when `adq` is False.
 
     The whole network's module (the graph compile_space returns) adds the space's anchor skip to its
-    output (anchor_skip) and, once built, re-initialises every nn.Conv2d its layers hold with
-    init_conv (the supernet's layers create their kernels with it directly), so the supernet and the
-    derived network start from the same kind of weights."""
+    output (qnas.sr.common.NearestAnchor). The layers create their kernels with init_kernel, so the
+    supernet and the derived network start from the same kind of weights."""
 
     def __init__(self, graph: Graph, make_layer: LayerFactory, adq: bool, *, _cell: bool = False):
         super().__init__()
@@ -248,8 +247,10 @@ class GraphModule(nn.Module):
                 self.nodes[n.name] = GraphModule(n.sub, make_layer, adq, _cell=True)
         self.anchor = None if _cell else graph.anchor
         self.scale = graph.scale
-        if not _cell:
-            init_convs(self)
+        if self.anchor is not None:
+            if self.anchor != "nearest":
+                raise ValueError(f"anchor: expected 'nearest', got {self.anchor!r}")
+            self.anchor_skip = NearestAnchor(graph.scale)
 
     def forward(self, x: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         values = {"input": x}
@@ -269,17 +270,8 @@ class GraphModule(nn.Module):
             values[n.name] = y
         y = values[self.spec.output]
         if self.anchor is not None:
-            y = y + anchor_skip(x, self.scale, self.anchor)
+            y = self.anchor_skip(y, x)
         return y
-
-
-def anchor_skip(x: torch.Tensor, scale: int, anchor: str = "nearest") -> torch.Tensor:
-    """The image path of a space with an anchor: the LR input upsampled by `scale`, each pixel repeated
-    (nearest). On the 8-bit input image it is a copy of integers (0 BitOps), so the network's layers
-    only add the residual detail and the image's brightness never goes through a quantized layer."""
-    if anchor != "nearest":
-        raise ValueError(f"anchor: expected 'nearest', got {anchor!r}")
-    return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
 class Residual(nn.Module):
@@ -313,19 +305,3 @@ def init_kernel(shape: tuple[int, ...], relu: bool) -> torch.Tensor:
     w = torch.empty(shape)
     nn.init.kaiming_uniform_(w, a=0.0, nonlinearity="relu" if relu else "linear")
     return w
-
-
-@torch.no_grad()
-def init_conv(conv: nn.Conv2d) -> None:
-    """init_kernel for an existing convolution, bias zero. A convolution whose `act` attribute is
-    "none" (qnas.nas.layers.QuantConv2d with signed inputs) gets gain 1, any other gain √2."""
-    conv.weight.copy_(init_kernel(tuple(conv.weight.shape), getattr(conv, "act", "relu") != "none"))
-    if conv.bias is not None:
-        conv.bias.zero_()
-
-
-def init_convs(module: nn.Module) -> None:
-    """init_conv on every nn.Conv2d inside `module` (a no-op on the meta device)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d) and not m.weight.is_meta:
-            init_conv(m)

@@ -11,8 +11,8 @@ each operation belongs to. Each tensor gets a domain:
   weight (int32 accumulator; its bias is an int32 at the product of the steps), a sum of two
   quantized tensors, or a re-arrangement (view, pixel shuffle, ReLU, zero padding) of such values;
 - ``requant``: an element-wise affine step with a constant (mean shift, scalar multiply, PReLU,
-  inference batch norm, …)
-  on integer or input values. Integer inference folds it into the next quantizer's requantization,
+  inference batch norm, …) on integer or input values, or the sum of integer values and the (8-bit)
+  input image (the anchor skip of the search spaces). Integer inference folds it into the next quantizer's requantization,
   so it is fine exactly when a quantizer consumes it;
 - ``float``: anything else.
 
@@ -213,6 +213,10 @@ class _Tracer(TorchDispatchMode):
         if name in _TENSOR_BINARY and len(data) == 2:
             if name.startswith(("add", "sub")) and all(k == "Q" for k in data):
                 return "int", "", "sum of quantized operands"
+            if name.startswith("add") and sorted(data) in (["Q", "input"], ["input", "int"]):
+                # The anchor skip: the 8-bit input image added to integer values, which integer
+                # inference does in the next quantizer's requantization (codes at two steps, one rescale).
+                return "requant", "", "sum with the 8-bit input image"
             return "float", f"FLOAT: {name} of {data[0]} and {data[1]} tensors", ""
         if name in _AFFINE:
             if data[0] == "float":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qnas.deploy.format import bias_step
 from qnas.quant.quantizers import Quantizer
 from qnas.sr.common import Add
 
@@ -28,8 +29,10 @@ def _bits_of(q: Quantizer | None) -> int:
 class QuantConv2d(nn.Conv2d):
     """conv(Q_a(x), Q_w(W)) + bias: fake-quantized convolution (per-tensor steps).
 
-    `w_quant` / `a_quant` may be None (that side stays float: w_bits / a_bits = 0). The bias stays
-    float during training; an integer deployment stores it as int32 at the product of the two steps.
+    `w_quant` / `a_quant` may be None (that side stays float: w_bits / a_bits = 0). With both sides
+    quantized the bias is used on the accumulator's grid, round(b / (sa·sw[c]))·(sa·sw[c]) (gradient to
+    b straight through), which is the int32 bias an integer deployment stores: the network trains and
+    evaluates as it ships (qnas export, docs/deploy.md).
     """
 
     def __init__(
@@ -90,12 +93,24 @@ class QuantConv2d(nn.Conv2d):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.w_quant is None else self.w_quant(self.weight)
 
+    def integer_bias(self) -> torch.Tensor | None:
+        """The bias as the integer path adds it (see the class docstring); the float bias where a side is
+        float or a quantizer has no uniform step. Call after both quantizers have seen data."""
+        b = self.bias
+        if b is None or self.a_quant is None or self.w_quant is None:
+            return b
+        sa, sw = self.a_quant.deploy_step(), self.w_quant.deploy_step()
+        if sa is None or sw is None or sa.numel() != 1:
+            return b
+        step = bias_step(sa, sw.expand(self.out_channels))
+        q = torch.round(b.detach() / step).clamp(-(2**31), 2**31 - 1) * step
+        return b + (q - b.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_quant is not None:
             x = self.a_quant(x)
-        return F.conv2d(
-            x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        w = self.quantized_weight()
+        return F.conv2d(x, w, self.integer_bias(), self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"

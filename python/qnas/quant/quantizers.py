@@ -112,6 +112,11 @@ class Quantizer(nn.Module):
     def _init(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def deploy_step(self) -> torch.Tensor | None:
+        """The step forward quantizes with as integer inference uses it (float32, flat, detached), or
+        None when forward is not s * clamp(round(x / s)) with zero point 0 (asymmetric, DoReFa)."""
+        return None
+
     def _track(self, x: torch.Tensor) -> None:
         """Statistics-based strategies update their step in training mode; learned ones do not."""
 
@@ -178,6 +183,9 @@ class _StatQuantizer(Quantizer):
 
     def scale(self) -> torch.Tensor:
         return self.step
+
+    def deploy_step(self) -> torch.Tensor:
+        return self.step.detach().to(torch.float32).reshape(-1)
 
     def _clip(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -442,6 +450,9 @@ class LSQQuantizer(Quantizer):
     def scale(self) -> torch.Tensor:
         return self.step
 
+    def deploy_step(self) -> torch.Tensor:  # positive, as quantize() makes it
+        return self.step.detach().abs().clamp_min(1e-8).to(torch.float32).reshape(-1)
+
     def _init(self, x: torch.Tensor) -> None:
         mean_abs = x.detach().abs().mean(dim=_reduce_dims(x, self.axis)).reshape(-1)
         self.step.data.copy_((2 * mean_abs / math.sqrt(max(self.qmax, 1))).clamp_min(1e-8))
@@ -536,6 +547,9 @@ class PACTQuantizer(Quantizer):
 
     def scale(self) -> torch.Tensor:
         return self.alpha.detach().abs() / self.qmax
+
+    def deploy_step(self) -> torch.Tensor:
+        return (self.alpha.detach().abs().clamp_min(1e-8) / self.qmax).to(torch.float32).reshape(-1)
 
     def _init(self, x: torch.Tensor) -> None:
         self.alpha.data.copy_(_amax(x, self.axis).clamp_min(1e-8))

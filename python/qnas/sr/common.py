@@ -1,4 +1,4 @@
-"""Building blocks shared by the SR models, written so that later issues can quantize every part.
+"""Building blocks shared by the SR models, written so that every part can be quantized.
 
 Quantization hooks (see docs/models.md):
 - every convolution is created through a `conv` factory with the signature of `default_conv`
@@ -52,6 +52,31 @@ class Add(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y
+
+
+class NearestAnchor(nn.Module):
+    """The global "anchor" skip of integer SR networks: y + the low-resolution input upsampled by
+    `scale` with every pixel repeated (nearest). On the 8-bit input image it is a copy of integers
+    (0 BitOps), so the network's layers only add the residual detail and the image's brightness never
+    goes through a low-bit layer (the INT8 mobile SR designs use it, e.g. Du et al., "Anchor-based
+    Plain Net for Mobile Image Super-Resolution", CVPRW 2021). A module, so that export can find it:
+    it becomes an "upsample" node and an "add" before the output quantizer."""
+
+    def __init__(self, scale: int):
+        super().__init__()
+        self.scale = int(scale)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y + upsample_nearest(x, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+def upsample_nearest(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """x with every pixel repeated scale x scale times (exact for any dtype; the deploy runtime and the
+    ONNX Resize of the anchor compute the same)."""
+    return x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
 class MeanShift(nn.Module):
