@@ -5,7 +5,7 @@ runs its rounds back to back. Here every round calls every implementation once, 
 the same load; with ``--threads 1`` the time is the calling thread's CPU time, which excludes the time the
 thread was descheduled. Usage:
 
-    flock /tmp/qnas-cpu.lock python bench/ab_packed_conv.py --size 160 --bits 8x8 4x4 2x2 1x1 [--threads 1]
+    python bench/ab_packed_conv.py --size 160 --bits 8x8 4x4 2x2 1x1 [--threads 1]
 
 ``--bits WxA`` runs the automatic path, ``WxAxPATH`` forces one (QOPS_PACKED_PATH).
 """

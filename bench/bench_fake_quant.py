@@ -10,7 +10,7 @@ bytes = the minimal traffic: forward reads x and writes y, backward reads x and 
 Every group runs with all of torch's threads and with one thread: on the shared 2-core machine other
 processes often hold both cores, and then every parallel region (of any implementation) waits a scheduler
 time slice for its second thread; the one-thread groups are immune to that.
-Run: flock /tmp/qnas-cpu.lock python -m pytest bench/bench_fake_quant.py --benchmark-only -q
+Run: python -m pytest bench/bench_fake_quant.py --benchmark-only -q
 """
 
 import pytest

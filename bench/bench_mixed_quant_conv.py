@@ -1,7 +1,7 @@
 """mixed_quant_conv, forward + backward of one supernet layer: the naive loop over the non-zero
 (op, w_bits, a_bits) terms (qops.reference, what a plain PyTorch QuantNAS does; baseline) vs the fused op.
 
-Layers (shared/DESIGN.md, issue 5):
+Layers (the search spaces' shapes):
   quantnas: c=36 -> 36, candidates 1x1, 3x3, 5x5, 3x3 with 3 groups, bits {4, 8} tied (8 terms),
             batch 16 of 48x48;
   rfdn:     c=48 -> 48, candidates 1x1, 3x3, 5x5, 3x3 with 3 groups, bits {4, 8} tied, batch 16 of 48x48.
@@ -12,7 +12,7 @@ fused op returns, so a stack of fused layers stays channels-last). Peak memory o
 (bytes allocated by torch above what existed before, from the profiler's allocation events) is in
 extra_info.peak_mb and in the report's table.
 
-    flock /tmp/qnas-cpu.lock python -m pytest bench/bench_mixed_quant_conv.py --benchmark-only \
+    python -m pytest bench/bench_mixed_quant_conv.py --benchmark-only \
         --benchmark-json=build/b.json -q && python bench/report.py build/b.json
 """
 

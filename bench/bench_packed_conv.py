@@ -6,7 +6,7 @@ baseline), torch's fp32 conv (channels_last, its fastest layout here), and ours 
 packed_conv2d on uint8 codes (int32 out) and quantized_conv2d (float in, float out). GOP/s count 2 ops per
 MAC; the impl names carry the weight bytes. A third group compares our CPU paths (QOPS_PACKED_PATH).
 
-    flock /tmp/qnas-cpu.lock python -m pytest bench/bench_packed_conv.py --benchmark-only \
+    python -m pytest bench/bench_packed_conv.py --benchmark-only \
         --benchmark-json=build/b.json -q && python bench/report.py build/b.json
 """
 

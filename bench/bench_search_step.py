@@ -13,7 +13,7 @@ Groups for both modes ("quant": LSQ fake quantization, "noise": quantization noi
 quant comparison, the two fused modes in one group. Every group runs with all of torch's threads and with
 one (on the shared 2-core machine a parallel region waits a time slice whenever another process holds a
 core; one thread is immune to that). Both impls start from the same weights and see the same batches.
-Run: flock /tmp/qnas-cpu.lock python -m pytest bench/bench_search_step.py --benchmark-only -q
+Run: python -m pytest bench/bench_search_step.py --benchmark-only -q
 """
 
 import pytest

@@ -6,7 +6,7 @@ Weights are random (speed does not depend on their values); the FQSR quantizers 
 input. QNAS_BENCH_PACKED=FILE times a packed file of `qnas export` instead. GOP/s count 2 ops per MAC
 of the convolutions.
 
-    flock /tmp/qnas-cpu.lock python -m pytest bench/bench_upscale.py --benchmark-only \
+    python -m pytest bench/bench_upscale.py --benchmark-only \
         --benchmark-json=build/b.json -q && python bench/report.py build/b.json
 
 `python bench/bench_upscale.py` prints where the packed runtime's time goes, per op type. Both impls

@@ -1,4 +1,4 @@
-// Every schema of torch.ops.qops, in one place (shared/DESIGN.md "Op contracts").
+// Every schema of torch.ops.qops, in one place (docs/ARCHITECTURE.md, "The op layer").
 // Kernels register against these names in csrc/cpu/*.cpp and csrc/cuda/*_binding.cpp; the
 // fake (meta) and autograd registrations live in qops/*.py.
 #include <Python.h>

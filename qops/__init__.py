@@ -1,8 +1,9 @@
 """qops: the low-bit kernels of qnas as PyTorch custom ops (``torch.ops.qops.*``).
 
 ``import qops`` loads the compiled extension ``qops._C`` (which registers the op schemas and the
-C++/CUDA kernels) and the Python registrations (fake tensors, autograd, Triton). Op contracts are
-in shared/DESIGN.md; the pure-torch reference of every op is in :mod:`qops.reference`.
+C++/CUDA kernels) and the Python registrations (fake tensors, autograd, Triton). The schemas are
+in csrc/ops.cpp, the pure-torch reference (the contract) of every op in :mod:`qops.reference`;
+docs/ARCHITECTURE.md explains the layout.
 """
 
 from __future__ import annotations

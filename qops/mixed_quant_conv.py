@@ -122,7 +122,7 @@ def _require(cond, message: str) -> None:
     torch._check(cond, lambda: message)
 
 
-def _check_args(
+def check_args(
     x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, bias, mode
 ) -> tuple[int, int, int]:
     """The checks of check_args in csrc (same messages) for the fake kernels, so that meta tensors, torch.compile
@@ -201,7 +201,7 @@ def _mixed_quant_conv_fake(
     mode="quant",
     seed=0,
 ):
-    cout, ho, wo = _check_args(
+    cout, ho, wo = check_args(
         x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, bias, mode
     )
     y = x.new_empty((x.shape[0], cout, ho, wo))
@@ -238,7 +238,7 @@ def _mixed_quant_conv_backward_fake(
     seed,
     output_mask,
 ):
-    cout, ho, wo = _check_args(
+    cout, ho, wo = check_args(
         x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, None, mode
     )
     torch._check(grad.dtype == torch.float32, lambda: f"grad: expected dtype Float, got {grad.dtype}")

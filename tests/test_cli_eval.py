@@ -17,7 +17,7 @@ import qnas
 import qnas.cli
 from qnas.cli import main
 from qnas.data.datasets import eval_dataset
-from qnas.errors import DataError
+from qnas.errors import QnasError
 from qnas.evaluate import evaluate
 
 
@@ -43,7 +43,7 @@ def _run(argv, capsys):
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_bicubic_eval_reproduces_independent_matlab_protocol(tmp_path, capsys, scale):
-    """Issue 4, done when: `qnas eval --model bicubic` matches an independent MATLAB-protocol
+    """`qnas eval --model bicubic` matches an independent MATLAB-protocol
     computation (per-pixel MATLAB imresize down and up, scikit-image Y and metrics) on arbitrary
     images within 0.05 dB / 0.003."""
     _arbitrary_images(tmp_path / "imgs")
@@ -170,5 +170,5 @@ def test_real_process_exit_code():
 
 def test_debug_flag_lets_the_exception_through(monkeypatch):
     monkeypatch.setitem(qnas.cli._debug, "on", False)  # --debug sets module state; restored after
-    with pytest.raises(DataError, match="scale 7"):
+    with pytest.raises(QnasError, match="scale 7"):
         main(["--debug", "eval", "--model", "bicubic", "--scale", "7"])

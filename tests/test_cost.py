@@ -72,7 +72,7 @@ def test_bits_override():
 
 
 class QConv(nn.Conv2d):
-    """A quantized convolution as later issues will define it: it declares its bit-widths."""
+    """A quantized convolution as cost counting sees it: a conv that declares its bit-widths."""
 
     def __init__(self, *args, w_bits=4, a_bits=8, **kwargs):
         super().__init__(*args, **kwargs)

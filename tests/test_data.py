@@ -23,7 +23,7 @@ from qnas.data.datasets import (
 )
 from qnas.data.images import load_image, save_image
 from qnas.data.imresize import imresize, modcrop
-from qnas.errors import DataError
+from qnas.errors import DataError, QnasError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -433,10 +433,10 @@ def test_data_spec_errors(tmp_path):
 
 @pytest.mark.parametrize("scale", [1, 5, 0, -2, 2.5, "2", True])
 def test_unsupported_scale(scale):
-    with pytest.raises(DataError) as e:
+    with pytest.raises(QnasError) as e:
         check_scale(scale)
     _assert_one_line_data_error(e, repr(scale), "2, 3 or 4")
-    with pytest.raises(DataError):
+    with pytest.raises(QnasError):
         eval_dataset("builtin", scale)
 
 

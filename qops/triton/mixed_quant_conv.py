@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from qops.mixed_quant_conv import _check_args, register_autograd
+from qops.mixed_quant_conv import check_args, register_autograd
 from qops.ranges import quant_range
 from qops.reference import quant_noise_half_delta
 from qops.triton import register_twins
@@ -367,7 +367,7 @@ def mixed_quant_conv_impl(
 ) -> Tensor:
     """torch.ops.qops_triton.mixed_quant_conv: one convolution of the activation variants (Triton) with the
     merged weight (torch ops on the small kernels)."""
-    cout, ho, wo = _check_args(
+    cout, ho, wo = check_args(
         x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, bias, mode
     )
     plan = _Plan(x, weights, dilations, stride)
@@ -403,7 +403,7 @@ def mixed_quant_conv_backward_impl(
 ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """torch.ops.qops_triton.mixed_quant_conv_backward: (grad x, grad weights, grad probs, grad w_scales, grad
     a_scales, grad bias); those not in output_mask come back empty, as from the qops op."""
-    _check_args(x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, None, mode)
+    check_args(x, weights, probs, w_bits, a_bits, w_scales, a_scales, groups, dilations, stride, None, mode)
     plan = _Plan(x, weights, dilations, stride)
     noise = mode == "noise"
     n_ops, n_w, n_a, cin, cout = len(weights), len(w_bits), len(a_bits), x.shape[1], weights[0].shape[0]

@@ -38,6 +38,7 @@ from qnas.data import builtin
 from qnas.data.images import image_size, is_image_file, list_images, load_image
 from qnas.data.imresize import imresize, modcrop
 from qnas.errors import DataError
+from qnas.scale import SCALES, check_scale
 
 __all__ = [
     "SCALES",
@@ -54,7 +55,6 @@ __all__ = [
     "to_tensor",
 ]
 
-SCALES = (2, 3, 4)
 _SPLITS = ("train", "eval")
 _DIV2K_HR = re.compile(r"^DIV2K_(train|valid)_HR$")
 _SSIM_WINDOW = 11  # the smallest Y image SSIM's 11x11 'valid' window accepts
@@ -72,13 +72,6 @@ def check_batch(batch_size: int, patch_size: int) -> None:
             f"--batch-size {batch_size} of {patch_size}x{patch_size} patches: more than the "
             f"{MAX_BATCH_PIXELS:,} pixels a batch may hold"
         )
-
-
-def check_scale(scale: int) -> int:
-    """The scale as an int, or DataError unless it is 2, 3 or 4."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or int(scale) not in SCALES:
-        raise DataError(f"scale {scale!r} is not supported: expected 2, 3 or 4")
-    return int(scale)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import CheckpointError
 from qnas.files import check_input_file
+from qops.ranges import quant_range  # noqa: F401  (re-exported for the runtime and the ONNX writer)
 
 FORMAT_NAME = "qnas-packed"
 FORMAT_VERSION = 1
@@ -59,13 +60,6 @@ OPS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
 
 class PackedModelError(CheckpointError):
     """A packed model file that cannot be used (missing, truncated, corrupt, newer format)."""
-
-
-def quant_range(bits: int, signed: bool) -> tuple[int, int]:
-    """(qmin, qmax) of a `bits`-bit code (two's complement when signed), as qnas.quant.quantizers."""
-    if signed:
-        return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bits > 1 else (-1, 1)
-    return 0, 2**bits - 1
 
 
 def packed_weight_bytes(w_shape: list[int], bits: int) -> int:

@@ -40,7 +40,7 @@ from qnas.nas.graph import (
     op_macs_per_pixel,
 )
 from qnas.spaces import is_single_conv, op_stages
-from qops import reference
+from qops import quant_range, reference
 from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
 
 MODES = ("quant", "noise")
@@ -55,10 +55,6 @@ FULL_PRECISION_BITS = 32
 def cost_bits(b: int) -> int:
     """Bits as BitOps count them: 0 (full precision) counts as 32."""
     return FULL_PRECISION_BITS if b == 0 else int(b)
-
-
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
 def _grad_scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -198,7 +194,7 @@ class SearchLayer(nn.Module):
 
     # -- LSQ ----------------------------------------------------------------------------------------
     def _qmax(self, bits: int, signed: bool) -> int:
-        return qrange(bits, signed)[1]
+        return quant_range(bits, signed)[1]
 
     def w_grad_factor(self, numel: int, bits: int) -> float:
         return 1.0 / math.sqrt(numel * self._qmax(bits, True)) if bits else 1.0
@@ -234,7 +230,7 @@ class SearchLayer(nn.Module):
                 noise = (hi - lo) / (2**bits - 1) * torch.randn_like(t) / 2
                 return t + noise
             return qops.quant_noise(t, bits, seed)
-        qmin, qmax = qrange(bits, signed)
+        qmin, qmax = quant_range(bits, signed)
         zp = torch.zeros(1, device=t.device)
         s = _positive(scale).reshape(1)
         if self.impl == "naive":
@@ -327,7 +323,7 @@ class SearchLayer(nn.Module):
                 if self.mode == "quant":
                     # One LSQ step per block; gradient scale 1/sqrt(numel*qmax) of the block's own tensor.
                     hw = h.shape[2] * h.shape[3]
-                    qmax = qrange(ab, False)[1]
+                    qmax = quant_range(ab, False)[1]
                     factors = torch.cat(
                         [torch.full((w,), 1.0 / math.sqrt(w * hw * qmax), dtype=h.dtype) for w in widths]
                     )
@@ -412,13 +408,15 @@ class CompositeBranch(nn.Module):
         for s, (st, w) in enumerate(zip(self.stages, self.weights, strict=True)):
             for i, b in enumerate(w_bits):
                 if b:
-                    self.w_scales[s, i] = max(2 * w.abs().mean().item() / math.sqrt(qrange(b, True)[1]), 1e-8)
+                    self.w_scales[s, i] = max(
+                        2 * w.abs().mean().item() / math.sqrt(quant_range(b, True)[1]), 1e-8
+                    )
             if s > 0:
                 h = F.relu(h)
                 for j, b in enumerate(a_bits):
                     if b:
                         self.mid_scales[s - 1, j] = max(
-                            2 * h.abs().mean().item() / math.sqrt(qrange(b, False)[1]), 1e-8
+                            2 * h.abs().mean().item() / math.sqrt(quant_range(b, False)[1]), 1e-8
                         )
             h = conv2d_same(h, w, st["groups"], st["dilation"])
 

@@ -40,17 +40,15 @@ import math
 import torch
 from torch import nn
 
-import qops  # noqa: F401  (registers torch.ops.qops.fake_quant)
+import qops  # also registers torch.ops.qops.fake_quant
 from qnas.errors import QnasError
 
 
 def quant_range(bits: int, signed: bool) -> tuple[int, int]:
-    """(qmin, qmax) of a `bits`-bit code, two's complement when signed."""
+    """qops.quant_range (the one definition of a b-bit code range) for the bits a quantizer takes."""
     if not 1 <= int(bits) <= 16:
         raise QnasError(f"bits: {bits} is outside 1..16")
-    if signed:
-        return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bits > 1 else (-1, 1)
-    return 0, 2**bits - 1
+    return qops.quant_range(int(bits), signed)
 
 
 def _reduce_dims(x: torch.Tensor, axis: int | None) -> list[int]:

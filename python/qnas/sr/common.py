@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from qnas.errors import QnasError
-
-SCALES = (2, 3, 4)
+from qnas.scale import SCALES, check_scale  # noqa: F401  (part of the models' API)
 
 #: Mean RGB of the DIV2K training set in [0, 1], the constant of the EDSR reference code.
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -96,13 +95,6 @@ class MeanShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.shift
-
-
-def check_scale(scale: object) -> int:
-    """Returns `scale` as an int, or raises QnasError naming it when it is not 2, 3 or 4."""
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale not in SCALES:
-        raise QnasError(f"scale {scale!r} is not supported (use one of {', '.join(map(str, SCALES))})")
-    return scale
 
 
 # Upper limits of the models' size arguments: far above the published models (EDSR: 256 features,
