@@ -333,7 +333,7 @@ def test_searched_network_ships(search_run, tmp_path, capsys):
 
     from qnas.data.images import load_image
     from qnas.deploy import PackedModel
-    from qnas.export import agreement_psnr, check_image
+    from qnas.export import check_image
     from qnas.export.onnx import ort_session
     from qnas.metrics import to_uint8_image
     from qnas.train.network import load_network
@@ -360,7 +360,7 @@ def test_searched_network_ships(search_run, tmp_path, capsys):
     assert torch.equal(via_packed, via_onnx)
     net, _ = load_network(run)
     with torch.inference_mode():
-        assert agreement_psnr(via_packed, net(x).clamp(0, 1)) > 35
+        assert torch.equal(via_packed, net(x).clamp(0, 1))  # trained, packed and onnxruntime: bit for bit
     src = tmp_path / "in.png"
     Image.fromarray(to_uint8_image(x[0])).save(src)
     code, _, err = qnas(
