@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade "pip>=24" "setuptools>=69" wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	@echo "install: compiling qops._C (C++ kernels, every ISA variant): several minutes on 2 cores with no output"
-	$(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	$(PIP) install -q --no-build-isolation -e ".[test,triton,export,examples]"
 	@touch $@
 
 # qops._C, rebuilt in place (ninja, incremental) whenever a C++/CUDA source changes. ninja prints

@@ -55,7 +55,10 @@ class DigitsCNN(nn.Module):
 
 def load_digits(seed: int = 0):
     """(x_train, y_train, x_test, y_test): images [N,1,8,8] in [0, 1], a fixed 500-image test split."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ModuleNotFoundError:
+        raise SystemExit("examples/dqss_digits.py needs scikit-learn: pip install 'qnas[examples]'") from None
 
     d = sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0

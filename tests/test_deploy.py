@@ -347,3 +347,11 @@ def test_searched_network_with_concat_exports():
         assert torch.equal(packed, net(x).clamp(0, 1))
     sess = ort_session(onnx_model(graph, tensors).SerializeToString())
     assert agreement_psnr(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), packed) >= 40
+
+
+def test_onnx_export_without_the_extra_names_it(fqsr_run, tmp_path, capsys, monkeypatch):
+    """onnx and onnxruntime are the `export` extra: without them the command says so in one line."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ModuleNotFoundError
+    code, _, err = run_cli(["export", fqsr_run, "--format", "onnx", "--out", tmp_path / "m.onnx"], capsys)
+    assert code == 2 and "qnas[export]" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()

@@ -342,9 +342,10 @@ def check_export(
             f"packed runtime vs trained network on a 96x96 crop: {agreement_psnr(again, trained):.2f} dB"
         )
     import numpy as np
-    import onnx
 
-    from qnas.export.onnx import ort_session
+    from qnas.export.onnx import ort_session, require_export_extra
+
+    onnx = require_export_extra("onnx")
 
     try:
         onnx.checker.check_model(str(path), full_check=True)

@@ -27,6 +27,7 @@ import torch
 
 from qnas.atomic_write import atomic_write_bytes
 from qnas.deploy.format import bias_step, quant_range
+from qnas.errors import QnasError
 from qops.packed import unpack_weight
 
 OPSET = 17
@@ -38,10 +39,22 @@ OPSET = 17
 ORT_INEXACT_OPTIMIZERS = ("DoubleQDQPairsRemover",)
 
 
+def require_export_extra(module: str):
+    """Imports onnx / onnxruntime, or a one-line QnasError naming the extra that installs them."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        raise QnasError(f"ONNX export needs {module}: pip install 'qnas[export]'") from None
+
+
 def ort_session(model: str | os.PathLike | bytes, exact: bool = True):
     """An onnxruntime CPU session of an exported model (a path or the serialized bytes); `exact` disables
     ORT_INEXACT_OPTIMIZERS so that it computes what the packed runtime computes."""
-    import onnxruntime as ort
+    ort = require_export_extra("onnxruntime")
 
     src = model if isinstance(model, bytes) else str(model)
     disabled = list(ORT_INEXACT_OPTIMIZERS) if exact else None
@@ -50,7 +63,7 @@ def ort_session(model: str | os.PathLike | bytes, exact: bool = True):
 
 def onnx_model(graph: dict, tensors: dict[str, torch.Tensor]):
     """An onnx.ModelProto of a deploy graph (checked by onnx.checker)."""
-    import onnx
+    onnx = require_export_extra("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     nodes: list = []
