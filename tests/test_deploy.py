@@ -355,3 +355,27 @@ def test_onnx_export_without_the_extra_names_it(fqsr_run, tmp_path, capsys, monk
     code, _, err = run_cli(["export", fqsr_run, "--format", "onnx", "--out", tmp_path / "m.onnx"], capsys)
     assert code == 2 and "qnas[export]" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_trained_packed_and_onnxruntime_agree_bit_for_bit(bits, tmp_path):
+    """FQSR at 2, 4 and 8 bits, trained a few steps: the trained (fake-quantized) network, the packed
+    runtime and onnxruntime (exact session) give the same floats."""
+    from qnas.export.onnx import onnx_model, ort_session
+
+    out = tmp_path / f"fqsr{bits}"
+    network = {
+        "kind": "sr",
+        "model": {"name": "edsr-baseline", "scale": 2, "kwargs": TINY},
+        "quant": {"scheme": "fqsr", "bits": bits},
+    }
+    train(network, TrainOptions(scale=2, steps=3, batch_size=2, patch_size=16), out, progress=False)
+    net, _ = load_network(out)
+    graph, tensors = load_run_packed(out)
+    x = torch.rand(1, 3, 15, 12, generator=torch.Generator().manual_seed(bits))
+    with torch.inference_mode():
+        trained = net(x).clamp(0, 1)
+    packed = PackedModel(graph, tensors)(x)
+    via_onnx = ort_session(onnx_model(graph, tensors).SerializeToString()).run(None, {"input": x.numpy()})[0]
+    assert torch.equal(packed, trained)
+    assert torch.equal(torch.from_numpy(via_onnx), packed)
