@@ -4,6 +4,7 @@ a rerun skips every finished stage; other settings in the same folder are refuse
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_nas_supernet import tiny_space
@@ -12,7 +13,15 @@ from qnas.cli import main
 from qnas.demo import DemoSettings, run_demo
 from qnas.errors import QnasError
 
-MODELS = ["bicubic", "quantnas", "bits_only", "uniform_w4a4", "uniform_w8a8", "uniform_w4a4_first8"]
+MODELS = [
+    "bicubic",
+    "quantnas",
+    "bits_only",
+    "uniform_w4a4",
+    "uniform_w8a8",
+    "uniform_w4a4_first8",
+    "uniform_w4a4_first_last8",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +43,6 @@ def tiny_settings(tmp_path):
         "bits_search_steps": 2,
         "search_batch": 2,
         "search_patch": 16,
-        "penalty": 0.1,
         "train_steps": 3,
         "train_batch": 2,
         "train_patch": 16,
@@ -56,29 +64,46 @@ def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
         assert (m["bitops"] is None) == (m["name"] == "bicubic")
     by_name = {m["name"]: m for m in report["models"]}
     assert by_name["uniform_w8a8"]["bitops"] == 4 * by_name["uniform_w4a4"]["bitops"]
-    # Only the first layer differs (8 bits instead of 4): more BitOps than w4a4, fewer than w8a8.
+    # Only the first (and last) layers differ (8 bits instead of 4): between w4a4 and w8a8.
     assert (
         by_name["uniform_w4a4"]["bitops"]
         < by_name["uniform_w4a4_first8"]["bitops"]
+        < by_name["uniform_w4a4_first_last8"]["bitops"]
         < by_name["uniform_w8a8"]["bitops"]
     )
     g4 = json.loads((out / "genotypes" / "uniform_w4a4.json").read_text())["layers"]
     g48 = json.loads((out / "genotypes" / "uniform_w4a4_first8.json").read_text())["layers"]
-    first = next(iter(g4))
+    g488 = json.loads((out / "genotypes" / "uniform_w4a4_first_last8.json").read_text())["layers"]
+    first, last = next(iter(g4)), list(g4)[-1]
     assert g48[first]["w_bits"] == g48[first]["a_bits"] == 8 and {
         k: v for k, v in g48.items() if k != first
     } == {k: v for k, v in g4.items() if k != first}
+    assert g488[last]["w_bits"] == 8 and {k: v for k, v in g488.items() if k != last} == {
+        k: v for k, v in g48.items() if k != last
+    }
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    assert "uniform 4-bit" in (out / "report.md").read_text()
+    # The searches aimed at the strongest baseline's BitOps.
+    assert summary["target_gbitops"] == pytest.approx(by_name["uniform_w4a4_first_last8"]["bitops"] / 1e9)
+    text = (out / "report.md").read_text()
+    assert "uniform 4-bit" in text and "8-bit first and last layers" in text and "standard error" in text
 
-    c = summary["comparison"]
-    q, u = by_name["quantnas"], by_name["uniform_w4a4"]
-    assert c["psnr_delta_db"] == pytest.approx(q["psnr"] - u["psnr"])
-    assert c["holds"] == (q["bitops"] <= u["bitops"] and q["psnr"] >= u["psnr"])
-    c8 = summary["comparison_first8"]
-    assert c8["baseline"] == "uniform_w4a4_first8"
-    assert c8["psnr_delta_db"] == pytest.approx(q["psnr"] - by_name["uniform_w4a4_first8"]["psnr"])
-    assert "8-bit first layer" in (out / "report.md").read_text()
+    q = by_name["quantnas"]
+    assert [c["baseline"] for c in summary["comparisons"]] == [
+        "uniform_w4a4",
+        "uniform_w4a4_first8",
+        "uniform_w4a4_first_last8",
+    ]
+    for c in summary["comparisons"]:
+        b = by_name[c["baseline"]]
+        assert c["psnr_delta_db"] == pytest.approx(q["psnr"] - b["psnr"])
+        diffs = [qi["psnr"] - bi["psnr"] for qi, bi in zip(q["images"], b["images"], strict=True)]
+        se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+        assert c["psnr_delta_se_db"] == pytest.approx(se)
+        expected = (
+            "tie" if abs(c["psnr_delta_db"]) < 2 * se else ("wins" if c["psnr_delta_db"] > 0 else "loses")
+        )
+        assert c["verdict"].startswith(expected)
+        assert c["holds"] == (c["verdict"] == "wins")
     assert set(summary["stage_seconds"]) == {
         "search",
         "search_bits",
@@ -87,6 +112,7 @@ def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
         "train uniform_w4a4",
         "train uniform_w8a8",
         "train uniform_w4a4_first8",
+        "train uniform_w4a4_first_last8",
         "report",
     }
 

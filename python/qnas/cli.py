@@ -757,7 +757,7 @@ def demo_command(out, settings_file, quiet) -> None:
     and bits-only baselines (what `make demo` runs). Rerun to resume: finished stages are skipped."""
     import json
 
-    from qnas.demo import FIRST8_WHAT, DemoSettings, comparison_text, run_demo
+    from qnas.demo import DemoSettings, comparison_text, run_demo
     from qnas.nas.report import markdown_table
 
     overrides = {}
@@ -775,8 +775,8 @@ def demo_command(out, settings_file, quiet) -> None:
     summary = run_demo(DemoSettings.from_dict(overrides), out, progress=not quiet)
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         click.echo(markdown_table(json.load(f)))
-    click.echo("\n" + comparison_text(summary["comparison"]))
-    click.echo("\n" + comparison_text(summary["comparison_first8"], FIRST8_WHAT))
+    for c in summary["comparisons"]:
+        click.echo("\n" + comparison_text(c))
     click.echo(f"\n{out}/report.json, {out}/pareto.png, {out}/report.md, {out}/demo.json")
 
 

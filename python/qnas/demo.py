@@ -39,6 +39,10 @@ DEMO_FORMAT = "qnas-demo/1"
 #: The fixed architecture at 4 bits but its first layer at 8 (the stronger hand-made baseline).
 FIRST8 = "uniform_w4a4_first8"
 FIRST8_WHAT = "uniform 4-bit with an 8-bit first layer"
+#: ... and its last layer (the one that writes the image) at 8 too: the strongest hand-made 4-bit baseline,
+#: whose BitOps are the search's target unless the settings give one.
+FIRST_LAST8 = "uniform_w4a4_first_last8"
+FIRST_LAST8_WHAT = "uniform 4-bit with 8-bit first and last layers"
 
 
 @dataclass
@@ -53,14 +57,17 @@ class DemoSettings:
     bits: list[int] = field(default_factory=lambda: [4, 8])
     uniform_bits: list[int] = field(default_factory=lambda: [4, 8])
     # -- search (both searches)
-    #: Candidate ops of the joint search (None: the space's own list). The demo searches around the fixed
-    #: architecture: its conv3x3 and the space's two cheaper ops with the same 3x3 receptive field.
-    ops: list[str] | None = field(default_factory=lambda: ["conv3x3", "conv3x1_1x3", "conv3x3_g3"])
+    #: Candidate ops of the joint search (None: the space's own list, six ops for "basic").
+    ops: list[str] | None = None
     mode: str = "noise"
     search_steps: int = 200
     search_batch: int = 8
     search_patch: int = 64
-    penalty: float = 0.05
+    #: BitOps target of both searches at lr_size, in GBitOps (None: the BitOps of FIRST_LAST8, so that
+    #: the searched model is compared with the strongest hand-made baseline at equal cost).
+    target_gbitops: float | None = None
+    #: The paper's BitOps penalty instead of a target (0: off; not with target_gbitops).
+    penalty: float = 0.0
     entropy_coef: float = 1e-3
     alpha_lr: float = 1.5e-2
     alpha_warmup: float = 0.25
@@ -92,6 +99,8 @@ class DemoSettings:
                 raise QnasError(f"demo settings: uniform_bits {b} is not 0 or 2..8")
         if 4 not in self.uniform_bits:
             raise QnasError("demo settings: uniform_bits must include 4 (the baseline of the comparison)")
+        if self.target_gbitops is not None and self.penalty > 0:
+            raise QnasError("demo settings: target_gbitops and penalty are alternatives; give one of them")
 
 
 def _check_setting(key: str, value: object, default: object) -> None:
@@ -110,11 +119,16 @@ def _check_setting(key: str, value: object, default: object) -> None:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise bad
+    elif default is None:  # target_gbitops: null or a positive number
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        ):
+            raise bad
     elif isinstance(default, list) and not (isinstance(value, list) or (key == "ops" and value is None)):
         raise bad
 
 
-def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int):
+def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int, target: float | None):
     from qnas.nas.search import SearchOptions
 
     return SearchOptions(
@@ -128,6 +142,7 @@ def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int):
         bits=list(s.bits),
         mode=s.mode,
         penalty=s.penalty,
+        target_gbitops=target,
         entropy_coef=s.entropy_coef,
         alpha_lr=s.alpha_lr,
         alpha_warmup=s.alpha_warmup,
@@ -212,27 +227,50 @@ def _train_stage(run: Path, genotype: dict, s: DemoSettings, progress: bool) -> 
     return True
 
 
-def compare_with_uniform(report: dict, searched: str, uniform: str) -> dict[str, Any]:
-    """The done-when check of the demo, from the report's own numbers: does `searched` reach at least the
-    PSNR of `uniform` (4-bit uniform quantization of the fixed architecture) at equal or lower BitOps?"""
+#: What each baseline is, in the report's sentences.
+BASELINE_WHAT = {
+    "uniform_w4a4": "uniform 4-bit",
+    FIRST8: FIRST8_WHAT,
+    FIRST_LAST8: FIRST_LAST8_WHAT,
+}
+
+
+def compare_with_baseline(report: dict, searched: str, baseline: str) -> dict[str, Any]:
+    """The searched model against a hand-made baseline, from the report's own per-image numbers: the mean
+    PSNR difference, the standard error of the paired per-image differences, the BitOps ratio, and a
+    verdict: "wins" (ahead by at least 2 standard errors at no more BitOps), "tie" (within 2 standard
+    errors), or "loses" (behind by more)."""
     by_name = {m["name"]: m for m in report["models"]}
-    a, b = by_name[searched], by_name[uniform]
+    a, b = by_name[searched], by_name[baseline]
+    pa = {im["name"]: im["psnr"] for im in a["images"]}
+    diffs = [pa[im["name"]] - im["psnr"] for im in b["images"]]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    if abs(mean) < 2 * se or n < 2:
+        verdict = "tie"
+    else:
+        verdict = "wins" if mean > 0 else "loses"
+    if verdict == "wins" and a["bitops"] > b["bitops"]:
+        verdict = "wins at more BitOps"
     return {
         "searched": searched,
-        "baseline": uniform,
+        "baseline": baseline,
         "psnr_delta_db": a["psnr"] - b["psnr"],
+        "psnr_delta_se_db": se,
+        "images": n,
         "ssim_delta": a["ssim"] - b["ssim"],
         "bitops_ratio": a["bitops"] / b["bitops"],
         "bitops_le": a["bitops"] <= b["bitops"],
-        "psnr_ge": a["psnr"] >= b["psnr"],
-        "holds": a["bitops"] <= b["bitops"] and a["psnr"] >= b["psnr"],
+        "verdict": verdict,
+        "holds": verdict == "wins",
     }
 
 
 def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
     """Runs the demo's stages into `out` (skipping finished ones); returns the content of OUT/demo.json."""
     from qnas.atomic_write import atomic_write_bytes
-    from qnas.nas.derive import read_genotype, uniform_genotype
+    from qnas.nas.derive import genotype_cost, read_genotype, uniform_genotype
     from qnas.nas.report import BICUBIC, build_report, markdown_table
     from qnas.spaces import load_space
 
@@ -252,11 +290,29 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
             ran = True
         return did
 
-    # 1. searches
+    # 1. the hand-made baselines: the fixed architecture at uniform bits, and with 8-bit first (and last)
+    # layers, the common hand-made choice for the layers that read and write the image
+    space = load_space(settings.space)
+    (out / "genotypes").mkdir(exist_ok=True)
+    baselines: dict[str, dict] = {}
+    for b in settings.uniform_bits:
+        baselines[f"uniform_w{b}a{b}" if b else "float"] = uniform_genotype(
+            space, settings.scale, settings.fixed_op, b
+        )
+    baselines[FIRST8] = layers_at(baselines["uniform_w4a4"], 8, first=True)
+    baselines[FIRST_LAST8] = layers_at(baselines["uniform_w4a4"], 8, first=True, last=True)
+    for name, g in baselines.items():
+        atomic_write_bytes(out / "genotypes" / f"{name}.json", (json.dumps(g, indent=2) + "\n").encode())
+    target = settings.target_gbitops
+    if target is None and settings.penalty == 0:
+        target = genotype_cost(baselines[FIRST_LAST8], tuple(settings.lr_size))["bitops"] / 1e9
+    # 2. searches: ops and bits jointly, and bits only on the fixed architecture, at the same target
     timed(
         "search",
         lambda: _search_stage(
-            out / "search", _search_options(settings, ops=settings.ops, steps=settings.search_steps), progress
+            out / "search",
+            _search_options(settings, ops=settings.ops, steps=settings.search_steps, target=target),
+            progress,
         ),
     )
     if settings.bits_search:
@@ -264,26 +320,16 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
             "search_bits",
             lambda: _search_stage(
                 out / "search_bits",
-                _search_options(settings, ops=[settings.fixed_op], steps=settings.bits_search_steps),
+                _search_options(
+                    settings, ops=[settings.fixed_op], steps=settings.bits_search_steps, target=target
+                ),
                 progress,
             ),
         )
-    # 2. genotypes: searched, bits-only, fixed architecture at uniform bits
     genotypes: dict[str, dict] = {"quantnas": read_genotype(out / "search")}
     if settings.bits_search:
         genotypes["bits_only"] = read_genotype(out / "search_bits")
-    space = load_space(settings.space)
-    (out / "genotypes").mkdir(exist_ok=True)
-    for b in settings.uniform_bits:
-        g = uniform_genotype(space, settings.scale, settings.fixed_op, b)
-        name = f"uniform_w{b}a{b}" if b else "float"
-        atomic_write_bytes(out / "genotypes" / f"{name}.json", (json.dumps(g, indent=2) + "\n").encode())
-        genotypes[name] = g
-    # The stronger 4-bit baseline: a first layer (it reads the image) at 8 bits is a common hand-made
-    # choice, so the search must beat it too to show that it placed more than that one layer.
-    g = first_layer_at(genotypes["uniform_w4a4"], 8)
-    atomic_write_bytes(out / "genotypes" / f"{FIRST8}.json", (json.dumps(g, indent=2) + "\n").encode())
-    genotypes[FIRST8] = g
+    genotypes.update(baselines)
     # 3. retraining, the same for every model
     for name, g in genotypes.items():
         timed(f"train {name}", lambda name=name, g=g: _train_stage(out / name, g, settings, progress))
@@ -299,40 +345,43 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
     else:
         _say("report: done, skipped", progress)
         report = json.loads((out / "report.json").read_text())
-    comparison = compare_with_uniform(report, "quantnas", "uniform_w4a4")
-    comparison_first8 = compare_with_uniform(report, "quantnas", FIRST8)
+    comparisons = [
+        compare_with_baseline(report, "quantnas", base)
+        for base in ("uniform_w4a4", FIRST8, FIRST_LAST8)
+        if base in genotypes
+    ]
     previous = json.loads((out / "demo.json").read_text()) if (out / "demo.json").exists() else {}
     stage_seconds = {**previous.get("stage_seconds", {}), **seconds}
     summary = {
         "format": DEMO_FORMAT,
         "settings": dataclasses.asdict(settings),
+        "target_gbitops": target,
         "stage_seconds": stage_seconds,
         "seconds_this_call": round(time.perf_counter() - t_all, 1),
-        "comparison": comparison,
-        "comparison_first8": comparison_first8,
+        "comparisons": comparisons,
         "models": [m["name"] for m in report["models"]],
     }
     atomic_write_bytes(out / "demo.json", (json.dumps(summary, indent=2) + "\n").encode())
-    text = (
-        f"{markdown_table(report)}\n\n{comparison_text(comparison)}\n\n"
-        f"{comparison_text(comparison_first8, FIRST8_WHAT)}\n"
-    )
+    text = markdown_table(report) + "\n\n" + "\n\n".join(comparison_text(c) for c in comparisons) + "\n"
     atomic_write_bytes(out / "report.md", text.encode())
     return summary
 
 
-def comparison_text(c: dict, what: str = "uniform 4-bit") -> str:
-    verdict = "holds" if c["holds"] else "does NOT hold"
+def comparison_text(c: dict) -> str:
+    what = BASELINE_WHAT.get(c["baseline"], c["baseline"])
     return (
-        f"Searched vs {what} ({c['searched']} vs {c['baseline']}): PSNR {c['psnr_delta_db']:+.3f} dB, "
-        f"SSIM {c['ssim_delta']:+.4f}, BitOps x{c['bitops_ratio']:.3f}. "
-        f"'Matches or beats {what} at equal or lower BitOps' {verdict} in this run."
+        f"Searched vs {what} ({c['searched']} vs {c['baseline']}): PSNR {c['psnr_delta_db']:+.3f} dB "
+        f"(standard error of the paired per-image differences {c['psnr_delta_se_db']:.3f} dB over "
+        f"{c['images']} images), SSIM {c['ssim_delta']:+.4f}, BitOps x{c['bitops_ratio']:.3f}: "
+        f"{c['verdict']} (a margin under 2 standard errors is a tie)."
     )
 
 
-def first_layer_at(genotype: dict, bits: int) -> dict:
-    """A copy of `genotype` whose first layer (the one that reads the image) runs at `bits` bits."""
+def layers_at(genotype: dict, bits: int, *, first: bool = False, last: bool = False) -> dict:
+    """A copy of `genotype` whose first layer (it reads the image) and/or last layer (it writes the
+    image) run at `bits` bits."""
     g = json.loads(json.dumps(genotype))
-    first = next(iter(g["layers"]))
-    g["layers"][first] = {**g["layers"][first], "w_bits": int(bits), "a_bits": int(bits)}
+    slots = list(g["layers"])
+    for slot in ([slots[0]] if first else []) + ([slots[-1]] if last else []):
+        g["layers"][slot] = {**g["layers"][slot], "w_bits": int(bits), "a_bits": int(bits)}
     return g
