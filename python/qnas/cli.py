@@ -523,7 +523,7 @@ def cost_command(
             from qnas.nas.derive import DerivedNetwork, is_genotype, read_genotype, run_genotype
 
             cfg = read_model_config(arch_file)
-            if "network" in cfg or "search" in cfg:
+            if not is_genotype(cfg) and ("network" in cfg or "search" in cfg):
                 cfg = _run_config_model(cfg, arch_file)
             if scale is not None and cfg.get("scale") != scale:
                 raise QnasError(f"--scale {scale} differs from the scale {cfg.get('scale')!r} in {arch_file}")
@@ -559,7 +559,8 @@ def _run_config_model(cfg: dict, arch_file: str) -> dict:
             )
         return network["model"]
     if "search" in cfg:
-        raise QnasError(f"--arch {arch_file}: a search run's config; its result is RUN/genotype.json")
+        genotype = os.path.join(os.path.dirname(arch_file), "genotype.json")
+        raise QnasError(f"--arch {arch_file}: a search run's config; its result is {genotype}")
     raise QnasError(f"--arch {arch_file}: a run config.json without a network qnas can count")
 
 
