@@ -176,8 +176,9 @@ def _train_options(f):
     "arch_file",
     metavar="FILE",
     type=click.Path(path_type=str),
-    help="A QuantNAS genotype (RUN/genotype.json of `qnas search`, or `qnas genotype`): retrain the derived "
-    "network from scratch at its searched bits (LSQ per-channel weights, --act-quantizer activations).",
+    help="A QuantNAS genotype (RUN/genotype.json of `qnas search`, `qnas genotype`, or the config.json of a "
+    "run that trained one): retrain the derived network from scratch at its searched bits (LSQ per-channel "
+    "weights, --act-quantizer activations).",
 )
 @click.option(
     "--act-quantizer",
@@ -461,7 +462,8 @@ def torch_meta():
     "arch_file",
     metavar="FILE",
     help='A JSON model config {"model": NAME, "scale": S, "kwargs": {...}} (what a checkpoint stores), '
-    "or a QuantNAS genotype (RUN/genotype.json): the derived network at its searched bits.",
+    "a QuantNAS genotype (RUN/genotype.json): the derived network at its searched bits, or a run's "
+    "config.json (a retrained genotype, or a full-precision model).",
 )
 @click.option(
     "--checkpoint",

@@ -76,7 +76,10 @@ def read_config(path: str, command: str) -> dict[str, Any]:
     """The {key: value} options of a config file (a run's config.json: its "options")."""
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         raise QnasError(f"--config {path}: YAML is not read (PyYAML is not a dependency); give a JSON file")
-    check_input_file(path, "config file")
+    try:
+        check_input_file(path, "config file")
+    except QnasError as e:
+        raise QnasError(f"--config {e}") from e
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
