@@ -13,6 +13,7 @@ import sys
 import click
 
 from qnas.errors import QnasError
+from qnas.runconfig import config_option, run_record
 
 _debug = {"on": os.environ.get("QNAS_DEBUG") == "1"}
 
@@ -47,6 +48,11 @@ def cli(debug: bool) -> None:
 @click.option(
     "--scale", type=int, default=None, help="Upscaling factor: 2, 3 or 4 (a checkpoint knows its own)."
 )
+@click.option(
+    "--best",
+    is_flag=True,
+    help="With --checkpoint RUN: evaluate RUN/best.pt (the best validation PSNR of `qnas train --val-data`).",
+)
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option(
     "--save-images",
@@ -61,6 +67,7 @@ def eval_command(
     checkpoint: str | None,
     data: str,
     scale: int | None,
+    best: bool,
     fmt: str,
     save_images: str | None,
     force: bool,
@@ -73,6 +80,10 @@ def eval_command(
 
     if (model_name is None) == (checkpoint is None):
         raise click.UsageError("give exactly one of --model bicubic or --checkpoint RUN")
+    if best:
+        if checkpoint is None:
+            raise click.UsageError("--best needs --checkpoint RUN")
+        checkpoint = _best_file(checkpoint)
     if checkpoint is not None:
         from qnas.train.network import load_network, network_scale, network_upscaler
 
@@ -105,6 +116,17 @@ def eval_command(
         where = f"{data} (validation split)" if data == "builtin" else data
         title = f"{label} x{scale} on {where}: {len(dataset)} images, PSNR/SSIM on Y, {scale}-pixel border cropped"
         click.echo(format_table(result, title))
+
+
+def _best_file(run: str) -> str:
+    """RUN/best.pt of `qnas eval --checkpoint RUN --best` (RUN: a run folder, or a file in one)."""
+    folder = run if os.path.isdir(run) else os.path.dirname(run) or "."
+    path = os.path.join(folder, "best.pt")
+    if not os.path.isfile(path):
+        raise QnasError(
+            f"--best: {folder} has no best.pt (written by `qnas train --val-data SPEC`, at its best validation PSNR)"
+        )
+    return path
 
 
 def _train_options(f):
@@ -144,6 +166,7 @@ def _train_options(f):
 
 
 @cli.command("train")
+@config_option
 @click.option("--model", "model_name", metavar="NAME", help="A registered SR model (see `qnas cost --help`).")
 @click.option(
     "--model-args", default=None, metavar="JSON", help="Constructor overrides, e.g. '{\"n_resblocks\": 8}'."
@@ -153,8 +176,9 @@ def _train_options(f):
     "arch_file",
     metavar="FILE",
     type=click.Path(path_type=str),
-    help="A QuantNAS genotype (RUN/genotype.json of `qnas search`, or `qnas genotype`): retrain the derived "
-    "network from scratch at its searched bits (LSQ per-channel weights, --act-quantizer activations).",
+    help="A QuantNAS genotype (RUN/genotype.json of `qnas search`, `qnas genotype`, or the config.json of a "
+    "run that trained one): retrain the derived network from scratch at its searched bits (LSQ per-channel "
+    "weights, --act-quantizer activations).",
 )
 @click.option(
     "--act-quantizer",
@@ -218,6 +242,20 @@ def _train_options(f):
     type=click.Path(path_type=str),
     help="Start from the weights of a full-precision run (its model config is used).",
 )
+@click.option(
+    "--val-data",
+    default=None,
+    metavar="SPEC",
+    help="Validate on these images (as --data of `qnas eval`: 'builtin' = validation split): PSNR/SSIM "
+    "on Y logged as val_psnr/val_ssim, RUN/best.pt kept at the best PSNR.",
+)
+@click.option(
+    "--val-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="With --val-data: validate every N steps (0 = only at the end; always at the last step).",
+)
 @_train_options
 def train_command(
     model_name,
@@ -233,6 +271,8 @@ def train_command(
     calibration_weight,
     quant_options,
     init_run,
+    val_data,
+    val_every,
     quiet,
     resume,
     out,
@@ -242,8 +282,12 @@ def train_command(
     With --quant, a quantized network (quantization-aware training), usually fine-tuned from --init."""
     import json
 
-    from qnas.train.train import TrainOptions, train
+    from qnas.train.train import TrainOptions, ValidationOptions, train
 
+    if val_every and val_data is None:
+        raise click.UsageError("--val-every needs --val-data SPEC (the validation images)")
+    validation = ValidationOptions(val_data, val_every) if val_data is not None else None
+    record = run_record(click.get_current_context())
     if adq and arch_file is None:
         raise click.UsageError("--adq applies to --arch networks")
     if arch_file is not None:
@@ -258,10 +302,16 @@ def train_command(
             raise QnasError(f"--scale {scale}: {arch_file} is a x{genotype['scale']} genotype")
         scale = int(genotype["scale"])
         network = genotype_network_config(genotype, act_quantizer, adq)
-        summary = train(network, TrainOptions(scale=scale, **kw), out, resume=resume, progress=not quiet)
-        click.echo(
-            f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
+        summary = train(
+            network,
+            TrainOptions(scale=scale, **kw),
+            out,
+            resume=resume,
+            progress=not quiet,
+            extra_config=record,
+            validation=validation,
         )
+        _train_summary(summary, out)
         return
     from qnas.sr import build_model, model_config
 
@@ -321,7 +371,7 @@ def train_command(
         qnet = build_network(network)
         load_float_weights(qnet, init_state, init_run)
         init_state = qnet.state_dict()
-    extra_config = {"init": init_run} if init_run else None
+    extra_config = {"init": init_run, **record} if init_run else record
     summary = train(
         network,
         TrainOptions(scale=scale, **kw),
@@ -330,10 +380,20 @@ def train_command(
         progress=not quiet,
         init_state=init_state,
         extra_config=extra_config,
+        validation=validation,
     )
+    _train_summary(summary, out)
+
+
+def _train_summary(summary: dict, out: str) -> None:
     click.echo(
         f"trained {summary['steps']} steps in {summary['seconds']:.0f} s, final loss {summary['loss']:.4f}: {out}/model.pt"
     )
+    if "best" in summary:
+        b = summary["best"]
+        click.echo(
+            f"best validation PSNR {b['psnr']:.2f} dB, SSIM {b['ssim']:.4f} at step {b['step']}: {out}/best.pt"
+        )
 
 
 def _quant_plan(cfg, scheme, bits, quantizer, skip_bits, calibration_weight, steps) -> dict:
@@ -402,7 +462,8 @@ def torch_meta():
     "arch_file",
     metavar="FILE",
     help='A JSON model config {"model": NAME, "scale": S, "kwargs": {...}} (what a checkpoint stores), '
-    "or a QuantNAS genotype (RUN/genotype.json): the derived network at its searched bits.",
+    "a QuantNAS genotype (RUN/genotype.json): the derived network at its searched bits, or a run's "
+    "config.json (a retrained genotype, or a full-precision model).",
 )
 @click.option(
     "--checkpoint",
@@ -461,12 +522,14 @@ def cost_command(
         return
     with torch.device("meta"):
         if arch_file is not None:
-            from qnas.nas.derive import DerivedNetwork, is_genotype, read_genotype
+            from qnas.nas.derive import DerivedNetwork, is_genotype, read_genotype, run_genotype
 
             cfg = read_model_config(arch_file)
+            if not is_genotype(cfg) and ("network" in cfg or "search" in cfg):
+                cfg = _run_config_model(cfg, arch_file)
             if scale is not None and cfg.get("scale") != scale:
                 raise QnasError(f"--scale {scale} differs from the scale {cfg.get('scale')!r} in {arch_file}")
-            if is_genotype(cfg):
+            if is_genotype(cfg) or run_genotype(cfg):
                 model = DerivedNetwork(read_genotype(arch_file))
             else:
                 try:
@@ -481,6 +544,28 @@ def cost_command(
     click.echo(result.to_json() if fmt == "json" else result.format_table())
 
 
+def _run_config_model(cfg: dict, arch_file: str) -> dict:
+    """What `qnas cost --arch` counts of a run's config.json: the genotype a run trained (at its bits),
+    or the model config of a full-precision run. A quantized run's bits live in its plan, and a search
+    run's result is its genotype.json: for those, the error names what to pass instead."""
+    from qnas.nas.derive import run_genotype
+
+    network = cfg.get("network")
+    if run_genotype(cfg) is not None:
+        return run_genotype(cfg)
+    if isinstance(network, dict) and network.get("kind") == "sr" and isinstance(network.get("model"), dict):
+        if network.get("quant"):
+            raise QnasError(
+                f"--arch {arch_file}: a quantized run (its bits are in the trained network's plan); "
+                "use --checkpoint RUN"
+            )
+        return network["model"]
+    if "search" in cfg:
+        genotype = os.path.join(os.path.dirname(arch_file), "genotype.json")
+        raise QnasError(f"--arch {arch_file}: a search run's config; its result is {genotype}")
+    raise QnasError(f"--arch {arch_file}: a run config.json without a network qnas can count")
+
+
 def _int_list(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None
@@ -491,6 +576,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 
 
 @cli.command("search")
+@config_option
 @click.option(
     "--space",
     default="basic",
@@ -629,7 +715,9 @@ def search_command(
         lr_size=list(parse_lr_size(lr_size)),
         **kw,
     )
-    summary = search(opts, out, resume=resume, progress=not quiet)
+    summary = search(
+        opts, out, resume=resume, progress=not quiet, extra_config=run_record(click.get_current_context())
+    )
     click.echo(
         f"searched {summary['steps']} steps in {summary['seconds']:.0f} s: {summary['genotype']} "
         f"({summary['bitops'] / 1e9:.2f} GBitOps at LR {opts.lr_size[0]}x{opts.lr_size[1]})"
@@ -781,6 +869,7 @@ def demo_command(out, settings_file, quiet) -> None:
 
 
 @cli.command("strategy")
+@config_option
 @click.option(
     "--checkpoint",
     required=True,
@@ -877,7 +966,8 @@ def strategy_command(checkpoint, out, quiet, **kw) -> None:
     quantization-aware); writes RUN/strategy.json and RUN/model.pt for `qnas eval --checkpoint RUN`."""
     from qnas.train.strategy import StrategyOptions, run_strategy
 
-    summary = run_strategy(checkpoint, StrategyOptions(**kw), out, progress=not quiet)
+    record = run_record(click.get_current_context())
+    summary = run_strategy(checkpoint, StrategyOptions(**kw), out, progress=not quiet, extra_config=record)
     counts = summary["counts"]
     w = ", ".join(f"{k} {v}" for k, v in sorted(counts["weight"].items()))
     a = ", ".join(f"{k} {v}" for k, v in sorted(counts["activation"].items()))

@@ -152,10 +152,13 @@ def check_genotype(g: Any, where: str = "genotype") -> None:
 
 
 def read_genotype(path: str | os.PathLike) -> dict:
-    """A genotype from a file (or a run folder holding genotype.json); one-line QnasError otherwise."""
+    """A genotype from a file (or a run folder holding genotype.json), or the genotype of a run that
+    trained one (its config.json, or its folder); one-line QnasError otherwise."""
     p = Path(path)
     if p.is_dir():
-        p = p / "genotype.json"
+        folder, p = p, p / "genotype.json"
+        if not p.exists() and (folder / "config.json").exists():
+            p = folder / "config.json"  # a run that trained a genotype
     if not p.exists():
         raise QnasError(f"{p}: file not found")
     check_input_file(p, "genotype JSON file")
@@ -167,6 +170,7 @@ def read_genotype(path: str | os.PathLike) -> dict:
         raise QnasError(f"{p}: not valid JSON ({e})") from e
     except OSError as e:
         raise QnasError(f"{p}: cannot read ({e.strerror})") from e
+    g = run_genotype(g) or g
     try:
         check_genotype(g, str(p))
     except QnasError as e:
@@ -177,6 +181,18 @@ def read_genotype(path: str | os.PathLike) -> dict:
 
 def is_genotype(doc: Any) -> bool:
     return isinstance(doc, dict) and doc.get("format") == GENOTYPE_FORMAT
+
+
+def run_genotype(doc: Any) -> dict | None:
+    """The genotype a run's config.json trained (`qnas train --arch`), else None."""
+    network = doc.get("network") if isinstance(doc, dict) else None
+    if (
+        isinstance(network, dict)
+        and network.get("kind") == "genotype"
+        and is_genotype(network.get("genotype"))
+    ):
+        return network["genotype"]
+    return None
 
 
 def uniform_genotype(

@@ -172,7 +172,12 @@ def cost_term(opts: SearchOptions, initial_bitops_per_pixel: float) -> BitOpsTar
 
 
 def search(
-    opts: SearchOptions, out: str | Path, *, resume: bool = False, progress: bool = True
+    opts: SearchOptions,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    extra_config: dict | None = None,
 ) -> dict[str, Any]:
     """Runs a search into the run folder `out`; returns {"steps", "genotype", "bitops", "seconds", "run"}.
 
@@ -186,7 +191,8 @@ def search(
     opts.check()
     space = search_space(opts)
     run = RunDir(out)
-    config = json.loads(json.dumps({"search": dataclasses.asdict(opts), "space": space}))
+    config = {"search": dataclasses.asdict(opts), "space": space, **(extra_config or {})}
+    config = json.loads(json.dumps(config))
     if resume:
         if not run.has_checkpoint():
             raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")

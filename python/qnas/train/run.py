@@ -1,11 +1,13 @@
 """The run folder every long job writes (train, search, strategy), and how it resumes.
 
 RUN/
-  config.json        the command's options, written once (a resumed run must be given the same ones)
+  config.json        the command's options ("options", what `--config` replays) and what they resolve
+                     to, written once (a resumed run must be given the same ones)
   metrics.jsonl      one JSON object per logged step
   events.*           TensorBoard scalars (same values as metrics.jsonl)
   checkpoint.pt      the latest full state (weights, optimizers, schedulers, data sampler, step)
   model.pt           the final model: {"model": state_dict, "config": ...}
+  best.pt            `qnas train --val-data`: the model (model.pt's format) of the best validation PSNR
 
 Checkpoints are written atomically (temp file in the same folder, fsync, os.replace), so a run
 killed at any instant leaves either the previous or the new checkpoint, never a torn one; a full
@@ -31,7 +33,15 @@ from qnas.errors import CheckpointError, QnasError
 from qnas.files import check_input_file
 
 # The files a run folder's commands write (train, search, strategy); no other command may replace them.
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "genotype.json", "strategy.json")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "model.pt",
+    "best.pt",
+    "genotype.json",
+    "strategy.json",
+)
 
 
 def run_files(folder: str | os.PathLike) -> list[Path]:

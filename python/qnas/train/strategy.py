@@ -92,7 +92,14 @@ class StrategyOptions:
             raise QnasError(f"--engine: expected factorized or fused, got {self.engine!r}")
 
 
-def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, progress: bool = True) -> dict:
+def run_strategy(
+    checkpoint: str,
+    opts: StrategyOptions,
+    out: str | Path,
+    *,
+    progress: bool = True,
+    extra_config: dict | None = None,
+) -> dict:
     """Searches per-layer quantization strategies for the full-precision run `checkpoint`; returns a
     summary {"run", "seconds", "counts", "mode"}."""
     from tqdm import tqdm
@@ -112,7 +119,9 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
     run = RunDir(out)
     if (run.path / "model.pt").exists():
         raise QnasError(f"{run.path}: already holds a run; choose another --out")
-    run.write_config({"checkpoint": str(checkpoint), "network": network, "strategy": asdict(opts)})
+    run.write_config(
+        {"checkpoint": str(checkpoint), "network": network, "strategy": asdict(opts), **(extra_config or {})}
+    )
 
     torch.manual_seed(opts.seed)
     data = train_dataset(opts.data, scale, opts.patch_size, progress=progress)

@@ -7,6 +7,7 @@ with `--resume` ends with exactly the weights of a run that was never interrupte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -58,6 +59,20 @@ class TrainOptions:
         check_batch(self.batch_size, self.patch_size)
 
 
+@dataclass
+class ValidationOptions:
+    """`qnas train --val-data SPEC --val-every N`: PSNR/SSIM on Y of the network on whole validation
+    images (qnas.evaluate, the protocol of `qnas eval`) every `every` steps (0: only at the end) and at
+    the last step. They do not change the weights; best.pt keeps the network of the best PSNR."""
+
+    data: str
+    every: int
+
+    def check(self) -> None:
+        if self.every < 0:
+            raise QnasError(f"--val-every: must not be negative, got {self.every}")
+
+
 def lr_factor(step: int, opts: TrainOptions) -> float:
     """Multiplier of the base learning rate at `step` (0-based)."""
     if opts.warmup_steps and step < opts.warmup_steps:
@@ -72,7 +87,8 @@ def lr_factor(step: int, opts: TrainOptions) -> float:
 
 def _compare_config(stored: dict, given: dict, run: Path) -> None:
     diffs = []
-    for section in sorted(set(stored) | set(given)):
+    # "options" is how the command line said it (qnas.runconfig); the sections resolved from it decide.
+    for section in sorted((set(stored) | set(given)) - {"options", "command"}):
         a, b = stored.get(section), given.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -94,11 +110,14 @@ def train(
     progress: bool = True,
     init_state: dict | None = None,
     extra_config: dict | None = None,
+    validation: ValidationOptions | None = None,
 ) -> dict[str, Any]:
     """Trains `network` (a network config, see qnas.train.network) and writes the run folder `out`.
 
     init_state: weights to start from (e.g. a full-precision run before quantization-aware
-    fine-tuning); ignored when resuming. Returns a summary {"steps", "loss", "seconds", "run"}.
+    fine-tuning); ignored when resuming. validation: PSNR/SSIM logged as val_psnr/val_ssim, and
+    RUN/best.pt (model.pt's format) written whenever val_psnr improves. Returns a summary {"steps",
+    "loss", "seconds", "run"} (with validation, "best": {"step", "psnr", "ssim"} too).
     """
     from tqdm import tqdm
 
@@ -106,11 +125,15 @@ def train(
     from qnas.train import distributed
 
     opts.check()
+    if validation is not None:
+        validation.check()
     info = distributed.setup()
     distributed.check_batch(opts.batch_size, info)
     progress = progress and info.is_main
     run = RunDir(out, is_writer=info.is_main)
     config = {"network": network, "train": dataclasses.asdict(opts), **(extra_config or {})}
+    if validation is not None:
+        config["validation"] = dataclasses.asdict(validation)
     config = json.loads(json.dumps(config))  # what config.json will hold, for exact comparison
     if resume:
         if not run.has_checkpoint():
@@ -131,6 +154,11 @@ def train(
     model = model.to(memory_format=torch.channels_last)
     model.train()
     data = train_dataset(opts.data, opts.scale, opts.patch_size, progress=progress)
+    val_images = None
+    if validation is not None and info.is_main:
+        from qnas.data.datasets import eval_dataset
+
+        val_images = eval_dataset(validation.data, opts.scale)
     sampler = PatchSampler(data, opts.batch_size, seed=opts.seed, rank=info.rank, world=info.world)
     net = distributed.wrap(model, info)  # DDP averages gradients over the ranks' shares
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
@@ -141,6 +169,7 @@ def train(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(opts.ema), use_buffers=True
         )
     step = 0
+    best = None  # {"step", "psnr", "ssim"} of best.pt
     if resume:
         state = run.load_checkpoint()
         try:
@@ -152,6 +181,7 @@ def train(
                 ema.load_state_dict(state["ema"])
             torch.set_rng_state(state["rng"])
             step = int(state["step"])
+            best = state.get("best")
         except KeyError as e:
             raise CheckpointError(f"{run.checkpoint_path}: not a checkpoint of `qnas train` (no {e})") from e
         except (RuntimeError, ValueError, TypeError, AttributeError) as e:
@@ -175,8 +205,32 @@ def train(
                 "sampler": sampler.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "rng": torch.get_rng_state(),
+                "best": best,
             }
         )
+
+    def validate() -> dict:
+        """val_psnr/val_ssim of the network model.pt would hold now (the EMA one with --ema); best.pt
+        when the PSNR improves. On a copy in eval mode, under its own RNG state: the training run
+        (weights, quantizer statistics, random stream) is the one it would be without validation."""
+        nonlocal best
+        from qnas.evaluate import evaluate
+        from qnas.train.network import network_upscaler
+
+        current = ema.module if ema is not None else model
+        scored = copy.deepcopy(current).eval()
+        devices = [p.device for p in scored.parameters() if p.device.type == "cuda"][:1]
+        with torch.random.fork_rng(devices=devices):
+            result = evaluate(
+                network_upscaler(scored), val_images, opts.scale, progress=False, label=str(out)
+            )
+        if best is None or result["psnr"] > best["psnr"]:
+            best = {"step": step, "psnr": result["psnr"], "ssim": result["ssim"]}
+            blob = model_blob(
+                network, current, train=config["train"], validation={**best, **config["validation"]}
+            )
+            run.save_model(blob, "best.pt")
+        return {"val_psnr": result["psnr"], "val_ssim": result["ssim"]}
 
     loss_fn = nn.L1Loss()
     auxiliary_loss = getattr(model, "auxiliary_loss", None)
@@ -207,13 +261,12 @@ def train(
             step += 1
             loss_value = distributed.mean(loss.item(), info)
             extra = {} if aux is None else {"aux_loss": distributed.mean(aux.item(), info)}
-            run.log(
-                step,
-                loss=loss_value,
-                **extra,
-                lr=optimizer.param_groups[0]["lr"],
-                step_time_s=time.perf_counter() - t0,
-            )
+            extra.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t0)
+            if val_images is not None and (
+                step == opts.steps or (validation.every and step % validation.every == 0)
+            ):
+                extra.update(validate())
+            run.log(step, loss=loss_value, **extra)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % opts.checkpoint_every == 0 or step == opts.steps:
@@ -228,4 +281,12 @@ def train(
     run.save_model(model_blob(network, final, train=config["train"]))
     distributed.barrier(info)  # other ranks leave only once rank 0 has written the model
     distributed.teardown(info)
-    return {"steps": step, "loss": loss_value, "seconds": time.perf_counter() - t_start, "run": str(run.path)}
+    summary = {
+        "steps": step,
+        "loss": loss_value,
+        "seconds": time.perf_counter() - t_start,
+        "run": str(run.path),
+    }
+    if best is not None:
+        summary["best"] = best
+    return summary
