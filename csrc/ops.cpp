@@ -17,7 +17,8 @@ TORCH_LIBRARY(qops, m) {
       "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int axis, "
       "int quant_min, int quant_max, float grad_factor=1.0) -> (Tensor, Tensor, Tensor)");
   // y = x + delta * eps / 2, delta = (max - min) / (2^bits - 1), eps from Philox keyed by (seed, index).
-  m.def("quant_noise(Tensor x, int bits, int seed, int axis=-1, str dist=\"gaussian\") -> Tensor");
+  // Seeds are SymInt so that a compiled graph can draw them per step (a traced .item()) without a break.
+  m.def("quant_noise(Tensor x, int bits, SymInt seed, int axis=-1, str dist=\"gaussian\") -> Tensor");
   // int8 codes [Cout, Cin, kh, kw] -> opaque uint8 bit-plane buffer (csrc/include/qops/packed_layout.h).
   m.def("pack_weight(Tensor w_codes, int bits) -> Tensor");
   // Exact int32 convolution of activation codes with packed weight codes, zero padding, bits 1..8.
@@ -33,13 +34,13 @@ TORCH_LIBRARY(qops, m) {
   m.def(
       "mixed_quant_conv(Tensor x, Tensor[] weights, Tensor probs, int[] w_bits, int[] a_bits, Tensor w_scales, "
       "Tensor a_scales, bool a_signed, int[] groups, int[] dilations, int stride=1, Tensor? bias=None, "
-      "str mode=\"quant\", int seed=0) -> Tensor");
+      "str mode=\"quant\", SymInt seed=0) -> Tensor");
   // Every gradient of mixed_quant_conv: (grad_x, grad_weights, grad_probs, grad_w_scales, grad_a_scales,
   // grad_bias); output_mask says which are wanted (in that order), the others come back empty.
   m.def(
       "mixed_quant_conv_backward(Tensor grad, Tensor x, Tensor[] weights, Tensor probs, int[] w_bits, "
       "int[] a_bits, Tensor w_scales, Tensor a_scales, bool a_signed, int[] groups, int[] dilations, int stride, "
-      "bool has_bias, str mode, int seed, bool[6] output_mask) -> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor)");
+      "bool has_bias, str mode, SymInt seed, bool[6] output_mask) -> (Tensor, Tensor[], Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The Python module qops._C: loading it registers the ops above; it also reports the build.

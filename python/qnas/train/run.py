@@ -231,3 +231,19 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.item() if v.numel() == 1 else v.tolist()
     return v
+
+
+#: Steps that run eagerly before a `--compile` run switches to the compiled network: the quantizers
+#: initialise their steps from the first batches (a one-time, data-dependent branch), and FQSR's warm-up
+#: averages a few batches; after that every step is the same graph.
+COMPILE_AFTER_STEPS = 3
+
+
+def compile_network(net: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(net, fullgraph=True) for training: one graph per step, no break (tests/test_compile.py
+    counts them). The supernet's quantization noise draws its seed per call with a traced .item(), so
+    scalar outputs are captured in the graph (the seed is a SymInt of the qops ops) instead of breaking it."""
+    import torch._dynamo
+
+    torch._dynamo.config.capture_scalar_outputs = True
+    return torch.compile(net, fullgraph=True)
