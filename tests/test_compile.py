@@ -102,3 +102,27 @@ def _check_one_graph(make):
     compiled(x)
     compiled(x)
     assert counter.frame_count == frames
+
+
+def test_train_with_compile_gives_the_same_weights(tmp_path, monkeypatch):
+    """`qnas train --compile`: eager warm-up steps, then the compiled network; the run's weights equal the
+    eager run's (the aot_eager backend here, to keep the test fast; the flag uses inductor)."""
+    from qnas.train import train as train_module
+    from qnas.train.train import TrainOptions, train
+
+    def compile_network(net):
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return torch.compile(net, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(train_module, "compile_network", compile_network)
+    network = {
+        "kind": "sr",
+        "model": {"name": "edsr-baseline", "scale": 2, "kwargs": TINY},
+        "quant": {"scheme": "fqsr", "bits": 4, "warmup": 2},
+    }
+    opts = TrainOptions(steps=6, batch_size=2, patch_size=16, checkpoint_every=6)
+    train(network, opts, tmp_path / "eager", progress=False)
+    train(network, opts, tmp_path / "compiled", progress=False, compile=True)
+    a = torch.load(tmp_path / "eager" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "compiled" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

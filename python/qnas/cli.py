@@ -256,6 +256,12 @@ def _train_options(f):
     show_default=True,
     help="With --val-data: validate every N steps (0 = only at the end; always at the last step).",
 )
+@click.option(
+    "--compile",
+    "compile_net",
+    is_flag=True,
+    help="Run the training steps through torch.compile (one graph per step; the same numbers).",
+)
 @_train_options
 def train_command(
     model_name,
@@ -273,6 +279,7 @@ def train_command(
     init_run,
     val_data,
     val_every,
+    compile_net,
     quiet,
     resume,
     out,
@@ -310,6 +317,7 @@ def train_command(
             progress=not quiet,
             extra_config=record,
             validation=validation,
+            compile=compile_net,
         )
         _train_summary(summary, out)
         return
@@ -381,6 +389,7 @@ def train_command(
         init_state=init_state,
         extra_config=extra_config,
         validation=validation,
+        compile=compile_net,
     )
     _train_summary(summary, out)
 

@@ -22,7 +22,7 @@ from torch import nn
 from qnas.data.datasets import check_batch
 from qnas.errors import CheckpointError, QnasError
 from qnas.train.network import build_network, model_blob
-from qnas.train.run import RunDir
+from qnas.train.run import COMPILE_AFTER_STEPS, RunDir, compile_network
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -111,12 +111,15 @@ def train(
     init_state: dict | None = None,
     extra_config: dict | None = None,
     validation: ValidationOptions | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Trains `network` (a network config, see qnas.train.network) and writes the run folder `out`.
 
     init_state: weights to start from (e.g. a full-precision run before quantization-aware
     fine-tuning); ignored when resuming. validation: PSNR/SSIM logged as val_psnr/val_ssim, and
-    RUN/best.pt (model.pt's format) written whenever val_psnr improves. Returns a summary {"steps",
+    RUN/best.pt (model.pt's format) written whenever val_psnr improves. compile: after
+    COMPILE_AFTER_STEPS eager steps, the steps run the torch.compile'd network (the same numbers; see
+    qnas.train.run.compile_network). Returns a summary {"steps",
     "loss", "seconds", "run"} (with validation, "best": {"step", "psnr", "ssim"} too).
     """
     from tqdm import tqdm
@@ -161,6 +164,7 @@ def train(
         val_images = eval_dataset(validation.data, opts.scale)
     sampler = PatchSampler(data, opts.batch_size, seed=opts.seed, rank=info.rank, world=info.world)
     net = distributed.wrap(model, info)  # DDP averages gradients over the ranks' shares
+    compiled = compile_network(net) if compile else None
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts))
     ema = None
@@ -239,13 +243,15 @@ def train(
     )
     t_start = time.perf_counter()
     loss_value = float("nan")
+    eager_until = step + COMPILE_AFTER_STEPS  # quantizer initialisation runs eagerly, also after a resume
     try:
         while step < opts.steps:
             t0 = time.perf_counter()
             lr_img, hr_img = next(sampler)
             lr_img = lr_img.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(lr_img), hr_img)
+            forward = compiled if compiled is not None and step >= eager_until else net
+            loss = loss_fn(forward(lr_img), hr_img)
             # Auxiliary terms a network defines for itself (FQSR's calibration loss, qnas.quant.apply).
             aux = auxiliary_loss() if auxiliary_loss is not None else None
             total = loss if aux is None else loss + aux
