@@ -842,11 +842,13 @@ def report_command(runs, out, data, lr_size, quiet) -> None:
 )
 @click.option(
     "--settings",
+    "--config",
     "settings_file",
     default=None,
     metavar="FILE",
     type=click.Path(dir_okay=False, path_type=str),
-    help='JSON object overriding demo settings (qnas.demo.DemoSettings), e.g. {"train_steps": 500}.',
+    help='JSON object overriding demo settings (qnas.demo.DemoSettings), e.g. {"train_steps": 500}; '
+    "--config is the same option, as for the other commands.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out, settings_file, quiet) -> None:
