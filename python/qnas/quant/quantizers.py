@@ -84,6 +84,8 @@ class Quantizer(nn.Module):
     activation_ok = True
     #: The step is a statistic of the data (calibrated, then frozen), not learned by gradient.
     from_statistics = False
+    #: Quantizes activations (build_quantizer sets it): a batch, which torch.distributed splits.
+    activation = False
 
     def __init__(
         self, bits: int, *, signed: bool, axis: int | None = None, channels: int = 1, momentum: float = 0.1
@@ -158,8 +160,17 @@ class Quantizer(nn.Module):
 
     def lsq_grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's gradient scale 1/sqrt(elements per step · qmax) for a tensor like x."""
-        per_scale = x.numel() // max(self._channels, 1)
+        per_scale = x.numel() * self._shares() // max(self._channels, 1)
         return 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
+
+    def _shares(self) -> int:
+        """How many ranks' shares the batch x of an activation quantizer is one of: LSQ counts the
+        elements of the whole batch (1 for weights and outside torch.distributed)."""
+        if not self.activation:
+            return 1
+        from qnas.train.distributed import batch_shares
+
+        return batch_shares()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization with the current step; gradients to x by the straight-through estimator."""
@@ -458,7 +469,7 @@ class LSQQuantizer(Quantizer):
         self.step.data.copy_((2 * mean_abs / math.sqrt(max(self.qmax, 1))).clamp_min(1e-8))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        per_scale = x.numel() // self.step.numel()
+        per_scale = x.numel() * self._shares() // self.step.numel()
         grad_factor = 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
         # LSQ keeps the step positive by construction of its gradient; guard against a step
         # pushed through zero by a large learning rate.
@@ -632,7 +643,9 @@ def build_quantizer(
             raise QnasError(
                 f"quantizer: '{name}' has no asymmetric form (known: {', '.join(AsymmetricQuantizer.STATS)})"
             )
-        return AsymmetricQuantizer(bits, stat=name, signed=bool(signed), **kw)
+        q = AsymmetricQuantizer(bits, stat=name, signed=bool(signed), **kw)
+        q.activation = True
+        return q
     if kind == "weight":
         if not cls.weight_ok:
             raise QnasError(f"quantizer: '{name}' quantizes activations only")
@@ -644,5 +657,7 @@ def build_quantizer(
     if kind == "activation":
         if not cls.activation_ok:
             raise QnasError(f"quantizer: '{name}' quantizes weights only")
-        return cls(bits, signed=bool(signed), axis=None, **kw)
+        q = cls(bits, signed=bool(signed), axis=None, **kw)
+        q.activation = True
+        return q
     raise QnasError(f"kind: expected 'weight' or 'activation', got {kind!r}")

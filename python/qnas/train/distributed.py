@@ -95,6 +95,13 @@ def average_gradients(params, info: DistInfo) -> None:
         offset += g.numel()
 
 
+def batch_shares() -> int:
+    """The number of ranks a training batch is split over (1 outside torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def whole_batch(x: torch.Tensor) -> torch.Tensor:
     """The global batch `x` is this rank's share of, in rank order (x itself outside torch.distributed).
 
