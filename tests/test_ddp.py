@@ -267,3 +267,28 @@ def test_strategy_two_processes_equal_one(fp_run, tmp_path, mode):
     assert [r["step"] for r in m2] == list(range(1, 9))
     for r1, r2 in zip(m1, m2, strict=True):
         assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "quant, steps", [(["--quant", "fqsr"], 6), (["--quant", "uniform", "--quantizer", "lsq"], 1)]
+)
+def test_quantized_training_two_processes_equal_one(fp_run, tmp_path, quant, steps):
+    """Quantization-aware training: activation quantizers initialize and track their statistics on the
+    whole batch (every rank the same steps), LSQ's gradient scale counts the whole batch (the gradients
+    of the steps match), and FQSR's warm-up steps, which leave the steps without gradient, do not stop
+    DDP. LSQ runs one step: later ones drift as in the quantized search (a flipped rounding)."""
+    args = ["train", "--init", fp_run, *quant, "--bits", "4", "--batch-size", "4", "--patch-size", "16"]
+    args += ["--steps", str(steps), "--checkpoint-every", "6", "--quiet"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        [sys.executable, "-m", "qnas", *map(str, args), "--out", str(one)],
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    _torchrun(args, two)
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=True) for r in (one, two))
+    _assert_close(a["model"], b["model"])
+    for k, state in a["optimizer"]["state"].items():  # Adam's moving average: the gradients
+        m1, m2 = state["exp_avg"], b["optimizer"]["state"][k]["exp_avg"]
+        assert (m1 - m2).norm() <= 1e-4 * m1.norm() + 1e-12, k

@@ -21,7 +21,8 @@ both the weights' and the alphas', before clipping and before the entropy and co
 the alphas' (those depend on the alphas alone: every rank adds the same, once); the ranks keep identical
 weights and alphas, equal to a one-process search's with the same global batch. Noise mode is the
 exception: each rank draws its own noise for its share (an independent stream per rank), which one
-process would have drawn differently. LSQ's data-driven step init is averaged over the ranks.
+process would have drawn differently. LSQ's data-driven step init and ADQ's batch norm use the whole
+batch (qnas.train.distributed.whole_batch, batch_norm).
 
 Everything that decides the result is in the checkpoint (weights, alphas, both optimizers, the schedule,
 both batch samplers, torch's RNG: noise mode draws its seeds from it), so `--resume` continues a killed

@@ -738,7 +738,10 @@ def ptq_search(
     if derive is None:
         return supernet
     net = derive(supernet)
-    recalibrate(net, batches)
+    from qnas.train.distributed import whole_batches
+
+    with whole_batches():  # the whole calibration batches, in every rank
+        recalibrate(net, batches)
     _reconstruct(
         net, batches, targets, steps, n_search, arch_lr, quant_lr, loss_fn, log, progress, False, dist
     )

@@ -146,11 +146,11 @@ class Quantizer(nn.Module):
         Fused layers that quantize with torch.ops.qops.mixed_quant_conv call this, then `scale()`."""
         if not self._initialized:
             with torch.no_grad():
-                self._init(x)
+                self._init(self._whole(x))
             self._mark_initialized()
         elif self.training and not self._frozen:
             with torch.no_grad():
-                self._track(x)
+                self._track(self._whole(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:  # cost counting on the meta device: quantization does not change shapes
@@ -162,6 +162,15 @@ class Quantizer(nn.Module):
         """LSQ's gradient scale 1/sqrt(elements per step · qmax) for a tensor like x."""
         per_scale = x.numel() * self._shares() // max(self._channels, 1)
         return 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
+
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole batch an activation is a rank's share of (torch.distributed): statistics and inits
+        computed on it are one process's, and the same in every rank."""
+        if not self.activation:
+            return x
+        from qnas.train.distributed import whole_batch
+
+        return whole_batch(x)
 
     def _shares(self) -> int:
         """How many ranks' shares the batch x of an activation quantizer is one of: LSQ counts the
@@ -531,7 +540,7 @@ class FQSRQuantizer(LSQQuantizer):
             return super().forward(x)
         if self.training and self._seen < self.warmup:
             with torch.no_grad():
-                self.stat_sum.add_(self._statistic(x))
+                self.stat_sum.add_(self._statistic(self._whole(x)))
                 self.seen.add_(1)
                 self._seen += 1
                 self.step.data.copy_((self.stat_sum / self.seen / max(self.qmax, 1)).clamp_min(1e-8))

@@ -7,19 +7,27 @@ network in DistributedDataParallel; `search` and `strategy` average the gradient
 (average_gradients) because their architecture and weight steps back-propagate to different
 parameter sets (backward(inputs=...)), which DDP's reducer cannot follow. Every rank starts from
 the same seed and draws the same random numbers, so parameters that only a regularizer touches
-(entropy, BitOps) stay identical without communication. Only rank 0 writes the run folder (logs,
-checkpoints, model) and prints.
+(entropy, BitOps) stay identical without communication. What depends on the batch as a whole is
+computed on the whole batch: quantizers' data-driven steps (whole_batch, called by the quantizers
+themselves), batch norm statistics (batch_norm, used by ADQ) and LSQ's gradient scale
+(batch_shares). Only rank 0 writes the run folder (logs, checkpoints, model) and prints.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from qnas.errors import QnasError
+
+# Whether the tensors a forward sees are this rank's share of a global batch: from setup() on (train,
+# search, strategy steps), except inside whole_batches() (strategy's calibration on whole batches).
+_sharded = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,8 @@ def setup() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    global _sharded
+    _sharded = True
     return DistInfo(rank=rank, world=world, device=device)
 
 
@@ -61,7 +71,9 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if info.world == 1:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # Some steps leave parameters out of the loss (FQSR's statistics warm-up passes activations through
+    # unquantized, so the quantizers' steps get no gradient): DDP must look for them in the graph.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 def mean(value: float, info: DistInfo) -> float:
@@ -96,10 +108,23 @@ def average_gradients(params, info: DistInfo) -> None:
 
 
 def batch_shares() -> int:
-    """The number of ranks a training batch is split over (1 outside torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
+    """How many ranks' shares the batch a forward sees is one of: the world size during the steps of a
+    distributed run, 1 outside torch.distributed and inside whole_batches()."""
+    if _sharded and dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+@contextmanager
+def whole_batches() -> Iterator[None]:
+    """Within: every rank's forwards see whole batches (calibration on the same data in every rank),
+    so data-driven quantizer statistics are computed as they are, not gathered."""
+    global _sharded
+    before, _sharded = _sharded, False
+    try:
+        yield
+    finally:
+        _sharded = before
 
 
 def whole_batch(x: torch.Tensor) -> torch.Tensor:
@@ -107,12 +132,13 @@ def whole_batch(x: torch.Tensor) -> torch.Tensor:
 
     For data-driven initializations (LSQ's 2·mean|x|/sqrt(qmax) on the first batch): computed on the
     whole batch, they are the one-process values bit for bit and the same on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if batch_shares() == 1:
         return x
     x = x.detach()
     fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else None
+    x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     out = torch.cat(parts)
     return out.contiguous(memory_format=fmt) if fmt is not None else out
 
@@ -141,7 +167,7 @@ def batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> to
     The sums go through a differentiable all-reduce (_AllReduceSum), whose backward sums the
     ranks' gradients of the statistics: each rank's input then receives the gradient that every rank's
     loss gives it, and averaging the parameters' gradients afterwards yields the one-process gradient."""
-    if not (bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not bn.training or batch_shares() == 1:
         return bn(x)
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [1, -1] + [1] * (x.dim() - 2)
@@ -197,5 +223,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo) -> None:
+    global _sharded
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+    _sharded = False

@@ -140,8 +140,9 @@ def run_strategy(checkpoint: str, opts: StrategyOptions, out: str | Path, *, pro
     teacher = teacher.to(memory_format=cl)
     # The calibration set: the first calib_batches batches of the patch stream (PTQ optimizes on them).
     calib = [next(calib_sampler)[0].contiguous(memory_format=cl) for _ in range(opts.calib_batches)]
-    calibrate(supernet, calib)
-    errors = init_logits_from_local_error(supernet, teacher, calib) if opts.init == "local" else {}
+    with distributed.whole_batches():  # calibration: the same whole batches in every rank
+        calibrate(supernet, calib)
+        errors = init_logits_from_local_error(supernet, teacher, calib) if opts.init == "local" else {}
 
     bar = tqdm(
         total=opts.steps, desc=f"strategy {opts.mode} {run.path.name}", disable=not progress, unit="step"
