@@ -1002,8 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
     except QnasError as e:
         if _debug["on"]:
             raise
-        if os.environ.get("RANK", "0") == "0":  # the other ranks of torchrun hit the same error
-            print(f"qnas: error: {e}", file=sys.stderr)
+        print(f"qnas: error: {e}", file=sys.stderr)
         sys.exit(2)
     except click.ClickException as e:  # usage errors: unknown option, bad value, missing argument
         e.show()

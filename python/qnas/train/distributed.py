@@ -210,11 +210,21 @@ def shard(batch: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def silence_other_ranks() -> None:
-    """Under torchrun, ranks other than 0 print nothing (rank 0 speaks for the run)."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        import sys
+    """Under torchrun, ranks other than 0 print nothing: rank 0 speaks for the run (progress, notes,
+    summaries, one-line errors, which every rank hits alike). A traceback, a crash of that rank's
+    own, still reaches its stderr."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    import sys
 
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (kept for the process's lifetime)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (kept for the process's lifetime)
+    previous = sys.excepthook
+
+    def excepthook(*exc) -> None:
+        sys.stderr = sys.__stderr__
+        previous(*exc)
+
+    sys.excepthook = excepthook
 
 
 def barrier(info: DistInfo) -> None:
