@@ -1094,6 +1094,10 @@ def upscale_command(model_path, paths, tile, overlap, device, force, quiet) -> N
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exit codes: 0 ok, 2 bad input or usage, 130 interrupted."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun, rank 0 alone prints
+        from qnas.train.distributed import silence_other_ranks
+
+        silence_other_ranks()
     try:
         cli.main(args=argv, prog_name="qnas", standalone_mode=False)
     except QnasError as e:

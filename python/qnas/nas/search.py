@@ -15,6 +15,15 @@ Every architecture step logs, per slot, the norm of the gradient the L1 loss and
 (entropy and cost) give its alphas (metrics.jsonl: grad_loss/SLOT, grad_reg/SLOT; health.png): whether
 the choices come from the loss or from the cost term.
 
+Under `torchrun --nproc-per-node N` (qnas.train.distributed) every rank draws its share of each global
+batch (--batch-size) and the gradients of the loss are averaged over the ranks after every backward,
+both the weights' and the alphas', before clipping and before the entropy and cost terms are added to
+the alphas' (those depend on the alphas alone: every rank adds the same, once); the ranks keep identical
+weights and alphas, equal to a one-process search's with the same global batch. Noise mode is the
+exception: each rank draws its own noise for its share (an independent stream per rank), which one
+process would have drawn differently. LSQ's data-driven step init and ADQ's batch norm use the whole
+batch (qnas.train.distributed.whole_batch, batch_norm).
+
 Everything that decides the result is in the checkpoint (weights, alphas, both optimizers, the schedule,
 both batch samplers, torch's RNG: noise mode draws its seeds from it), so `--resume` continues a killed
 search to the same genotype as an uninterrupted one.
@@ -25,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,18 +196,22 @@ def search(
     from tqdm import tqdm
 
     from qnas.data.datasets import PatchSampler, train_dataset
+    from qnas.train import distributed
     from qnas.train.train import _compare_config
 
     opts.check()
+    info = distributed.setup()
+    distributed.check_batch(opts.batch_size, info)
+    progress = progress and info.is_main
     space = search_space(opts)
-    run = RunDir(out)
+    run = RunDir(out, is_writer=info.is_main)
     config = {"search": dataclasses.asdict(opts), "space": space, **(extra_config or {})}
     config = json.loads(json.dumps(config))
     if resume:
         if not run.has_checkpoint():
             raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")
         _compare_config(run.read_config(), config, run.path)
-    elif run.has_checkpoint() or (run.path / "genotype.json").exists():
+    elif info.is_main and (run.has_checkpoint() or (run.path / "genotype.json").exists()):
         raise QnasError(
             f"{run.path}: already holds a run; pass --resume to continue it or choose another --out"
         )
@@ -205,6 +219,7 @@ def search(
     torch.manual_seed(opts.seed)
     net = build_supernet(opts, space).to(memory_format=torch.channels_last)
     net.train()
+    net.set_noise_stream(info.rank)
     data = train_dataset(opts.data, opts.scale, opts.patch_size, progress=progress)
     if opts.single_pass:
         w_data, a_data = data, None
@@ -216,8 +231,11 @@ def search(
             )
         w_idx, a_idx = split_images(len(data), opts.alpha_split)
         w_data, a_data = _subset(data, w_idx), _subset(data, a_idx)
-    w_sampler = PatchSampler(w_data, opts.batch_size, seed=opts.seed)
-    a_sampler = PatchSampler(a_data, opts.batch_size, seed=opts.seed + 1) if a_data is not None else None
+    shard = {"rank": info.rank, "world": info.world}
+    w_sampler = PatchSampler(w_data, opts.batch_size, seed=opts.seed, **shard)
+    a_sampler = None
+    if a_data is not None:
+        a_sampler = PatchSampler(a_data, opts.batch_size, seed=opts.seed + 1, **shard)
 
     weights, alphas = net.weight_parameters(), net.alpha_parameters()
     w_opt = torch.optim.Adam(weights, lr=opts.lr)
@@ -283,7 +301,10 @@ def search(
                 penalty=penalty,
                 grad_clip=opts.grad_clip,
                 step=step,
+                sync=None if info.world == 1 else lambda params: distributed.average_gradients(params, info),
             )
+            losses = distributed.means({k: rec[k] for k in ("loss", "loss_alpha") if k in rec}, info)
+            rec.update(losses)
             w_sched.step()
             step += 1
             with torch.no_grad():
@@ -309,6 +330,17 @@ def search(
         run.close()
 
     genotype = make_genotype(net, opts, space, initial_bitops)
+    summary = {
+        "health": {},
+        "steps": step,
+        "genotype": str(run.path / "genotype.json"),
+        "bitops": genotype["cost"]["bitops"],
+        "run": str(run.path),
+    }
+    if not info.is_main:
+        distributed.barrier(info)  # leave once rank 0 has written the genotype and plots
+        distributed.teardown(info)
+        return {**summary, "seconds": time.perf_counter() - t_start}
     atomic_write_bytes(run.path / "genotype.json", (json.dumps(genotype, indent=2) + "\n").encode())
     from qnas.nas.plots import health_summary, plot_alphas, plot_search_curves, plot_search_health
 
@@ -318,14 +350,9 @@ def search(
     metrics = run.read_metrics()
     plot_search_curves(metrics, run.path / "search.png")
     plot_search_health(metrics, run.path / "health.png")
-    return {
-        "health": health_summary(metrics),
-        "steps": step,
-        "genotype": str(run.path / "genotype.json"),
-        "bitops": genotype["cost"]["bitops"],
-        "seconds": time.perf_counter() - t_start,
-        "run": str(run.path),
-    }
+    distributed.barrier(info)
+    distributed.teardown(info)
+    return {**summary, "health": health_summary(metrics), "seconds": time.perf_counter() - t_start}
 
 
 def search_step(
@@ -340,11 +367,13 @@ def search_step(
     penalty: BitOpsTarget | BitOpsPenalty | None,
     grad_clip: float,
     step: int = 0,
+    sync: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> dict[str, float]:
     """One search step (module docstring): with `a_batch`, the architecture step on it then the weight step
     on `w_batch` (alternating); without, one pass on `w_batch` that updates the weights and, if
     `update_alphas`, the alphas. Returns the values to log (losses, entropy, cost term, and per slot the
-    gradient norms of the loss and of the regularizers on its alphas)."""
+    gradient norms of the loss and of the regularizers on its alphas). `sync(params)`, called after every
+    backward, averages the loss's gradients over the ranks (qnas.train.distributed.average_gradients)."""
     l1 = nn.L1Loss()
     weights = [p for g in w_opt.param_groups for p in g["params"]]
     alphas = [p for g in a_opt.param_groups for p in g["params"]]
@@ -357,6 +386,8 @@ def search_step(
         rec_loss = l1(net(lr_img, probs), hr_img)
         _check_finite(rec_loss, step)
         rec_loss.backward()
+        if sync is not None:
+            sync(weights + alphas)
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(weights, grad_clip)
         w_opt.step()
@@ -371,6 +402,8 @@ def search_step(
     _check_finite(a_loss, step)
     # Gradients to the alphas only: autograd skips the weight gradients of every convolution on the way.
     a_loss.backward(inputs=alphas)
+    if sync is not None:
+        sync(alphas)
     _add_regularizer_grads(net, entropy_weight, penalty, rec)
     a_opt.step()
     rec["loss_alpha"] = a_loss.item()
@@ -379,6 +412,8 @@ def search_step(
     w_loss = l1(net(lr_w, _detached(net.probs())), hr_w)
     _check_finite(w_loss, step)
     w_loss.backward()
+    if sync is not None:
+        sync(weights)
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(weights, grad_clip)
     w_opt.step()

@@ -187,6 +187,8 @@ class SearchLayer(nn.Module):
         )
         self.register_buffer("scales_initialized", torch.zeros((), dtype=torch.bool))
         self._initialized = False
+        #: Noise stream of this process (its rank under torch.distributed, Supernet.set_noise_stream).
+        self.noise_stream = 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -205,6 +207,10 @@ class SearchLayer(nn.Module):
     @torch.no_grad()
     def _init_scales(self, x: torch.Tensor) -> None:
         """LSQ's data-driven init 2 mean|v| / sqrt(qmax), once (buffer scales_initialized keeps it)."""
+        from qnas.train.distributed import whole_batch
+
+        # Under torch.distributed x is this rank's share: the steps of the whole batch, as one process's.
+        x = whole_batch(x)
         for o, w in enumerate(self.weights):
             for i, b in enumerate(self.w_bits):
                 if b:
@@ -247,6 +253,8 @@ class SearchLayer(nn.Module):
             self.scales_initialized.fill_(True)
             self._initialized = True
         seed = int(torch.randint(0, 2**62, (1,)).item()) if self.mode == "noise" else 0
+        if self.noise_stream:  # every rank draws the same seed (same RNG): spread it per rank
+            seed = _sub_seed(seed, 1_000_003 * self.noise_stream)
         y = None
         if self.weights:
             y = self._single(x, probs, seed)
@@ -568,6 +576,13 @@ class Supernet(nn.Module):
                     "prob": round(float(p.flatten()[flat]), 6),
                 }
         return out
+
+    def set_noise_stream(self, stream: int) -> None:
+        """Noise mode under torch.distributed: rank `stream` draws noise independent of the other ranks'
+        (they share torch's RNG state, hence the per-call seeds); stream 0 draws what one process does."""
+        for m in self.modules():
+            if isinstance(m, SearchLayer):
+                m.noise_stream = int(stream)
 
     def alpha_parameters(self) -> list[nn.Parameter]:
         return list(self.alphas.values())

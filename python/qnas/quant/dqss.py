@@ -702,6 +702,7 @@ def ptq_search(
     expected_loss: bool = False,
     log: Callable[..., None] | None = None,
     progress=None,
+    dist=None,
 ) -> nn.Module:
     """Post-training search: network weights frozen; strategy logits (Adam, `arch_lr`) and quantizer
     parameters (Adam, `quant_lr`) minimize loss_fn(supernet(x), teacher(x)) over the calibration
@@ -713,7 +714,11 @@ def ptq_search(
     network is returned. Without `derive`, every step searches and the supernet is returned.
     `hard`: every search step runs one sampled discrete network (StrategyConv2d._probs) instead of
     the mixture. `expected_loss`: the search minimizes loss + expected_loss_penalty, the expected
-    loss of a sampled discrete network, with per-layer gains from estimate_gains."""
+    loss of a sampled discrete network, with per-layer gains from estimate_gains.
+
+    `dist` (qnas.train.distributed.DistInfo): under torch.distributed `batches` are the whole
+    calibration batches on every rank (calibration and gains see them all); each step computes on this
+    rank's share and averages the gradients over the ranks (the one-process step on the whole batch)."""
     n_search = ptq_phases(steps, discrete_fraction if derive is not None else 0.0)
     teacher.eval()
     with torch.no_grad():
@@ -723,7 +728,9 @@ def ptq_search(
         m.hard = bool(hard)
         m.gain = gains.get(name)
     try:
-        _reconstruct(supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True)
+        _reconstruct(
+            supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True, dist
+        )
     finally:
         for m in supernet_layers(supernet).values():
             m.hard, m.gain, m.variance = False, None, None
@@ -731,8 +738,13 @@ def ptq_search(
     if derive is None:
         return supernet
     net = derive(supernet)
-    recalibrate(net, batches)
-    _reconstruct(net, batches, targets, steps, n_search, arch_lr, quant_lr, loss_fn, log, progress, False)
+    from qnas.train.distributed import whole_batches
+
+    with whole_batches():  # the whole calibration batches, in every rank
+        recalibrate(net, batches)
+    _reconstruct(
+        net, batches, targets, steps, n_search, arch_lr, quant_lr, loss_fn, log, progress, False, dist
+    )
     freeze_statistics(net)
     return net
 
@@ -753,11 +765,17 @@ def ptq_phases(steps: int, discrete_fraction: float = 0.25) -> int:
     return steps - int(round(steps * discrete_fraction))
 
 
-def _reconstruct(net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, log, progress, search):
+def _reconstruct(
+    net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, log, progress, search, dist=None
+):
     """Steps start..end-1 of PTQ: frozen weights; logits (when searching) and quantizer parameters
-    minimize loss_fn(net(x), teacher(x)) over the calibration batches (cycled)."""
+    minimize loss_fn(net(x), teacher(x)) over the calibration batches (cycled); with `dist`, each rank
+    on its share of every batch (ptq_search)."""
     if end <= start:
         return
+    from qnas.train import distributed
+
+    split = dist is not None and dist.world > 1
     for p in network_parameters(net):
         p.requires_grad_(False)
     groups = [{"params": strategy_parameters(net), "lr": arch_lr}] if search else []
@@ -770,6 +788,8 @@ def _reconstruct(net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, 
         if search:
             set_temperature(net, temperature_at(step, end))
         x, target = batches[step % len(batches)], targets[step % len(batches)]
+        if split:
+            x, target = distributed.shard(x, dist), distributed.shard(target, dist)
         if opt is None:  # nothing to learn (e.g. a derived network of statistics-based steps only)
             with torch.no_grad():
                 net_out = net(x)
@@ -781,7 +801,10 @@ def _reconstruct(net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, 
         penalty = expected_loss_penalty(net) if search else None
         if penalty is not None and loss_fn is log_mse_loss:
             # The penalty estimates an increase of the MSE; d ln(m) = dm / m (m: the batch's MSE).
-            penalty = penalty / (net_out.detach() - target).square().mean().clamp_min(1e-12)
+            mse = (net_out.detach() - target).square().mean()
+            if split:  # the MSE of the whole batch: a mean of the ranks' (equal shares)
+                mse = mse.new_tensor(distributed.mean(float(mse), dist))
+            penalty = penalty / mse.clamp_min(1e-12)
         objective = loss if penalty is None else loss + penalty
         if not torch.isfinite(objective):
             raise QnasError(
@@ -789,6 +812,8 @@ def _reconstruct(net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, 
             )
         if opt is not None:
             objective.backward()
+            if split:
+                distributed.average_gradients([p for g in opt.param_groups for p in g["params"]], dist)
             opt.step()
         if log is not None:
             extra = {"temperature": supernet_temperature(net)} if search else {}
@@ -840,9 +865,14 @@ def qat_search(
     derive: Callable[[nn.Module], nn.Module],
     log: Callable[..., None] | None = None,
     progress=None,
+    dist=None,
 ) -> nn.Module:
     """Quantization-aware search in one forward-backward pass per step (see qat_phases); returns the
-    derived discrete network after its fine-tune. `derive(supernet)` builds it."""
+    derived discrete network after its fine-tune. `derive(supernet)` builds it. With `dist`
+    (qnas.train.distributed.DistInfo), next_batch gives this rank's share of each batch and the
+    gradients are averaged over the ranks."""
+    from qnas.train import distributed
+
     warm, discrete = qat_phases(steps)
     arch = strategy_parameters(supernet)
     opt = torch.optim.Adam(
@@ -877,6 +907,8 @@ def qat_search(
                 f"strategy search diverged at step {step} (loss {loss.item()}); lower the learning rates"
             )
         loss.backward()
+        if dist is not None:
+            distributed.average_gradients([p for g in opt.param_groups for p in g["params"]], dist)
         opt.step()
         if log is not None:
             phase = "warmup" if step < warm else ("search" if searching else "finetune")

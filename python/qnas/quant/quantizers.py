@@ -82,6 +82,8 @@ class Quantizer(nn.Module):
     activation_ok = True
     #: The step is a statistic of the data (calibrated, then frozen), not learned by gradient.
     from_statistics = False
+    #: Quantizes activations (build_quantizer sets it): a batch, which torch.distributed splits.
+    activation = False
 
     def __init__(
         self, bits: int, *, signed: bool, axis: int | None = None, channels: int = 1, momentum: float = 0.1
@@ -142,11 +144,11 @@ class Quantizer(nn.Module):
         Fused layers that quantize with torch.ops.qops.mixed_quant_conv call this, then `scale()`."""
         if not self._initialized:
             with torch.no_grad():
-                self._init(x)
+                self._init(self._whole(x))
             self._mark_initialized()
         elif self.training and not self._frozen:
             with torch.no_grad():
-                self._track(x)
+                self._track(self._whole(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:  # cost counting on the meta device: quantization does not change shapes
@@ -156,8 +158,26 @@ class Quantizer(nn.Module):
 
     def lsq_grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's gradient scale 1/sqrt(elements per step · qmax) for a tensor like x."""
-        per_scale = x.numel() // max(self._channels, 1)
+        per_scale = x.numel() * self._shares() // max(self._channels, 1)
         return 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
+
+    def _whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole batch an activation is a rank's share of (torch.distributed): statistics and inits
+        computed on it are one process's, and the same in every rank."""
+        if not self.activation:
+            return x
+        from qnas.train.distributed import whole_batch
+
+        return whole_batch(x)
+
+    def _shares(self) -> int:
+        """How many ranks' shares the batch x of an activation quantizer is one of: LSQ counts the
+        elements of the whole batch (1 for weights and outside torch.distributed)."""
+        if not self.activation:
+            return 1
+        from qnas.train.distributed import batch_shares
+
+        return batch_shares()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization with the current step; gradients to x by the straight-through estimator."""
@@ -456,7 +476,7 @@ class LSQQuantizer(Quantizer):
         self.step.data.copy_((2 * mean_abs / math.sqrt(max(self.qmax, 1))).clamp_min(1e-8))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        per_scale = x.numel() // self.step.numel()
+        per_scale = x.numel() * self._shares() // self.step.numel()
         grad_factor = 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
         # LSQ keeps the step positive by construction of its gradient; guard against a step
         # pushed through zero by a large learning rate.
@@ -518,7 +538,7 @@ class FQSRQuantizer(LSQQuantizer):
             return super().forward(x)
         if self.training and self._seen < self.warmup:
             with torch.no_grad():
-                self.stat_sum.add_(self._statistic(x))
+                self.stat_sum.add_(self._statistic(self._whole(x)))
                 self.seen.add_(1)
                 self._seen += 1
                 self.step.data.copy_((self.stat_sum / self.seen / max(self.qmax, 1)).clamp_min(1e-8))
@@ -630,7 +650,9 @@ def build_quantizer(
             raise QnasError(
                 f"quantizer: '{name}' has no asymmetric form (known: {', '.join(AsymmetricQuantizer.STATS)})"
             )
-        return AsymmetricQuantizer(bits, stat=name, signed=bool(signed), **kw)
+        q = AsymmetricQuantizer(bits, stat=name, signed=bool(signed), **kw)
+        q.activation = True
+        return q
     if kind == "weight":
         if not cls.weight_ok:
             raise QnasError(f"quantizer: '{name}' quantizes activations only")
@@ -642,5 +664,7 @@ def build_quantizer(
     if kind == "activation":
         if not cls.activation_ok:
             raise QnasError(f"quantizer: '{name}' quantizes weights only")
-        return cls(bits, signed=bool(signed), axis=None, **kw)
+        q = cls(bits, signed=bool(signed), axis=None, **kw)
+        q.activation = True
+        return q
     raise QnasError(f"kind: expected 'weight' or 'activation', got {kind!r}")

@@ -10,6 +10,12 @@ RUN/
                   which `qnas eval --checkpoint RUN` evaluates
 
 Searches are short (minutes) and are not resumable: a killed search is started again.
+
+Under `torchrun --nproc-per-node N` (qnas.train.distributed) every rank calibrates on the whole
+calibration batches (statistics-based steps, local errors and gains are those of one process), and
+each search step computes on the rank's share of the global batch (--batch-size) with the gradients
+of the network weights, quantizer parameters and strategy logits averaged over the ranks; rank 0
+alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -106,8 +112,12 @@ def run_strategy(
 
     from qnas.data.datasets import PatchSampler, train_dataset
     from qnas.sr import build_from_config
+    from qnas.train import distributed
 
     opts.check()
+    info = distributed.setup()
+    distributed.check_batch(opts.batch_size, info)
+    progress = progress and info.is_main
     teacher, blob = load_network(checkpoint)
     network = blob["network"]
     if network.get("kind") != "sr" or network.get("quant"):
@@ -116,8 +126,8 @@ def run_strategy(
         )
     model_cfg = network["model"]
     scale = int(model_cfg["scale"])
-    run = RunDir(out)
-    if (run.path / "model.pt").exists():
+    run = RunDir(out, is_writer=info.is_main)
+    if info.is_main and (run.path / "model.pt").exists():
         raise QnasError(f"{run.path}: already holds a run; choose another --out")
     run.write_config(
         {"checkpoint": str(checkpoint), "network": network, "strategy": asdict(opts), **(extra_config or {})}
@@ -125,7 +135,12 @@ def run_strategy(
 
     torch.manual_seed(opts.seed)
     data = train_dataset(opts.data, scale, opts.patch_size, progress=progress)
-    sampler = PatchSampler(data, opts.batch_size, seed=opts.seed)
+    # The calibration set is the first calib_batches batches of the patch stream, whole on every rank;
+    # the QAT search continues the stream, each rank drawing its share.
+    calib_sampler = PatchSampler(data, opts.batch_size, seed=opts.seed)
+    sampler = PatchSampler(
+        data, opts.batch_size, seed=opts.seed, step=opts.calib_batches, rank=info.rank, world=info.world
+    )
     cl = torch.channels_last
     supernet = build_from_config(model_cfg)
     load_float_weights(supernet, blob["model"], str(checkpoint))
@@ -133,17 +148,28 @@ def run_strategy(
     supernet = supernet.to(memory_format=cl)
     teacher = teacher.to(memory_format=cl)
     # The calibration set: the first calib_batches batches of the patch stream (PTQ optimizes on them).
-    calib = [next(sampler)[0].contiguous(memory_format=cl) for _ in range(opts.calib_batches)]
-    calibrate(supernet, calib)
-    errors = init_logits_from_local_error(supernet, teacher, calib) if opts.init == "local" else {}
+    calib = [next(calib_sampler)[0].contiguous(memory_format=cl) for _ in range(opts.calib_batches)]
+    with distributed.whole_batches():  # calibration: the same whole batches in every rank
+        calibrate(supernet, calib)
+        errors = init_logits_from_local_error(supernet, teacher, calib) if opts.init == "local" else {}
 
     bar = tqdm(
         total=opts.steps, desc=f"strategy {opts.mode} {run.path.name}", disable=not progress, unit="step"
     )
 
+    logged: dict[str, float] = {}
+
+    def log(step: int, **values) -> None:
+        """run.log with the losses of the whole batch (means over the ranks' shares)."""
+        values.update(
+            distributed.means({k: values[k] for k in ("loss", "variance_penalty") if k in values}, info)
+        )
+        logged["loss"] = values["loss"]
+        run.log(step, **values)
+
     def tick(loss: float) -> None:
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}")
+        bar.set_postfix(loss=f"{logged.get('loss', loss):.4g}")
 
     def fresh_float():
         return build_from_config(model_cfg)
@@ -170,8 +196,9 @@ def run_strategy(
                 hard=opts.sampling == "hard",
                 expected_loss=opts.objective == "expected",
                 loss_fn=log_mse_loss if opts.loss == "psnr" else F.mse_loss,
-                log=run.log,
+                log=log,
                 progress=tick,
+                dist=info,
             )
         else:
 
@@ -193,8 +220,9 @@ def run_strategy(
                 arch_lr=opts.arch_lr,
                 quant_lr=opts.quant_lr,
                 derive=derive,
-                log=run.log,
+                log=log,
                 progress=tick,
+                dist=info,
             )
             plan = derive_plan(supernet, opts.quantizers, opts.bits)
     finally:
@@ -233,10 +261,13 @@ def run_strategy(
         "final_entropy": entropy(supernet),
         "seconds": seconds,
     }
-    atomic_write_bytes(run.path / "strategy.json", (json.dumps(strategy, indent=2) + "\n").encode())
+    if info.is_main:
+        atomic_write_bytes(run.path / "strategy.json", (json.dumps(strategy, indent=2) + "\n").encode())
     quant = {k: v for k, v in plan.items() if k != "probs"}
     net_cfg = {"kind": "sr", "model": model_cfg, "quant": quant}
     run.save_model(model_blob(net_cfg, net.to(memory_format=torch.contiguous_format), strategy=strategy))
+    distributed.barrier(info)  # other ranks leave once rank 0 has written the run
+    distributed.teardown(info)
     return {"run": str(run.path), "seconds": seconds, "counts": counts, "mode": opts.mode}
 
 
