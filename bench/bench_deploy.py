@@ -37,12 +37,14 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
+
+import qops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_upscale import RETAINED, networks  # noqa: E402
@@ -207,7 +209,9 @@ def torch_int8(fp32: torch.nn.Module, calib: list[torch.Tensor]) -> Callable[[to
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     if "x86" not in torch.backends.quantized.supported_engines:
-        raise RuntimeError(f"no x86 quantized engine (this torch has {torch.backends.quantized.supported_engines})")
+        raise RuntimeError(
+            f"no x86 quantized engine (this torch has {torch.backends.quantized.supported_engines})"
+        )
     torch.backends.quantized.engine = "x86"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
@@ -231,7 +235,7 @@ def run_config(h, w, scale, thread_list, bits, rounds, impls, tmp, model_kwargs,
     makers: dict[str, Callable[[int], Callable[[], torch.Tensor]]] = {}
     errors: dict[str, str] = {}
     builders = {
-        "packed": lambda: (lambda n: lambda: packed(x)),
+        "packed": lambda: lambda n: lambda: packed(x),
         "ort-qdq": lambda: _ort_runner(onnx_model(packed.graph, packed.tensors).SerializeToString(), x),
         "ort-int8": lambda: _ort_runner(ort_int8(fp32, x, calib, tmp), x),
         "torch-fp32": lambda: _fp32_maker(fp32, x_cl),
@@ -354,7 +358,8 @@ def table(results: list[dict], peak_core: float | None) -> str:
             cpu = f"{row['cpu_median_ms']:.0f}" if "cpu_median_ms" in row else ""
             sp = f"{row['speedup_vs_packed']:.2f}x" if "speedup_vs_packed" in row else ""
             lines.append(
-                head + f" {row['median_ms']:.0f} | {row['min_ms']:.0f} | {cpu} | {row['gmac_s_min']:.1f} | {peak} |"
+                head
+                + f" {row['median_ms']:.0f} | {row['min_ms']:.0f} | {cpu} | {row['gmac_s_min']:.1f} | {peak} |"
                 f" {sp} | {_db(row['psnr_vs_packed_db'], name, 'packed')} |"
                 f" {_db(row['psnr_vs_fp32_db'], name, 'torch-fp32')} |"
             )
@@ -410,9 +415,9 @@ def main(argv: list[str] | None = None) -> dict:
         "onnxruntime sessions: CPUExecutionProvider, graph_optimization_level ORT_ENABLE_ALL (default), "
         "intra_op_num_threads = threads, inter_op_num_threads = 1, sequential execution"
     )
-    print(f"glibc keeps freed memory (qnas.deploy.runtime.retain_freed_memory): {RETAINED}; {args.rounds} interleaved rounds")
-    import tempfile
-
+    print(
+        f"glibc keeps freed memory (qnas.deploy.runtime.retain_freed_memory): {RETAINED}; {args.rounds} interleaved rounds"
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for h, w in sizes:
@@ -430,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
             "nominal_mhz": cpu["mhz"], "int8_peak_gmac_s_per_core_estimate": peak_core, "peak_formula": formula,
             "vnni": "avx512_vnni" in cpu["flags"] or "avx_vnni" in cpu["flags"], "avx2": "avx2" in cpu["flags"],
             "loadavg_start": list(load0), "loadavg_end": list(load1),
+            "qops_cpu_features": qops.cpu_features(),  # which kernel variants (VNNI, ...) run
         },
         "versions": versions,
         "network": {"name": "edsr-baseline", "kwargs": model_kwargs, "weights": "random (seed 0)",

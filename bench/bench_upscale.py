@@ -115,6 +115,28 @@ def test_upscale_packed_4bit(bench, nets):
     )
 
 
+def test_upscale_onnxruntime_qdq(bench, nets):
+    """onnxruntime on the QDQ export of the same 4-bit network, default session (every graph optimization;
+    bench/bench_deploy.py compares more runtimes, interleaved)."""
+    ort = pytest.importorskip("onnxruntime")
+    from qnas.export.onnx import onnx_model
+
+    x, _, packed = nets
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(
+        onnx_model(packed.graph, packed.tensors).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+    feed = {"input": x.numpy()}
+    bench(
+        lambda: sess.run(None, feed),
+        group=f"edsr-baseline x2 1x3x{SIZE}x{SIZE}",
+        impl="onnxruntime, QDQ export of the same w4a4 network (ORT_ENABLE_ALL)",
+        ops=conv_ops(packed, SIZE, SIZE),
+        malloc=RETAINED,
+    )
+
+
 def profile(model: PackedModel, x: torch.Tensor, rounds: int = 5) -> dict[str, float]:
     """Median seconds per op type of one forward pass (each node timed on its own; ReLUs that the next
     conv's quantization already does are skipped, as in PackedModel.__call__)."""
