@@ -130,7 +130,7 @@ def int8_peak(cpu: dict) -> tuple[float | None, str]:
     return macs * mhz / 1e3, f"{how} x {mhz / 1e3:.2f} GHz nominal = {macs * mhz / 1e3:.0f} GMAC/s per core"
 
 
-# --- the implementations: each maker returns (description, threads -> callable returning the output) ------
+# --- the implementations: each builder returns threads -> a callable returning the output -----------------
 
 
 def _ort_options(threads: int):
@@ -139,6 +139,22 @@ def _ort_options(threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return so
+
+
+def ort_optimized_ops(model_bytes: bytes, tmp: str) -> dict[str, int]:
+    """Op counts of the graph onnxruntime runs after its optimizations (what got fused into integer
+    kernels such as QLinearConv, and what stayed float)."""
+    import onnx
+
+    ort = require_export_extra("onnxruntime")
+    so = _ort_options(1)
+    so.log_severity_level = 3  # the note that an NCHWc-optimized file is hardware specific
+    so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+    ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for node in onnx.load(so.optimized_model_filepath).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return dict(sorted(ops.items(), key=lambda kv: -kv[1]))
 
 
 def _ort_runner(model_bytes: bytes, x: torch.Tensor) -> Callable[[int], Callable[[], torch.Tensor]]:
@@ -234,10 +250,16 @@ def run_config(h, w, scale, thread_list, bits, rounds, impls, tmp, model_kwargs,
     x_cl = x.contiguous(memory_format=torch.channels_last)
     makers: dict[str, Callable[[int], Callable[[], torch.Tensor]]] = {}
     errors: dict[str, str] = {}
+    graph_ops: dict[str, dict[str, int]] = {}
+
+    def ort_impl(name: str, model_bytes: bytes):
+        graph_ops[name] = ort_optimized_ops(model_bytes, tmp)
+        return _ort_runner(model_bytes, x)
+
     builders = {
         "packed": lambda: lambda n: lambda: packed(x),
-        "ort-qdq": lambda: _ort_runner(onnx_model(packed.graph, packed.tensors).SerializeToString(), x),
-        "ort-int8": lambda: _ort_runner(ort_int8(fp32, x, calib, tmp), x),
+        "ort-qdq": lambda: ort_impl("ort-qdq", onnx_model(packed.graph, packed.tensors).SerializeToString()),
+        "ort-int8": lambda: ort_impl("ort-int8", ort_int8(fp32, x, calib, tmp)),
         "torch-fp32": lambda: _fp32_maker(fp32, x_cl),
         "torch-int8": lambda: _int8_maker(torch_int8(fp32, calib), x_cl),
     }
@@ -269,12 +291,14 @@ def run_config(h, w, scale, thread_list, bits, rounds, impls, tmp, model_kwargs,
             load = os.getloadavg()
             wall = {k: [] for k in calls}
             cpu = {k: [] for k in calls}
+            proc = {k: [] for k in calls}
             for _ in range(rounds):
                 for name, f in calls.items():
-                    c0, t0 = time.thread_time(), time.perf_counter()
+                    p0, c0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
                     f()
                     wall[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.thread_time() - c0)
+                    proc[name].append(time.process_time() - p0)
         ref = outputs.get("packed")
         fp = outputs.get("torch-fp32")
         rows = {}
@@ -295,8 +319,13 @@ def run_config(h, w, scale, thread_list, bits, rounds, impls, tmp, model_kwargs,
             }
             if threads == 1:  # the calling thread does all the work: its CPU time excludes descheduling
                 row["cpu_median_ms"] = statistics.median(cpu[name]) * 1e3
+                row["gmac_s_cpu"] = macs / statistics.median(cpu[name]) / 1e9
+                # All threads of the process: equal to cpu_median_ms when no helper thread does work.
+                row["process_cpu_median_ms"] = statistics.median(proc[name]) * 1e3
             if "packed" in calls:
                 row["speedup_vs_packed"] = statistics.median(wall["packed"]) / med
+            if name in graph_ops:
+                row["ort_optimized_graph_ops"] = graph_ops[name]
             rows[name] = row
         results.append(
             {
@@ -342,25 +371,39 @@ def _psnr(a: torch.Tensor, b: torch.Tensor | None) -> float | None:
 # --- the report -------------------------------------------------------------------------------------------
 
 
+TABLE_NOTE = (
+    "With 1 thread, GMAC/s, % of the estimated int8 peak and the ratio to the packed runtime come from the\n"
+    "median CPU time of the calling thread (robust to other jobs' load); with more threads from wall time\n"
+    "(GMAC/s and % peak: the fastest round; ratio: medians). 'packed / it' > 1: faster than the packed runtime."
+)
+
+
 def table(results: list[dict], peak_core: float | None) -> str:
+    """The markdown table of run_config results (also of a saved report: --from-json)."""
     lines = [
-        "| LR | scale | threads | impl | median ms | min ms | CPU ms | GMAC/s (min) | % int8 peak | "
-        "vs packed | PSNR vs packed | PSNR vs fp32 |",
+        "| LR | scale | threads | impl | median ms | min ms | CPU ms | GMAC/s | % int8 peak (est.) | "
+        "packed / it | PSNR vs packed | PSNR vs fp32 |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        ref = r["impls"].get("packed", {})
         for name, row in r["impls"].items():
             head = f"| {r['lr_size'][0]}x{r['lr_size'][1]} | x{r['scale']} | {r['threads']} | {name} |"
             if "error" in row:
                 lines.append(head + f" not measured: {row['error']} | | | | | | | |")
                 continue
-            peak = f"{row['gmac_s_min'] / (peak_core * r['threads']):.1%}" if peak_core else ""
-            cpu = f"{row['cpu_median_ms']:.0f}" if "cpu_median_ms" in row else ""
-            sp = f"{row['speedup_vs_packed']:.2f}x" if "speedup_vs_packed" in row else ""
+            if "cpu_median_ms" in row:
+                gmacs = r["macs"] / row["cpu_median_ms"] / 1e6
+                cpu = f"{row['cpu_median_ms']:.0f}"
+                ratio = ref.get("cpu_median_ms", float("nan")) / row["cpu_median_ms"]
+            else:
+                gmacs, cpu = r["macs"] / row["min_ms"] / 1e6, ""
+                ratio = ref.get("median_ms", float("nan")) / row["median_ms"]
+            peak = f"{gmacs / (peak_core * r['threads']):.0%}" if peak_core else ""
             lines.append(
                 head
-                + f" {row['median_ms']:.0f} | {row['min_ms']:.0f} | {cpu} | {row['gmac_s_min']:.1f} | {peak} |"
-                f" {sp} | {_db(row['psnr_vs_packed_db'], name, 'packed')} |"
+                + f" {row['median_ms']:.0f} | {row['min_ms']:.0f} | {cpu} | {gmacs:.0f} | {peak} | {ratio:.2f}x |"
+                f" {_db(row['psnr_vs_packed_db'], name, 'packed')} |"
                 f" {_db(row['psnr_vs_fp32_db'], name, 'torch-fp32')} |"
             )
     return "\n".join(lines)
@@ -382,7 +425,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--model-kwargs", default="{}", help="JSON overrides of the edsr-baseline preset")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--from-json", help="print the table of a saved report instead of measuring")
     args = ap.parse_args(argv)
+    if args.from_json:
+        try:
+            report = json.load(open(args.from_json))
+            peak = report["machine"]["int8_peak_gmac_s_per_core_estimate"]
+            print(
+                f"{report['command']}\n{report['started']}, {report['machine']['cpu']}; {report['machine']['peak_formula']}"
+            )
+            print(table(report["results"], peak) + "\n" + TABLE_NOTE)
+        except (OSError, ValueError, KeyError) as e:
+            raise QnasError(f"--from-json {args.from_json}: not a report of this script ({e})") from None
+        return report
     sizes = [_pair(s, "--sizes") for s in args.sizes.split(",")]
     scales, thread_list = _ints(args.scales, "--scales"), _ints(args.threads, "--threads")
     impls = args.impls.split(",")
@@ -424,7 +479,11 @@ def main(argv: list[str] | None = None) -> dict:
             for scale in scales:
                 print(f"edsr-baseline x{scale}, LR {h}x{w}: building, exporting, calibrating ...", flush=True)
                 rs = run_config(h, w, scale, thread_list, args.bits, args.rounds, impls, tmp, model_kwargs)
-                print(table(rs, peak_core), flush=True)
+                print(table(rs, peak_core) + "\n" + TABLE_NOTE, flush=True)
+                for name, row in rs[0]["impls"].items():
+                    if "ort_optimized_graph_ops" in row:
+                        ops = ", ".join(f"{k} {v}" for k, v in row["ort_optimized_graph_ops"].items())
+                        print(f"  {name}, graph after onnxruntime's optimizations: {ops}")
                 results.extend(rs)
     load1 = os.getloadavg()
     report = {
@@ -443,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ort_session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "intra_op_num_threads": "threads",
                                 "inter_op_num_threads": 1, "provider": "CPUExecutionProvider"},
         "timing": "interleaved rounds after 2 warm-up calls; wall time (perf_counter); with 1 thread also the "
-                  "calling thread's CPU time (cpu_median_ms); GMAC/s and % peak from the min round",
+                  "calling thread's CPU time (cpu_median_ms, gmac_s_cpu); speedup_vs_packed: wall medians",
         "freed_memory_retained": RETAINED,
         "results": results,
     }  # fmt: skip
