@@ -19,10 +19,15 @@ shared machine; per impl the median and min of N rounds of wall time, and with 1
 thread's CPU time (time.thread_time: excludes the time it was descheduled). Threads are set for torch
 (torch.set_num_threads) and onnxruntime (intra_op_num_threads, inter_op_num_threads = 1) alike. MACs come
 from qnas.cost.count_cost of the fp32 network; the int8 peak is an estimate from the CPU flags and clock
-(int8_peak). Every impl's output is compared with the packed runtime's and the fp32 network's (PSNR).
+(int8_peak). With 1 thread the table's GMAC/s, % of peak and ratios use the CPU time; with more, wall time.
+Every impl's output is compared with the packed runtime's and the fp32 network's (PSNR), and the op counts
+of the graphs onnxruntime runs after its optimizations are printed (which convs became QLinearConv).
 
     python bench/bench_deploy.py [--sizes 180x320,360x640] [--scales 2,4] [--threads 1,2] [--bits 4]
-                                 [--rounds N] [--json OUT]
+                                 [--rounds N] [--json OUT] [--impls packed,ort-qdq,...]
+    python bench/bench_deploy.py --from-json OUT      # the table of a saved report
+
+docs/PERFORMANCE.md ("Deployment") has a measured table and how to read it.
 """
 
 from __future__ import annotations
