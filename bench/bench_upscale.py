@@ -34,21 +34,31 @@ SIZE = 160
 RETAINED = os.environ.get("QNAS_BENCH_MALLOC", "retain") == "retain" and retain_freed_memory()
 
 
-def _networks():
+def networks(
+    scale: int = 2, x: torch.Tensor | None = None, bits: int = 4, **kwargs
+) -> tuple[torch.Tensor, torch.nn.Module, PackedModel]:
+    """(input, fp32 edsr-baseline, its FQSR `bits`-bit version as a PackedModel) with random weights;
+    the FQSR quantizers are calibrated on `x` (default: a random 1x3xSIZExSIZE image). kwargs override
+    the edsr-baseline preset (bench/bench_deploy.py's smoke test builds a small one)."""
     torch.manual_seed(0)
-    x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    fp32 = build_model("edsr-baseline", 2).eval()
+    if x is None:
+        x = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    fp32 = build_model("edsr-baseline", scale, **kwargs).eval()
     path = os.environ.get("QNAS_BENCH_PACKED")
     if path:
         return x, fp32, PackedModel.load(path)
-    fq = build_model("edsr-baseline", 2)
+    fq = build_model("edsr-baseline", scale, **kwargs)
     fq.load_state_dict(fp32.state_dict())
-    quantize_network(fq, {"scheme": "fqsr", "bits": 4, "warmup": 0})
+    quantize_network(fq, {"scheme": "fqsr", "bits": bits, "warmup": 0})
     fq.eval()
     with torch.no_grad():
         fq(x)  # initialises every quantizer from this image
-    graph, tensors = packed_graph(fq, 2, model_config(fp32))
+    graph, tensors = packed_graph(fq, scale, model_config(fp32))
     return x, fp32, PackedModel(graph, tensors)
+
+
+def _networks():
+    return networks()
 
 
 def conv_ops(model: PackedModel, h: int, w: int) -> int:
@@ -101,6 +111,28 @@ def test_upscale_packed_4bit(bench, nets):
         group=group,
         impl="packed w4a4 runtime (qops quantized_conv2d)",
         ops=ops,
+        malloc=RETAINED,
+    )
+
+
+def test_upscale_onnxruntime_qdq(bench, nets):
+    """onnxruntime on the QDQ export of the same 4-bit network, default session (every graph optimization;
+    bench/bench_deploy.py compares more runtimes, interleaved)."""
+    ort = pytest.importorskip("onnxruntime")
+    from qnas.export.onnx import onnx_model
+
+    x, _, packed = nets
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(
+        onnx_model(packed.graph, packed.tensors).SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+    feed = {"input": x.numpy()}
+    bench(
+        lambda: sess.run(None, feed),
+        group=f"edsr-baseline x2 1x3x{SIZE}x{SIZE}",
+        impl="onnxruntime, QDQ export of the same w4a4 network (ORT_ENABLE_ALL)",
+        ops=conv_ops(packed, SIZE, SIZE),
         malloc=RETAINED,
     )
 
