@@ -77,7 +77,11 @@ class DemoSettings:
     train_steps: int = 1200
     train_batch: int = 16
     train_patch: int = 64
-    train_lr: float = 1e-3
+    #: lr 5e-4 with a linear warm-up and gradient clipping: at 1e-3 without them, 4-bit networks with the
+    #: anchor skip collapse to it early (their layers' output goes to zero) and never leave it.
+    train_lr: float = 5e-4
+    train_warmup: int = 100
+    train_grad_clip: float = 1.0
     act_quantizer: str = "hwgq"
     seed: int = 0
     lr_size: list[int] = field(default_factory=lambda: [180, 320])
@@ -162,6 +166,8 @@ def _train_options(s: DemoSettings):
         batch_size=s.train_batch,
         patch_size=s.train_patch,
         lr=s.train_lr,
+        warmup_steps=s.train_warmup,
+        grad_clip=s.train_grad_clip,
         seed=s.seed,
         checkpoint_every=max(1, min(100, s.train_steps)),
     )
