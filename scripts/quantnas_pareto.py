@@ -57,13 +57,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("data", type=Path, help="Folder with SunHays80/, Set5/, Set14/, BSD68/ (HR images).")
     ap.add_argument("out", type=Path, help="Folder for the runs, results.json, summary.md, pareto.png.")
     ap.add_argument("--seeds", default="0,1,2", help="Seeds of the searched and hand-made models.")
-    ap.add_argument("--control-seeds", default="0", help="Seeds of the random and bits-only controls.")
+    ap.add_argument(
+        "--control-seeds",
+        default="0",
+        help="Seeds of the controls: w8a8, bits-only search, random genotypes.",
+    )
     ap.add_argument("--targets", default="80,160,320", help="BitOps targets of the searches (GBitOps).")
+    ap.add_argument(
+        "--random-targets", default=None, help="Targets of the random genotypes (default --targets)."
+    )
     ap.add_argument("--bits-only-target", type=float, default=160.0, help="Target of the bits-only search.")
     ap.add_argument("--space", default="basic", help="Search space (builtin name or JSON file).")
     ap.add_argument("--train-set", default=TRAIN_SET, help="Training folder inside DATA.")
     ap.add_argument("--test-sets", default=",".join(TEST_SETS), help="Test folders inside DATA.")
     ap.add_argument("--lr-size", default="180x320", help="LR size BitOps are counted for.")
+    ap.add_argument(
+        "--no-heldout", action="store_true", help="Do not evaluate the models on the held-out part."
+    )
     ap.add_argument("--search-steps", type=int, default=120)
     ap.add_argument("--search-batch-size", type=int, default=8)
     ap.add_argument("--search-patch-size", type=int, default=64)
@@ -97,23 +107,25 @@ def _tag(t: float) -> str:
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
-    """Every (model, seed) to make, in the order they run: all main models seed by seed (so that a
-    cut-short run still has whole seeds), then the controls."""
+    """Every (model, seed) to make, in the order they run: the searched models and the 4-bit
+    hand-made baselines seed by seed (so that a cut-short run still has whole seeds), then the
+    controls (w8a8, the bits-only search, random genotypes) at --control-seeds."""
     seeds, controls, targets = _ints(args.seeds), _ints(args.control_seeds), _floats(args.targets)
     main_models = [{"name": f"quantnas_{_tag(t)}", "kind": "searched", "target": t} for t in targets]
     main_models += [
         {"name": "uniform_w4a4", "kind": HANDMADE, "bits": 4},
         {"name": "uniform_w4a4_fl8", "kind": HANDMADE, "bits": 4, "edge_bits": 8},
-        {"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8},
     ]
-    control_models = [
+    control_models = [{"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8}]
+    control_models += [
         {
             "name": f"bits_only_{_tag(args.bits_only_target)}",
             "kind": "bits_only",
             "target": args.bits_only_target,
         }
     ]
-    control_models += [{"name": f"random_{_tag(t)}", "kind": "random", "target": t} for t in targets]
+    random_targets = targets if args.random_targets is None else _floats(args.random_targets)
+    control_models += [{"name": f"random_{_tag(t)}", "kind": "random", "target": t} for t in random_targets]
     out = [{**m, "seed": s} for s in seeds for m in main_models]
     out += [{**m, "seed": s} for s in controls for m in control_models]
     if args.only:
@@ -184,7 +196,8 @@ def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Pat
 
 
 def eval_folders(args: argparse.Namespace, out: Path) -> dict[str, Path]:
-    return {HELDOUT: out / "data" / HELDOUT, **{s: args.data / s for s in args.test_sets.split(",")}}
+    tests = {s: args.data / s for s in args.test_sets.split(",")}
+    return tests if args.no_heldout else {HELDOUT: out / "data" / HELDOUT, **tests}
 
 
 def measure(runner: Runner, run: Path, what: list[str], sets: dict[str, Path], name: str) -> dict:
