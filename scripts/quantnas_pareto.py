@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-steps", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--patch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--only", default=None, help="Comma-separated model-name patterns to run (default all).")
     ap.add_argument("--chunk-minutes", type=float, default=14.0, help="Longest piece of one command.")
     ap.add_argument(
@@ -149,7 +151,8 @@ def train_cmd(args: argparse.Namespace, genotype: Path, train_dir: Path, seed: i
     return [
         "train", "--arch", str(genotype), "--data", str(train_dir), "--steps", str(args.train_steps),
         "--batch-size", str(args.batch_size), "--patch-size", str(args.patch_size), "--lr", str(args.lr),
-        "--seed", str(seed), "--checkpoint-every", "100",
+        "--warmup-steps", str(args.warmup_steps), "--grad-clip", str(args.grad_clip), "--seed", str(seed),
+        "--checkpoint-every", "100",
     ]  # fmt: skip
 
 
