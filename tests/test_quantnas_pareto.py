@@ -96,10 +96,10 @@ def test_finished_runs_are_not_run_again(tmp_path):
     items = qp.plan(args)
     names = {(i["name"], i["seed"]) for i in items}
     assert ("quantnas_40", 1) in names and ("uniform_w4a4_fl8", 0) in names and ("random_80", 0) in names
-    assert ("random_80", 1) not in names  # controls: --control-seeds (default 0)
+    assert ("random_80", 2) in names and ("uniform_w8a8", 1) in names
     runner = FakeRunner()
     doc = qp.collect(runner, args, tmp_path / "out", items, run_new=True)
-    assert runner.calls.count("search") == 2 * 2 + 1  # two targets at two seeds, bits-only once
+    assert runner.calls.count("search") == 2 * 2 + 3  # two targets at two seeds, bits-only at three
     assert runner.calls.count("train") == len(items)
     assert set(doc["models"]) == {i["name"] for i in items}
     summary = qp.summarize(doc)
