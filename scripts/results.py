@@ -327,8 +327,10 @@ def _add(path: Path, seconds: float) -> None:
 
 
 def make_run(runner: Runner, row: dict, runs: Path, chunk_s: float) -> None:
+    """Runs row["cmd"] into RUNS/NAME unless its row["done"] file (default model.pt) exists; a
+    resumable command is run in chunks of chunk_s seconds, each continuing with --resume."""
     run = runs / row["name"]
-    if (run / "model.pt").exists():
+    if (run / row.get("done", "model.pt")).exists():
         return
     cmd = [str(runs / a[1:]) if a.startswith("@") else a for a in row["cmd"]]
     if not row.get("resumable") and run.exists():  # a search killed half-way: start again

@@ -1,0 +1,495 @@
+"""QuantNAS against hand-made quantized networks on the standard SR images: a PSNR-BitOps Pareto.
+
+    python scripts/quantnas_pareto.py DATA OUT [--seeds 0,1,2] [--control-seeds 0,1,2]
+                                      [--targets 80,160,320] [--search-steps 60] [--train-steps 300]
+                                      [--no-heldout] [--budget-minutes M] [--no-run] [--dry-run]
+
+The defaults are the settings of docs/RESULTS.md ("QuantNAS on the standard images"), sized for a
+2-core CPU in about 35 minutes: far too short to train useful x4 networks (see there).
+
+DATA holds the standard image sets as plain folders of HR images (docs/RESULTS.md says where they
+come from): SunHays80 (training), Set5, Set14 and BSD68 (test). SunHays80 is split by
+scripts/split_images.py into OUT/data/train and OUT/data/heldout (every 5th image by name held out);
+every setting is chosen on the held-out part, the test sets are only reported.
+
+Every model is made by the real CLI, one subprocess per command, at x4 (QuantNAS, Shvetsov et al.,
+arXiv:2208.14839):
+- searched: `qnas search --target-gbitops T --seed S` on the training part (joint ops and bits);
+- hand-made: `qnas genotype --op conv3x3` at w4a4, at w4a4 with 8-bit first and last layers (the
+  uniform genotype with those two layers' bits edited), and at w8a8;
+- controls: `qnas genotype --random --target-gbitops T --seed S` (a random genotype at each target)
+  and a bits-only search (`--ops conv3x3`) at --bits-only-target;
+then every genotype gets the same `qnas train --arch` (seed S) and `qnas eval --format json` on the
+held-out part and each test set, `qnas cost` for its BitOps at LR 180x320 (a 720p output). The seed
+drives the search, the random draw and the retraining.
+
+A run whose genotype.json (search) or model.pt (training) exists is not run again; a killed one
+continues with --resume; evaluations and costs are cached in the run folder, so rerunning the
+command continues where it stopped. OUT/results.json holds every per-image number, OUT/summary.md
+the tables (means over seeds; each searched model against each hand-made baseline as the mean
+per-image PSNR difference, paired by image and seed, with its standard error) and OUT/pareto.png
+the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import Runner, cached_json, fmt_cpu, make_run, now  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = 4
+TRAIN_SET = "SunHays80"
+TEST_SETS = ("Set5", "Set14", "BSD68")
+HELDOUT = "heldout"
+HANDMADE = "handmade"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", type=Path, help="Folder with SunHays80/, Set5/, Set14/, BSD68/ (HR images).")
+    ap.add_argument("out", type=Path, help="Folder for the runs, results.json, summary.md, pareto.png.")
+    ap.add_argument("--seeds", default="0,1,2", help="Seeds of the searched and hand-made models.")
+    ap.add_argument(
+        "--control-seeds",
+        default="0,1,2",
+        help="Seeds of the controls: w8a8, bits-only search, random genotypes.",
+    )
+    ap.add_argument("--targets", default="80,160,320", help="BitOps targets of the searches (GBitOps).")
+    ap.add_argument(
+        "--random-targets", default=None, help="Targets of the random genotypes (default --targets)."
+    )
+    ap.add_argument("--bits-only-target", type=float, default=160.0, help="Target of the bits-only search.")
+    ap.add_argument("--space", default="basic", help="Search space (builtin name or JSON file).")
+    ap.add_argument("--train-set", default=TRAIN_SET, help="Training folder inside DATA.")
+    ap.add_argument("--test-sets", default=",".join(TEST_SETS), help="Test folders inside DATA.")
+    ap.add_argument("--lr-size", default="180x320", help="LR size BitOps are counted for.")
+    ap.add_argument(
+        "--no-heldout", action="store_true", help="Do not evaluate the models on the held-out part."
+    )
+    ap.add_argument("--search-steps", type=int, default=60)
+    ap.add_argument("--search-batch-size", type=int, default=8)
+    ap.add_argument("--search-patch-size", type=int, default=48)
+    ap.add_argument("--alpha-lr", type=float, default=1.5e-2)
+    ap.add_argument("--alpha-warmup", type=float, default=0.25)
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--patch-size", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup-steps", type=int, default=100)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--only", default=None, help="Comma-separated model-name patterns to run (default all).")
+    ap.add_argument("--chunk-minutes", type=float, default=14.0, help="Longest piece of one command.")
+    ap.add_argument(
+        "--budget-minutes", type=float, default=None, help="Start no new run after this many minutes."
+    )
+    ap.add_argument("--lock", default=None, metavar="PATH", help="Hold an flock on PATH around each command.")
+    ap.add_argument("--no-run", action="store_true", help="Only summarize the runs that exist.")
+    ap.add_argument("--dry-run", action="store_true", help="Print the plan (models and seeds) only.")
+    return ap.parse_args(argv)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _tag(t: float) -> str:
+    return f"{t:g}".replace(".", "p")
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """Every (model, seed) to make, in the order they run: the searched models and the 4-bit
+    hand-made baselines seed by seed (so that a cut-short run still has whole seeds), then the
+    controls (w8a8, the bits-only search, random genotypes) at --control-seeds."""
+    seeds, controls, targets = _ints(args.seeds), _ints(args.control_seeds), _floats(args.targets)
+    main_models = [{"name": f"quantnas_{_tag(t)}", "kind": "searched", "target": t} for t in targets]
+    main_models += [
+        {"name": "uniform_w4a4", "kind": HANDMADE, "bits": 4},
+        {"name": "uniform_w4a4_fl8", "kind": HANDMADE, "bits": 4, "edge_bits": 8},
+    ]
+    control_models = [{"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8}]
+    control_models += [
+        {
+            "name": f"bits_only_{_tag(args.bits_only_target)}",
+            "kind": "bits_only",
+            "target": args.bits_only_target,
+        }
+    ]
+    random_targets = targets if args.random_targets is None else _floats(args.random_targets)
+    control_models += [{"name": f"random_{_tag(t)}", "kind": "random", "target": t} for t in random_targets]
+    out = [{**m, "seed": s} for s in seeds for m in main_models]
+    out += [{**m, "seed": s} for s in controls for m in control_models]
+    if args.only:
+        pats = args.only.split(",")
+        out = [r for r in out if any(fnmatch.fnmatchcase(r["name"], p) for p in pats)]
+    return out
+
+
+def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path) -> list[str]:
+    cmd = ["search", "--space", str(args.space), "--data", str(train_dir), "--scale", str(SCALE)]
+    cmd += ["--steps", str(args.search_steps), "--batch-size", str(args.search_batch_size)]
+    cmd += ["--patch-size", str(args.search_patch_size), "--alpha-lr", str(args.alpha_lr)]
+    cmd += ["--alpha-warmup", str(args.alpha_warmup), "--target-gbitops", f"{item['target']:g}"]
+    cmd += ["--lr-size", args.lr_size, "--seed", str(item["seed"])]
+    if item["kind"] == "bits_only":
+        cmd += ["--ops", "conv3x3"]
+    return cmd
+
+
+def train_cmd(args: argparse.Namespace, genotype: Path, train_dir: Path, seed: int) -> list[str]:
+    return [
+        "train", "--arch", str(genotype), "--data", str(train_dir), "--steps", str(args.train_steps),
+        "--batch-size", str(args.batch_size), "--patch-size", str(args.patch_size), "--lr", str(args.lr),
+        "--warmup-steps", str(args.warmup_steps), "--grad-clip", str(args.grad_clip), "--seed", str(seed),
+        "--checkpoint-every", "100",
+    ]  # fmt: skip
+
+
+def edge_layers_at(genotype: dict, bits: int) -> dict:
+    """A copy of `genotype` whose first layer (it reads the image) and last layer (it writes the
+    output) run at `bits` bits: the common hand-made mixed-precision baseline."""
+    g = json.loads(json.dumps(genotype))
+    names = list(g["layers"])
+    for name in (names[0], names[-1]):
+        g["layers"][name] = {**g["layers"][name], "w_bits": int(bits), "a_bits": int(bits)}
+    g.pop("cost", None)
+    return g
+
+
+def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Path, train_dir: Path) -> Path:
+    """The genotype file of one (model, seed), made if missing: a search run, `qnas genotype`, or
+    the uniform genotype with its edge layers edited."""
+    if item["kind"] in ("searched", "bits_only"):
+        row = {"name": f"{item['name']}_seed{item['seed']}", "cmd": search_cmd(args, item, train_dir)}
+        row.update(resumable=True, done="genotype.json")
+        make_run(runner, row, out / "search", args.chunk_minutes * 60)
+        return out / "search" / row["name"] / "genotype.json"
+    gdir = out / "genotypes"
+    gdir.mkdir(parents=True, exist_ok=True)
+    common = ["genotype", "--space", str(args.space), "--scale", str(SCALE), "--lr-size", args.lr_size]
+    if item["kind"] == "random":
+        path = gdir / f"{item['name']}_seed{item['seed']}.json"
+        extra = ["--random", "--target-gbitops", f"{item['target']:g}", "--seed", str(item["seed"])]
+    else:
+        path = gdir / f"uniform_w{item['bits']}a{item['bits']}.json"
+        extra = ["--op", "conv3x3", "--bits", str(item["bits"])]
+    if not path.exists():
+        code, _, _, text = runner.qnas([*common, *extra, "--out", str(path)])
+        if code != 0:
+            raise SystemExit(f"{item['name']}: qnas genotype exited with {code}")
+        print(text.strip(), flush=True)
+    if item.get("edge_bits"):
+        edited = gdir / f"{item['name']}.json"
+        if not edited.exists():
+            g = edge_layers_at(json.loads(path.read_text()), item["edge_bits"])
+            edited.write_text(json.dumps(g, indent=2) + "\n")
+        path = edited
+    return path
+
+
+def eval_folders(args: argparse.Namespace, out: Path) -> dict[str, Path]:
+    tests = {s: args.data / s for s in args.test_sets.split(",")}
+    return tests if args.no_heldout else {HELDOUT: out / "data" / HELDOUT, **tests}
+
+
+def measure(runner: Runner, run: Path, what: list[str], sets: dict[str, Path], name: str) -> dict:
+    """{set: `qnas eval --format json` result}, cached in RUN/eval_<set>.json."""
+    return {
+        s: cached_json(
+            runner, run / f"eval_{s}.json", ["eval", *what, "--data", str(f), "--format", "json"], name
+        )
+        for s, f in sets.items()
+    }
+
+
+def _read(path: Path) -> float | None:
+    return float(path.read_text()) if path.exists() else None
+
+
+def collect(runner: Runner, args: argparse.Namespace, out: Path, items: list[dict], run_new: bool) -> dict:
+    """Makes (when run_new) and measures every item; returns the results.json document."""
+    train_dir = out / "data" / "train"
+    sets = eval_folders(args, out)
+    t_start = time.monotonic()
+    doc: dict = {
+        "scale": SCALE,
+        "lr_size": args.lr_size,
+        "test_sets": args.test_sets.split(","),
+        "models": {},
+    }
+    bic = out / "bicubic"
+    bic.mkdir(parents=True, exist_ok=True)
+    doc["bicubic"] = measure(runner, bic, ["--model", "bicubic", "--scale", str(SCALE)], sets, "bicubic")
+    for item in items:
+        run = out / "train" / f"{item['name']}_seed{item['seed']}"
+        finished = (run / "model.pt").exists()
+        if not finished:
+            over = args.budget_minutes is not None and time.monotonic() - t_start > args.budget_minutes * 60
+            if not run_new or over:
+                continue
+            genotype = make_genotype(runner, args, item, out, train_dir)
+            row = {
+                "name": run.name,
+                "cmd": train_cmd(args, genotype, train_dir, item["seed"]),
+                "resumable": True,
+            }
+            make_run(runner, row, out / "train", args.chunk_minutes * 60)
+        elif not all((run / f"eval_{s}.json").exists() for s in sets) and not run_new:
+            continue
+        res = measure(runner, run, ["--checkpoint", str(run)], sets, run.name)
+        cost_args = ["cost", "--checkpoint", str(run), "--lr-size", args.lr_size, "--format", "json"]
+        cost = cached_json(runner, run / "cost.json", cost_args, run.name)
+        search_run = out / "search" / run.name
+        model = doc["models"].setdefault(
+            item["name"], {"kind": item["kind"], "target_gbitops": item.get("target"), "seeds": {}}
+        )
+        blob = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+        layers = blob.get("network", {}).get("genotype", {}).get("layers")
+        model["seeds"][str(item["seed"])] = {
+            "gbitops": cost["bitops"] / 1e9,
+            "params": cost.get("params"),
+            "layers": layers,
+            "cpu_s": {
+                "search": _read(search_run / "cpu_s"),
+                "train": _read(run / "cpu_s"),
+                "eval": _read(run / "eval_cpu_s"),
+            },
+            "wall_s": {"search": _read(search_run / "wall_s"), "train": _read(run / "wall_s")},
+            "sets": {s: {k: r[k] for k in ("psnr", "ssim", "images")} for s, r in res.items()},
+        }
+        print(
+            f"[{now()}] {run.name}: " + ", ".join(f"{s} {r['psnr']:.2f}" for s, r in res.items()), flush=True
+        )
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary (pure functions of results.json)
+
+
+def model_summary(model: dict, sets: list[str]) -> dict:
+    """Means over the seeds: per set PSNR/SSIM, their average over `sets` (each set weighted
+    equally), its standard error over the seeds (None with one seed), GBitOps and CPU seconds."""
+    seeds = sorted(model["seeds"], key=int)
+    runs = [model["seeds"][s] for s in seeds]
+    out: dict = {"seeds": [int(s) for s in seeds], "sets": {}}
+    for s in {k for r in runs for k in r["sets"]}:
+        out["sets"][s] = {k: statistics.mean(r["sets"][s][k] for r in runs) for k in ("psnr", "ssim")}
+    per_seed = [statistics.mean(r["sets"][s]["psnr"] for s in sets) for r in runs]
+    out["avg_psnr"] = statistics.mean(per_seed)
+    out["avg_ssim"] = statistics.mean(statistics.mean(r["sets"][s]["ssim"] for s in sets) for r in runs)
+    out["avg_psnr_se"] = statistics.stdev(per_seed) / math.sqrt(len(runs)) if len(runs) > 1 else None
+    out["gbitops"] = statistics.mean(r["gbitops"] for r in runs)
+    cpu = [sum(v for v in r["cpu_s"].values() if v) for r in runs]
+    out["cpu_s"] = statistics.mean(cpu)
+    return out
+
+
+def paired_difference(a: dict, b: dict, sets: list[str]) -> dict | None:
+    """PSNR of model a minus model b, paired by image and seed (the seeds both have).
+
+    Per set: the mean over the (seed, image) pairs, and two standard errors: over those pairs
+    (stdev / sqrt(pairs): the spread between images) and over the seeds (stdev of the per-seed mean
+    differences / sqrt(seeds): how much retraining with another seed moves the margin). "se" is the
+    larger of the two; a margin under 2 se is a tie. "avg" is the same for the mean of the sets'
+    means (the image standard errors combined as independent, sqrt(sum se^2) / number of sets)."""
+    seeds = sorted(set(a["seeds"]) & set(b["seeds"]), key=int)
+    if not seeds:
+        return None
+    out: dict = {"seeds": [int(s) for s in seeds], "sets": {}}
+    per_seed_avg = {s: 0.0 for s in seeds}
+    for name in sets:
+        diffs, seed_means = [], []
+        for s in seeds:
+            pa = {im["name"]: im["psnr"] for im in a["seeds"][s]["sets"][name]["images"]}
+            pb = {im["name"]: im["psnr"] for im in b["seeds"][s]["sets"][name]["images"]}
+            if set(pa) != set(pb):
+                raise ValueError(f"{name}: the two models were evaluated on different images")
+            d = [pa[k] - pb[k] for k in sorted(pa)]
+            diffs += d
+            seed_means.append(statistics.mean(d))
+            per_seed_avg[s] += statistics.mean(d) / len(sets)
+        se_img = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+        se_seed = statistics.stdev(seed_means) / math.sqrt(len(seeds)) if len(seeds) > 1 else None
+        out["sets"][name] = _verdict(statistics.mean(diffs), se_img, se_seed, len(diffs))
+    se_img = math.sqrt(sum(out["sets"][n]["se_image"] ** 2 for n in sets)) / len(sets)
+    vals = list(per_seed_avg.values())
+    se_seed = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+    out["avg"] = _verdict(statistics.mean(vals), se_img, se_seed, None)
+    return out
+
+
+def _verdict(mean: float, se_image: float, se_seed: float | None, n: int | None) -> dict:
+    se = max(se_image, se_seed) if se_seed is not None else se_image
+    verdict = "win" if mean > 2 * se else ("loss" if mean < -2 * se else "tie")
+    return {"mean": mean, "se_image": se_image, "se_seed": se_seed, "se": se, "pairs": n, "verdict": verdict}
+
+
+def comparisons(doc: dict) -> list[tuple[str, str, dict]]:
+    """(a, b, paired_difference) for every searched or control model against every hand-made
+    baseline, and every searched model against the random genotype and bits-only search at its target."""
+    models, sets = doc["models"], doc["test_sets"]
+    base = [n for n, m in models.items() if m["kind"] == HANDMADE]
+    out = []
+    for n, m in models.items():
+        if m["kind"] == HANDMADE:
+            continue
+        others = list(base)
+        if m["kind"] == "searched":
+            others += [
+                o for o, mo in models.items()
+                if mo["kind"] in ("random", "bits_only") and mo["target_gbitops"] == m["target_gbitops"]
+            ]  # fmt: skip
+        for o in others:
+            d = paired_difference(m, models[o], sets)
+            if d is not None:
+                out.append((n, o, d))
+    return out
+
+
+def summarize(doc: dict) -> dict:
+    sets = doc["test_sets"]
+    summary = {"models": {n: model_summary(m, sets) for n, m in doc["models"].items()}}
+    b = doc["bicubic"]
+    summary["bicubic"] = {
+        "sets": {s: {k: b[s][k] for k in ("psnr", "ssim")} for s in b},
+        "avg_psnr": statistics.mean(b[s]["psnr"] for s in sets),
+        "avg_ssim": statistics.mean(b[s]["ssim"] for s in sets),
+    }
+    summary["comparisons"] = [{"a": a, "b": o, **d} for a, o, d in comparisons(doc)]
+    return summary
+
+
+def _pm(d: dict, digits: int = 2) -> str:
+    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f}".replace("-", "−")
+
+
+def markdown(doc: dict, summary: dict) -> str:
+    sets = doc["test_sets"]
+    cols = [*sets, HELDOUT]
+    lines = [
+        "| model | kind | seeds | GBitOps | "
+        + " | ".join(f"{s} PSNR / SSIM" for s in cols[:-1])
+        + " | average of the 3 | held-out | CPU per seed |",
+        "|---|---|---|---:|" + "---|" * len(sets) + "---|---|---:|",
+    ]
+    bic = summary["bicubic"]
+    cells = [f"{bic['sets'][s]['psnr']:.2f} / {bic['sets'][s]['ssim']:.4f}" for s in sets]
+    held = bic["sets"].get(HELDOUT)
+    lines.append(
+        f"| bicubic | – | – | – | {' | '.join(cells)} | {bic['avg_psnr']:.2f} / {bic['avg_ssim']:.4f} | "
+        f"{held['psnr']:.2f} |  |"
+        if held
+        else f"| bicubic | – | – | – | {' | '.join(cells)} | {bic['avg_psnr']:.2f} |  |  |"
+    )
+    for name, m in sorted(summary["models"].items(), key=lambda kv: kv[1]["gbitops"]):
+        cells = [f"{m['sets'][s]['psnr']:.2f} / {m['sets'][s]['ssim']:.4f}" for s in sets]
+        avg = f"{m['avg_psnr']:.2f}" + (f" ± {m['avg_psnr_se']:.2f}" if m["avg_psnr_se"] is not None else "")
+        held = f"{m['sets'][HELDOUT]['psnr']:.2f}" if HELDOUT in m["sets"] else "–"
+        seeds = ",".join(map(str, m["seeds"]))
+        kind = doc["models"][name]["kind"]
+        lines.append(
+            f"| {name} | {kind} | {seeds} | {m['gbitops']:.1f} | {' | '.join(cells)} | "
+            f"{avg} / {m['avg_ssim']:.4f} | {held} | {fmt_cpu(m['cpu_s'])} |"
+        )
+    lines += [
+        "",
+        "Paired PSNR differences (dB, model − baseline, same image and seed; ± the larger of the image "
+        "and seed standard errors; a margin under 2 SE is a tie):",
+        "",
+        "| model | vs | seeds | " + " | ".join(sets) + " | average | verdict |",
+        "|---|---|---|" + "---|" * len(sets) + "---|---|",
+    ]
+    for c in summary["comparisons"]:
+        cells = " | ".join(_pm(c["sets"][s]) for s in sets)
+        seeds = ",".join(map(str, c["seeds"]))
+        lines.append(f"| {c['a']} | {c['b']} | {seeds} | {cells} | {_pm(c['avg'])} | {c['avg']['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+KIND_STYLE = {
+    "searched": ("tab:red", "o", "QuantNAS search"),
+    HANDMADE: ("tab:blue", "s", "hand-made (conv3x3)"),
+    "bits_only": ("tab:green", "^", "bits-only search"),
+    "random": ("tab:gray", "x", "random genotype"),
+}
+
+
+def plot(doc: dict, summary: dict, path: Path) -> None:
+    """Average PSNR of the test sets against GBitOps (log axis), standard error over the seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    seen = set()
+    for name, m in summary["models"].items():
+        kind = doc["models"][name]["kind"]
+        color, marker, label = KIND_STYLE.get(kind, ("black", "d", kind))
+        ax.errorbar(
+            m["gbitops"], m["avg_psnr"], yerr=m["avg_psnr_se"] or 0, color=color, marker=marker,
+            capsize=3, linestyle="none", label=None if kind in seen else label,
+        )  # fmt: skip
+        seen.add(kind)
+        ax.annotate(
+            name, (m["gbitops"], m["avg_psnr"]), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    ax.axhline(summary["bicubic"]["avg_psnr"], color="black", linestyle=":", label="bicubic")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"GBitOps (LR {doc['lr_size']}, x{doc['scale']})")
+    ax.set_ylabel(f"PSNR-Y (dB), mean of {', '.join(doc['test_sets'])}")
+    ax.set_title("QuantNAS vs hand-made quantized networks (mean ± SE over seeds)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    items = plan(args)
+    if args.dry_run:
+        for it in items:
+            print(f"{it['name']} seed {it['seed']}")
+        return
+    missing = [s for s in (args.train_set, *args.test_sets.split(",")) if not (args.data / s).is_dir()]
+    if missing:
+        raise SystemExit(f"{args.data}: no {', '.join(missing)} folder (docs/RESULTS.md: the data)")
+    out = Path(os.path.abspath(args.out))
+    args.data = Path(os.path.abspath(args.data))
+    out.mkdir(parents=True, exist_ok=True)
+    split = [sys.executable, str(ROOT / "scripts" / "split_images.py"), str(args.data / args.train_set)]
+    subprocess.run([*split, str(out / "data"), "--every", "5", "--lr-scales", str(SCALE)], check=True)
+    t0 = time.monotonic()
+    doc = collect(Runner(args.lock), args, out, items, run_new=not args.no_run)
+    doc["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    doc["settings"].update(data="DATA", out="OUT")
+    doc["wall_s_this_invocation"] = time.monotonic() - t0
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    summary = summarize(doc)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    text = markdown(doc, summary)
+    (out / "summary.md").write_text(text)
+    if summary["models"]:
+        plot(doc, summary, out / "pareto.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

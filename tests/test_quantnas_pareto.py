@@ -1,0 +1,110 @@
+"""scripts/quantnas_pareto.py: the paired-difference math and the skipping of finished runs, on
+synthetic numbers and a stand-in for the `qnas` subprocesses (no images, no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import quantnas_pareto as qp  # noqa: E402
+
+
+def _model(kind: str, per_seed: dict[int, list[float]], gbitops: float = 100.0) -> dict:
+    """A results.json model whose one set "S" has images a, b, c with the given PSNRs per seed."""
+    seeds = {}
+    for seed, values in per_seed.items():
+        images = [{"name": n, "psnr": v, "ssim": 0.5} for n, v in zip("abc", values, strict=True)]
+        sets = {"S": {"psnr": statistics.mean(values), "ssim": 0.5, "images": images}}
+        seeds[str(seed)] = {"gbitops": gbitops, "cpu_s": {"train": 10.0, "search": None}, "sets": sets}
+    return {"kind": kind, "target_gbitops": None, "seeds": seeds}
+
+
+def test_paired_difference_by_image_and_seed():
+    a = _model("searched", {0: [30.0, 31.0, 32.0], 1: [30.5, 31.0, 31.0]})
+    b = _model(qp.HANDMADE, {0: [29.0, 30.5, 31.0], 1: [30.0, 31.5, 30.0], 2: [0.0, 0.0, 0.0]})
+    d = qp.paired_difference(a, b, ["S"])
+    assert d["seeds"] == [0, 1]  # seed 2 has no partner
+    diffs = [1.0, 0.5, 1.0, 0.5, -0.5, 1.0]
+    s = d["sets"]["S"]
+    assert s["pairs"] == 6
+    assert s["mean"] == pytest.approx(statistics.mean(diffs))
+    assert s["se_image"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(6))
+    assert s["se_seed"] == pytest.approx(statistics.stdev([2.5 / 3, 1.0 / 3]) / math.sqrt(2))
+    assert s["se"] == max(s["se_image"], s["se_seed"])
+    assert s["verdict"] == ("win" if s["mean"] > 2 * s["se"] else "tie")
+    # One set: the average is that set.
+    assert d["avg"]["mean"] == pytest.approx(s["mean"])
+    # A large constant margin with no spread is a win; its mirror a loss.
+    c = _model("searched", {0: [31.0, 32.0, 33.0]})
+    e = _model(qp.HANDMADE, {0: [30.0, 31.0, 32.0]})
+    assert qp.paired_difference(c, e, ["S"])["avg"]["verdict"] == "win"
+    assert qp.paired_difference(e, c, ["S"])["avg"]["verdict"] == "loss"
+
+
+def test_model_summary_means_over_seeds():
+    m = qp.model_summary(_model("searched", {0: [30.0, 31.0, 32.0], 1: [29.0, 30.0, 31.0]}), ["S"])
+    assert m["sets"]["S"]["psnr"] == pytest.approx(30.5)
+    assert m["avg_psnr"] == pytest.approx(30.5)
+    assert m["avg_psnr_se"] == pytest.approx(statistics.stdev([31.0, 30.0]) / math.sqrt(2))
+    assert m["cpu_s"] == pytest.approx(10.0)
+
+
+def test_edge_layers_at():
+    g = {"layers": {n: {"op": "conv3x3", "w_bits": 4, "a_bits": 4} for n in ("first", "mid", "last")}}
+    g["cost"] = {"bitops": 1}
+    e = qp.edge_layers_at(g, 8)
+    assert [e["layers"][n]["w_bits"] for n in ("first", "mid", "last")] == [8, 4, 8]
+    assert "cost" not in e and g["layers"]["first"]["w_bits"] == 4
+
+
+class FakeRunner:
+    """Stands in for results.Runner: writes what each `qnas` command would and records the calls."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def qnas(self, args, *, timeout=None):
+        self.calls.append(args[0])
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        text = ""
+        if args[0] == "genotype":
+            out.write_text(json.dumps({"layers": {"l1": {"w_bits": 4, "a_bits": 4}, "l2": {}}}))
+        elif args[0] == "search":
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "genotype.json").write_text("{}")
+        elif args[0] == "train":
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model.pt").write_text("")
+        elif args[0] == "eval":
+            images = [{"name": "x", "psnr": 25.0, "ssim": 0.7}]
+            text = json.dumps({"psnr": 25.0, "ssim": 0.7, "images": images})
+        elif args[0] == "cost":
+            text = json.dumps({"bitops": 5e10, "params": 10})
+        return 0, 0.01, 0.02, text
+
+
+def test_finished_runs_are_not_run_again(tmp_path):
+    args = qp.parse_args(
+        [str(tmp_path / "data"), str(tmp_path / "out"), "--seeds", "0,1", "--targets", "40,80"]
+    )
+    items = qp.plan(args)
+    names = {(i["name"], i["seed"]) for i in items}
+    assert ("quantnas_40", 1) in names and ("uniform_w4a4_fl8", 0) in names and ("random_80", 0) in names
+    assert ("random_80", 2) in names and ("uniform_w8a8", 1) in names
+    runner = FakeRunner()
+    doc = qp.collect(runner, args, tmp_path / "out", items, run_new=True)
+    assert runner.calls.count("search") == 2 * 2 + 3  # two targets at two seeds, bits-only at three
+    assert runner.calls.count("train") == len(items)
+    assert set(doc["models"]) == {i["name"] for i in items}
+    summary = qp.summarize(doc)
+    assert summary["comparisons"] and "| quantnas_40 |" in qp.markdown(doc, summary)
+    # A rerun finds every run and every evaluation done: nothing is run.
+    again = FakeRunner()
+    assert qp.collect(again, args, tmp_path / "out", items, run_new=True) == doc
+    assert again.calls == []
