@@ -77,11 +77,9 @@ class DemoSettings:
     train_steps: int = 1200
     train_batch: int = 16
     train_patch: int = 64
-    #: lr 5e-4 with a linear warm-up and gradient clipping: at 1e-3 without them, 4-bit networks with the
-    #: anchor skip collapse to it early (their layers' output goes to zero) and never leave it.
-    train_lr: float = 5e-4
-    train_warmup: int = 100
-    train_grad_clip: float = 1.0
+    train_lr: float = 1e-3
+    train_warmup: int = 0
+    train_grad_clip: float = 0.0
     act_quantizer: str = "hwgq"
     seed: int = 0
     lr_size: list[int] = field(default_factory=lambda: [180, 320])

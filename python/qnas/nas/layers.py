@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qnas.nas.graph import init_kernel, same_padding
+from qnas.nas.graph import same_padding
 
 #: Activation quantizers a derived network may be retrained with: HWGQ (Cai et al., "Deep Learning with
 #: Low Precision by Half-wave Gaussian Quantization", CVPR 2017) as the QuantNAS code does, or LSQ.
@@ -20,8 +20,7 @@ ACT_QUANTIZERS = ("hwgq", "lsq")
 
 class DerivedLayer(nn.Module):
     """One layer of a derived network: ReLU (unless act "none"), then the op's convolutions in sequence
-    with a ReLU between them, "same" padding, the layer's bias on the last one, He-initialised
-    (qnas.nas.graph.init_kernel). Called as layer(x, ctx)
+    with a ReLU between them, "same" padding, the layer's bias on the last one. Called as layer(x, ctx)
     like the supernet's layers (ctx unused)."""
 
     def __init__(self, stages: list[dict], chans: list[tuple[int, int]], act: str):
@@ -40,14 +39,11 @@ class DerivedLayer(nn.Module):
             for k, (st, (ci, co)) in enumerate(zip(stages, chans, strict=True))
         )
         self.relus = nn.ModuleList(nn.ReLU() for _ in stages[1:])
-        # Variance-preserving, as the supernet's candidates: gain 1 only where the input is signed
-        # (the first conv of a layer without a relu), biases zero.
-        with torch.no_grad():
-            for k, conv in enumerate(self.convs):
-                if not conv.weight.is_meta:
-                    conv.weight.copy_(init_kernel(tuple(conv.weight.shape), act == "relu" or k > 0))
-                    if conv.bias is not None:
-                        conv.bias.zero_()
+        # nn.Conv2d's default initialisation, not the supernet's variance-preserving one: a derived
+        # network is a plain residual network without normalisation, and He-initialised its nested
+        # residual sums grow with depth (|x| ~ 9 at the body's end on a [0, 1] image); the first
+        # optimiser steps then shrink every layer until the output is the anchor skip alone (measured on
+        # the basic space at x4: 26.43 dB after 1200 steps He-initialised, 27.71 dB default-initialised).
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:
         x = self.convs[0](self.act(x))
