@@ -890,10 +890,9 @@ def demo_steps(device: str, *, batch: int | None = None, patch: int | None = Non
     from torch import nn
 
     from qnas.data.datasets import PatchSampler, train_dataset
-    from qnas.demo import DemoSettings, _search_options
+    from qnas.demo import DemoSettings, _search_options, search_target
     from qnas.nas.derive import genotype_network_config, uniform_genotype
-    from qnas.nas.regularizers import BitOpsPenalty
-    from qnas.nas.search import _batch, _subset, build_supernet, search_step, split_images
+    from qnas.nas.search import _batch, _subset, build_supernet, cost_term, search_step, split_images
     from qnas.train.network import build_network
     from qnas.train.train import TrainOptions, lr_factor
 
@@ -903,7 +902,7 @@ def demo_steps(device: str, *, batch: int | None = None, patch: int | None = Non
     if patch is not None:
         s.search_patch = s.train_patch = patch
     cl = torch.channels_last
-    opts = _search_options(s, ops=s.ops, steps=s.search_steps)
+    opts = _search_options(s, ops=s.ops, steps=s.search_steps, target=search_target(s))
     torch.manual_seed(opts.seed)
     net = build_supernet(opts).to(device, memory_format=cl)
     net.train()
@@ -914,7 +913,7 @@ def demo_steps(device: str, *, batch: int | None = None, patch: int | None = Non
     w_opt = torch.optim.Adam(net.weight_parameters(), lr=opts.lr)
     a_opt = torch.optim.Adam(net.alpha_parameters(), lr=opts.alpha_lr, betas=(0.5, 0.999))
     with torch.no_grad():
-        penalty = BitOpsPenalty(opts.penalty, float(net.expected_bitops_per_pixel(net.probs())))
+        penalty = cost_term(opts, float(net.expected_bitops_per_pixel(net.probs())))
 
     def on_device(batch_pair):
         lr_img, hr_img = batch_pair

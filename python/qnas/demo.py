@@ -274,7 +274,7 @@ def compare_with_baseline(report: dict, searched: str, baseline: str) -> dict[st
 def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress: bool = True) -> dict:
     """Runs the demo's stages into `out` (skipping finished ones); returns the content of OUT/demo.json."""
     from qnas.atomic_write import atomic_write_bytes
-    from qnas.nas.derive import genotype_cost, read_genotype, uniform_genotype
+    from qnas.nas.derive import read_genotype, uniform_genotype
     from qnas.nas.report import BICUBIC, build_report, markdown_table
     from qnas.spaces import load_space
 
@@ -307,9 +307,7 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
     baselines[FIRST_LAST8] = layers_at(baselines["uniform_w4a4"], 8, first=True, last=True)
     for name, g in baselines.items():
         atomic_write_bytes(out / "genotypes" / f"{name}.json", (json.dumps(g, indent=2) + "\n").encode())
-    target = settings.target_gbitops
-    if target is None and settings.penalty == 0:
-        target = genotype_cost(baselines[FIRST_LAST8], tuple(settings.lr_size))["bitops"] / 1e9
+    target = search_target(settings, baselines[FIRST_LAST8])
     # 2. searches: ops and bits jointly, and bits only on the fixed architecture, at the same target
     timed(
         "search",
@@ -379,6 +377,20 @@ def comparison_text(c: dict) -> str:
         f"{c['images']} images), SSIM {c['ssim_delta']:+.4f}, BitOps x{c['bitops_ratio']:.3f}: "
         f"{c['verdict']} (a margin under 2 standard errors is a tie)."
     )
+
+
+def search_target(settings: DemoSettings, first_last8: dict | None = None) -> float | None:
+    """The searches' BitOps target in GBitOps: the settings' own, else (no penalty either) the BitOps of
+    the fixed architecture at 4 bits with 8-bit first and last layers (FIRST_LAST8) at lr_size."""
+    from qnas.nas.derive import genotype_cost, uniform_genotype
+    from qnas.spaces import load_space
+
+    if settings.target_gbitops is not None or settings.penalty > 0:
+        return settings.target_gbitops
+    if first_last8 is None:
+        g4 = uniform_genotype(load_space(settings.space), settings.scale, settings.fixed_op, 4)
+        first_last8 = layers_at(g4, 8, first=True, last=True)
+    return genotype_cost(first_last8, tuple(settings.lr_size))["bitops"] / 1e9
 
 
 def layers_at(genotype: dict, bits: int, *, first: bool = False, last: bool = False) -> dict:
