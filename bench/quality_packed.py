@@ -6,10 +6,10 @@
 
 import sys
 
+from qnas.api import load_network, network_scale, network_upscaler
 from qnas.data import eval_dataset
 from qnas.deploy import PackedModel
 from qnas.evaluate import evaluate
-from qnas.train.network import load_network, network_scale, network_upscaler
 
 if __name__ == "__main__":
     run, packed_path = sys.argv[1:3]

@@ -893,7 +893,7 @@ def demo_steps(device: str, *, batch: int | None = None, patch: int | None = Non
     from qnas.demo import DemoSettings, _search_options, search_target
     from qnas.nas.derive import genotype_network_config, uniform_genotype
     from qnas.nas.search import _batch, _subset, build_supernet, cost_term, search_step, split_images
-    from qnas.train.network import build_network
+    from qnas.runs.network import build_network
     from qnas.train.train import TrainOptions, lr_factor
 
     s = DemoSettings()

@@ -418,7 +418,7 @@ def test_resume_keeps_good_metrics_around_a_corrupt_line(finished, tmp_path, cap
 def test_tensorboard_steps_after_the_checkpoint_appear_once_after_resume(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from qnas.train.run import RunDir
+    from qnas.runs.folder import RunDir
     from qnas.train.train import TrainOptions, train
 
     network = {
@@ -591,7 +591,7 @@ def test_space_documents(where, key, value):
 )
 def test_model_configs(name, key, value):
     from qnas.errors import QnasError
-    from qnas.train.network import MAX_PARAMETERS, build_network
+    from qnas.runs.network import MAX_PARAMETERS, build_network
 
     cfg = {"kind": "sr", "model": {"name": name, "scale": 2, "kwargs": {key: value}}}
     with deadline(20):

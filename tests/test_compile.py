@@ -12,8 +12,8 @@ from qnas.nas.derive import DerivedNetwork, uniform_genotype
 from qnas.nas.graph import compile_space
 from qnas.nas.supernet import Supernet
 from qnas.quant.dqss import build_supernet, derive_network, derive_plan
+from qnas.runs.network import build_network
 from qnas.sr import build_model
-from qnas.train.network import build_network
 
 TINY = {"n_resblocks": 1, "n_feats": 8}
 GENOTYPE_SPACE = {
@@ -70,7 +70,7 @@ def _supernet(mode):
     "make", [_fqsr, _derived, _dqss_supernet, _dqss_derived, _supernet("noise"), _supernet("quant")]
 )
 def test_training_step_compiles_to_one_graph(make):
-    # As qnas.train.run.compile_network sets it: the supernet's noise seed is a traced .item().
+    # As qnas.runs.loop.compile_network sets it: the supernet's noise seed is a traced .item().
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
         _check_one_graph(make)
 
@@ -107,14 +107,14 @@ def _check_one_graph(make):
 def test_train_with_compile_gives_the_same_weights(tmp_path, monkeypatch):
     """`qnas train --compile`: eager warm-up steps, then the compiled network; the run's weights equal the
     eager run's (the aot_eager backend here, to keep the test fast; the flag uses inductor)."""
-    from qnas.train import train as train_module
+    from qnas.runs import loop as loop_module
     from qnas.train.train import TrainOptions, train
 
     def compile_network(net):
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return torch.compile(net, backend="aot_eager", fullgraph=True)
 
-    monkeypatch.setattr(train_module, "compile_network", compile_network)
+    monkeypatch.setattr(loop_module, "compile_network", compile_network)
     network = {
         "kind": "sr",
         "model": {"name": "edsr-baseline", "scale": 2, "kwargs": TINY},
@@ -126,3 +126,71 @@ def test_train_with_compile_gives_the_same_weights(tmp_path, monkeypatch):
     a = torch.load(tmp_path / "eager" / "model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "compiled" / "model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """`--compile` with the aot_eager backend (fast to compile; the flag uses inductor)."""
+    from qnas.runs import loop as loop_module
+
+    monkeypatch.setattr(
+        loop_module, "compile_network", lambda net: torch.compile(net, backend="aot_eager", fullgraph=True)
+    )
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):  # as compile_network sets it
+        yield
+
+
+def _same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("mode", ["noise", "quant"])
+def test_search_with_compile_gives_the_same_genotype(tmp_path, aot_eager, mode):
+    """`qnas search --compile`: the supernet's forwards compiled after the eager warm-up steps; the
+    genotype and the weights equal the eager search's."""
+    import json
+
+    from test_nas_supernet import tiny_space
+
+    from qnas.nas.search import SearchOptions, search
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(tiny_space(["conv1x1", "conv3x3", "conv3x1_1x3"])))
+    opts = SearchOptions(
+        space=str(space), scale=2, steps=6, batch_size=2, patch_size=16, mode=mode, alpha_lr=0.05
+    )
+    opts.checkpoint_every, opts.lr_size = 6, [16, 16]
+    for name, compile in (("eager", False), ("compiled", True)):
+        search(opts, tmp_path / name, progress=False, compile=compile)
+    a, b = (json.loads((tmp_path / n / "genotype.json").read_text()) for n in ("eager", "compiled"))
+    assert a["layers"] == b["layers"]
+    a, b = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=True) for n in ("eager", "compiled"))
+    _same_state(a["model"], b["model"])
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_strategy_with_compile_gives_the_same_network(tmp_path, aot_eager, mode):
+    """`qnas strategy --compile`: supernet and derived network compiled after their eager warm-up steps;
+    the chosen strategies and the derived network's weights equal the eager search's."""
+    import json
+
+    from qnas.train.strategy import StrategyOptions, run_strategy
+    from qnas.train.train import TrainOptions, train
+
+    fp = tmp_path / "fp"
+    network = {"kind": "sr", "model": {"name": "edsr-baseline", "scale": 2, "kwargs": TINY}}
+    train(network, TrainOptions(steps=1, batch_size=2, patch_size=16), fp, progress=False)
+    # 16 steps: both the supernet and the derived network (ptq: the second half, qat: the last quarter)
+    # run compiled steps after their eager ones.
+    opts = StrategyOptions(
+        ["lsq", "pact", "mse"], 4, mode=mode, steps=16, calib_batches=2, batch_size=2, patch_size=16
+    )
+    opts.discrete_fraction = 0.5
+    for name, compile in (("eager", False), ("compiled", True)):
+        run_strategy(str(fp), opts, tmp_path / name, progress=False, compile=compile)
+    a, b = (json.loads((tmp_path / n / "strategy.json").read_text()) for n in ("eager", "compiled"))
+    assert a["counts"] == b["counts"] and a["layers"] == b["layers"]
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("eager", "compiled"))
+    _same_state(a["model"], b["model"])

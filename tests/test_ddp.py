@@ -181,7 +181,7 @@ def test_search_resumes_under_torchrun(space_file, tmp_path, one_thread):
     """A search killed after its checkpoint at step 3 (in one process) resumes in two processes (same
     config check) to the alphas and weights of an uninterrupted run."""
     from qnas.nas.search import search
-    from qnas.train.run import RunDir
+    from qnas.runs.folder import RunDir
 
     search(_float_options(space_file), tmp_path / "whole", progress=False)
     resumed = tmp_path / "resumed"

@@ -17,7 +17,7 @@ from qnas.deploy import FORMAT, PackedModel, PackedModelError, read_packed
 from qnas.deploy.format import bias_step, packed_bytes
 from qnas.export import agreement_psnr, check_image, load_run_packed
 from qnas.quant.modules import QuantConv2d
-from qnas.train.network import load_network
+from qnas.runs.network import load_network
 from qnas.train.train import TrainOptions, train
 
 TINY = {"n_resblocks": 2, "n_feats": 8}

@@ -35,8 +35,8 @@ from qnas.quant.dqss import (
     supernet_layers,
 )
 from qnas.quant.modules import QuantConv2d
+from qnas.runs.network import load_network
 from qnas.sr import build_model
-from qnas.train.network import load_network
 from qnas.train.train import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import torch
 from qnas.atomic_write import atomic_write_bytes, remove_stale_temp_files
 from qnas.errors import CheckpointError, QnasError
 from qnas.files import check_input_file, check_output_file
-from qnas.train.run import RunDir, atomic_torch_save
+from qnas.runs.folder import RunDir, atomic_torch_save
 
 
 @pytest.fixture

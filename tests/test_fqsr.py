@@ -12,9 +12,9 @@ from qnas.quant.apply import calibration_loss, load_float_weights, quantize_netw
 from qnas.quant.inspect import trace_network
 from qnas.quant.modules import QuantAdd, QuantConv2d
 from qnas.quant.quantizers import FQSRQuantizer
+from qnas.runs.network import load_network
 from qnas.sr import build_model
 from qnas.sr.common import Add
-from qnas.train.network import load_network
 from qnas.train.train import TrainOptions, train
 
 TINY = {"edsr-baseline": {"n_resblocks": 1, "n_feats": 8}, "srresnet": {"n_blocks": 1, "n_feats": 8}}

@@ -1,6 +1,6 @@
 """The import structure the architecture relies on (docs/ARCHITECTURE.md, "Rooms"): read from the
-source's module-level imports, so it fails when a cycle, a private import across packages or a
-training import in the runtime comes back."""
+source's imports, so it fails when a cycle, a private import across packages, a training import in the
+runtime or an import of a higher room in qnas.runs comes back."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ def _room(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
-def _module_level_imports(path: Path):
-    """(imported module, names) of the imports at module level (function-level imports are lazy on purpose:
-    they are how a lower room reaches an optional higher one without a cycle at import time)."""
-    for node in ast.parse(path.read_text()).body:
+def _module_level_imports(path: Path, *, lazy: bool = False):
+    """(imported module, names) of the imports at module level, and with `lazy` also those in functions
+    (function-level imports are lazy on purpose: they are how a lower room reaches an optional higher one
+    without a cycle at import time)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree) if lazy else tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module.split(".")[0] in FIRST_PARTY:
                 yield node.module, [a.name for a in node.names]
@@ -67,7 +69,7 @@ def test_no_private_name_is_imported_across_rooms():
     bad = [
         f"{mod} imports {target}.{name}"
         for mod, path in _modules().items()
-        for target, names in _module_level_imports(path)
+        for target, names in _module_level_imports(path, lazy=True)
         for name in names
         if name.startswith("_") and name != "_C" and _room(target) != _room(mod)
     ]
@@ -76,7 +78,17 @@ def test_no_private_name_is_imported_across_rooms():
 
 def test_the_runtime_and_the_kernels_import_no_training_code():
     graph = _room_graph()
-    training = {"qnas.train", "qnas.nas", "qnas.quant", "qnas.sr", "qnas.cli", "qnas.demo", "qnas.export"}
+    training = {
+        "qnas.train",
+        "qnas.runs",
+        "qnas.nas",
+        "qnas.quant",
+        "qnas.sr",
+        "qnas.cli",
+        "qnas.api",
+        "qnas.demo",
+        "qnas.export",
+    }
     assert not _reaches(graph, "qnas.deploy") & training, _reaches(graph, "qnas.deploy")
     for room in (r for r in graph if r.startswith("qops")):
         assert not any(r.startswith("qnas") for r in _reaches(graph, room)), room
@@ -85,3 +97,19 @@ def test_the_runtime_and_the_kernels_import_no_training_code():
 def test_the_graph_is_read_from_the_real_tree():
     graph = _room_graph()
     assert "qnas.quant" in graph["qnas.export"] and "qops" in graph["qnas.quant"]
+
+
+def test_runs_import_no_job_of_theirs():
+    """qnas.runs is the bottom layer of the jobs: they import it, it imports none of them, not even lazily."""
+    above = ("qnas.train", "qnas.nas", "qnas.quant", "qnas.export", "qnas.deploy", "qnas.cli", "qnas.api")
+    bad = [
+        f"{mod} imports {target}"
+        for mod, path in _modules().items()
+        if _room(mod) == "qnas.runs"
+        for target, _ in _module_level_imports(path, lazy=True)
+        if _room(target) in above
+    ]
+    assert not bad, bad
+    graph = _room_graph()
+    for room in ("qnas.train", "qnas.nas", "qnas.quant", "qnas.export"):
+        assert "qnas.runs" in graph[room], room

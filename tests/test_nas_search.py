@@ -336,7 +336,7 @@ def test_searched_network_ships(search_run, tmp_path, capsys):
     from qnas.export import check_image
     from qnas.export.onnx import ort_session
     from qnas.metrics import to_uint8_image
-    from qnas.train.network import load_network
+    from qnas.runs.network import load_network
 
     run = tmp_path / "searched"
     code, _, err = qnas(

@@ -10,7 +10,7 @@ import torch
 from cli_run import run_cli
 from test_nas_supernet import tiny_space
 
-from qnas.train import run as run_module
+from qnas.runs import folder as run_module
 
 TINY = ["--model", "edsr-baseline", "--model-args", '{"n_resblocks": 1, "n_feats": 8}', "--scale", "2"]
 FAST = ["--batch-size", "2", "--patch-size", "16", "--quiet"]

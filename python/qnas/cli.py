@@ -85,7 +85,7 @@ def eval_command(
             raise click.UsageError("--best needs --checkpoint RUN")
         checkpoint = _best_file(checkpoint)
     if checkpoint is not None:
-        from qnas.train.network import load_network, network_scale, network_upscaler
+        from qnas.api import load_network, network_scale, network_upscaler
 
         if os.path.isfile(checkpoint) and checkpoint.lower().endswith(".qnp"):
             # A packed file (`qnas export --format packed`): what `qnas upscale` runs, on the CPU.
@@ -325,7 +325,7 @@ def train_command(
 
     init_state, init_cfg = None, None
     if init_run is not None:
-        from qnas.train.network import load_network
+        from qnas.api import load_network
 
         _, blob = load_network(init_run)
         if blob["network"].get("kind") != "sr" or blob["network"].get("quant"):
@@ -373,8 +373,8 @@ def train_command(
             "--bits/--quantizer/--skip-bits/--calibration-weight/--quant-options need --quant fqsr|uniform"
         )
     if init_state is not None and "quant" in network:
+        from qnas.api import build_network
         from qnas.quant.apply import load_float_weights
-        from qnas.train.network import build_network
 
         qnet = build_network(network)
         load_float_weights(qnet, init_state, init_run)
@@ -520,7 +520,7 @@ def cost_command(
     if bits is not None and bits.is_integer():
         bits = int(bits)
     if run_dir is not None:
-        from qnas.train.network import load_network, network_scale
+        from qnas.api import load_network, network_scale
 
         net, blob = load_network(run_dir)
         own = network_scale(blob["network"])
@@ -701,11 +701,17 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=50, show_default=True)
+@click.option(
+    "--compile",
+    "compile_net",
+    is_flag=True,
+    help="Run the supernet's forwards through torch.compile (one graph per step; the same numbers).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def search_command(
-    space, ops, bits, a_bits, untie_bits, no_adq, no_anchor, lr_size, out, resume, quiet, **kw
+    space, ops, bits, a_bits, untie_bits, no_adq, no_anchor, lr_size, compile_net, out, resume, quiet, **kw
 ) -> None:
     """QuantNAS: search operations and bit-widths jointly; writes RUN/genotype.json and alpha plots."""
     from qnas.cost import parse_lr_size
@@ -725,7 +731,12 @@ def search_command(
         **kw,
     )
     summary = search(
-        opts, out, resume=resume, progress=not quiet, extra_config=run_record(click.get_current_context())
+        opts,
+        out,
+        resume=resume,
+        progress=not quiet,
+        extra_config=run_record(click.get_current_context()),
+        compile=compile_net,
     )
     click.echo(
         f"searched {summary['steps']} steps in {summary['seconds']:.0f} s: {summary['genotype']} "
@@ -774,8 +785,8 @@ def genotype_command(
     from qnas.files import check_output_file
     from qnas.nas.derive import genotype_cost, uniform_genotype
     from qnas.nas.search import random_genotype
+    from qnas.runs.folder import run_files
     from qnas.spaces import load_space, with_anchor
-    from qnas.train.run import run_files
 
     parent = os.path.dirname(os.path.abspath(out))
     check_output_file(out, force=force, inputs=run_files(parent) + [space])
@@ -970,15 +981,23 @@ def demo_command(out, settings_file, quiet) -> None:
     help="ptq: optimize the softmax mixture, or one straight-through Gumbel sample per step.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--compile",
+    "compile_net",
+    is_flag=True,
+    help="Run the networks' forwards through torch.compile (one graph per step; the same numbers).",
+)
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder to write.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def strategy_command(checkpoint, out, quiet, **kw) -> None:
+def strategy_command(checkpoint, compile_net, out, quiet, **kw) -> None:
     """DQSS: search the quantizer of every layer's weights and inputs (post-training or
     quantization-aware); writes RUN/strategy.json and RUN/model.pt for `qnas eval --checkpoint RUN`."""
     from qnas.train.strategy import StrategyOptions, run_strategy
 
     record = run_record(click.get_current_context())
-    summary = run_strategy(checkpoint, StrategyOptions(**kw), out, progress=not quiet, extra_config=record)
+    summary = run_strategy(
+        checkpoint, StrategyOptions(**kw), out, progress=not quiet, extra_config=record, compile=compile_net
+    )
     counts = summary["counts"]
     w = ", ".join(f"{k} {v}" for k, v in sorted(counts["weight"].items()))
     a = ", ".join(f"{k} {v}" for k, v in sorted(counts["activation"].items()))
@@ -1001,10 +1020,10 @@ def inspect_command(run: str, lr_size: str, fmt: str, strict: bool) -> None:
 
     import torch
 
+    from qnas.api import load_network
     from qnas.cost import parse_lr_size
     from qnas.quant.apply import describe_plan
     from qnas.quant.inspect import format_trace, trace_network
-    from qnas.train.network import load_network
 
     h, w = parse_lr_size(lr_size, max_side=1024)  # a real forward pass traces it
     net, blob = load_network(run)
@@ -1036,8 +1055,8 @@ def export_command(run, fmt, out, no_check, force) -> None:
     from qnas.deploy.format import write_packed
     from qnas.export import check_export, load_run_packed
     from qnas.files import check_output_file
-    from qnas.train.network import model_file
-    from qnas.train.run import run_files
+    from qnas.runs.folder import run_files
+    from qnas.runs.network import model_file
 
     model = model_file(run)
     check_output_file(out, force=force, inputs=run_files(model.parent) + [model])
@@ -1095,7 +1114,7 @@ def upscale_command(model_path, paths, tile, overlap, device, force, quiet) -> N
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exit codes: 0 ok, 2 bad input or usage, 130 interrupted."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun, rank 0 alone prints
-        from qnas.train.distributed import silence_other_ranks
+        from qnas.runs.distributed import silence_other_ranks
 
         silence_other_ranks()
     try:

@@ -10,6 +10,7 @@ then, so a command never destroys what it reads.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterable
@@ -32,6 +33,26 @@ def check_input_file(path: str | os.PathLike, what: str = "file", error: type[Qn
     if not stat.S_ISREG(mode):
         raise error(f"{p}: not a regular file (a FIFO, device or socket), expected a {what}")
     return p
+
+
+def read_json_object(
+    path: str | os.PathLike,
+    what: str = "JSON file",
+    error: type[QnasError] = QnasError,
+    expected: str = "a JSON object",
+) -> dict:
+    """The JSON object a file holds; `error` naming the file (one line) when it is not a readable regular
+    file, not JSON, or not an object (`expected` says what it should be)."""
+    p = check_input_file(path, what, error)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{p}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise error(f"{p}: cannot read ({e.strerror or e})") from e
+    if not isinstance(doc, dict):
+        raise error(f"{p}: expected {expected}, got {type(doc).__name__}")
+    return doc
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import click
 
 from qnas.errors import QnasError
-from qnas.files import check_input_file
+from qnas.files import read_json_object
 
 #: Options a run does not record in its config.json: where it is written and how it is shown.
 RUN_UNRECORDED = ("out", "resume", "quiet")
@@ -77,17 +77,9 @@ def read_config(path: str, command: str) -> dict[str, Any]:
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         raise QnasError(f"--config {path}: YAML is not read (PyYAML is not a dependency); give a JSON file")
     try:
-        check_input_file(path, "config file")
+        doc = read_json_object(path, "config file", expected="a JSON object of options")
     except QnasError as e:
         raise QnasError(f"--config {e}") from e
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QnasError(f"--config {path}: not valid JSON ({e})") from e
-    except OSError as e:
-        raise QnasError(f"--config {path}: cannot read ({e.strerror or e})") from e
-    if not isinstance(doc, dict):
-        raise QnasError(f"--config {path}: expected a JSON object of options, got {type(doc).__name__}")
     if "options" not in doc:
         if any(k in doc for k in ("network", "search", "strategy")) and "command" not in doc:
             # A run's config.json written without its options record: the resolved sections alone do

@@ -31,10 +31,12 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+import qnas.nas.derive  # noqa: F401  (registers the network kind "genotype": retrained searched networks)
 from qnas.deploy.format import FORMAT, bias_step, write_packed
 from qnas.errors import QnasError
 from qnas.quant.modules import OutputQuantizer, QuantAdd, QuantConv2d
 from qnas.quant.quantizers import Quantizer
+from qnas.runs.network import load_network, network_scale
 from qnas.sr.common import NearestAnchor
 from qops.nn import PackedConv2d
 
@@ -268,7 +270,6 @@ def load_run_packed(run: str | os.PathLike) -> tuple[dict, dict]:
     """(graph, tensors) of a training run folder (or model.pt) of a fully quantized SR network: an FQSR
     run (`qnas train --quant fqsr`) or a retrained searched network (`qnas train --arch`)."""
     from qnas.nas.adq import ADQ
-    from qnas.train.network import load_network, network_scale
 
     net, blob = load_network(run)
     cfg = blob["network"]
@@ -322,7 +323,6 @@ def check_export(
     the packed runtime. A file that does not load or run is an ExportError."""
     from qnas.deploy import PackedModel
     from qnas.deploy.format import read_packed
-    from qnas.train.network import load_network
 
     net, _ = load_network(run)
     x = check_image()

@@ -32,7 +32,7 @@ class ADQ(nn.Module):
 
     def forward(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         sigma = torch.std(x, dim=(1, 2, 3), keepdim=True)
-        from qnas.train.distributed import batch_norm
+        from qnas.runs.distributed import batch_norm
 
         # Batch statistics of the global batch under torch.distributed (ranks hold shares of it).
         return branch(batch_norm(self.bn, x)) * (self.w * sigma + self.b) + x

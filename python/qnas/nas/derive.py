@@ -10,7 +10,7 @@ A genotype file (RUN/genotype.json) is self-contained:
 
 "layers" has one entry per architecture slot (cells that share their slots share the choice). Files
 written before the residual became a retraining choice may hold a top-level "adq"; it is ignored.
-Importing this module registers the network kind "genotype" (qnas.train.network):
+Importing this module registers the network kind "genotype" (qnas.runs.network):
 {"kind": "genotype", "scale": S, "genotype": {...}, "act_quantizer": "hwgq" | "lsq", "adq": false},
 which builds the derived network (DerivedNetwork) at the searched bits.
 """
@@ -30,8 +30,8 @@ from qnas.files import check_input_file
 from qnas.nas.graph import GraphModule, LayerSite, compile_space, stage_channels
 from qnas.nas.layers import ACT_QUANTIZERS, DerivedLayer
 from qnas.quant.apply import probe_network, quantize_network
+from qnas.runs.network import register_network_kind
 from qnas.spaces import load_space, op_stages
-from qnas.train.network import register_network_kind
 
 GENOTYPE_FORMAT = "qnas-genotype/1"
 
@@ -234,7 +234,7 @@ def _build_genotype_network(cfg: dict) -> nn.Module:
 
 
 def genotype_network_config(genotype: dict, act_quantizer: str = "hwgq", adq: bool = False) -> dict:
-    """The network config (qnas.train.network) of a genotype's derived network."""
+    """The network config (qnas.runs.network) of a genotype's derived network."""
     return {
         "kind": "genotype",
         "scale": int(genotype["scale"]),

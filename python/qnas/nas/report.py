@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+import qnas.nas.derive  # noqa: F401  (registers the network kind "genotype")
 from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import QnasError
 from qnas.nas.plots import pareto_front, plot_pareto
@@ -26,7 +27,7 @@ def _run_entry(run: str, net, blob: dict, data: str, lr_size: tuple[int, int], p
     from qnas.cost import count_cost
     from qnas.data.datasets import eval_dataset
     from qnas.evaluate import evaluate
-    from qnas.train.network import build_network, network_scale, network_upscaler
+    from qnas.runs.network import build_network, network_scale, network_upscaler
 
     p = Path(run)
     cfg = blob["network"]
@@ -67,7 +68,7 @@ def build_report(
     Every run is loaded and their scales compared before anything is evaluated."""
     from qnas.data.datasets import eval_dataset
     from qnas.evaluate import bicubic_upscaler, evaluate
-    from qnas.train.network import load_network, network_scale
+    from qnas.runs.network import load_network, network_scale
 
     if not runs:
         raise QnasError("give at least one RUN (a trained run folder) or 'bicubic'")

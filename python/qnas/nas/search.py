@@ -15,14 +15,14 @@ Every architecture step logs, per slot, the norm of the gradient the L1 loss and
 (entropy and cost) give its alphas (metrics.jsonl: grad_loss/SLOT, grad_reg/SLOT; health.png): whether
 the choices come from the loss or from the cost term.
 
-Under `torchrun --nproc-per-node N` (qnas.train.distributed) every rank draws its share of each global
+Under `torchrun --nproc-per-node N` (qnas.runs.distributed) every rank draws its share of each global
 batch (--batch-size) and the gradients of the loss are averaged over the ranks after every backward,
 both the weights' and the alphas', before clipping and before the entropy and cost terms are added to
 the alphas' (those depend on the alphas alone: every rank adds the same, once); the ranks keep identical
 weights and alphas, equal to a one-process search's with the same global batch. Noise mode is the
 exception: each rank draws its own noise for its share (an independent stream per rank), which one
 process would have drawn differently. LSQ's data-driven step init and ADQ's batch norm use the whole
-batch (qnas.train.distributed.whole_batch, batch_norm).
+batch (qnas.runs.distributed.whole_batch, batch_norm).
 
 Everything that decides the result is in the checkpoint (weights, alphas, both optimizers, the schedule,
 both batch samplers, torch's RNG: noise mode draws its seeds from it), so `--resume` continues a killed
@@ -48,8 +48,9 @@ from qnas.nas.derive import GENOTYPE_FORMAT, genotype_cost
 from qnas.nas.graph import compile_space
 from qnas.nas.regularizers import BitOpsPenalty, BitOpsTarget, entropy_coef, temperature_at
 from qnas.nas.supernet import IMPLS, MIX_NORMS, MODES, Supernet, slot_bitops
+from qnas.runs.folder import RunDir
+from qnas.runs.loop import Loop, Value
 from qnas.spaces import load_space, with_anchor
-from qnas.train.run import RunDir
 
 #: BitOps are reported for this LR input by default: the LR side of a 1280x720 output at x4 (the usual
 #: reference frame of efficient SR), whatever the scale.
@@ -188,16 +189,15 @@ def search(
     resume: bool = False,
     progress: bool = True,
     extra_config: dict | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Runs a search into the run folder `out`; returns {"steps", "genotype", "bitops", "seconds", "run"}.
 
     Writes RUN/config.json, metrics.jsonl (+ TensorBoard), checkpoint.pt, and at the end genotype.json,
-    alphas.png (final probabilities per layer) and search.png (losses, entropy, expected BitOps)."""
-    from tqdm import tqdm
-
+    alphas.png (final probabilities per layer) and search.png (losses, entropy, expected BitOps).
+    compile: the supernet's forwards run torch.compile'd after the first steps (qnas.runs.loop)."""
     from qnas.data.datasets import PatchSampler, train_dataset
-    from qnas.train import distributed
-    from qnas.train.train import _compare_config
+    from qnas.runs import distributed
 
     opts.check()
     info = distributed.setup()
@@ -206,17 +206,18 @@ def search(
     space = search_space(opts)
     run = RunDir(out, is_writer=info.is_main)
     config = {"search": dataclasses.asdict(opts), "space": space, **(extra_config or {})}
-    config = json.loads(json.dumps(config))
-    if resume:
-        if not run.has_checkpoint():
-            raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")
-        _compare_config(run.read_config(), config, run.path)
-    elif info.is_main and (run.has_checkpoint() or (run.path / "genotype.json").exists()):
-        raise QnasError(
-            f"{run.path}: already holds a run; pass --resume to continue it or choose another --out"
-        )
-
-    torch.manual_seed(opts.seed)
+    loop = Loop(
+        run,
+        "search",
+        opts.steps,
+        config,
+        resume=resume,
+        result="genotype.json",
+        seed=opts.seed,
+        checkpoint_every=opts.checkpoint_every,
+        progress=progress,
+        compile=compile,
+    )
     net = build_supernet(opts, space).to(memory_format=torch.channels_last)
     net.train()
     net.set_noise_stream(info.rank)
@@ -243,93 +244,66 @@ def search(
     w_sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=opts.steps, eta_min=opts.lr / 100)
     pixels = opts.lr_size[0] * opts.lr_size[1]
     with torch.no_grad():
-        initial_bitops = float(net.expected_bitops_per_pixel(net.probs())) * pixels
-    step = 0
-    if resume:
-        state = run.load_checkpoint()
-        net.load_state_dict(state["model"])
-        w_opt.load_state_dict(state["w_opt"])
-        a_opt.load_state_dict(state["a_opt"])
-        w_sched.load_state_dict(state["w_sched"])
-        w_sampler.load_state_dict(state["w_sampler"])
-        if a_sampler is not None:
-            a_sampler.load_state_dict(state["a_sampler"])
-        torch.set_rng_state(state["rng"])
-        initial_bitops = float(state["initial_bitops"])
-        step = int(state["step"])
-        run.truncate_metrics(step)
-    else:
-        run.write_config(config)
-    penalty = cost_term(opts, initial_bitops / pixels)
-
-    def checkpoint() -> None:
-        run.save_checkpoint(
-            {
-                "step": step,
-                "model": net.state_dict(),
-                "w_opt": w_opt.state_dict(),
-                "a_opt": a_opt.state_dict(),
-                "w_sched": w_sched.state_dict(),
-                "w_sampler": w_sampler.state_dict(),
-                "a_sampler": a_sampler.state_dict() if a_sampler is not None else None,
-                "rng": torch.get_rng_state(),
-                "initial_bitops": initial_bitops,
-            }
-        )
-
-    alpha_start = int(opts.alpha_warmup * opts.steps)
-    bar = tqdm(
-        total=opts.steps, initial=step, desc=f"search {run.path.name}", disable=not progress, unit="step"
+        initial_bitops = Value(float(net.expected_bitops_per_pixel(net.probs())) * pixels)
+    loop.start(
+        {
+            "model": net,
+            "w_opt": w_opt,
+            "a_opt": a_opt,
+            "w_sched": w_sched,
+            "w_sampler": w_sampler,
+            "a_sampler": a_sampler,
+            "initial_bitops": initial_bitops,
+        }
     )
-    t_start = time.perf_counter()
-    rec: dict[str, float] = {}
-    try:
-        while step < opts.steps:
-            t0 = time.perf_counter()
-            ent_w = entropy_coef(step, opts.steps, opts.entropy_coef, opts.entropy_warmup)
-            update_alphas = step >= alpha_start
-            net.temperature = temperature_at(step, opts.steps, alpha_start, opts.final_temperature)
-            a_batch = _batch(a_sampler) if (update_alphas and a_sampler is not None) else None
-            rec = search_step(
-                net,
-                w_opt,
-                a_opt,
-                _batch(w_sampler),
-                a_batch,
-                update_alphas=update_alphas,
-                entropy_weight=ent_w,
-                penalty=penalty,
-                grad_clip=opts.grad_clip,
-                step=step,
-                sync=None if info.world == 1 else lambda params: distributed.average_gradients(params, info),
-            )
-            losses = distributed.means({k: rec[k] for k in ("loss", "loss_alpha") if k in rec}, info)
-            rec.update(losses)
-            w_sched.step()
-            step += 1
-            with torch.no_grad():
-                probs = net.probs()
-                expected = float(net.expected_bitops_per_pixel(probs)) * pixels
-                rec.setdefault("entropy", float(net.entropy(probs)))
-            rec.update(
-                entropy_coef=ent_w,
-                temperature=net.temperature,
-                expected_bitops=expected,
-                lr=w_opt.param_groups[0]["lr"],
-                step_time_s=time.perf_counter() - t0,
-            )
-            run.log(step, **rec)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{rec['loss']:.4f}", H=f"{rec['entropy']:.2f}", GBitOps=f"{expected / 1e9:.1f}"
-            )
-            if step % opts.checkpoint_every == 0 or step == opts.steps:
-                checkpoint()
-    finally:
-        bar.close()
-        run.close()
+    penalty = cost_term(opts, initial_bitops.value / pixels)
+    alpha_start = int(opts.alpha_warmup * opts.steps)
+    sync = None if info.world == 1 else lambda params: distributed.average_gradients(params, info)
 
-    genotype = make_genotype(net, opts, space, initial_bitops)
+    def step_fn(step: int) -> dict[str, float]:
+        ent_w = entropy_coef(step, opts.steps, opts.entropy_coef, opts.entropy_warmup)
+        update_alphas = step >= alpha_start
+        net.temperature = temperature_at(step, opts.steps, alpha_start, opts.final_temperature)
+        a_batch = _batch(a_sampler) if (update_alphas and a_sampler is not None) else None
+        rec = search_step(
+            net,
+            w_opt,
+            a_opt,
+            _batch(w_sampler),
+            a_batch,
+            update_alphas=update_alphas,
+            entropy_weight=ent_w,
+            penalty=penalty,
+            grad_clip=opts.grad_clip,
+            step=step,
+            sync=sync,
+            forward=loop.forward(net),
+        )
+        rec.update(distributed.means({k: rec[k] for k in ("loss", "loss_alpha") if k in rec}, info))
+        w_sched.step()
+        with torch.no_grad():
+            probs = net.probs()
+            expected = float(net.expected_bitops_per_pixel(probs)) * pixels
+            rec.setdefault("entropy", float(net.entropy(probs)))
+        rec.update(
+            entropy_coef=ent_w,
+            temperature=net.temperature,
+            expected_bitops=expected,
+            lr=w_opt.param_groups[0]["lr"],
+        )
+        return rec
+
+    def postfix(rec: dict[str, float]) -> dict[str, str]:
+        return {
+            "loss": f"{rec['loss']:.4f}",
+            "H": f"{rec['entropy']:.2f}",
+            "GBitOps": f"{rec['expected_bitops'] / 1e9:.1f}",
+        }
+
+    t_start = time.perf_counter()
+    loop.run(step_fn, postfix=postfix)
+    step = loop.step
+    genotype = make_genotype(net, opts, space, initial_bitops.value)
     summary = {
         "health": {},
         "steps": step,
@@ -368,12 +342,15 @@ def search_step(
     grad_clip: float,
     step: int = 0,
     sync: Callable[[list[torch.Tensor]], None] | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One search step (module docstring): with `a_batch`, the architecture step on it then the weight step
     on `w_batch` (alternating); without, one pass on `w_batch` that updates the weights and, if
     `update_alphas`, the alphas. Returns the values to log (losses, entropy, cost term, and per slot the
     gradient norms of the loss and of the regularizers on its alphas). `sync(params)`, called after every
-    backward, averages the loss's gradients over the ranks (qnas.train.distributed.average_gradients)."""
+    backward, averages the loss's gradients over the ranks (qnas.runs.distributed.average_gradients).
+    `forward`: what computes net(x, probs) (the compiled supernet under --compile; default net)."""
+    forward = net if forward is None else forward
     l1 = nn.L1Loss()
     weights = [p for g in w_opt.param_groups for p in g["params"]]
     alphas = [p for g in a_opt.param_groups for p in g["params"]]
@@ -383,7 +360,7 @@ def search_step(
         w_opt.zero_grad(set_to_none=True)
         a_opt.zero_grad(set_to_none=True)
         probs = net.probs() if update_alphas else _detached(net.probs())
-        rec_loss = l1(net(lr_img, probs), hr_img)
+        rec_loss = l1(forward(lr_img, probs), hr_img)
         _check_finite(rec_loss, step)
         rec_loss.backward()
         if sync is not None:
@@ -398,7 +375,7 @@ def search_step(
         return rec
     lr_a, hr_a = a_batch
     a_opt.zero_grad(set_to_none=True)
-    a_loss = l1(net(lr_a, net.probs()), hr_a)
+    a_loss = l1(forward(lr_a, net.probs()), hr_a)
     _check_finite(a_loss, step)
     # Gradients to the alphas only: autograd skips the weight gradients of every convolution on the way.
     a_loss.backward(inputs=alphas)
@@ -409,7 +386,7 @@ def search_step(
     rec["loss_alpha"] = a_loss.item()
     lr_w, hr_w = w_batch
     w_opt.zero_grad(set_to_none=True)
-    w_loss = l1(net(lr_w, _detached(net.probs())), hr_w)
+    w_loss = l1(forward(lr_w, _detached(net.probs())), hr_w)
     _check_finite(w_loss, step)
     w_loss.backward()
     if sync is not None:

@@ -207,7 +207,7 @@ class SearchLayer(nn.Module):
     @torch.no_grad()
     def _init_scales(self, x: torch.Tensor) -> None:
         """LSQ's data-driven init 2 mean|v| / sqrt(qmax), once (buffer scales_initialized keeps it)."""
-        from qnas.train.distributed import whole_batch
+        from qnas.runs.distributed import whole_batch
 
         # Under torch.distributed x is this rank's share: the steps of the whole batch, as one process's.
         x = whole_batch(x)

@@ -1,5 +1,5 @@
 """Turning a float SR network into a quantized one from a JSON config (the "quant" entry of a
-network config, see qnas.train.network), so `qnas eval --checkpoint` and load_network rebuild it.
+network config, see qnas.runs.network), so `qnas eval --checkpoint` and load_network rebuild it.
 
 A quant config names a scheme and a bit-width; `resolve_plan` expands it into a per-layer plan
 (which convolution, skip and output is quantized, with which quantizer, bits and signedness) that
@@ -43,6 +43,8 @@ from torch import nn
 from qnas.errors import CheckpointError, QnasError
 from qnas.quant.modules import OutputQuantizer, QuantAdd, QuantConv2d, quantizers
 from qnas.quant.quantizers import QUANTIZERS, FQSRQuantizer, build_quantizer
+from qnas.runs.network import load_network, register_network_kind
+from qnas.sr import build_from_config
 from qnas.sr.common import Add
 
 SCHEMES = ("fqsr", "uniform", "dqss", "genotype")
@@ -208,8 +210,6 @@ def fqsr_plan_options(model_cfg: dict, plan: dict, options: dict, teacher: str |
     """An FQSR plan with `options` (keys of FQSR_OPTIONS) applied and `teacher` (the full-precision
     run it is fine-tuned from) as distillation teacher, resolved again for the model of `model_cfg`.
     Without a teacher the default distillation is off (resolve_plan); asking for it is an error."""
-    from qnas.sr import build_from_config
-
     if not isinstance(options, dict):
         raise QnasError("quant options: expected a JSON object")
     unknown = sorted(set(options) - set(FQSR_OPTIONS))
@@ -355,8 +355,6 @@ class Distillation:
 
     def teacher(self) -> nn.Module:
         if self._teacher is None:
-            from qnas.train.network import load_network
-
             net, blob = load_network(self.source)
             if blob["network"].get("quant"):
                 raise QnasError(f"distillation teacher {self.source}: expected a full-precision run")
@@ -445,3 +443,15 @@ def describe_plan(plan: dict) -> str:
     if plan.get("output"):
         parts.append(f"output at {plan['output']['bits']} bits")
     return ", ".join(parts)
+
+
+def build_sr_network(cfg: dict) -> nn.Module:
+    """The network of a config of kind "sr" (qnas.runs.network): a registered SR model (qnas.sr),
+    quantized by the plan in "quant" if the config has one."""
+    if "model" not in cfg:
+        raise QnasError('network config of kind "sr" needs "model"')
+    model = build_from_config(cfg["model"])
+    return quantize_network(model, cfg["quant"]) if cfg.get("quant") else model
+
+
+register_network_kind("sr", build_sr_network)

@@ -687,66 +687,176 @@ def expected_loss_penalty(model: nn.Module) -> torch.Tensor | None:
     return sum(terms) if terms else None
 
 
+def _eager(net: nn.Module) -> nn.Module:
+    return net
+
+
+class PTQSearch:
+    """Post-training search, one step at a time (`qnas strategy --mode ptq` runs its steps in the run
+    loop, qnas.runs.loop; ptq_search runs them in memory): network weights frozen; strategy logits (Adam,
+    `arch_lr`) and quantizer parameters (Adam, `quant_lr`) minimize loss_fn(supernet(x), teacher(x)) over
+    the calibration batches (cycled), the temperature annealed by temperature_at.
+
+    With `derive` (supernet -> discrete network), the last `discrete_fraction` of the steps go to the
+    derived network (see ptq_phases): its statistics-based steps are re-measured on the calibration
+    batches (`recalibrate`) and its learned quantizer parameters minimize the same loss; result() is the
+    derived network. Without `derive`, every step searches and result() is the supernet.
+    `hard`: every search step runs one sampled discrete network (StrategyConv2d._probs) instead of
+    the mixture. `expected_loss`: the search minimizes loss + expected_loss_penalty, the expected
+    loss of a sampled discrete network, with per-layer gains from estimate_gains.
+
+    `dist` (qnas.runs.distributed.DistInfo): under torch.distributed `batches` are the whole
+    calibration batches on every rank (calibration and gains see them all); each step computes on this
+    rank's share and averages the gradients over the ranks (the one-process step on the whole batch)."""
+
+    def __init__(
+        self,
+        supernet: nn.Module,
+        teacher: nn.Module,
+        batches: Sequence[torch.Tensor],
+        steps: int,
+        *,
+        arch_lr: float = 0.05,
+        quant_lr: float = 1e-3,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+        derive: Callable[[nn.Module], nn.Module] | None = None,
+        discrete_fraction: float = 0.25,
+        hard: bool = False,
+        expected_loss: bool = False,
+        dist=None,
+    ):
+        self.supernet, self.net, self.batches, self.steps = supernet, supernet, batches, steps
+        self.arch_lr, self.quant_lr, self.loss_fn, self.derive = arch_lr, quant_lr, loss_fn, derive
+        self.split = dist is not None and dist.world > 1
+        self.dist = dist
+        self.n_search = ptq_phases(steps, discrete_fraction if derive is not None else 0.0)
+        teacher.eval()
+        with torch.no_grad():
+            self.targets = [teacher(x) for x in batches]
+        gains = estimate_gains(supernet, teacher, batches) if expected_loss else {}
+        for name, m in supernet_layers(supernet).items():
+            m.hard = bool(hard)
+            m.gain = gains.get(name)
+        self.opt: torch.optim.Optimizer | None = None
+        self.phase: str | None = None  # "search", then "discrete" (with derive)
+        self.searched = False
+
+    def close(self) -> None:
+        """Ends the search phase's sampling settings on the supernet (also after an error)."""
+        for m in supernet_layers(self.supernet).values():
+            m.hard, m.gain, m.variance = False, None, None
+
+    def _end_search(self) -> None:
+        """After the search phase: the supernet back to plain mixtures at temperature 1; with `derive`, the
+        derived network, its statistics-based steps re-measured on the whole calibration batches."""
+        self.close()
+        set_temperature(self.supernet, 1.0)
+        if self.derive is not None:
+            from qnas.runs.distributed import whole_batches
+
+            self.net = self.derive(self.supernet)
+            with whole_batches():  # the whole calibration batches, in every rank
+                recalibrate(self.net, self.batches)
+        self.searched = True
+
+    def _begin(self, phase: str) -> None:
+        """Start of a phase: weights frozen; Adam over the logits (search) and quantizer parameters."""
+        if phase == "discrete" and not self.searched:
+            self._end_search()
+        self.phase = phase
+        for p in network_parameters(self.net):
+            p.requires_grad_(False)
+        groups = [{"params": strategy_parameters(self.net), "lr": self.arch_lr}] if phase == "search" else []
+        qp = quantizer_parameters(self.net)
+        if qp:
+            groups.append({"params": qp, "lr": self.quant_lr})
+        self.opt = torch.optim.Adam(groups) if groups and any(g["params"] for g in groups) else None
+        self.net.train()
+
+    def step(self, step: int, forward: Callable[[nn.Module], nn.Module] = _eager) -> dict:
+        """Step `step` (0-based) of the search; returns the values to log. forward(net) is what computes
+        net(x) (qnas.runs.loop.Loop.forward: the compiled network under --compile)."""
+        from qnas.runs import distributed
+
+        phase = "search" if step < self.n_search else "discrete"
+        if phase != self.phase:
+            self._begin(phase)
+        search, net, opt = phase == "search", self.net, self.opt
+        if search:
+            set_temperature(net, temperature_at(step, self.n_search))
+        x, target = self.batches[step % len(self.batches)], self.targets[step % len(self.batches)]
+        if self.split:
+            x, target = distributed.shard(x, self.dist), distributed.shard(target, self.dist)
+        if opt is None:  # nothing to learn (e.g. a derived network of statistics-based steps only)
+            with torch.no_grad():
+                net_out = forward(net)(x)
+                loss = self.loss_fn(net_out, target)
+        else:
+            opt.zero_grad(set_to_none=True)
+            net_out = forward(net)(x)
+            loss = self.loss_fn(net_out, target)
+        penalty = expected_loss_penalty(net) if search else None
+        if penalty is not None and self.loss_fn is log_mse_loss:
+            # The penalty estimates an increase of the MSE; d ln(m) = dm / m (m: the batch's MSE).
+            mse = (net_out.detach() - target).square().mean()
+            if self.split:  # the MSE of the whole batch: a mean of the ranks' (equal shares)
+                mse = mse.new_tensor(distributed.mean(float(mse), self.dist))
+            penalty = penalty / mse.clamp_min(1e-12)
+        objective = loss if penalty is None else loss + penalty
+        if not torch.isfinite(objective):
+            raise QnasError(
+                f"strategy search diverged at step {step} (loss {objective.item()}); lower --arch-lr/--quant-lr"
+            )
+        if opt is not None:
+            objective.backward()
+            if self.split:
+                distributed.average_gradients([p for g in opt.param_groups for p in g["params"]], self.dist)
+            opt.step()
+        record = {"loss": loss.item(), "phase": phase}
+        if search:
+            record["temperature"] = supernet_temperature(net)
+        if penalty is not None:
+            record["variance_penalty"] = penalty.item()
+        return record
+
+    def result(self) -> nn.Module:
+        """After the last step: the derived network with its statistics frozen (the supernet without
+        `derive`)."""
+        if not self.searched:
+            self._end_search()
+        if self.derive is None:
+            return self.supernet
+        freeze_statistics(self.net)
+        return self.net
+
+
 def ptq_search(
     supernet: nn.Module,
     teacher: nn.Module,
     batches: Sequence[torch.Tensor],
     steps: int,
     *,
-    arch_lr: float = 0.05,
-    quant_lr: float = 1e-3,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
-    derive: Callable[[nn.Module], nn.Module] | None = None,
-    discrete_fraction: float = 0.25,
-    hard: bool = False,
-    expected_loss: bool = False,
     log: Callable[..., None] | None = None,
     progress=None,
-    dist=None,
+    **kwargs,
 ) -> nn.Module:
-    """Post-training search: network weights frozen; strategy logits (Adam, `arch_lr`) and quantizer
-    parameters (Adam, `quant_lr`) minimize loss_fn(supernet(x), teacher(x)) over the calibration
-    batches (cycled), the temperature annealed by temperature_at.
+    """PTQSearch's steps in memory (arguments: PTQSearch's); log(step, **values) and progress(loss) after
+    every step. Returns PTQSearch.result()."""
+    return run_steps(PTQSearch(supernet, teacher, batches, steps, **kwargs), steps, log, progress)
 
-    With `derive` (supernet -> discrete network), the last `discrete_fraction` of the steps go to the
-    derived network (see ptq_phases): its statistics-based steps are re-measured on the calibration
-    batches (`recalibrate`) and its learned quantizer parameters minimize the same loss; the derived
-    network is returned. Without `derive`, every step searches and the supernet is returned.
-    `hard`: every search step runs one sampled discrete network (StrategyConv2d._probs) instead of
-    the mixture. `expected_loss`: the search minimizes loss + expected_loss_penalty, the expected
-    loss of a sampled discrete network, with per-layer gains from estimate_gains.
 
-    `dist` (qnas.train.distributed.DistInfo): under torch.distributed `batches` are the whole
-    calibration batches on every rank (calibration and gains see them all); each step computes on this
-    rank's share and averages the gradients over the ranks (the one-process step on the whole batch)."""
-    n_search = ptq_phases(steps, discrete_fraction if derive is not None else 0.0)
-    teacher.eval()
-    with torch.no_grad():
-        targets = [teacher(x) for x in batches]
-    gains = estimate_gains(supernet, teacher, batches) if expected_loss else {}
-    for name, m in supernet_layers(supernet).items():
-        m.hard = bool(hard)
-        m.gain = gains.get(name)
+def run_steps(search: PTQSearch | QATSearch, steps: int, log=None, progress=None) -> nn.Module:
+    """The steps of a strategy search without a run folder (`qnas strategy` runs them in qnas.runs.loop)."""
     try:
-        _reconstruct(
-            supernet, batches, targets, n_search, 0, arch_lr, quant_lr, loss_fn, log, progress, True, dist
-        )
+        for step in range(steps):
+            record = search.step(step)
+            if log is not None:
+                log(step + 1, **record)
+            if progress is not None:
+                progress(record["loss"])
     finally:
-        for m in supernet_layers(supernet).values():
-            m.hard, m.gain, m.variance = False, None, None
-    set_temperature(supernet, 1.0)
-    if derive is None:
-        return supernet
-    net = derive(supernet)
-    from qnas.train.distributed import whole_batches
-
-    with whole_batches():  # the whole calibration batches, in every rank
-        recalibrate(net, batches)
-    _reconstruct(
-        net, batches, targets, steps, n_search, arch_lr, quant_lr, loss_fn, log, progress, False, dist
-    )
-    freeze_statistics(net)
-    return net
+        search.close()
+    return search.result()
 
 
 def ptq_phases(steps: int, discrete_fraction: float = 0.25) -> int:
@@ -763,65 +873,6 @@ def ptq_phases(steps: int, discrete_fraction: float = 0.25) -> int:
     if not 0.0 <= discrete_fraction < 1.0:
         raise QnasError(f"discrete fraction: expected a value in [0, 1), got {discrete_fraction}")
     return steps - int(round(steps * discrete_fraction))
-
-
-def _reconstruct(
-    net, batches, targets, end, start, arch_lr, quant_lr, loss_fn, log, progress, search, dist=None
-):
-    """Steps start..end-1 of PTQ: frozen weights; logits (when searching) and quantizer parameters
-    minimize loss_fn(net(x), teacher(x)) over the calibration batches (cycled); with `dist`, each rank
-    on its share of every batch (ptq_search)."""
-    if end <= start:
-        return
-    from qnas.train import distributed
-
-    split = dist is not None and dist.world > 1
-    for p in network_parameters(net):
-        p.requires_grad_(False)
-    groups = [{"params": strategy_parameters(net), "lr": arch_lr}] if search else []
-    qp = quantizer_parameters(net)
-    if qp:
-        groups.append({"params": qp, "lr": quant_lr})
-    opt = torch.optim.Adam(groups) if groups and any(g["params"] for g in groups) else None
-    net.train()
-    for step in range(start, end):
-        if search:
-            set_temperature(net, temperature_at(step, end))
-        x, target = batches[step % len(batches)], targets[step % len(batches)]
-        if split:
-            x, target = distributed.shard(x, dist), distributed.shard(target, dist)
-        if opt is None:  # nothing to learn (e.g. a derived network of statistics-based steps only)
-            with torch.no_grad():
-                net_out = net(x)
-                loss = loss_fn(net_out, target)
-        else:
-            opt.zero_grad(set_to_none=True)
-            net_out = net(x)
-            loss = loss_fn(net_out, target)
-        penalty = expected_loss_penalty(net) if search else None
-        if penalty is not None and loss_fn is log_mse_loss:
-            # The penalty estimates an increase of the MSE; d ln(m) = dm / m (m: the batch's MSE).
-            mse = (net_out.detach() - target).square().mean()
-            if split:  # the MSE of the whole batch: a mean of the ranks' (equal shares)
-                mse = mse.new_tensor(distributed.mean(float(mse), dist))
-            penalty = penalty / mse.clamp_min(1e-12)
-        objective = loss if penalty is None else loss + penalty
-        if not torch.isfinite(objective):
-            raise QnasError(
-                f"strategy search diverged at step {step} (loss {objective.item()}); lower --arch-lr/--quant-lr"
-            )
-        if opt is not None:
-            objective.backward()
-            if split:
-                distributed.average_gradients([p for g in opt.param_groups for p in g["params"]], dist)
-            opt.step()
-        if log is not None:
-            extra = {"temperature": supernet_temperature(net)} if search else {}
-            if penalty is not None:
-                extra["variance_penalty"] = penalty.item()
-            log(step + 1, loss=loss.item(), phase="search" if search else "discrete", **extra)
-        if progress is not None:
-            progress(loss.item())
 
 
 def recalibrate(net: nn.Module, batches: Iterable[torch.Tensor]) -> None:
@@ -853,72 +904,95 @@ def qat_phases(steps: int) -> tuple[int, int]:
     return warm, steps - steps // 4
 
 
+class QATSearch:
+    """Quantization-aware search in one forward-backward pass per step (see qat_phases), one step at a time;
+    result() is the derived discrete network after its fine-tune. `derive(supernet)` builds it. With `dist`
+    (qnas.runs.distributed.DistInfo), next_batch gives this rank's share of each batch and the gradients
+    are averaged over the ranks."""
+
+    def __init__(
+        self,
+        supernet: nn.Module,
+        next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        steps: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        lr: float = 1e-4,
+        arch_lr: float = 0.05,
+        quant_lr: float = 1e-3,
+        derive: Callable[[nn.Module], nn.Module],
+        dist=None,
+    ):
+        self.supernet, self.net, self.next_batch, self.loss_fn = supernet, supernet, next_batch, loss_fn
+        self.lr, self.quant_lr, self.derive, self.dist = lr, quant_lr, derive, dist
+        self.warm, self.discrete = qat_phases(steps)
+        self.arch = strategy_parameters(supernet)
+        self.opt = torch.optim.Adam(
+            [
+                {"params": network_parameters(supernet), "lr": lr},
+                {"params": quantizer_parameters(supernet), "lr": quant_lr},
+                {"params": self.arch, "lr": arch_lr},
+            ]
+        )
+        supernet.train()
+
+    def close(self) -> None:
+        pass
+
+    def step(self, step: int, forward: Callable[[nn.Module], nn.Module] = _eager) -> dict:
+        """Step `step` (0-based); returns the values to log (PTQSearch.step)."""
+        from qnas.runs import distributed
+
+        supernet = self.supernet
+        if step == self.discrete:
+            self.net = self.derive(supernet)
+            self.net.train()
+            self.opt = torch.optim.Adam(
+                [
+                    {"params": network_parameters(self.net), "lr": self.lr},
+                    {"params": quantizer_parameters(self.net), "lr": self.quant_lr},
+                ]
+            )
+        searching = self.warm <= step < self.discrete
+        for p in self.arch:
+            p.requires_grad_(searching)
+        if self.net is supernet:
+            warm, discrete = self.warm, self.discrete
+            set_temperature(supernet, temperature_at(step - warm, discrete - warm) if step >= warm else 1.0)
+        x, target = self.next_batch(step)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(forward(self.net)(x), target)
+        if not torch.isfinite(loss):
+            raise QnasError(
+                f"strategy search diverged at step {step} (loss {loss.item()}); lower the learning rates"
+            )
+        loss.backward()
+        if self.dist is not None:
+            distributed.average_gradients([p for g in self.opt.param_groups for p in g["params"]], self.dist)
+        self.opt.step()
+        phase = "warmup" if step < self.warm else ("search" if searching else "finetune")
+        return {"loss": loss.item(), "phase": phase, "temperature": supernet_temperature(supernet)}
+
+    def result(self) -> nn.Module:
+        """After the last step: the derived network, its statistics frozen."""
+        if self.net is self.supernet:  # fewer than 4 steps: no fine-tune phase
+            self.net = self.derive(self.supernet)
+        freeze_statistics(self.net)
+        return self.net
+
+
 def qat_search(
     supernet: nn.Module,
     next_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     steps: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     *,
-    lr: float = 1e-4,
-    arch_lr: float = 0.05,
-    quant_lr: float = 1e-3,
-    derive: Callable[[nn.Module], nn.Module],
     log: Callable[..., None] | None = None,
     progress=None,
-    dist=None,
+    **kwargs,
 ) -> nn.Module:
-    """Quantization-aware search in one forward-backward pass per step (see qat_phases); returns the
-    derived discrete network after its fine-tune. `derive(supernet)` builds it. With `dist`
-    (qnas.train.distributed.DistInfo), next_batch gives this rank's share of each batch and the
-    gradients are averaged over the ranks."""
-    from qnas.train import distributed
-
-    warm, discrete = qat_phases(steps)
-    arch = strategy_parameters(supernet)
-    opt = torch.optim.Adam(
-        [
-            {"params": network_parameters(supernet), "lr": lr},
-            {"params": quantizer_parameters(supernet), "lr": quant_lr},
-            {"params": arch, "lr": arch_lr},
-        ]
-    )
-    net = supernet
-    net.train()
-    for step in range(steps):
-        if step == discrete:
-            net = derive(supernet)
-            net.train()
-            opt = torch.optim.Adam(
-                [
-                    {"params": network_parameters(net), "lr": lr},
-                    {"params": quantizer_parameters(net), "lr": quant_lr},
-                ]
-            )
-        searching = warm <= step < discrete
-        for p in arch:
-            p.requires_grad_(searching)
-        if net is supernet:
-            set_temperature(supernet, temperature_at(step - warm, discrete - warm) if step >= warm else 1.0)
-        x, target = next_batch(step)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), target)
-        if not torch.isfinite(loss):
-            raise QnasError(
-                f"strategy search diverged at step {step} (loss {loss.item()}); lower the learning rates"
-            )
-        loss.backward()
-        if dist is not None:
-            distributed.average_gradients([p for g in opt.param_groups for p in g["params"]], dist)
-        opt.step()
-        if log is not None:
-            phase = "warmup" if step < warm else ("search" if searching else "finetune")
-            log(step + 1, loss=loss.item(), phase=phase, temperature=supernet_temperature(supernet))
-        if progress is not None:
-            progress(loss.item())
-    if net is supernet:  # fewer than 4 steps: no fine-tune phase
-        net = derive(supernet)
-    freeze_statistics(net)
-    return net
+    """QATSearch's steps in memory (arguments: QATSearch's; log and progress as ptq_search's)."""
+    return run_steps(QATSearch(supernet, next_batch, steps, loss_fn, **kwargs), steps, log, progress)
 
 
 def entropy(model: nn.Module) -> float:
@@ -949,6 +1023,8 @@ __all__ = [
     "local_errors",
     "log_mse_loss",
     "parse_quantizers",
+    "PTQSearch",
+    "QATSearch",
     "ptq_phases",
     "ptq_search",
     "qat_phases",

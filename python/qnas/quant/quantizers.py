@@ -166,7 +166,7 @@ class Quantizer(nn.Module):
         computed on it are one process's, and the same in every rank."""
         if not self.activation:
             return x
-        from qnas.train.distributed import whole_batch
+        from qnas.runs.distributed import whole_batch
 
         return whole_batch(x)
 
@@ -175,7 +175,7 @@ class Quantizer(nn.Module):
         elements of the whole batch (1 for weights and outside torch.distributed)."""
         if not self.activation:
             return 1
-        from qnas.train.distributed import batch_shares
+        from qnas.runs.distributed import batch_shares
 
         return batch_shares()
 

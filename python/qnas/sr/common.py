@@ -99,7 +99,7 @@ class MeanShift(nn.Module):
 
 # Upper limits of the models' size arguments: far above the published models (EDSR: 256 features,
 # 32 blocks), low enough that a config (a model.pt, --model-args) cannot make qnas build for hours;
-# qnas.train.network also bounds the total parameter count.
+# qnas.runs.network also bounds the total parameter count.
 MAX_FEATURES = 2048
 MAX_BLOCKS = 512
 MAX_COLORS = 4

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from qnas.errors import QnasError
-from qnas.files import check_input_file
+from qnas.files import read_json_object
 from qnas.sr.common import AddFactory, ConvFactory, check_scale
 from qnas.sr.edsr import EDSR
 from qnas.sr.rfdn import RFDN
@@ -201,19 +201,8 @@ def build_from_config(
 
 def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
     """Reads a JSON model config file, raising QnasError naming the file if it is missing or corrupt."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        check_input_file(path, "JSON file")  # a FIFO would block the open
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError as e:
-        raise QnasError(f"{path}: file not found") from e
-    except IsADirectoryError as e:
-        raise QnasError(f"{path}: is a folder, not a JSON file") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QnasError(f"{path}: not valid JSON ({e})") from e
-    except OSError as e:
-        raise QnasError(f"{path}: cannot read ({e.strerror})") from e
-    if not isinstance(cfg, dict):
-        raise QnasError(f'{path}: expected a JSON object with "model", "scale" and "kwargs"')
-    return cfg
+    if not os.path.exists(path):
+        raise QnasError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise QnasError(f"{path}: is a folder, not a JSON file")
+    return read_json_object(path, expected='a JSON object with "model", "scale" and "kwargs"')

@@ -155,7 +155,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).strip()[:160]})") from e
-    from qnas.train.run import load_torch_file
+    from qnas.runs.folder import load_torch_file
 
     state = load_torch_file(path, "VGG19 weights file")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -6,12 +6,12 @@ RUN/
   strategy.json   per searched layer: the chosen weight and activation quantizer, the final
                   strategy probabilities and (--init local) the candidates' relative local
                   errors; counts of each choice
-  model.pt        the derived quantized network (qnas.train.network format, scheme "dqss"),
+  model.pt        the derived quantized network (qnas.runs.network format, scheme "dqss"),
                   which `qnas eval --checkpoint RUN` evaluates
 
 Searches are short (minutes) and are not resumable: a killed search is started again.
 
-Under `torchrun --nproc-per-node N` (qnas.train.distributed) every rank calibrates on the whole
+Under `torchrun --nproc-per-node N` (qnas.runs.distributed) every rank calibrates on the whole
 calibration batches (statistics-based steps, local errors and gains are those of one process), and
 each search step computes on the rank's share of the global batch (--batch-size) with the gradients
 of the network weights, quantizer parameters and strategy logits averaged over the ranks; rank 0
@@ -33,6 +33,8 @@ from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import CheckpointError, QnasError
 from qnas.quant.apply import check_bits, load_float_weights
 from qnas.quant.dqss import (
+    PTQSearch,
+    QATSearch,
     build_supernet,
     calibrate,
     candidate_name,
@@ -42,14 +44,13 @@ from qnas.quant.dqss import (
     init_logits_from_local_error,
     log_mse_loss,
     parse_quantizers,
-    ptq_search,
-    qat_search,
     relative_errors,
     searched_layers,
     supernet_layers,
 )
-from qnas.train.network import load_network, model_blob
-from qnas.train.run import RunDir
+from qnas.runs.folder import RunDir
+from qnas.runs.loop import Loop
+from qnas.runs.network import load_network, model_blob
 
 
 @dataclass
@@ -105,14 +106,14 @@ def run_strategy(
     *,
     progress: bool = True,
     extra_config: dict | None = None,
+    compile: bool = False,
 ) -> dict:
     """Searches per-layer quantization strategies for the full-precision run `checkpoint`; returns a
-    summary {"run", "seconds", "counts", "mode"}."""
-    from tqdm import tqdm
-
+    summary {"run", "seconds", "counts", "mode"}. compile: the networks' forwards run torch.compile'd
+    after their first steps (qnas.runs.loop)."""
     from qnas.data.datasets import PatchSampler, train_dataset
+    from qnas.runs import distributed
     from qnas.sr import build_from_config
-    from qnas.train import distributed
 
     opts.check()
     info = distributed.setup()
@@ -127,13 +128,23 @@ def run_strategy(
     model_cfg = network["model"]
     scale = int(model_cfg["scale"])
     run = RunDir(out, is_writer=info.is_main)
-    if info.is_main and (run.path / "model.pt").exists():
-        raise QnasError(f"{run.path}: already holds a run; choose another --out")
-    run.write_config(
-        {"checkpoint": str(checkpoint), "network": network, "strategy": asdict(opts), **(extra_config or {})}
+    config = {
+        "checkpoint": str(checkpoint),
+        "network": network,
+        "strategy": asdict(opts),
+        **(extra_config or {}),
+    }
+    loop = Loop(
+        run,
+        "strategy",
+        opts.steps,
+        config,
+        seed=opts.seed,
+        progress=progress,
+        desc=f"strategy {opts.mode} {run.path.name}",
+        compile=compile,
     )
-
-    torch.manual_seed(opts.seed)
+    loop.start({})  # not resumable: a killed search is started again
     data = train_dataset(opts.data, scale, opts.patch_size, progress=progress)
     # The calibration set is the first calib_batches batches of the patch stream, whole on every rank;
     # the QAT search continues the stream, each rank drawing its share.
@@ -153,81 +164,59 @@ def run_strategy(
         calibrate(supernet, calib)
         errors = init_logits_from_local_error(supernet, teacher, calib) if opts.init == "local" else {}
 
-    bar = tqdm(
-        total=opts.steps, desc=f"strategy {opts.mode} {run.path.name}", disable=not progress, unit="step"
-    )
+    def derive(sup):
+        plan = derive_plan(sup, opts.quantizers, opts.bits)
+        return derive_network(sup, build_from_config(model_cfg), plan).to(memory_format=cl)
 
-    logged: dict[str, float] = {}
-
-    def log(step: int, **values) -> None:
-        """run.log with the losses of the whole batch (means over the ranks' shares)."""
-        values.update(
-            distributed.means({k: values[k] for k in ("loss", "variance_penalty") if k in values}, info)
+    if opts.mode == "ptq":
+        search = PTQSearch(
+            supernet,
+            teacher,
+            calib,
+            opts.steps,
+            arch_lr=opts.arch_lr,
+            quant_lr=opts.quant_lr,
+            derive=derive,
+            discrete_fraction=opts.discrete_fraction,
+            hard=opts.sampling == "hard",
+            expected_loss=opts.objective == "expected",
+            loss_fn=log_mse_loss if opts.loss == "psnr" else F.mse_loss,
+            dist=info,
         )
-        logged["loss"] = values["loss"]
-        run.log(step, **values)
+    else:
 
-    def tick(loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{logged.get('loss', loss):.4g}")
+        def next_batch(step: int):
+            lr_img, hr_img = next(sampler)
+            return lr_img.contiguous(memory_format=cl), hr_img
 
-    def fresh_float():
-        return build_from_config(model_cfg)
+        search = QATSearch(
+            supernet,
+            next_batch,
+            opts.steps,
+            F.l1_loss,
+            lr=opts.lr,
+            arch_lr=opts.arch_lr,
+            quant_lr=opts.quant_lr,
+            derive=derive,
+            dist=info,
+        )
+
+    def step_fn(step: int) -> dict:
+        record = search.step(step, loop.forward)
+        # The losses of the whole batch: means over the ranks' shares.
+        record.update(
+            distributed.means({k: record[k] for k in ("loss", "variance_penalty") if k in record}, info)
+        )
+        return record
 
     t0 = time.perf_counter()
     try:
-        if opts.mode == "ptq":
-            plan = None
-
-            def derive(sup):
-                nonlocal plan
-                plan = derive_plan(sup, opts.quantizers, opts.bits)
-                return derive_network(sup, fresh_float(), plan).to(memory_format=cl)
-
-            net = ptq_search(
-                supernet,
-                teacher,
-                calib,
-                opts.steps,
-                arch_lr=opts.arch_lr,
-                quant_lr=opts.quant_lr,
-                derive=derive,
-                discrete_fraction=opts.discrete_fraction,
-                hard=opts.sampling == "hard",
-                expected_loss=opts.objective == "expected",
-                loss_fn=log_mse_loss if opts.loss == "psnr" else F.mse_loss,
-                log=log,
-                progress=tick,
-                dist=info,
-            )
-        else:
-
-            def next_batch(step: int):
-                lr_img, hr_img = next(sampler)
-                return lr_img.contiguous(memory_format=cl), hr_img
-
-            def derive(sup):
-                return derive_network(sup, fresh_float(), derive_plan(sup, opts.quantizers, opts.bits)).to(
-                    memory_format=cl
-                )
-
-            net = qat_search(
-                supernet,
-                next_batch,
-                opts.steps,
-                F.l1_loss,
-                lr=opts.lr,
-                arch_lr=opts.arch_lr,
-                quant_lr=opts.quant_lr,
-                derive=derive,
-                log=log,
-                progress=tick,
-                dist=info,
-            )
-            plan = derive_plan(supernet, opts.quantizers, opts.bits)
+        loop.run(step_fn, postfix=lambda r: {"loss": f"{r['loss']:.4g}"})
     finally:
-        bar.close()
-        run.close()
+        search.close()
+    net = search.result()
+    # The plan of the searched strategies: the supernet's argmax (ptq: what the derived network was built from).
+    plan = derive_plan(supernet, opts.quantizers, opts.bits)
     seconds = time.perf_counter() - t0
     counts = {
         "weight": dict(collections.Counter(candidate_name(s["w"]) for s in plan["layers"].values())),

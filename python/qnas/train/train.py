@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+import qnas.nas.derive  # noqa: F401  (registers the network kind "genotype"; "sr" is qnas.quant.apply's)
 from qnas.data.datasets import check_batch
-from qnas.errors import CheckpointError, QnasError
-from qnas.train.network import build_network, model_blob
-from qnas.train.run import COMPILE_AFTER_STEPS, RunDir, compile_network
+from qnas.errors import QnasError
+from qnas.runs.folder import RunDir
+from qnas.runs.loop import Loop, Validation
+from qnas.runs.network import build_network, model_blob
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -85,22 +86,6 @@ def lr_factor(step: int, opts: TrainOptions) -> float:
     return 1.0
 
 
-def _compare_config(stored: dict, given: dict, run: Path) -> None:
-    diffs = []
-    # "options" is how the command line said it (qnas.runconfig); the sections resolved from it decide.
-    for section in sorted((set(stored) | set(given)) - {"options", "command"}):
-        a, b = stored.get(section), given.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            diffs.append(section)
-    if diffs:
-        raise QnasError(
-            f"{run}: --resume with options that differ from the run's config.json ({', '.join(diffs)}); "
-            "resume with the original options or start a new --out"
-        )
-
-
 def train(
     network: dict,
     opts: TrainOptions,
@@ -113,19 +98,17 @@ def train(
     validation: ValidationOptions | None = None,
     compile: bool = False,
 ) -> dict[str, Any]:
-    """Trains `network` (a network config, see qnas.train.network) and writes the run folder `out`.
+    """Trains `network` (a network config, see qnas.runs.network) and writes the run folder `out`.
 
     init_state: weights to start from (e.g. a full-precision run before quantization-aware
     fine-tuning); ignored when resuming. validation: PSNR/SSIM logged as val_psnr/val_ssim, and
     RUN/best.pt (model.pt's format) written whenever val_psnr improves. compile: after
     COMPILE_AFTER_STEPS eager steps, the steps run the torch.compile'd network (the same numbers; see
-    qnas.train.run.compile_network). Returns a summary {"steps",
+    qnas.runs.loop). Returns a summary {"steps",
     "loss", "seconds", "run"} (with validation, "best": {"step", "psnr", "ssim"} too).
     """
-    from tqdm import tqdm
-
     from qnas.data.datasets import PatchSampler, train_dataset
-    from qnas.train import distributed
+    from qnas.runs import distributed
 
     opts.check()
     if validation is not None:
@@ -137,17 +120,18 @@ def train(
     config = {"network": network, "train": dataclasses.asdict(opts), **(extra_config or {})}
     if validation is not None:
         config["validation"] = dataclasses.asdict(validation)
-    config = json.loads(json.dumps(config))  # what config.json will hold, for exact comparison
-    if resume:
-        if not run.has_checkpoint():
-            raise QnasError(f"{run.path}: nothing to resume (no checkpoint.pt)")
-        _compare_config(run.read_config(), config, run.path)
-    elif info.is_main and (run.has_checkpoint() or (run.path / "model.pt").exists()):
-        raise QnasError(
-            f"{run.path}: already holds a run; pass --resume to continue it or choose another --out"
-        )
-
-    torch.manual_seed(opts.seed)
+    loop = Loop(
+        run,
+        "train",
+        opts.steps,
+        config,
+        resume=resume,
+        seed=opts.seed,
+        checkpoint_every=opts.checkpoint_every,
+        progress=progress,
+        compile=compile,
+    )
+    config = loop.config
     model = build_network(network)
     if init_state is not None and not resume:
         model.load_state_dict(init_state)
@@ -164,7 +148,6 @@ def train(
         val_images = eval_dataset(validation.data, opts.scale)
     sampler = PatchSampler(data, opts.batch_size, seed=opts.seed, rank=info.rank, world=info.world)
     net = distributed.wrap(model, info)  # DDP averages gradients over the ranks' shares
-    compiled = compile_network(net) if compile else None
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opts))
     ema = None
@@ -172,115 +155,67 @@ def train(
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(opts.ema), use_buffers=True
         )
-    step = 0
-    best = None  # {"step", "psnr", "ssim"} of best.pt
-    if resume:
-        state = run.load_checkpoint()
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            sampler.load_state_dict(state["sampler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            torch.set_rng_state(state["rng"])
-            step = int(state["step"])
-            best = state.get("best")
-        except KeyError as e:
-            raise CheckpointError(f"{run.checkpoint_path}: not a checkpoint of `qnas train` (no {e})") from e
-        except (RuntimeError, ValueError, TypeError, AttributeError) as e:
-            first = " ".join(str(e).split())[:160] or type(e).__name__
-            raise CheckpointError(
-                f"{run.checkpoint_path}: does not match this run's network or options ({first})"
-            ) from e
-        if not 0 <= step <= opts.steps:
-            raise CheckpointError(f"{run.checkpoint_path}: step {step} is outside this run's 0..{opts.steps}")
-        run.truncate_metrics(step)
-    else:
-        run.write_config(config)
+    loop.start(
+        {"model": model, "optimizer": optimizer, "scheduler": scheduler, "sampler": sampler, "ema": ema}
+    )
 
-    def checkpoint() -> None:
-        run.save_checkpoint(
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "rng": torch.get_rng_state(),
-                "best": best,
-            }
-        )
+    def final_network() -> nn.Module:
+        return ema.module if ema is not None else model
 
-    def validate() -> dict:
-        """val_psnr/val_ssim of the network model.pt would hold now (the EMA one with --ema); best.pt
-        when the PSNR improves. On a copy in eval mode, under its own RNG state: the training run
-        (weights, quantizer statistics, random stream) is the one it would be without validation."""
-        nonlocal best
+    def scores() -> dict[str, float]:
+        """PSNR/SSIM of the network model.pt would hold now (the EMA one with --ema). On a copy in eval
+        mode, under its own RNG state: the training run (weights, quantizer statistics, random stream) is
+        the one it would be without validation."""
         from qnas.evaluate import evaluate
-        from qnas.train.network import network_upscaler
+        from qnas.runs.network import network_upscaler
 
-        current = ema.module if ema is not None else model
-        scored = copy.deepcopy(current).eval()
+        scored = copy.deepcopy(final_network()).eval()
         devices = [p.device for p in scored.parameters() if p.device.type == "cuda"][:1]
         with torch.random.fork_rng(devices=devices):
             result = evaluate(
                 network_upscaler(scored), val_images, opts.scale, progress=False, label=str(out)
             )
-        if best is None or result["psnr"] > best["psnr"]:
-            best = {"step": step, "psnr": result["psnr"], "ssim": result["ssim"]}
-            blob = model_blob(
-                network, current, train=config["train"], validation={**best, **config["validation"]}
-            )
-            run.save_model(blob, "best.pt")
-        return {"val_psnr": result["psnr"], "val_ssim": result["ssim"]}
+        return {"psnr": result["psnr"], "ssim": result["ssim"]}
+
+    def save_best(best: dict) -> None:
+        blob = model_blob(
+            network, final_network(), train=config["train"], validation={**best, **config["validation"]}
+        )
+        run.save_model(blob, "best.pt")
 
     loss_fn = nn.L1Loss()
     auxiliary_loss = getattr(model, "auxiliary_loss", None)
-    bar = tqdm(
-        total=opts.steps, initial=step, desc=f"train {run.path.name}", disable=not progress, unit="step"
-    )
+
+    def train_step(step: int) -> dict[str, Any]:
+        lr_img, hr_img = next(sampler)
+        lr_img = lr_img.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(loop.forward(net)(lr_img), hr_img)
+        # Auxiliary terms a network defines for itself (FQSR's calibration loss, qnas.quant.apply).
+        aux = auxiliary_loss() if auxiliary_loss is not None else None
+        total = loss if aux is None else loss + aux
+        if not torch.isfinite(total):
+            raise QnasError(f"training diverged at step {step} (loss {total.item()}); lower --lr")
+        total.backward()
+        if opts.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        record = {"loss": distributed.mean(loss.item(), info)}
+        if aux is not None:
+            record["aux_loss"] = distributed.mean(aux.item(), info)
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        return record
+
     t_start = time.perf_counter()
-    loss_value = float("nan")
-    eager_until = step + COMPILE_AFTER_STEPS  # quantizer initialisation runs eagerly, also after a resume
-    try:
-        while step < opts.steps:
-            t0 = time.perf_counter()
-            lr_img, hr_img = next(sampler)
-            lr_img = lr_img.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            forward = compiled if compiled is not None and step >= eager_until else net
-            loss = loss_fn(forward(lr_img), hr_img)
-            # Auxiliary terms a network defines for itself (FQSR's calibration loss, qnas.quant.apply).
-            aux = auxiliary_loss() if auxiliary_loss is not None else None
-            total = loss if aux is None else loss + aux
-            if not torch.isfinite(total):
-                raise QnasError(f"training diverged at step {step} (loss {total.item()}); lower --lr")
-            total.backward()
-            if opts.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            step += 1
-            loss_value = distributed.mean(loss.item(), info)
-            extra = {} if aux is None else {"aux_loss": distributed.mean(aux.item(), info)}
-            extra.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t0)
-            if val_images is not None and (
-                step == opts.steps or (validation.every and step % validation.every == 0)
-            ):
-                extra.update(validate())
-            run.log(step, loss=loss_value, **extra)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if step % opts.checkpoint_every == 0 or step == opts.steps:
-                checkpoint()
-    finally:
-        bar.close()
-        run.close()
-    final = ema.module if ema is not None else model
+    validate = None
+    if val_images is not None:
+        validate = Validation(validation.every, scores, save_best)
+    last = loop.run(train_step, postfix=lambda r: {"loss": f"{r['loss']:.4f}"}, validation=validate)
+    step = loop.step
+    final = final_network()
     # A last step can leave inf/NaN weights behind a finite loss (it was computed before the update).
     if not all(bool(torch.isfinite(p).all()) for p in final.parameters()):
         raise QnasError(f"training diverged at step {step} (non-finite weights); lower --lr")
@@ -289,10 +224,10 @@ def train(
     distributed.teardown(info)
     summary = {
         "steps": step,
-        "loss": loss_value,
+        "loss": last.get("loss", float("nan")),
         "seconds": time.perf_counter() - t_start,
         "run": str(run.path),
     }
-    if best is not None:
-        summary["best"] = best
+    if loop.best is not None:
+        summary["best"] = loop.best
     return summary

@@ -1,10 +1,12 @@
-"""How a run's network is described, rebuilt and stored, whatever produced it.
+"""How a run's network is described, rebuilt and stored, whatever produced it: the model file format and
+the registry of network kinds.
 
-A network config is a JSON object with a "kind":
-- {"kind": "sr", "model": {"name", "scale", "kwargs"}}: a registered SR model (qnas.sr), optionally
-  with "quant": {...} for a quantized variant (added by the quantization code that registers it);
-- other kinds ("genotype" for a QuantNAS-derived network, ...) are registered by the code that
-  defines them with `register_network_kind`.
+A network config is a JSON object with a "kind"; the module that defines a kind registers its builder
+with `register_network_kind` when it is imported:
+- "sr" (qnas.quant.apply): {"kind": "sr", "model": {"name", "scale", "kwargs"}}, a registered SR model
+  (qnas.sr), with "quant": {...} for a quantized one;
+- "genotype" (qnas.nas.derive): the network derived from a QuantNAS genotype.
+Code that loads runs of any kind imports both (qnas.train, qnas.export, qnas.api do).
 model.pt = {"format": MODEL_FORMAT, "network": network config, "model": state_dict, "train": {...}}:
 everything needed to rebuild and evaluate the network without the command line that trained it.
 """
@@ -19,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from qnas.errors import CheckpointError, QnasError
+from qnas.runs.folder import load_torch_file
 
 MODEL_FORMAT = "qnas-model/1"
 
@@ -30,20 +33,9 @@ def register_network_kind(kind: str, builder: Callable[[dict], nn.Module]) -> No
     _BUILDERS[kind] = builder
 
 
-def _build_sr(cfg: dict) -> nn.Module:
-    from qnas.sr import build_from_config
-
-    if "model" not in cfg:
-        raise QnasError('network config of kind "sr" needs "model"')
-    quant = cfg.get("quant")
-    if quant:
-        from qnas.quant.apply import quantize_network  # registered by the quantization code
-
-        return quantize_network(build_from_config(cfg["model"]), quant)
-    return build_from_config(cfg["model"])
-
-
-register_network_kind("sr", _build_sr)
+def network_kinds() -> list[str]:
+    """The kinds registered so far."""
+    return sorted(_BUILDERS)
 
 
 # The most parameters a network config may ask for (2 GB of float32): about 12x EDSR (43 M), the
@@ -63,27 +55,16 @@ def build_network(cfg: dict) -> nn.Module:
     if not isinstance(kind, str):
         raise QnasError(f'a network config\'s "kind" must be a string, got {kind!r}')
     if kind not in _BUILDERS:
-        _load_plugins()
-    if kind not in _BUILDERS:
-        raise QnasError(f"network kind {kind!r} is unknown (known: {', '.join(sorted(_BUILDERS))})")
+        raise QnasError(
+            f"network kind {kind!r} is unknown (registered: {', '.join(network_kinds()) or 'none'}; "
+            "qnas.api.load_network knows every kind qnas defines)"
+        )
     if torch.get_default_device().type != "meta":
         with torch.device("meta"):
             n = sum(p.numel() for p in _BUILDERS[kind](cfg).parameters())
         if n > MAX_PARAMETERS:
             raise QnasError(f"the network has {n:,} parameters, more than the {MAX_PARAMETERS:,} qnas builds")
     return _BUILDERS[kind](cfg)
-
-
-def _load_plugins() -> None:
-    """Imports the modules that register further network kinds (they are optional at import time)."""
-    import importlib
-
-    for mod in ("qnas.nas.derive",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # the module itself, not something it imports, is absent
-            if e.name != mod:
-                raise
 
 
 def model_file(path: str | os.PathLike) -> Path:
@@ -110,8 +91,6 @@ def model_file(path: str | os.PathLike) -> Path:
 def load_network(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """(network with its trained weights, in eval mode; the whole model.pt dict) from a run folder or
     a model.pt file. Every failure is a one-line CheckpointError naming the file."""
-    from qnas.train.run import load_torch_file
-
     p = model_file(path)
     blob = load_torch_file(p, "model file")
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT or "network" not in blob:

@@ -30,7 +30,7 @@ import torch
 
 from qnas.atomic_write import atomic_write, atomic_write_bytes, remove_stale_temp_files
 from qnas.errors import CheckpointError, QnasError
-from qnas.files import check_input_file
+from qnas.files import check_input_file, read_json_object
 
 # The files a run folder's commands write (train, search, strategy); no other command may replace them.
 RUN_FILES = (
@@ -110,16 +110,25 @@ class RunDir:
     def read_config(self) -> dict:
         if not self.config_path.exists():
             raise CheckpointError(f"{self.config_path}: not found (is {self.path} a qnas run folder?)")
-        check_input_file(self.config_path, "JSON file", CheckpointError)
-        try:
-            config = json.loads(self.config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.config_path}: corrupt JSON ({e})") from e
-        except OSError as e:
-            raise CheckpointError(f"{self.config_path}: cannot read ({e.strerror or e})") from e
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{self.config_path}: expected a JSON object, got {type(config).__name__}")
-        return config
+        return read_json_object(self.config_path, "JSON file", CheckpointError)
+
+    def check_same_config(self, config: dict) -> None:
+        """A resume's config against the run's config.json: a one-line error naming the options that
+        differ. "options" (how the command line said it, qnas.runconfig) and "command" are not compared:
+        the sections resolved from them decide."""
+        stored = self.read_config()
+        diffs = []
+        for section in sorted((set(stored) | set(config)) - {"options", "command"}):
+            a, b = stored.get(section), config.get(section)
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                diffs.append(section)
+        if diffs:
+            raise QnasError(
+                f"{self.path}: --resume with options that differ from the run's config.json "
+                f"({', '.join(diffs)}); resume with the original options or start a new --out"
+            )
 
     # -- checkpoints ----------------------------------------------------------------------------
     @property
@@ -231,19 +240,3 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.item() if v.numel() == 1 else v.tolist()
     return v
-
-
-#: Steps that run eagerly before a `--compile` run switches to the compiled network: the quantizers
-#: initialise their steps from the first batches (a one-time, data-dependent branch), and FQSR's warm-up
-#: averages a few batches; after that every step is the same graph.
-COMPILE_AFTER_STEPS = 3
-
-
-def compile_network(net: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile(net, fullgraph=True) for training: one graph per step, no break (tests/test_compile.py
-    counts them). The supernet's quantization noise draws its seed per call with a traced .item(), so
-    scalar outputs are captured in the graph (the seed is a SymInt of the qops ops) instead of breaking it."""
-    import torch._dynamo
-
-    torch._dynamo.config.capture_scalar_outputs = True
-    return torch.compile(net, fullgraph=True)
