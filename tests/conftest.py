@@ -57,3 +57,13 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     """Every available device: cpu, and cuda where a GPU is present."""
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny shapes gain nothing from more, and on a shared machine a second
+    thread waits for a core at every parallel region."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

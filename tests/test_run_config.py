@@ -16,12 +16,7 @@ TINY = ["--model", "edsr-baseline", "--model-args", '{"n_resblocks": 1, "n_feats
 FAST = ["--batch-size", "2", "--patch-size", "16", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ok(capsys, *args):

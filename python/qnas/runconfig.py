@@ -8,10 +8,10 @@ A value of the wrong JSON type (a string for an integer option, a number for a f
 than coerced, and so is a key that names no option; both are one-line errors naming the file and key.
 
 A run folder's config.json is such a file: the commands record the options they ran with under
-"options" (RUN_UNRECORDED are not recorded), beside the resolved sections they derive from them
-(RUN_METADATA: the network config, the train/search/strategy options, the space document...). Given
-a run's config.json, --config reads "options" and ignores those sections; any other top-level key is
-an error.
+"options" (qnas.options.record: every option declared with record=True, as command-line text), beside
+the resolved sections they derive from them (RUN_METADATA: the network config, the
+train/search/strategy options, the space document...). Given a run's config.json, --config reads
+"options" and ignores those sections; any other top-level key is an error.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ import click
 
 from qnas.errors import QnasError
 from qnas.files import read_json_object
-
-#: Options a run does not record in its config.json: where it is written and how it is shown.
-RUN_UNRECORDED = ("out", "resume", "quiet")
 
 #: Top-level keys of a run's config.json besides "options": what the command derived from its options
 #: (and "command", the command that wrote it). A run config is read for its "options" alone.
@@ -56,20 +53,6 @@ def option_keys(command: click.Command) -> dict[str, click.Option]:
             if longs:
                 keys[_key(longs[0])] = param
     return keys
-
-
-def run_options(ctx: click.Context) -> dict[str, Any]:
-    """The options a command ran with, keyed as a config file keys them (for RUN/config.json)."""
-    return {
-        key: ctx.params[param.name]
-        for key, param in option_keys(ctx.command).items()
-        if key not in RUN_UNRECORDED and param.name in ctx.params
-    }
-
-
-def run_record(ctx: click.Context) -> dict[str, Any]:
-    """What a command adds to its run's config.json so that `--config RUN/config.json` replays it."""
-    return {"command": ctx.info_name, "options": run_options(ctx)}
 
 
 def read_config(path: str, command: str) -> dict[str, Any]:
@@ -143,10 +126,10 @@ def _load(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
     ctx.default_map = defaults
 
 
-def config_option(f):
+def config_param() -> click.Option:
     """The --config FILE option (read before every other option; see the module docstring)."""
-    return click.option(
-        "--config",
+    return click.Option(
+        ["--config"],
         metavar="FILE",
         type=click.Path(dir_okay=False, path_type=str),
         is_eager=True,
@@ -154,4 +137,4 @@ def config_option(f):
         callback=_load,
         help="JSON file of options (keys: option names; a run's config.json replays that run). "
         "Options given here override it.",
-    )(f)
+    )

@@ -12,10 +12,7 @@ import torch
 from torch import nn
 
 from qnas.nas.graph import same_padding
-
-#: Activation quantizers a derived network may be retrained with: HWGQ (Cai et al., "Deep Learning with
-#: Low Precision by Half-wave Gaussian Quantization", CVPR 2017) as the QuantNAS code does, or LSQ.
-ACT_QUANTIZERS = ("hwgq", "lsq")
+from qnas.nas.options import ACT_QUANTIZERS  # noqa: F401  (the choices of qnas train --act-quantizer)
 
 
 class DerivedLayer(nn.Module):

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,85 +45,12 @@ from qnas.atomic_write import atomic_write_bytes
 from qnas.errors import QnasError
 from qnas.nas.derive import GENOTYPE_FORMAT, genotype_cost
 from qnas.nas.graph import compile_space
+from qnas.nas.options import DEFAULT_LR_SIZE, SearchOptions
 from qnas.nas.regularizers import BitOpsPenalty, BitOpsTarget, entropy_coef, temperature_at
-from qnas.nas.supernet import IMPLS, MIX_NORMS, MODES, Supernet, slot_bitops
+from qnas.nas.supernet import Supernet, slot_bitops
 from qnas.runs.folder import RunDir
 from qnas.runs.loop import Loop, Value
 from qnas.spaces import load_space, with_anchor
-
-#: BitOps are reported for this LR input by default: the LR side of a 1280x720 output at x4 (the usual
-#: reference frame of efficient SR), whatever the scale.
-DEFAULT_LR_SIZE = (180, 320)
-
-
-@dataclass
-class SearchOptions:
-    """Options of `qnas search` that define the result."""
-
-    space: str = "basic"
-    ops: list[str] | None = None  # replaces the space's default candidate list (bits-only search: one op)
-    scale: int = 4
-    data: str = "builtin"
-    steps: int = 300
-    batch_size: int = 8
-    patch_size: int = 96
-    bits: list[int] = field(default_factory=lambda: [4, 8])
-    a_bits: list[int] | None = None  # None: the same as bits
-    tie_bits: bool = True
-    mode: str = "noise"
-    impl: str = "fused"
-    adq: bool = True
-    anchor: bool = True  # False: remove the space's anchor skip (the paper's exact space)
-    mix_norm: str = "rescale"
-    single_pass: bool = False
-    lr: float = 1e-3
-    alpha_lr: float = 3e-4
-    grad_clip: float = 5.0
-    entropy_coef: float = 1e-3
-    entropy_warmup: float = 0.25
-    target_gbitops: float | None = None  # at lr_size
-    target_weight: float = 1.0
-    final_temperature: float = 0.1
-    penalty: float = 0.0
-    alpha_warmup: float = 0.0
-    alpha_split: float = 0.5
-    seed: int = 0
-    checkpoint_every: int = 50
-    lr_size: list[int] = field(default_factory=lambda: list(DEFAULT_LR_SIZE))
-
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "patch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise QnasError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        if self.mode not in MODES:
-            raise QnasError(f"--mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.impl not in IMPLS:
-            raise QnasError(f"--impl: expected one of {', '.join(IMPLS)}, got {self.impl!r}")
-        if self.mix_norm not in MIX_NORMS:
-            raise QnasError(f"--mix-norm: expected one of {', '.join(MIX_NORMS)}, got {self.mix_norm!r}")
-        if self.target_gbitops is not None:
-            if not self.target_gbitops > 0:
-                raise QnasError(f"--target-gbitops: must be positive, got {self.target_gbitops}")
-            if self.penalty > 0:
-                raise QnasError("--target-gbitops and --penalty are alternatives: give one of them")
-        if not 0 < self.final_temperature <= 1:
-            raise QnasError(f"--final-temperature: expected a value in (0, 1], got {self.final_temperature}")
-        if self.target_weight < 0:
-            raise QnasError(f"--target-weight: must not be negative, got {self.target_weight}")
-        for name in ("lr", "alpha_lr"):
-            if not getattr(self, name) > 0:
-                raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
-        for name in ("entropy_warmup", "alpha_warmup"):
-            if not 0 <= getattr(self, name) < 1:
-                raise QnasError(
-                    f"--{name.replace('_', '-')}: a fraction of the steps in [0, 1), got {getattr(self, name)}"
-                )
-        if not 0 < self.alpha_split < 1:
-            raise QnasError(
-                f"--alpha-split: a fraction of the training images in (0, 1), got {self.alpha_split}"
-            )
-        if self.entropy_coef < 0 or self.penalty < 0 or self.grad_clip < 0:
-            raise QnasError("--entropy-coef, --penalty and --grad-clip must not be negative")
 
 
 def split_images(n: int, fraction: float) -> tuple[list[int], list[int]]:

@@ -39,16 +39,11 @@ from qnas.nas.graph import (
     init_kernel,
     op_macs_per_pixel,
 )
+from qnas.nas.options import IMPLS, MIX_NORMS, MODES  # noqa: F401  (the choices of qnas search)
 from qnas.spaces import is_single_conv, op_stages
 from qops import quant_range, reference
 from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
 
-MODES = ("quant", "noise")
-IMPLS = ("fused", "naive")
-#: How a layer's candidate outputs are mixed: "rescale" (default) divides the probability-weighted sum
-#: by the root of the sum of squared op probabilities (Supernet.mixing_weights); "none" is the plain
-#: DARTS sum.
-MIX_NORMS = ("rescale", "none")
 FULL_PRECISION_BITS = 32
 
 

@@ -23,15 +23,15 @@ from __future__ import annotations
 import collections
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from qnas.atomic_write import atomic_write_bytes
-from qnas.errors import CheckpointError, QnasError
-from qnas.quant.apply import check_bits, load_float_weights
+from qnas.errors import CheckpointError
+from qnas.quant.apply import load_float_weights
 from qnas.quant.dqss import (
     PTQSearch,
     QATSearch,
@@ -43,7 +43,6 @@ from qnas.quant.dqss import (
     entropy,
     init_logits_from_local_error,
     log_mse_loss,
-    parse_quantizers,
     relative_errors,
     searched_layers,
     supernet_layers,
@@ -51,52 +50,7 @@ from qnas.quant.dqss import (
 from qnas.runs.folder import RunDir
 from qnas.runs.loop import Loop
 from qnas.runs.network import load_network, model_blob
-
-
-@dataclass
-class StrategyOptions:
-    quantizers: list[str]
-    bits: int
-    mode: str = "ptq"  # ptq | qat
-    data: str = "builtin"
-    steps: int = 100
-    calib_batches: int = 8
-    batch_size: int = 4
-    patch_size: int = 64
-    lr: float = 1e-4  # network weights (qat)
-    arch_lr: float = 0.05  # strategy logits
-    quant_lr: float = 1e-3  # quantizer parameters (LSQ steps, PACT clips)
-    engine: str = "factorized"
-    discrete_fraction: float = 0.25  # ptq: share of the steps spent on the derived network
-    init: str = "local"  # strategy logits: "local" (from per-layer errors) or "uniform"
-    sampling: str = "soft"  # ptq search: "soft" mixture or "hard" straight-through samples
-    loss: str = "psnr"  # ptq reconstruction loss: "psnr" (mean per-patch log MSE) or "mse"
-    objective: str = "expected"  # ptq search: "expected" discrete loss or the "mixture" loss alone
-    seed: int = 0
-
-    def check(self) -> None:
-        self.quantizers = parse_quantizers(self.quantizers)
-        self.bits = check_bits(self.bits)
-        if self.mode not in ("ptq", "qat"):
-            raise QnasError(f"--mode: expected ptq or qat, got {self.mode!r}")
-        for name in ("steps", "calib_batches", "batch_size", "patch_size"):
-            if getattr(self, name) < 1:
-                raise QnasError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "arch_lr", "quant_lr"):
-            if not getattr(self, name) > 0:
-                raise QnasError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.discrete_fraction < 1.0:
-            raise QnasError(f"--discrete-fraction: expected a value in [0, 1), got {self.discrete_fraction}")
-        if self.init not in ("local", "uniform"):
-            raise QnasError(f"--init: expected local or uniform, got {self.init!r}")
-        if self.loss not in ("psnr", "mse"):
-            raise QnasError(f"--loss: expected psnr or mse, got {self.loss!r}")
-        if self.objective not in ("expected", "mixture"):
-            raise QnasError(f"--objective: expected 'expected' or 'mixture', got {self.objective!r}")
-        if self.sampling not in ("soft", "hard"):
-            raise QnasError(f"--sampling: expected soft or hard, got {self.sampling!r}")
-        if self.engine not in ("factorized", "fused"):
-            raise QnasError(f"--engine: expected factorized or fused, got {self.engine!r}")
+from qnas.train.options import StrategyOptions
 
 
 def run_strategy(

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,59 +18,11 @@ import torch
 from torch import nn
 
 import qnas.nas.derive  # noqa: F401  (registers the network kind "genotype"; "sr" is qnas.quant.apply's)
-from qnas.data.datasets import check_batch
 from qnas.errors import QnasError
 from qnas.runs.folder import RunDir
 from qnas.runs.loop import Loop, Validation
 from qnas.runs.network import build_network, model_blob
-
-SCHEDULES = ("cosine", "step", "constant")
-
-
-@dataclass
-class TrainOptions:
-    """Options of `qnas train` that define the result (anything here changes the weights)."""
-
-    data: str = "builtin"
-    scale: int = 2
-    steps: int = 1500
-    batch_size: int = 8
-    patch_size: int = 64
-    lr: float = 5e-4
-    schedule: str = "cosine"  # cosine to lr/100, step (x0.5 at 50% and 75%), constant
-    warmup_steps: int = 0
-    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    seed: int = 0
-    checkpoint_every: int = 100
-
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "patch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise QnasError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.lr < math.inf:
-            raise QnasError(f"--lr: must be a positive finite number, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise QnasError(f"--schedule: {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if not 0 <= self.ema < 1:
-            raise QnasError(f"--ema: decay must be in [0, 1), got {self.ema}")
-        if self.warmup_steps < 0 or not 0 <= self.grad_clip < math.inf:
-            raise QnasError("--warmup-steps and --grad-clip must be finite and not negative")
-        check_batch(self.batch_size, self.patch_size)
-
-
-@dataclass
-class ValidationOptions:
-    """`qnas train --val-data SPEC --val-every N`: PSNR/SSIM on Y of the network on whole validation
-    images (qnas.evaluate, the protocol of `qnas eval`) every `every` steps (0: only at the end) and at
-    the last step. They do not change the weights; best.pt keeps the network of the best PSNR."""
-
-    data: str
-    every: int
-
-    def check(self) -> None:
-        if self.every < 0:
-            raise QnasError(f"--val-every: must not be negative, got {self.every}")
+from qnas.train.options import TrainOptions, ValidationOptions
 
 
 def lr_factor(step: int, opts: TrainOptions) -> float:
