@@ -98,3 +98,24 @@ def test_building_the_command_imports_no_torch():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python")])}
     code = "import sys, qnas.cli, qnas.api; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_the_guides_python_example_on_a_tiny_space(tmp_path):
+    """docs/guide.md, "From Python": search, retrain, export, evaluate and load, on a tiny space."""
+    from test_nas_supernet import tiny_space
+
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(tiny_space(["conv1x1", "conv3x3"])))
+    small = {"scale": 2, "batch_size": 2, "patch_size": 16, "quiet": True}
+    found = api.search(
+        space=str(space), steps=2, penalty=0.05, lr_size="16x16", out=str(tmp_path / "s"), **small
+    )
+    trained = api.train(arch=found["genotype"], steps=2, out=str(tmp_path / "t"), **small)
+    exported = api.export(run=trained["run"], format="packed", out=str(tmp_path / "m.qnp"))
+    assert exported["check"].endswith("inf dB"), exported["check"]  # the packed runtime computes what trained
+    packed = api.evaluate(checkpoint=str(tmp_path / "m.qnp"))
+    run = api.evaluate(checkpoint=trained["run"])
+    assert packed["scale"] == run["scale"] == 2 and packed["count"] == run["count"] > 0
+    assert packed["result"]["psnr"] == pytest.approx(run["result"]["psnr"], abs=0.01)
+    net, blob = api.load_network(trained["run"])
+    assert blob["network"]["kind"] == "genotype" and not net.training
