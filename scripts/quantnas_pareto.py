@@ -302,6 +302,25 @@ def measure(runner: Runner, run: Path, what: list[str], sets: dict[str, Path], n
     }
 
 
+def search_health(search_run: Path) -> dict | None:
+    """Per slot, the median |gradient| of the loss and of the cost terms on the alphas over the second
+    half of a search (qnas.nas.plots.health_summary), from its metrics.jsonl; None without a search."""
+    path = search_run / "metrics.jsonl"
+    if not path.exists():
+        return None
+    from qnas.nas.plots import health_summary
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return health_summary(rows) or None
+
+
+def genotype_text(layers: dict | None) -> str:
+    """'op@w/a' per slot, in the genotype's order."""
+    if not layers:
+        return "–"
+    return ", ".join(f"{slot} {v['op']}@{v['w_bits']}/{v['a_bits']}" for slot, v in layers.items())
+
+
 def _read(path: Path) -> float | None:
     return float(path.read_text()) if path.exists() else None
 
@@ -349,6 +368,7 @@ def collect(runner: Runner, args: argparse.Namespace, out: Path, items: list[dic
             "gbitops": cost["bitops"] / 1e9,
             "params": cost.get("params"),
             "layers": layers,
+            "health": search_health(search_run),
             "cpu_s": {
                 "search": _read(search_run / "cpu_s"),
                 "train": _read(run / "cpu_s"),
@@ -549,6 +569,26 @@ def markdown(doc: dict, summary: dict) -> str:
         cells = " | ".join(_pm(c["sets"][s]) for s in sets)
         seeds = ",".join(map(str, c["seeds"]))
         lines.append(f"| {c['a']} | {c['b']} | {seeds} | {cells} | {_pm(c['avg'])} | {c['avg']['verdict']} |")
+    searched = [
+        (n, s, r) for n, m in doc["models"].items() if m["kind"] in ("searched", "bits_only", "free")
+        for s, r in sorted(m["seeds"].items(), key=lambda kv: int(kv[0]))
+    ]  # fmt: skip
+    if searched:
+        lines += [
+            "",
+            "What each search chose (slot op@weight/activation bits) and its health: per slot the ratio of "
+            "the loss gradient's to the cost terms' gradient on the alphas (median, second half of the search; "
+            "> 1: the loss decides more than the cost):",
+            "",
+            "| model | seed | GBitOps | genotype | loss/cost gradient ratio per slot |",
+            "|---|---|---:|---|---|",
+        ]
+        for n, seed, r in searched:
+            health = r.get("health") or {}
+            ratios = ", ".join(f"{k} {v['ratio']:.2g}" for k, v in health.items()) or "–"
+            lines.append(
+                f"| {n} | {seed} | {r['gbitops']:.1f} | {genotype_text(r.get('layers'))} | {ratios} |"
+            )
     rows = summary.get("dominance", [])
     if rows:
         lines += [
