@@ -1,11 +1,14 @@
 """QuantNAS against hand-made quantized networks on the standard SR images: a PSNR-BitOps Pareto.
 
     python scripts/quantnas_pareto.py DATA OUT [--seeds 0,1,2] [--control-seeds 0,1,2]
-                                      [--targets 80,160,320] [--search-steps 60] [--train-steps 300]
-                                      [--no-heldout] [--budget-minutes M] [--no-run] [--dry-run]
+                                      [--widths 24,36,51] [--targets auto] [--search-steps 200]
+                                      [--train-steps 1200] [--no-heldout] [--budget-minutes M]
+                                      [--only PATTERNS] [--no-run] [--dry-run]
 
-The defaults are the settings of docs/RESULTS.md ("QuantNAS on the standard images"), sized for a
-2-core CPU in about 35 minutes: far too short to train useful x4 networks (see there).
+The defaults are the settings of docs/RESULTS.md ("QuantNAS on the standard images"): the demo's
+search and retraining (qnas.demo.DemoSettings), on SunHays80 instead of the builtin images. Two
+invocations with disjoint --only patterns can share OUT (each run has its own folder), then a last
+one with --no-run writes the summary.
 
 DATA holds the standard image sets as plain folders of HR images (docs/RESULTS.md says where they
 come from): SunHays80 (training), Set5, Set14 and BSD68 (test). SunHays80 is split by
@@ -15,10 +18,16 @@ every setting is chosen on the held-out part, the test sets are only reported.
 Every model is made by the real CLI, one subprocess per command, at x4 (QuantNAS, Shvetsov et al.,
 arXiv:2208.14839):
 - searched: `qnas search --target-gbitops T --seed S` on the training part (joint ops and bits);
-- hand-made: `qnas genotype --op conv3x3` at w4a4, at w4a4 with 8-bit first and last layers (the
-  uniform genotype with those two layers' bits edited), and at w8a8;
-- controls: `qnas genotype --random --target-gbitops T --seed S` (a random genotype at each target)
-  and a bits-only search (`--ops conv3x3`) at --bits-only-target;
+- hand-made: `qnas genotype --op conv3x3` at w4a4 and at w4a4 with 8-bit first and last layers (the
+  uniform genotype with those two layers' bits edited), each at every --widths channel count (the
+  space with its "channels" changed: narrower and wider uniform networks span the targets), and
+  w8a8 at the space's own width;
+- the search targets ("auto") are the BitOps of uniform w4a4 at each width, so every searched model
+  has a hand-made model of each kind at (just above) its own cost;
+- controls: `qnas genotype --random --target-gbitops T --seed S` (a random genotype at
+  --random-targets), a bits-only search (`--ops conv3x3`) at --bits-only-target (default the largest
+  target: below the space's w4a4 cost there is no bit-width choice), and a search without any cost
+  term (the penalty-0 control, "free");
 then every genotype gets the same `qnas train --arch` (seed S) and `qnas eval --format json` on the
 held-out part and each test set, `qnas cost` for its BitOps at LR 180x320 (a 720p output). The seed
 drives the search, the random draw and the retraining.
@@ -47,6 +56,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import Runner, cached_json, fmt_cpu, make_run, now  # noqa: E402
 
+from qnas.demo import DemoSettings  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 4
 TRAIN_SET = "SunHays80"
@@ -65,11 +76,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="0,1,2",
         help="Seeds of the controls: w8a8, bits-only search, random genotypes.",
     )
-    ap.add_argument("--targets", default="80,160,320", help="BitOps targets of the searches (GBitOps).")
     ap.add_argument(
-        "--random-targets", default=None, help="Targets of the random genotypes (default --targets)."
+        "--widths", default="24,36,51", help="Channel counts of the hand-made w4a4 and w4a4-fl8 networks."
     )
-    ap.add_argument("--bits-only-target", type=float, default=160.0, help="Target of the bits-only search.")
+    ap.add_argument(
+        "--targets",
+        default="auto",
+        help="BitOps targets of the searches (GBitOps), or 'auto': uniform w4a4's at each of --widths.",
+    )
+    ap.add_argument(
+        "--random-targets",
+        default="middle",
+        help="Targets of the random genotypes ('middle': the middle target).",
+    )
+    ap.add_argument(
+        "--bits-only-target",
+        default="max",
+        help="Target of the bits-only search ('max': the largest target).",
+    )
+    ap.add_argument("--no-free", action="store_true", help="Skip the search without a cost term.")
     ap.add_argument("--space", default="basic", help="Search space (builtin name or JSON file).")
     ap.add_argument("--train-set", default=TRAIN_SET, help="Training folder inside DATA.")
     ap.add_argument("--test-sets", default=",".join(TEST_SETS), help="Test folders inside DATA.")
@@ -77,17 +102,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-heldout", action="store_true", help="Do not evaluate the models on the held-out part."
     )
-    ap.add_argument("--search-steps", type=int, default=60)
-    ap.add_argument("--search-batch-size", type=int, default=8)
-    ap.add_argument("--search-patch-size", type=int, default=48)
-    ap.add_argument("--alpha-lr", type=float, default=1.5e-2)
-    ap.add_argument("--alpha-warmup", type=float, default=0.25)
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--patch-size", type=int, default=48)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup-steps", type=int, default=100)
-    ap.add_argument("--grad-clip", type=float, default=1.0)
+    d = DemoSettings()
+    ap.add_argument("--search-steps", type=int, default=d.search_steps)
+    ap.add_argument("--search-batch-size", type=int, default=d.search_batch)
+    ap.add_argument("--search-patch-size", type=int, default=d.search_patch)
+    ap.add_argument("--alpha-lr", type=float, default=d.alpha_lr)
+    ap.add_argument("--alpha-warmup", type=float, default=d.alpha_warmup)
+    ap.add_argument("--train-steps", type=int, default=d.train_steps)
+    ap.add_argument("--batch-size", type=int, default=d.train_batch)
+    ap.add_argument("--patch-size", type=int, default=d.train_patch)
+    ap.add_argument("--lr", type=float, default=d.train_lr)
+    ap.add_argument("--warmup-steps", type=int, default=d.train_warmup)
+    ap.add_argument("--grad-clip", type=float, default=d.train_grad_clip)
     ap.add_argument("--only", default=None, help="Comma-separated model-name patterns to run (default all).")
     ap.add_argument("--chunk-minutes", type=float, default=14.0, help="Longest piece of one command.")
     ap.add_argument(
@@ -111,26 +137,41 @@ def _tag(t: float) -> str:
     return f"{t:g}".replace(".", "p")
 
 
-def plan(args: argparse.Namespace) -> list[dict]:
+def _pick(spec: str, targets: list[float], what: str) -> list[float]:
+    """'middle' / 'max' of the targets, or explicit comma-separated GBitOps."""
+    if spec == "middle":
+        return [sorted(targets)[len(targets) // 2]]
+    if spec == "max":
+        return [max(targets)]
+    try:
+        return _floats(spec)
+    except ValueError:
+        raise SystemExit(f"{what}: expected 'middle', 'max' or numbers, got {spec!r}") from None
+
+
+def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
     """Every (model, seed) to make, in the order they run: the searched models and the 4-bit
-    hand-made baselines seed by seed (so that a cut-short run still has whole seeds), then the
-    controls (w8a8, the bits-only search, random genotypes) at --control-seeds."""
-    seeds, controls, targets = _ints(args.seeds), _ints(args.control_seeds), _floats(args.targets)
+    hand-made baselines (each width) seed by seed (so that a cut-short run still has whole seeds),
+    then the controls (w8a8, the bits-only search, random genotypes, the search without a cost
+    term) at --control-seeds. `targets`: the searches' GBitOps (resolve_targets)."""
+    seeds, controls = _ints(args.seeds), _ints(args.control_seeds)
     main_models = [{"name": f"quantnas_{_tag(t)}", "kind": "searched", "target": t} for t in targets]
-    main_models += [
-        {"name": "uniform_w4a4", "kind": HANDMADE, "bits": 4},
-        {"name": "uniform_w4a4_fl8", "kind": HANDMADE, "bits": 4, "edge_bits": 8},
-    ]
+    for w in _ints(args.widths):
+        main_models += [
+            {"name": f"uniform_w4a4_c{w}", "kind": HANDMADE, "bits": 4, "width": w},
+            {"name": f"uniform_w4a4_fl8_c{w}", "kind": HANDMADE, "bits": 4, "edge_bits": 8, "width": w},
+        ]
     control_models = [{"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8}]
     control_models += [
-        {
-            "name": f"bits_only_{_tag(args.bits_only_target)}",
-            "kind": "bits_only",
-            "target": args.bits_only_target,
-        }
+        {"name": f"bits_only_{_tag(t)}", "kind": "bits_only", "target": t}
+        for t in _pick(args.bits_only_target, targets, "--bits-only-target")
     ]
-    random_targets = targets if args.random_targets is None else _floats(args.random_targets)
-    control_models += [{"name": f"random_{_tag(t)}", "kind": "random", "target": t} for t in random_targets]
+    control_models += [
+        {"name": f"random_{_tag(t)}", "kind": "random", "target": t}
+        for t in _pick(args.random_targets, targets, "--random-targets")
+    ]
+    if not args.no_free:
+        control_models.append({"name": "free_search", "kind": "free", "target": None})
     out = [{**m, "seed": s} for s in seeds for m in main_models]
     out += [{**m, "seed": s} for s in controls for m in control_models]
     if args.only:
@@ -139,12 +180,58 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def width_space(args: argparse.Namespace, out: Path, width: int | None) -> str:
+    """The search space at `width` channels (a JSON file in OUT/spaces), or --space itself."""
+    if width is None:
+        return str(args.space)
+    from qnas.spaces import load_space
+
+    space = load_space(args.space)
+    space["channels"] = int(width)
+    space["name"] = f"{space['name']}_c{width}"
+    path = out / "spaces" / f"{space['name']}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(space, indent=1) + "\n")
+    return str(path)
+
+
+def uniform_genotype(
+    runner: Runner, args: argparse.Namespace, out: Path, bits: int, width: int | None
+) -> Path:
+    """`qnas genotype --op conv3x3 --bits B` in the space at `width` channels, made once."""
+    gdir = out / "genotypes"
+    gdir.mkdir(parents=True, exist_ok=True)
+    path = gdir / (f"uniform_w{bits}a{bits}" + (f"_c{width}" if width is not None else "") + ".json")
+    if not path.exists():
+        cmd = ["genotype", "--space", width_space(args, out, width), "--scale", str(SCALE)]
+        cmd += ["--lr-size", args.lr_size, "--op", "conv3x3", "--bits", str(bits), "--out", str(path)]
+        code, _, _, text = runner.qnas(cmd)
+        if code != 0:
+            raise SystemExit(f"uniform w{bits}a{bits} at {width} channels: qnas genotype exited with {code}")
+        print(text.strip(), flush=True)
+    return path
+
+
+def resolve_targets(runner: Runner, args: argparse.Namespace, out: Path) -> list[float]:
+    """--targets as GBitOps; 'auto': uniform w4a4's BitOps at each of --widths, rounded down to
+    0.1 G (the search lands at or below its target, so each baseline costs at least as much)."""
+    if args.targets != "auto":
+        return _floats(args.targets)
+    targets = []
+    for w in _ints(args.widths):
+        g = json.loads(uniform_genotype(runner, args, out, 4, w).read_text())
+        targets.append(math.floor(g["cost"]["bitops"] / 1e8) / 10)
+    return targets
+
+
 def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path) -> list[str]:
     cmd = ["search", "--space", str(args.space), "--data", str(train_dir), "--scale", str(SCALE)]
     cmd += ["--steps", str(args.search_steps), "--batch-size", str(args.search_batch_size)]
     cmd += ["--patch-size", str(args.search_patch_size), "--alpha-lr", str(args.alpha_lr)]
-    cmd += ["--alpha-warmup", str(args.alpha_warmup), "--target-gbitops", f"{item['target']:g}"]
-    cmd += ["--lr-size", args.lr_size, "--seed", str(item["seed"])]
+    cmd += ["--alpha-warmup", str(args.alpha_warmup), "--lr-size", args.lr_size, "--seed", str(item["seed"])]
+    if item["target"] is not None:
+        cmd += ["--target-gbitops", f"{item['target']:g}"]
     if item["kind"] == "bits_only":
         cmd += ["--ops", "conv3x3"]
     return cmd
@@ -173,25 +260,24 @@ def edge_layers_at(genotype: dict, bits: int) -> dict:
 def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Path, train_dir: Path) -> Path:
     """The genotype file of one (model, seed), made if missing: a search run, `qnas genotype`, or
     the uniform genotype with its edge layers edited."""
-    if item["kind"] in ("searched", "bits_only"):
+    if item["kind"] in ("searched", "bits_only", "free"):
         row = {"name": f"{item['name']}_seed{item['seed']}", "cmd": search_cmd(args, item, train_dir)}
         row.update(resumable=True, done="genotype.json")
         make_run(runner, row, out / "search", args.chunk_minutes * 60)
         return out / "search" / row["name"] / "genotype.json"
     gdir = out / "genotypes"
     gdir.mkdir(parents=True, exist_ok=True)
-    common = ["genotype", "--space", str(args.space), "--scale", str(SCALE), "--lr-size", args.lr_size]
     if item["kind"] == "random":
         path = gdir / f"{item['name']}_seed{item['seed']}.json"
-        extra = ["--random", "--target-gbitops", f"{item['target']:g}", "--seed", str(item["seed"])]
+        if not path.exists():
+            cmd = ["genotype", "--space", str(args.space), "--scale", str(SCALE), "--lr-size", args.lr_size]
+            cmd += ["--random", "--target-gbitops", f"{item['target']:g}", "--seed", str(item["seed"])]
+            code, _, _, text = runner.qnas([*cmd, "--out", str(path)])
+            if code != 0:
+                raise SystemExit(f"{item['name']}: qnas genotype exited with {code}")
+            print(text.strip(), flush=True)
     else:
-        path = gdir / f"uniform_w{item['bits']}a{item['bits']}.json"
-        extra = ["--op", "conv3x3", "--bits", str(item["bits"])]
-    if not path.exists():
-        code, _, _, text = runner.qnas([*common, *extra, "--out", str(path)])
-        if code != 0:
-            raise SystemExit(f"{item['name']}: qnas genotype exited with {code}")
-        print(text.strip(), flush=True)
+        path = uniform_genotype(runner, args, out, item["bits"], item.get("width"))
     if item.get("edge_bits"):
         edited = gdir / f"{item['name']}.json"
         if not edited.exists():
@@ -214,6 +300,25 @@ def measure(runner: Runner, run: Path, what: list[str], sets: dict[str, Path], n
         )
         for s, f in sets.items()
     }
+
+
+def search_health(search_run: Path) -> dict | None:
+    """Per slot, the median |gradient| of the loss and of the cost terms on the alphas over the second
+    half of a search (qnas.nas.plots.health_summary), from its metrics.jsonl; None without a search."""
+    path = search_run / "metrics.jsonl"
+    if not path.exists():
+        return None
+    from qnas.nas.plots import health_summary
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return health_summary(rows) or None
+
+
+def genotype_text(layers: dict | None) -> str:
+    """'op@w/a' per slot, in the genotype's order."""
+    if not layers:
+        return "–"
+    return ", ".join(f"{slot} {v['op']}@{v['w_bits']}/{v['a_bits']}" for slot, v in layers.items())
 
 
 def _read(path: Path) -> float | None:
@@ -263,6 +368,7 @@ def collect(runner: Runner, args: argparse.Namespace, out: Path, items: list[dic
             "gbitops": cost["bitops"] / 1e9,
             "params": cost.get("params"),
             "layers": layers,
+            "health": search_health(search_run),
             "cpu_s": {
                 "search": _read(search_run / "cpu_s"),
                 "train": _read(run / "cpu_s"),
@@ -361,6 +467,50 @@ def comparisons(doc: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+#: The margin a searched model must have over a hand-made one at no more BitOps to dominate it (dB),
+#: with the paired standard error below half of it.
+DOMINANCE_MARGIN = 0.1
+
+
+def baseline_family(name: str) -> str:
+    """The hand-made family a baseline belongs to: its name without the width (uniform_w4a4_c24 ->
+    uniform_w4a4)."""
+    head, _, tail = name.rpartition("_c")
+    return head if head and tail.isdigit() else name
+
+
+def dominance(doc: dict, summary: dict) -> list[dict]:
+    """Each searched model against the cheapest model of each hand-made family that costs at least
+    as much (mean GBitOps over seeds): the paired average margin, and "dominates" when it is at least
+    DOMINANCE_MARGIN with the standard error below half of it."""
+    models, sets = doc["models"], doc["test_sets"]
+    handmade = [n for n, m in models.items() if m["kind"] == HANDMADE]
+    rows = []
+    for n, m in models.items():
+        if m["kind"] != "searched":
+            continue
+        cost = summary["models"][n]["gbitops"]
+        for family in sorted({baseline_family(b) for b in handmade}):
+            above = [
+                b
+                for b in handmade
+                if baseline_family(b) == family and summary["models"][b]["gbitops"] >= cost
+            ]
+            if not above:
+                continue
+            b = min(above, key=lambda x: summary["models"][x]["gbitops"])
+            d = paired_difference(m, models[b], sets)
+            if d is None:
+                continue
+            avg = d["avg"]
+            rows.append({
+                "searched": n, "baseline": b, "gbitops": cost, "baseline_gbitops": summary["models"][b]["gbitops"],
+                "margin": avg["mean"], "se": avg["se"],
+                "dominates": avg["mean"] >= DOMINANCE_MARGIN and avg["se"] < avg["mean"] / 2,
+            })  # fmt: skip
+    return rows
+
+
 def summarize(doc: dict) -> dict:
     sets = doc["test_sets"]
     summary = {"models": {n: model_summary(m, sets) for n, m in doc["models"].items()}}
@@ -371,6 +521,7 @@ def summarize(doc: dict) -> dict:
         "avg_ssim": statistics.mean(b[s]["ssim"] for s in sets),
     }
     summary["comparisons"] = [{"a": a, "b": o, **d} for a, o, d in comparisons(doc)]
+    summary["dominance"] = dominance(doc, summary)
     return summary
 
 
@@ -418,6 +569,46 @@ def markdown(doc: dict, summary: dict) -> str:
         cells = " | ".join(_pm(c["sets"][s]) for s in sets)
         seeds = ",".join(map(str, c["seeds"]))
         lines.append(f"| {c['a']} | {c['b']} | {seeds} | {cells} | {_pm(c['avg'])} | {c['avg']['verdict']} |")
+    searched = [
+        (n, s, r) for n, m in doc["models"].items() if m["kind"] in ("searched", "bits_only", "free")
+        for s, r in sorted(m["seeds"].items(), key=lambda kv: int(kv[0]))
+    ]  # fmt: skip
+    if searched:
+        lines += [
+            "",
+            "What each search chose (slot op@weight/activation bits) and its health: per slot the ratio of "
+            "the loss gradient's to the cost terms' gradient on the alphas (median, second half of the search; "
+            "> 1: the loss decides more than the cost):",
+            "",
+            "| model | seed | GBitOps | genotype | loss/cost gradient ratio per slot |",
+            "|---|---|---:|---|---|",
+        ]
+        for n, seed, r in searched:
+            health = r.get("health") or {}
+            ratios = ", ".join(f"{k} {v['ratio']:.2g}" for k, v in health.items()) or "–"
+            lines.append(
+                f"| {n} | {seed} | {r['gbitops']:.1f} | {genotype_text(r.get('layers'))} | {ratios} |"
+            )
+    rows = summary.get("dominance", [])
+    if rows:
+        lines += [
+            "",
+            f"Each searched model against the cheapest model of each hand-made family that costs at least as "
+            f"much (average of the test sets; dominates: margin >= {DOMINANCE_MARGIN} dB with SE below half of it):",
+            "",
+            "| searched | GBitOps | baseline | GBitOps | margin (dB) | dominates |",
+            "|---|---:|---|---:|---|---|",
+        ]
+        for r in rows:
+            margin = f"{r['margin']:+.2f} ± {r['se']:.2f}".replace("-", "−")
+            lines.append(
+                f"| {r['searched']} | {r['gbitops']:.1f} | {r['baseline']} | {r['baseline_gbitops']:.1f} | "
+                f"{margin} | {'yes' if r['dominates'] else 'no'} |"
+            )
+        targets = sorted({r["searched"] for r in rows})
+        won = [t for t in targets if all(r["dominates"] for r in rows if r["searched"] == t)]
+        lines += ["", f"Searched models that dominate every hand-made family at their cost: {len(won)} of {len(targets)}"
+                  + (f" ({', '.join(won)})" if won else "") + "."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -426,6 +617,7 @@ KIND_STYLE = {
     HANDMADE: ("tab:blue", "s", "hand-made (conv3x3)"),
     "bits_only": ("tab:green", "^", "bits-only search"),
     "random": ("tab:gray", "x", "random genotype"),
+    "free": ("tab:purple", "v", "search without a cost term"),
 }
 
 
@@ -463,7 +655,10 @@ def plot(doc: dict, summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    items = plan(args)
+    out = Path(os.path.abspath(args.out))
+    out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args.lock)
+    items = plan(args, resolve_targets(runner, args, out))
     if args.dry_run:
         for it in items:
             print(f"{it['name']} seed {it['seed']}")
@@ -471,13 +666,11 @@ def main(argv: list[str] | None = None) -> None:
     missing = [s for s in (args.train_set, *args.test_sets.split(",")) if not (args.data / s).is_dir()]
     if missing:
         raise SystemExit(f"{args.data}: no {', '.join(missing)} folder (docs/RESULTS.md: the data)")
-    out = Path(os.path.abspath(args.out))
     args.data = Path(os.path.abspath(args.data))
-    out.mkdir(parents=True, exist_ok=True)
     split = [sys.executable, str(ROOT / "scripts" / "split_images.py"), str(args.data / args.train_set)]
     subprocess.run([*split, str(out / "data"), "--every", "5", "--lr-scales", str(SCALE)], check=True)
     t0 = time.monotonic()
-    doc = collect(Runner(args.lock), args, out, items, run_new=not args.no_run)
+    doc = collect(runner, args, out, items, run_new=not args.no_run)
     doc["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     doc["settings"].update(data="DATA", out="OUT")
     doc["wall_s_this_invocation"] = time.monotonic() - t0

@@ -88,7 +88,7 @@ def test_fqsr_quantizer_warmup_then_quantizes():
     codes = y.detach() / q.step.detach()
     assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.abs().max() <= 8
     q.calibration_error.backward()
-    assert q.step.grad is not None and q.step.grad.abs() > 0
+    assert q.log_step.grad is not None and q.log_step.grad.abs() > 0
 
 
 def test_calibration_loss_reaches_training():
@@ -101,7 +101,7 @@ def test_calibration_loss_reaches_training():
     loss = m.auxiliary_loss()
     assert loss is not None and loss.requires_grad and loss.item() > 0
     loss.backward()
-    assert m.head[0].a_quant.step.grad is not None
+    assert m.head[0].a_quant.log_step.grad is not None
 
 
 def test_load_float_weights_and_other_model():

@@ -67,7 +67,7 @@ def test_lsq_gradient_reaches_step_and_input():
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     q = build_quantizer("lsq", 4, kind="activation", signed=True)
     q(x).sum().backward()
-    assert q.step.grad is not None and torch.isfinite(q.step.grad).all()
+    assert q.log_step.grad is not None and torch.isfinite(q.log_step.grad).all()
     assert x.grad is not None
 
 
@@ -211,3 +211,28 @@ def test_asymmetric_quantizer_is_not_exported():
     q(torch.rand(10) * 4 - 1)
     with pytest.raises(ExportError, match="cannot export"):
         quantizer_step(q, "layer")
+
+
+def test_lsq_step_learned_in_log_domain_survives_adam():
+    """Adam moves a parameter by about lr per update; a small step learned directly crosses zero and
+    the clipping range collapses. Learned as a log-step it changes by a bounded factor and stays
+    positive: 200 Adam updates at lr 1e-2 against a loss that pushes the step down move it by at most
+    exp(200 * 1e-2 * 1.01)."""
+    q = build_quantizer("lsq", 8, kind="activation", signed=True)
+    x = 1e-3 * torch.randn(4096)
+    q(x)
+    s0 = float(q.step)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        q.step.sum().backward()  # a loss that only wants a smaller step
+        opt.step()
+    assert 0 < float(q.step) < s0 and float(q.step) >= s0 * math.exp(-200 * 1e-2 * 1.01)
+
+
+def test_lsq_loads_files_that_hold_the_step_itself():
+    q = build_quantizer("lsq", 4, kind="activation", signed=True)
+    state = {k: v for k, v in q.state_dict().items() if k != "log_step"}
+    state["step"] = torch.tensor([0.25])
+    q.load_state_dict(state)
+    assert float(q.step) == pytest.approx(0.25, rel=1e-6) and "step" not in q.state_dict()

@@ -74,7 +74,10 @@ class FakeRunner:
         out = Path(args[args.index("--out") + 1]) if "--out" in args else None
         text = ""
         if args[0] == "genotype":
-            out.write_text(json.dumps({"layers": {"l1": {"w_bits": 4, "a_bits": 4}, "l2": {}}}))
+            space = Path(args[args.index("--space") + 1])
+            width = json.loads(space.read_text())["channels"] if space.suffix == ".json" else 36
+            layers = {"l1": {"w_bits": 4, "a_bits": 4}, "l2": {}}
+            out.write_text(json.dumps({"layers": layers, "cost": {"bitops": width**2 * 1e8}}))
         elif args[0] == "search":
             out.mkdir(parents=True, exist_ok=True)
             (out / "genotype.json").write_text("{}")
@@ -91,20 +94,52 @@ class FakeRunner:
 
 def test_finished_runs_are_not_run_again(tmp_path):
     args = qp.parse_args(
-        [str(tmp_path / "data"), str(tmp_path / "out"), "--seeds", "0,1", "--targets", "40,80"]
+        [str(tmp_path / "data"), str(tmp_path / "out"), "--seeds", "0,1", "--widths", "24,36"]
     )
-    items = qp.plan(args)
-    names = {(i["name"], i["seed"]) for i in items}
-    assert ("quantnas_40", 1) in names and ("uniform_w4a4_fl8", 0) in names and ("random_80", 0) in names
-    assert ("random_80", 2) in names and ("uniform_w8a8", 1) in names
     runner = FakeRunner()
+    targets = qp.resolve_targets(runner, args, tmp_path / "out")
+    # 'auto': uniform w4a4's BitOps at each width (the stand-in's width^2 * 0.1 G), rounded down.
+    assert targets == [57.6, 129.6]
+    assert (tmp_path / "out" / "spaces" / "basic_c24.json").exists()
+    items = qp.plan(args, targets)
+    names = {(i["name"], i["seed"]) for i in items}
+    assert ("quantnas_57p6", 1) in names and ("uniform_w4a4_fl8_c24", 0) in names
+    assert ("uniform_w4a4_c36", 1) in names and ("uniform_w8a8", 2) in names
+    # Controls at the middle target (random) and the largest (bits-only), and the free search.
+    assert ("random_129p6", 2) in names and ("bits_only_129p6", 0) in names and ("free_search", 2) in names
     doc = qp.collect(runner, args, tmp_path / "out", items, run_new=True)
-    assert runner.calls.count("search") == 2 * 2 + 3  # two targets at two seeds, bits-only at three
+    searches = [c for c in runner.calls if c == "search"]
+    assert len(searches) == 2 * 2 + 3 + 3  # two targets at two seeds, bits-only and free at three
     assert runner.calls.count("train") == len(items)
     assert set(doc["models"]) == {i["name"] for i in items}
     summary = qp.summarize(doc)
-    assert summary["comparisons"] and "| quantnas_40 |" in qp.markdown(doc, summary)
+    assert summary["comparisons"] and "| quantnas_57p6 |" in qp.markdown(doc, summary)
     # A rerun finds every run and every evaluation done: nothing is run.
     again = FakeRunner()
     assert qp.collect(again, args, tmp_path / "out", items, run_new=True) == doc
     assert again.calls == []
+
+
+def test_dominance_compares_with_the_cheapest_baseline_at_or_above_the_cost():
+    s = _model("searched", {0: [30.5, 31.5, 32.5], 1: [30.4, 31.6, 32.4]}, gbitops=100.0)
+    cheap = _model(qp.HANDMADE, {0: [30.0, 31.0, 32.0], 1: [30.0, 31.0, 32.0]}, gbitops=90.0)
+    near = _model(qp.HANDMADE, {0: [30.0, 31.0, 32.0], 1: [30.0, 31.1, 32.0]}, gbitops=150.0)
+    far = _model(qp.HANDMADE, {0: [40.0, 40.0, 40.0], 1: [40.0, 40.0, 40.0]}, gbitops=300.0)
+    other = _model(qp.HANDMADE, {0: [30.6, 31.6, 32.6], 1: [30.6, 31.6, 32.6]}, gbitops=120.0)
+    doc = {
+        "test_sets": ["S"],
+        "models": {
+            "quantnas_100": s,
+            "uniform_w4a4_c24": cheap,
+            "uniform_w4a4_c36": near,
+            "uniform_w4a4_c51": far,
+            "uniform_w4a4_fl8_c36": other,
+        },
+    }
+    summary = {"models": {n: qp.model_summary(m, ["S"]) for n, m in doc["models"].items()}}
+    rows = {r["baseline"]: r for r in qp.dominance(doc, summary)}
+    assert set(rows) == {"uniform_w4a4_c36", "uniform_w4a4_fl8_c36"}  # not the cheaper c24, not c51
+    assert rows["uniform_w4a4_c36"]["margin"] == pytest.approx((1.5 + 1.3) / 6, abs=1e-9)
+    assert rows["uniform_w4a4_c36"]["dominates"] and not rows["uniform_w4a4_fl8_c36"]["dominates"]
+    assert qp.baseline_family("uniform_w4a4_fl8_c36") == "uniform_w4a4_fl8"
+    assert qp.baseline_family("uniform_w8a8") == "uniform_w8a8"

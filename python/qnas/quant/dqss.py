@@ -172,7 +172,7 @@ def _op_scale(q: Quantizer, t: torch.Tensor) -> torch.Tensor:
     """The step a quantizer would use on t, as a 0-d tensor; LSQ's with LSQ's gradient scale g
     (value s, gradient g·dL/ds), the others detached (their steps are not learned by gradient)."""
     if isinstance(q, LSQQuantizer):
-        s = q.step.abs().clamp_min(1e-8).reshape(())
+        s = q.step.clamp_min(1e-8).reshape(())
         g = q.lsq_grad_factor(t)
         return (s - s * g).detach() + s * g
     return q.scale().detach().abs().clamp_min(1e-8).reshape(())

@@ -463,24 +463,46 @@ class LSQQuantizer(Quantizer):
 
     def __init__(self, bits: int, **kw):
         super().__init__(bits, **kw)
-        self.step = nn.Parameter(torch.ones(self._channels))
+        # The step is learned as its logarithm, as TQT learns its thresholds (Jain et al., "Trained
+        # Quantization Thresholds for Accurate and Efficient Fixed-Point Inference of Deep Neural
+        # Networks", MLSys 2020): Adam moves a parameter by about its learning rate per update whatever
+        # the gradient's size, so a step of 2e-3 (an 8-bit skip connection) learned directly at lr 1e-3
+        # changes by half its value per update, crosses zero and collapses the clipping range of the
+        # skip quantizers (a retrained network then outputs its anchor skip alone). In the log domain the
+        # same update is a 0.1 % change, whatever the tensor's range, and the step stays positive.
+        self.log_step = nn.Parameter(torch.zeros(self._channels))
+
+    @property
+    def step(self) -> torch.Tensor:
+        """The step (exp of the learned log-step), in the autograd graph."""
+        return self.log_step.exp()
+
+    def set_step(self, value: torch.Tensor) -> None:
+        """Sets the step to `value` (clamped to >= 1e-8), outside autograd."""
+        with torch.no_grad():
+            self.log_step.copy_(value.detach().clamp_min(1e-8).log().reshape(self.log_step.shape))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files written before the step was learned in the log domain hold "step" itself.
+        legacy = state_dict.pop(prefix + "step", None)
+        if legacy is not None and prefix + "log_step" not in state_dict:
+            state_dict[prefix + "log_step"] = legacy.abs().clamp_min(1e-8).log()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scale(self) -> torch.Tensor:
         return self.step
 
-    def deploy_step(self) -> torch.Tensor:  # positive, as quantize() makes it
-        return self.step.detach().abs().clamp_min(1e-8).to(torch.float32).reshape(-1)
+    def deploy_step(self) -> torch.Tensor:
+        return self.step.detach().clamp_min(1e-8).to(torch.float32).reshape(-1)
 
     def _init(self, x: torch.Tensor) -> None:
         mean_abs = x.detach().abs().mean(dim=_reduce_dims(x, self.axis)).reshape(-1)
-        self.step.data.copy_((2 * mean_abs / math.sqrt(max(self.qmax, 1))).clamp_min(1e-8))
+        self.set_step(2 * mean_abs / math.sqrt(max(self.qmax, 1)))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        per_scale = x.numel() * self._shares() // self.step.numel()
+        per_scale = x.numel() * self._shares() // self.log_step.numel()
         grad_factor = 1.0 / math.sqrt(max(per_scale, 1) * max(self.qmax, 1))
-        # LSQ keeps the step positive by construction of its gradient; guard against a step
-        # pushed through zero by a large learning rate.
-        s = self.step.abs().clamp_min(1e-8)
+        s = self.step.clamp_min(1e-8)
         zp = torch.zeros_like(s)
         axis = -1 if self.axis is None else self.axis % x.dim()
         return torch.ops.qops.fake_quant(x, s, zp, axis, self.qmin, self.qmax, grad_factor)
@@ -531,7 +553,7 @@ class FQSRQuantizer(LSQQuantizer):
         return mse_optimal_clip(x, self.axis, self.qmin, self.qmax, grid=40)
 
     def _init(self, x: torch.Tensor) -> None:
-        self.step.data.copy_((self._statistic(x) / max(self.qmax, 1)).clamp_min(1e-8))
+        self.set_step(self._statistic(x) / max(self.qmax, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:
@@ -541,7 +563,7 @@ class FQSRQuantizer(LSQQuantizer):
                 self.stat_sum.add_(self._statistic(self._whole(x)))
                 self.seen.add_(1)
                 self._seen += 1
-                self.step.data.copy_((self.stat_sum / self.seen / max(self.qmax, 1)).clamp_min(1e-8))
+                self.set_step(self.stat_sum / self.seen / max(self.qmax, 1))
                 self._mark_initialized()
             self.calibration_error = None
             return x
