@@ -277,10 +277,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, ops):
     x, probs, w_scales, a_scales, *weights = ctx.saved_tensors
     need = dict(zip(_NAMES, ctx.needs_input_grad, strict=False))  # as short as the inputs
-    mask = [
-        any(need[n]) if isinstance(need.get(n), (list, tuple)) else bool(need.get(n)) for n in _GRAD_NAMES
-    ]
-    mask[5] = mask[5] and ctx.has_bias
+    wanted = {
+        n: any(need[n]) if isinstance(need.get(n), (list, tuple)) else bool(need.get(n)) for n in _GRAD_NAMES
+    }
+    wanted["bias"] = wanted["bias"] and ctx.has_bias
+    mask = [wanted[n] for n in _GRAD_NAMES]
     outputs = ops.mixed_quant_conv_backward(
         grad,
         x,
@@ -292,11 +293,10 @@ def _backward(ctx, grad, ops):
         output_mask=mask,
         **ctx.static,
     )
-    grads = {
-        name: (g if wanted else None) for name, g, wanted in zip(_GRAD_NAMES, outputs, mask, strict=True)
-    }
+    grads = dict(zip(_GRAD_NAMES, outputs, strict=True))
+    grads = {name: (g if wanted[name] else None) for name, g in grads.items()}
     # A list argument takes a list of gradients: one None per weight when none is wanted.
-    grads["weights"] = list(outputs[1]) if mask[1] else [None] * len(weights)
+    grads["weights"] = list(grads["weights"]) if wanted["weights"] else [None] * len(weights)
     return tuple(grads.get(name) for name in _NAMES[: len(ctx.needs_input_grad)])
 
 

@@ -263,6 +263,7 @@ def test_export_errors(tmp_path, capsys):
 def test_check_image_is_deterministic():
     x = check_image(32)
     assert x.shape == (1, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert torch.equal(check_image(32), x) and float(x.std()) > 0.05  # the same real image every time
 
 
 def test_srresnet_with_prelu_and_batchnorm_exports():

@@ -282,11 +282,19 @@ def test_backward_with_frozen_weights(trainable):
 
 
 def test_frozen_module_backward():
+    """A layer whose parameters are frozen still back-propagates to its input: the input's gradient of the
+    trainable layer, and no parameter gets one."""
+    torch.manual_seed(0)
     layer = MixedQuantConv2d(4, 4, BASIC[:3], w_bits=(4, 8), a_bits=(4, 8))
-    layer.requires_grad_(False)
     x = torch.randn(1, 4, 6, 6, requires_grad=True)
     layer(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+    expected = x.grad.clone()
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    layer.requires_grad_(False)
+    layer(x).sum().backward()
+    assert x.grad.abs().sum() > 0 and torch.equal(x.grad, expected)
+    assert all(p.grad is None for p in layer.parameters())
 
 
 def test_backward_output_mask_skips_unneeded():
@@ -360,9 +368,11 @@ def test_noise_determinism_and_streams():
 def test_noise_ignores_scales():
     args, _ = make_case(POOL[:2], [4], [4], seed=0)
     x, weights, probs, _, a_scales, b, spec = args
+    noise = dataclasses.replace(spec, mode="noise")
+    y = mixed_quant_conv(x, weights, probs, args[3], a_scales, b, noise)
     w_scales = -torch.ones(2, 1)  # would be rejected in quant mode
-    y = mixed_quant_conv(x, weights, probs, w_scales, a_scales, b, dataclasses.replace(spec, mode="noise"))
-    assert torch.isfinite(y).all()
+    y_neg = mixed_quant_conv(x, weights, probs, w_scales, a_scales, b, noise)
+    assert torch.isfinite(y).all() and torch.equal(y_neg, y)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -162,15 +162,34 @@ def test_search_resume_after_kill_equals_uninterrupted(space_file, tmp_path, cap
 
 
 def test_single_pass_quant_naive_no_adq(space_file, tmp_path, capsys):
-    code, out, err = qnas(
-        capsys, "search", "--space", space_file, *FAST, "--steps", "2", "--single-pass", "--mode", "quant",
-        "--impl", "naive", "--no-adq", "--bits", "2,4,8", "--untie-bits", "--out", tmp_path / "r",
-    )  # fmt: skip
+    """The flags act on the search, not only on its record: without ADQ the supernet has no ADQ block;
+    with untied bits the alphas of mixed weight/activation bits (w2a8, ...) learn, tied they keep their
+    initial values (no gradient reaches them)."""
+    from qnas.nas.search import SearchOptions, build_supernet
+
+    args = ["search", "--space", space_file, *FAST, "--steps", "2", "--single-pass", "--mode", "quant"]
+    args += ["--impl", "naive", "--bits", "2,4,8"]
+    code, out, err = qnas(capsys, *args, "--no-adq", "--untie-bits", "--out", tmp_path / "r")
     assert code == 0, err
     g = json.loads((tmp_path / "r" / "genotype.json").read_text())
     assert g["search"]["adq"] is False and g["search"]["single_pass"] and g["search"]["bits"] == [2, 4, 8]
     rec = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "loss_alpha" not in rec and "entropy" in rec
+    code, out, err = qnas(capsys, *args, "--out", tmp_path / "tied")
+    assert code == 0, err
+    untied, tied = (
+        torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["model"] for r in ("r", "tied")
+    )
+    assert not any(".adq." in k for k in untied) and any(".adq." in k for k in tied)
+    off_diagonal = ~torch.eye(3, dtype=torch.bool)
+    for state, tie in ((untied, False), (tied, True)):
+        torch.manual_seed(0)  # as the search builds its supernet
+        opts = SearchOptions(
+            space=str(space_file), scale=2, bits=[2, 4, 8], mode="quant", impl="naive", tie_bits=tie, adq=tie
+        )
+        init = build_supernet(opts).state_dict()["alphas.head"][:, off_diagonal]
+        moved = state["alphas.head"][:, off_diagonal] != init
+        assert moved.all() if not tie else not moved.any(), tie
 
 
 def test_bits_only_search_and_uniform_genotype(space_file, tmp_path, capsys):
