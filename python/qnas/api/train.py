@@ -34,7 +34,7 @@ def run_train(
         progress=not run.quiet,
         init_state=resolved.init_state,
         extra_config={**resolved.extra_config, "command": "train", "options": options},
-        validation=validation if validation.data is not None else None,
+        validation=validation,
         compile=run.compile,
     )
 

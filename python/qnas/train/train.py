@@ -64,6 +64,7 @@ def train(
     opts.check()
     if validation is not None:
         validation.check()
+        validation = validation if validation.data is not None else None  # no images: no validation
     info = distributed.setup()
     distributed.check_batch(opts.batch_size, info)
     progress = progress and info.is_main
