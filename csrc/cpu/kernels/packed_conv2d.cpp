@@ -129,7 +129,9 @@ uint32_t load_row(const PackedConvParams& p, const ActRange& r, int64_t n, int64
   return 0;
 }
 
-// Writes count output values of (n, co, oy, ox0..): int32, or float acc * scale[co] + bias[co].
+// Writes count output values of (n, co, oy, ox0..): int32 acc, float y = fma(acc, scale[co], bias[co]), or the
+// codes of y (requantization epilogue, csrc/cpu/packed_conv2d.h). acc = v[t] - corr. std::fma and the
+// intrinsics round y once in every build, so each ISA computes the same floats and codes.
 inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, int64_t ox0, int64_t count,
                  const int32_t* v, int32_t corr) {
   const int64_t idx = ((n * p.Cout + co) * p.Ho + oy) * p.Wo + ox0;
@@ -143,10 +145,12 @@ inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, i
                           _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc));
 #endif
     for (; t < count; ++t) o[t] = v[t] - corr;
-  } else {
+    return;
+  }
+  const float s = p.out_scale[co];
+  const float b = p.bias != nullptr ? p.bias[co] : 0.f;
+  if (p.out_f != nullptr) {
     float* o = p.out_f + idx;
-    const float s = p.out_scale[co];
-    const float b = p.bias != nullptr ? p.bias[co] : 0.f;
 #if defined(QOPS_PC_AVX2)
     const __m256i vc = _mm256_set1_epi32(corr);
     const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
@@ -154,10 +158,37 @@ inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, i
       const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
       _mm256_storeu_ps(o + t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb));
     }
-    for (; t < count; ++t) o[t] = std::fma(static_cast<float>(v[t] - corr), s, b);
-#else
-    for (; t < count; ++t) o[t] = static_cast<float>(v[t] - corr) * s + b;
 #endif
+    for (; t < count; ++t) o[t] = std::fma(static_cast<float>(v[t] - corr), s, b);
+    return;
+  }
+  uint8_t* o = p.out_codes + idx;
+  const float inv = p.out_inv_scale;
+  const float lo = static_cast<float>(p.out_lo), hi = static_cast<float>(p.out_hi);
+  const bool relu = p.out_relu;
+#if defined(QOPS_PC_AVX2)
+  {
+    const __m256i vc = _mm256_set1_epi32(corr);
+    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), vinv = _mm256_set1_ps(inv);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+    const bool is_signed = p.out_lo < 0;
+    for (; t + 8 <= count; t += 8) {
+      const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
+      __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm256_max_ps(f, zero);
+      f = _mm256_round_ps(_mm256_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm256_min_ps(_mm256_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m256i q = _mm256_cvtps_epi32(f);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + t), is_signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w));
+    }
+  }
+#endif
+  for (; t < count; ++t) {
+    float f = std::fma(static_cast<float>(v[t] - corr), s, b);
+    if (relu) f = std::fmax(f, 0.f);
+    f = std::fmin(std::fmax(std::nearbyint(f * inv), lo), hi);
+    o[t] = static_cast<uint8_t>(static_cast<int>(f));
   }
 }
 
