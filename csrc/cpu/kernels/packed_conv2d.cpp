@@ -346,14 +346,14 @@ int64_t padded_width(const PackedConvParams& p, const ActLayout& L) {
 int64_t conv_macs(const PackedConvParams& p) { return p.N * p.Ho * p.Wo * p.Cout * p.Cin * p.KH * p.KW; }
 
 // Output rows per work item of run_blocked: the item's activation block (its rows plus the KH - SH halo)
-// within ~256 KiB so that it stays in L2 while the tiles use it, and at least 4 items per thread, their
-// number a multiple of the thread count (equal shares: the work per row is uniform).
+// within ~256 KiB so that it stays in L2 while the tiles use it, and at least 8 items per thread, so that
+// the threads, which take items one at a time (run_blocked), end together even when one of them lost its
+// core for a while (a shared machine).
 int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
   // The threads the problem is worth: a small one stays in one block per image (no halo rows loaded twice).
   const int64_t threads = parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs);
   const int64_t fit = std::max<int64_t>(1, ((256 << 10) / std::max<int64_t>(bytes_per_row, 1) - p.KH) / p.SH + 1);
-  int64_t items = std::max<int64_t>(4 * threads, p.N * ((p.Ho + fit - 1) / fit));
-  items = (items + threads - 1) / threads * threads;
+  const int64_t items = std::max<int64_t>(threads > 1 ? 8 * threads : 1, p.N * ((p.Ho + fit - 1) / fit));
   const int64_t per_image = std::max<int64_t>(1, items / p.N);
   return std::max<int64_t>(1, (p.Ho + per_image - 1) / per_image);
 }
@@ -363,22 +363,28 @@ int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
 // phase ph of the row at out + ph * L.plane) into a thread-local buffer with layout L (L.Hp = the rows of
 // a full block), then runs tile(bases, cb, res) for every block of MR output channels (outer, so that
 // one block's weights stay in L1) and group of NR segments of SEG pixels, and writes the results minus
-// corr[co]. Returns false if fill reported an activation code out of range.
+// corr[co]. Threads take items from a shared counter (dynamic scheduling: a thread that is descheduled on a
+// busy machine leaves its items to the others instead of stalling the layer). Returns false if fill
+// reported an activation code out of range.
 template <int MR, int NR, int SEG, typename Fill, typename Tile>
 bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64_t CB, const int32_t* corr,
                  int64_t tmp_bytes, Fill fill, Tile tile) {
   const int64_t nb = (p.Ho + R - 1) / R;
   const int64_t per_row = (p.Wo + SEG - 1) / SEG;
+  const int64_t items = p.N * nb;
   BadFlag bad;
-  const int64_t item_macs = std::max<int64_t>(1, conv_macs(p) / std::max<int64_t>(p.N * nb, 1));
-  at::parallel_for(0, p.N * nb, parallel_grain(item_macs, kParallelMinMacs), [&](int64_t b, int64_t e) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers =
+      std::min(items, parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     auto buf = uninit<uint8_t>(L.image);
     std::vector<uint8_t> tmp(static_cast<size_t>(tmp_bytes));
-    alignas(32) int32_t res[MR][NR][SEG];
+    alignas(64) int32_t res[MR][NR][SEG];
     std::vector<const uint8_t*> bases(static_cast<size_t>((R * per_row + NR - 1) / NR * NR));
     std::vector<int64_t> oy(bases.size()), ox0(bases.size());
     uint32_t flag = 0;
-    for (int64_t t = b; t < e; ++t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < items;
+         t = next.fetch_add(1, std::memory_order_relaxed)) {
       const int64_t n = t / nb, oy0 = (t % nb) * R, oy1 = std::min(p.Ho, oy0 + R);
       const int64_t y0 = oy0 * p.SH, rows = (oy1 - 1 - oy0) * p.SH + p.KH;
       for (int64_t g = 0; g < L.groups; ++g)
