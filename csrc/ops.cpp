@@ -32,11 +32,12 @@ TORCH_LIBRARY(qops, m) {
       "int a_bits, bool a_signed, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
   // Codes out (requantization epilogue): x and the convolution as quantized_conv2d, bias int32 at the step
   // w_scale[c] * a_scale, y = acc * step[c] + bias[c] * step[c]; out = clamp(round(relu?(y) / out_scale)) at
-  // out_bits (int8 if out_signed else uint8): the next layer's activation codes.
+  // out_bits (int8 if out_signed else uint8): the next layer's activation codes, pixel-shuffled by the
+  // factor pixel_shuffle (1: none).
   m.def(
       "requantized_conv2d(Tensor x, Tensor w_packed, int[] w_shape, Tensor w_scale, float a_scale, int w_bits, "
       "int a_bits, bool a_signed, Tensor? bias, int[2] stride, int[2] padding, float out_scale, int out_bits, "
-      "bool out_signed, bool relu=False) -> Tensor");
+      "bool out_signed, bool relu=False, int pixel_shuffle=1) -> Tensor");
   // Codes of x at step `scale` (clamp(round(x / scale)) at `bits`, int8 if signed else uint8); x is float32, or
   // codes (int8/uint8) standing for x * x_scale.
   m.def("requantize(Tensor x, float scale, int bits, bool signed, float? x_scale=None) -> Tensor");

@@ -149,16 +149,18 @@ def requantized_conv2d(
     out_bits: int,
     out_signed: bool,
     relu: bool = False,
+    pixel_shuffle: int = 1,
 ) -> torch.Tensor:
     """Codes in (or float, quantized as in :func:`quantized_conv2d`), the next layer's codes out (CPU).
 
     ``bias``: int32 [Cout] at the accumulator's step ``w_scale[c] * a_scale``. With y the float that
     quantized_conv2d returns for the float bias ``bias * step``, out = clamp(round(y' / out_scale)) at
     ``out_bits`` (int8 if ``out_signed`` else uint8), y' = relu(y) if ``relu`` else y: what the next
-    quantizer (fake_quant) makes of y."""
+    quantizer (fake_quant) makes of y. ``pixel_shuffle`` r > 1 writes them as ``F.pixel_shuffle(out, r)`` (the
+    sub-pixel convolution of Shi et al., CVPR 2016, without a pass over the codes)."""
     return torch.ops.qops.requantized_conv2d(
         x, w_packed, list(w_shape), w_scale, float(a_scale), w_bits, a_bits, a_signed, bias,
-        _pair(stride), _pair(padding), float(out_scale), out_bits, out_signed, relu,
+        _pair(stride), _pair(padding), float(out_scale), out_bits, out_signed, relu, pixel_shuffle,
     )  # fmt: skip
 
 
@@ -345,14 +347,23 @@ def _codes_dtype(signed: bool) -> torch.dtype:
 @torch.library.register_fake("qops::requantized_conv2d")
 def _requantized_conv2d_fake(
     x, w_packed, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding,
-    out_scale, out_bits, out_signed, relu=False,
+    out_scale, out_bits, out_signed, relu=False, pixel_shuffle=1,
 ):  # fmt: skip
     _check_float_or_codes(x, a_signed)
     ho, wo = _check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding)
     _check_scales_and_bias(x, w_shape, w_scale, a_scale, bias, torch.int32)
     _check_step(out_scale, "out_scale")
     _check_bits(out_bits, "out_bits")
-    return x.new_empty((x.shape[0], w_shape[0], ho, wo), dtype=_codes_dtype(out_signed))
+    r = pixel_shuffle
+    torch._check(
+        1 <= r <= 8 and w_shape[0] % (r * r) == 0,
+        lambda: (
+            f"pixel_shuffle: expected a factor in 1..8 whose square divides the {w_shape[0]} output channels, "
+            f"got {r}"
+        ),
+    )
+    shape = (x.shape[0], w_shape[0] // (r * r), ho * r, wo * r)
+    return x.new_empty(shape, dtype=_codes_dtype(out_signed))
 
 
 @torch.library.register_fake("qops::requantize")

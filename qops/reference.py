@@ -430,8 +430,9 @@ def requantized_conv2d(
     out_bits: int,
     out_signed: bool,
     relu: bool = False,
+    pixel_shuffle: int = 1,
 ) -> torch.Tensor:
-    """The next layer's codes: y = fma(acc, step[c], bias[c] * step[c]) rounded once to float32 (step = w_scale[c]
+    """The next layer's codes (pixel-shuffled by ``pixel_shuffle``): y = fma(acc, step[c], bias[c] * step[c]) rounded once to float32 (step = w_scale[c]
     * a_scale and the bias product in float32, as the packed runtime forms them), relu if asked, then the codes
     of y at out_scale (:func:`requantize`). x: float32 (quantized as in :func:`quantized_conv2d`) or codes."""
     codes = x if x.dtype != torch.float32 else quantize_activation(x, a_scale, a_bits, a_signed)
@@ -442,7 +443,7 @@ def requantized_conv2d(
     y = fma_f32(acc.to(torch.float32), step.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))
     if relu:
         y = torch.relu(y)
-    return _codes_of(y, out_scale, out_bits, out_signed)
+    return torch.nn.functional.pixel_shuffle(_codes_of(y, out_scale, out_bits, out_signed), pixel_shuffle)
 
 
 def requantize(

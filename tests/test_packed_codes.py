@@ -88,13 +88,17 @@ def conv_case(gen, n, cin, cout, h, w, k, w_bits, a_bits, a_signed, float_in, ou
         (3, 5, True, 6, True, True),
     ],
 )
+@pytest.mark.parametrize("shuffle", [1, 2])
 @pytest.mark.parametrize("float_in", [False, True])
-def test_requantized_conv2d_exact(isa, path, w_bits, a_bits, a_signed, out_bits, out_signed, relu, float_in):
+def test_requantized_conv2d_exact(
+    isa, path, w_bits, a_bits, a_signed, out_bits, out_signed, relu, float_in, shuffle
+):  # fmt: skip
     if path == "lut" and not lut_supports(w_bits, a_bits):
         pytest.skip("the lut path needs a_bits <= 2 and byte-sized tables")
     gen = torch.Generator().manual_seed(w_bits * 100 + a_bits * 10 + out_bits)
-    args, out_scale = conv_case(gen, 2, 9, 7, 6, 37, 3, w_bits, a_bits, a_signed, float_in, out_bits, True)
-    extra = (out_scale, out_bits, out_signed, relu)
+    cout = 8 * shuffle * shuffle - 1 if shuffle == 1 else 4 * shuffle * shuffle  # 7 (odd) or 16 channels
+    args, out_scale = conv_case(gen, 2, 9, cout, 6, 37, 3, w_bits, a_bits, a_signed, float_in, out_bits, True)
+    extra = (out_scale, out_bits, out_signed, relu, shuffle)
     with forced(isa, path):
         got = requantized_conv2d(*args, *extra)
     want = R.requantized_conv2d(*args, *extra)
@@ -119,20 +123,24 @@ def test_requantized_conv2d_exact(isa, path, w_bits, a_bits, a_signed, out_bits,
     relu=st.booleans(),
     float_in=st.booleans(),
     per_channel=st.booleans(),
+    shuffle=st.sampled_from([1, 1, 2, 3]),
     isa=st.sampled_from(ISAS),
     path=st.sampled_from(PATHS),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_fuzz_requantized_conv2d(
-    n, cin, cout, h, w, k, w_bits, a_bits, a_signed, out_bits, out_signed, relu, float_in, per_channel, isa, path, seed
+    n, cin, cout, h, w, k, w_bits, a_bits, a_signed, out_bits, out_signed, relu, float_in, per_channel, shuffle,
+    isa, path, seed,
 ):  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
+    if shuffle > 1:
+        cout = shuffle * shuffle * (cout % 3 + 1)
     args, out_scale = conv_case(
         gen, n, cin, cout, h, w, k, w_bits, a_bits, a_signed, float_in, out_bits, per_channel
     )
     if path == "lut" and not lut_supports(w_bits, a_bits):
         path = "auto"
-    extra = (out_scale, out_bits, out_signed, relu)
+    extra = (out_scale, out_bits, out_signed, relu, shuffle)
     with forced(isa, path):
         got = requantized_conv2d(*args, *extra)
         step = args[3] * torch.tensor(args[4], dtype=torch.float32)  # the accumulator's step, float32
@@ -141,6 +149,7 @@ def test_fuzz_requantized_conv2d(
     # The codes are what requantize (fake_quant's codes) makes of quantized_conv2d's float output.
     if relu:
         as_float = torch.relu(as_float)
+    as_float = torch.nn.functional.pixel_shuffle(as_float, shuffle)
     assert torch.equal(got, requantize(as_float, out_scale, out_bits, out_signed))
 
 
@@ -226,6 +235,7 @@ def test_errors_code_ops():
         (requantized_conv2d, (*args[:8], args[8].float(), *args[9:], 0.1, 8, True), "bias: expected dtype"),
         (requantized_conv2d, (*args, 0.0, 8, True), "out_scale: expected a positive finite step"),
         (requantized_conv2d, (*args, 0.1, 9, True), "out_bits: expected a bit-width in 1..8"),
+        (requantized_conv2d, (*args, 0.1, 8, True, False, 2), "pixel_shuffle: expected a factor in 1..8"),
         (
             requantized_conv2d,
             (args[0].to(torch.int8), *args[1:], 0.1, 8, True),
@@ -249,6 +259,10 @@ def test_opcheck():
     xf = args[0].float() * args[4]
     torch.library.opcheck(
         torch.ops.qops.requantized_conv2d, (xf, *args[1:], out_scale, 4, False, False), test_utils=test_utils
+    )
+    args, out_scale = conv_case(gen, 1, 4, 8, 5, 6, 3, 4, 4, True, False, 8, False)
+    torch.library.opcheck(
+        torch.ops.qops.requantized_conv2d, (*args, out_scale, 8, True, False, 2), test_utils=test_utils
     )
     c = codes(gen, (2, 3, 5), 8, True)
     torch.library.opcheck(torch.ops.qops.requantize, (c, 0.3, 4, False, 0.1), test_utils=test_utils)

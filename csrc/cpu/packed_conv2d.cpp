@@ -237,12 +237,15 @@ at::Tensor requantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& w_packe
                                   const at::Tensor& w_scale, double a_scale, int64_t w_bits, int64_t a_bits,
                                   bool a_signed, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                   at::IntArrayRef padding, double out_scale, int64_t out_bits, bool out_signed,
-                                  bool relu) {
+                                  bool relu, int64_t pixel_shuffle) {
   const bool codes = check_float_or_codes(x, a_signed);
   const ConvShape s = check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding);
   check_scales_and_bias(x, s, w_scale, a_scale, bias, at::kInt, "x");
   check_step(out_scale, "out_scale");
   check_bits(out_bits, "out_bits");
+  const int64_t r = pixel_shuffle;
+  TORCH_CHECK(r >= 1 && r <= 8 && s.Cout % (r * r) == 0, "pixel_shuffle: expected a factor in 1..8 whose square divides ",
+              "the ", s.Cout, " output channels, got ", r);
   const float a_scale_f = static_cast<float>(a_scale);
   const std::vector<float> acc_step = accumulator_steps(s, w_scale, a_scale_f);
   // The int32 bias as a float at the accumulator's step: float(bias_q) * step in float32, the float bias
@@ -256,10 +259,12 @@ at::Tensor requantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& w_packe
   }
   const at::Tensor xc = x.contiguous();
   const at::Tensor wcodes = unpack_codes(w_packed, s, static_cast<int>(w_bits));
-  at::Tensor out = at::empty({s.N, s.Cout, s.Ho, s.Wo}, xc.options().dtype(out_signed ? at::kChar : at::kByte));
+  at::Tensor out = at::empty({s.N, s.Cout / (r * r), s.Ho * r, s.Wo * r},
+                             xc.options().dtype(out_signed ? at::kChar : at::kByte));
   if (out.numel() == 0) return out;
   PackedConvParams p = make_params(s, w_bits, a_bits, a_signed, wcodes);
   p.out_codes = static_cast<uint8_t*>(out.mutable_data_ptr());
+  p.out_shuffle = r;
   p.out_scale = acc_step.data();
   p.bias = bias_f.empty() ? nullptr : bias_f.data();
   p.out_inv_scale = 1.f / static_cast<float>(out_scale);

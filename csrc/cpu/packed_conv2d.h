@@ -45,6 +45,9 @@ struct PackedConvParams {
   float out_inv_scale = 1.f;
   int out_lo = 0, out_hi = 0;
   bool out_relu = false;
+  // Codes out only: pixel shuffle factor r of the epilogue (1: none); out_codes is then
+  // [N, Cout / r^2, Ho r, Wo r] (Cout a multiple of r^2).
+  int64_t out_shuffle = 1;
   // CPU sub-features the kernels may use (read by the entry from cpu_features()): vpdpbusd (AVX512-VNNI
   // in the AVX512 build, AVX-VNNI in the AVX2 build) and vpopcntq (AVX512-VPOPCNTDQ).
   bool use_vnni = false;

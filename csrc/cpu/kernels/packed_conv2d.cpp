@@ -129,6 +129,40 @@ uint32_t load_row(const PackedConvParams& p, const ActRange& r, int64_t n, int64
   return 0;
 }
 
+// count codes clamp(nearbyint(relu?(fma(v[t] - corr, s, b)) * out_inv_scale)) into o (requantization
+// epilogue, csrc/cpu/packed_conv2d.h).
+inline void emit_codes(const PackedConvParams& p, const int32_t* v, int64_t count, int32_t corr, float s, float b,
+                       uint8_t* o) {
+  const float inv = p.out_inv_scale;
+  const float lo = static_cast<float>(p.out_lo), hi = static_cast<float>(p.out_hi);
+  const bool relu = p.out_relu;
+  int64_t t = 0;
+#if defined(QOPS_PC_AVX2)
+  {
+    const __m256i vc = _mm256_set1_epi32(corr);
+    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), vinv = _mm256_set1_ps(inv);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+    const bool is_signed = p.out_lo < 0;
+    for (; t + 8 <= count; t += 8) {
+      const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
+      __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm256_max_ps(f, zero);
+      f = _mm256_round_ps(_mm256_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm256_min_ps(_mm256_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m256i q = _mm256_cvtps_epi32(f);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + t), is_signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w));
+    }
+  }
+#endif
+  for (; t < count; ++t) {
+    float f = std::fma(static_cast<float>(v[t] - corr), s, b);
+    if (relu) f = std::fmax(f, 0.f);
+    f = std::fmin(std::fmax(std::nearbyint(f * inv), lo), hi);
+    o[t] = static_cast<uint8_t>(static_cast<int>(f));
+  }
+}
+
 // Writes count output values of (n, co, oy, ox0..): int32 acc, float y = fma(acc, scale[co], bias[co]), or the
 // codes of y (requantization epilogue, csrc/cpu/packed_conv2d.h). acc = v[t] - corr. std::fma and the
 // intrinsics round y once in every build, so each ISA computes the same floats and codes.
@@ -162,33 +196,17 @@ inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, i
     for (; t < count; ++t) o[t] = std::fma(static_cast<float>(v[t] - corr), s, b);
     return;
   }
-  uint8_t* o = p.out_codes + idx;
-  const float inv = p.out_inv_scale;
-  const float lo = static_cast<float>(p.out_lo), hi = static_cast<float>(p.out_hi);
-  const bool relu = p.out_relu;
-#if defined(QOPS_PC_AVX2)
-  {
-    const __m256i vc = _mm256_set1_epi32(corr);
-    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), vinv = _mm256_set1_ps(inv);
-    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
-    const bool is_signed = p.out_lo < 0;
-    for (; t + 8 <= count; t += 8) {
-      const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
-      __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb);
-      if (relu) f = _mm256_max_ps(f, zero);
-      f = _mm256_round_ps(_mm256_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      f = _mm256_min_ps(_mm256_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
-      const __m256i q = _mm256_cvtps_epi32(f);
-      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + t), is_signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w));
-    }
-  }
-#endif
-  for (; t < count; ++t) {
-    float f = std::fma(static_cast<float>(v[t] - corr), s, b);
-    if (relu) f = std::fmax(f, 0.f);
-    f = std::fmin(std::fmax(std::nearbyint(f * inv), lo), hi);
-    o[t] = static_cast<uint8_t>(static_cast<int>(f));
+  if (p.out_shuffle == 1) return emit_codes(p, v, count, corr, s, b, p.out_codes + idx);
+  // Pixel shuffle in the epilogue: channel co = c r^2 + dy r + dx of pixel (oy, ox) goes to channel c,
+  // pixel (oy r + dy, ox r + dx) of the [N, Cout / r^2, Ho r, Wo r] output.
+  const int64_t r = p.out_shuffle, sub = co % (r * r);
+  uint8_t* o = p.out_codes + (((n * (p.Cout / (r * r)) + co / (r * r)) * p.Ho + oy) * r + sub / r) * (p.Wo * r) +
+               ox0 * r + sub % r;
+  alignas(64) uint8_t tmp[64];
+  for (int64_t t0 = 0; t0 < count; t0 += 64) {
+    const int64_t m = std::min<int64_t>(64, count - t0);
+    emit_codes(p, v + t0, m, corr, s, b, tmp);
+    for (int64_t k = 0; k < m; ++k) o[(t0 + k) * r] = tmp[k];
   }
 }
 
@@ -563,8 +581,114 @@ __attribute__((target(QOPS_VNNI_TARGET))) void dot_tile_vnni(const uint8_t* cons
 #undef QOPS_DPBUSD
 #undef QOPS_VNNI_TARGET
 
-bool run_dot(const PackedConvParams& p) {
-  constexpr int MR = kDotMR, NR = kDotNR;
+#if defined(CPU_CAPABILITY_AVX512)
+// The AVX512-VNNI tile: 8 output channels x 3 segments of 16 pixels in 24 zmm accumulators (channel i,
+// segment j in zmm(3i + j)), the 3 activation vectors in zmm24..26, each weight dword broadcast from memory
+// by the vpdpbusd itself ({1to16}): per step 3 loads and 24 vpdpbusd (1536 MACs), no register moves. In
+// inline asm for the same reason as the 6x2 tiles. out[i][j] (16 int32, pixel order) = the sums over the
+// steps; wp: [S][8] dwords.
+constexpr int kZmmMR = 8;
+constexpr int kZmmNR = 3;
+__attribute__((target("avx512vnni"))) void dot_tile_zmm(const uint8_t* const* base, const int64_t* offs, int64_t n,
+                                                        const int32_t* wp, int32_t (*out)[kZmmNR][16]) {
+  const uint8_t *b0 = base[0], *b1 = base[1], *b2 = base[2];
+  int32_t* acc = &out[0][0][0];
+  asm volatile(
+      "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+      "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
+      "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
+      "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
+      "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
+      "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
+      "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
+      "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+      "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
+      "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
+      "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
+      "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
+      "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
+      "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+      "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
+      "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n\t"
+      "vpxord %%zmm17, %%zmm17, %%zmm17\n\t"
+      "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
+      "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+      "vpxord %%zmm20, %%zmm20, %%zmm20\n\t"
+      "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+      "vpxord %%zmm22, %%zmm22, %%zmm22\n\t"
+      "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+      "test %[n], %[n]\n\tjle 2f\n\t"
+      ".p2align 4\n"
+      "1:\n\t"
+      "mov (%[offs]), %%rax\n\t"
+      "vmovdqu64 (%[b0], %%rax), %%zmm24\n\t"
+      "vmovdqu64 (%[b1], %%rax), %%zmm25\n\t"
+      "vmovdqu64 (%[b2], %%rax), %%zmm26\n\t"
+      "vpdpbusd 0(%[wp])%{1to16%}, %%zmm24, %%zmm0\n\t"
+      "vpdpbusd 0(%[wp])%{1to16%}, %%zmm25, %%zmm1\n\t"
+      "vpdpbusd 0(%[wp])%{1to16%}, %%zmm26, %%zmm2\n\t"
+      "vpdpbusd 4(%[wp])%{1to16%}, %%zmm24, %%zmm3\n\t"
+      "vpdpbusd 4(%[wp])%{1to16%}, %%zmm25, %%zmm4\n\t"
+      "vpdpbusd 4(%[wp])%{1to16%}, %%zmm26, %%zmm5\n\t"
+      "vpdpbusd 8(%[wp])%{1to16%}, %%zmm24, %%zmm6\n\t"
+      "vpdpbusd 8(%[wp])%{1to16%}, %%zmm25, %%zmm7\n\t"
+      "vpdpbusd 8(%[wp])%{1to16%}, %%zmm26, %%zmm8\n\t"
+      "vpdpbusd 12(%[wp])%{1to16%}, %%zmm24, %%zmm9\n\t"
+      "vpdpbusd 12(%[wp])%{1to16%}, %%zmm25, %%zmm10\n\t"
+      "vpdpbusd 12(%[wp])%{1to16%}, %%zmm26, %%zmm11\n\t"
+      "vpdpbusd 16(%[wp])%{1to16%}, %%zmm24, %%zmm12\n\t"
+      "vpdpbusd 16(%[wp])%{1to16%}, %%zmm25, %%zmm13\n\t"
+      "vpdpbusd 16(%[wp])%{1to16%}, %%zmm26, %%zmm14\n\t"
+      "vpdpbusd 20(%[wp])%{1to16%}, %%zmm24, %%zmm15\n\t"
+      "vpdpbusd 20(%[wp])%{1to16%}, %%zmm25, %%zmm16\n\t"
+      "vpdpbusd 20(%[wp])%{1to16%}, %%zmm26, %%zmm17\n\t"
+      "vpdpbusd 24(%[wp])%{1to16%}, %%zmm24, %%zmm18\n\t"
+      "vpdpbusd 24(%[wp])%{1to16%}, %%zmm25, %%zmm19\n\t"
+      "vpdpbusd 24(%[wp])%{1to16%}, %%zmm26, %%zmm20\n\t"
+      "vpdpbusd 28(%[wp])%{1to16%}, %%zmm24, %%zmm21\n\t"
+      "vpdpbusd 28(%[wp])%{1to16%}, %%zmm25, %%zmm22\n\t"
+      "vpdpbusd 28(%[wp])%{1to16%}, %%zmm26, %%zmm23\n\t"
+      "add $8, %[offs]\n\t"
+      "add $32, %[wp]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n"
+      "2:\n\t"
+      "vmovdqu64 %%zmm0, 0(%[acc])\n\t"
+      "vmovdqu64 %%zmm1, 64(%[acc])\n\t"
+      "vmovdqu64 %%zmm2, 128(%[acc])\n\t"
+      "vmovdqu64 %%zmm3, 192(%[acc])\n\t"
+      "vmovdqu64 %%zmm4, 256(%[acc])\n\t"
+      "vmovdqu64 %%zmm5, 320(%[acc])\n\t"
+      "vmovdqu64 %%zmm6, 384(%[acc])\n\t"
+      "vmovdqu64 %%zmm7, 448(%[acc])\n\t"
+      "vmovdqu64 %%zmm8, 512(%[acc])\n\t"
+      "vmovdqu64 %%zmm9, 576(%[acc])\n\t"
+      "vmovdqu64 %%zmm10, 640(%[acc])\n\t"
+      "vmovdqu64 %%zmm11, 704(%[acc])\n\t"
+      "vmovdqu64 %%zmm12, 768(%[acc])\n\t"
+      "vmovdqu64 %%zmm13, 832(%[acc])\n\t"
+      "vmovdqu64 %%zmm14, 896(%[acc])\n\t"
+      "vmovdqu64 %%zmm15, 960(%[acc])\n\t"
+      "vmovdqu64 %%zmm16, 1024(%[acc])\n\t"
+      "vmovdqu64 %%zmm17, 1088(%[acc])\n\t"
+      "vmovdqu64 %%zmm18, 1152(%[acc])\n\t"
+      "vmovdqu64 %%zmm19, 1216(%[acc])\n\t"
+      "vmovdqu64 %%zmm20, 1280(%[acc])\n\t"
+      "vmovdqu64 %%zmm21, 1344(%[acc])\n\t"
+      "vmovdqu64 %%zmm22, 1408(%[acc])\n\t"
+      "vmovdqu64 %%zmm23, 1472(%[acc])\n\t"
+      : [offs] "+r"(offs), [wp] "+r"(wp), [n] "+r"(n)
+      : [b0] "r"(b0), [b1] "r"(b1), [b2] "r"(b2), [acc] "r"(acc)
+      : "rax", "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26");
+}
+#endif
+
+// The dot path with MR x NR tiles of SEG-pixel segments: the 6x2 ymm tiles (SEG 8), or the 8x3 zmm tile of
+// AVX512-VNNI (SEG 16).
+template <int MR, int NR, int SEG>
+bool run_dot_tiles(const PackedConvParams& p) {
+  constexpr bool kZmm = SEG == 16;
   const ActRange r = act_range(p);
   const int wmax = p.w_bits == 1 ? 1 : 1 << (p.w_bits - 1);
   const int64_t pair_max = 2LL * r.mask * wmax;  // largest |u0 w0 + u1 w1| of vpmaddubsw
@@ -576,8 +700,8 @@ bool run_dot(const PackedConvParams& p) {
   const bool i16 = mode == DotMode::I16;
   const int64_t kc = i16 ? 2 : 4;  // channels per dword
   const int64_t groups = (p.Cin + kc - 1) / kc;
-  const int64_t R = block_rows(p, ActLayout(p, groups, 8, 4, 1).group * groups);
-  const ActLayout Lay(p, groups, 8, 4, (R - 1) * p.SH + p.KH);
+  const int64_t R = block_rows(p, ActLayout(p, groups, SEG, 4, 1).group * groups);
+  const ActLayout Lay(p, groups, SEG, 4, (R - 1) * p.SH + p.KH);
   const int64_t S = Lay.groups * p.KH * p.KW;
   const std::vector<int64_t> offs = step_offsets(p, Lay);
 
@@ -632,14 +756,27 @@ bool run_dot(const PackedConvParams& p) {
     corr[static_cast<size_t>(co)] = i16 ? 0 : static_cast<int32_t>(r.off * sum);
   }
 
-  auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][8]) {
+  auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][SEG]) {
     const int32_t* wp = panel.data() + cb * S * MR;
-    if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
-    if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
-    if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
-    return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
+    if constexpr (kZmm) {
+#if defined(CPU_CAPABILITY_AVX512)
+      return dot_tile_zmm(base, offs.data(), S, wp, res);
+#endif
+    } else {
+      if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
+      if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
+      if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
+      return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
+    }
   };
-  return run_blocked<MR, NR, 8>(p, Lay, R, CB, corr.data(), kc * width + 32, fill, tile);
+  return run_blocked<MR, NR, SEG>(p, Lay, R, CB, corr.data(), kc * width + 64, fill, tile);
+}
+
+bool run_dot(const PackedConvParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (p.use_vnni) return run_dot_tiles<kZmmMR, kZmmNR, 16>(p);
+#endif
+  return run_dot_tiles<kDotMR, kDotNR, 8>(p);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ integer codes (int8/uint8) between layers on the CPU (the integer pipeline):
 - a "quantize" node makes codes (torch.ops.qops.requantize from floats or from codes at another step; nothing
   when its input already has its codes), and FQSR's skip "add" of two code operands whose sum is quantized is
   one torch.ops.qops.quantized_add on codes;
-- ReLU, pixel shuffle, nearest upsampling and concatenation (at one step) move codes; every other node gets
-  floats (codes times their step, what fake_quant returns).
+- ReLU, pixel shuffle (in the epilogue of the conv before it), nearest upsampling and concatenation (at one
+  step) move codes; every other node gets floats (codes times their step, what fake_quant returns).
 
 Every step computes the float32 operations of the float pipeline (each conv's float output, fake_quant on
 it) in the same order, so the codes, and the output, are those of the float pipeline bit for bit
@@ -110,6 +110,7 @@ class PackedModel:
         self._spec: dict[str, Spec] = {}
         self._nonneg: set[str] = set()  # codes values known to be >= 0 (a ReLU already applied)
         self._wanted: dict[str, tuple[Spec, bool] | None] = {}
+        self._shuffled: set[str] = set()  # conv outputs written pixel-shuffled by the conv's epilogue
         self._steps = [
             self._compile(node, inplace) for node, inplace in zip(nodes, self._inplace, strict=True)
         ]
@@ -213,9 +214,16 @@ class PackedModel:
                 self._spec[out] = wanted[0]
                 if relu or not o_signed:
                     self._nonneg.add(out)
+                # A pixel shuffle that is the conv's only consumer is done by its epilogue.
+                cons = self._consumers[out]
+                r = int(cons[0]["factor"]) if len(cons) == 1 and cons[0]["op"] == "pixel_shuffle" else 1
+                if w_shape[0] % (r * r):
+                    r = 1
+                if r > 1:
+                    self._shuffled.add(out)
                 return lambda xs: conv(
                     x_in(xs[0]), w, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding,
-                    o_scale, o_bits, o_signed, relu,
+                    o_scale, o_bits, o_signed, relu, r,
                 )  # fmt: skip
             bias = t.get("bias")
             if bias is not None:  # int32 at the accumulator's step (docs/deploy.md)
@@ -254,6 +262,8 @@ class PackedModel:
             self._spec[out] = self._spec[ins[0]]
             if ins[0] in self._nonneg:
                 self._nonneg.add(out)
+            if ins[0] in self._shuffled:  # done by the conv's epilogue
+                return lambda xs: xs[0]
             return self._compile_float(node, False, t)  # both only move elements: any dtype
         elif (
             op == "concat"
