@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #define QOPS_CODES_AVX2 1
 #endif
+// GCC 12 flags _mm512_undefined_*() inside its own AVX-512 intrinsics as "may be used uninitialized".
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // The float pipeline rounds each product and the sum separately: no fused multiply-adds here (GCC contracts
 // a * b + c, intrinsics included, unless told not to).
@@ -24,6 +26,16 @@ inline float value_at(const CodesOperand& a, int64_t i) {
   const int c = a.is_signed ? static_cast<const int8_t*>(a.codes)[i] : static_cast<const uint8_t*>(a.codes)[i];
   return static_cast<float>(c) * a.scale;
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Sixteen values of operand a from element i.
+inline __m512 values16(const CodesOperand& a, int64_t i) {
+  if (a.f != nullptr) return _mm512_loadu_ps(a.f + i);
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(a.codes) + i));
+  const __m512i c = a.is_signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(a.scale));
+}
+#endif
 
 #if defined(QOPS_CODES_AVX2)
 // Eight values of operand a from element i.
@@ -40,6 +52,21 @@ inline __m256 values8(const CodesOperand& a, int64_t i) {
 void requantize_kernel(const CodesParams& p, int64_t begin, int64_t end) {
   const float inv = p.inv_scale, lo = static_cast<float>(p.lo), hi = static_cast<float>(p.hi);
   int64_t i = begin;
+#if defined(CPU_CAPABILITY_AVX512)
+  {
+    const __m512 vinv = _mm512_set1_ps(inv), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    const bool is_signed = p.lo < 0;
+    for (; i + 16 <= end; i += 16) {
+      __m512 v = values16(p.x, i);
+      if (p.has_y) v = _mm512_add_ps(v, values16(p.y, i));
+      v = _mm512_roundscale_ps(_mm512_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m512i q = _mm512_cvtps_epi32(v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p.out + i),
+                       is_signed ? _mm512_cvtsepi32_epi8(q) : _mm512_cvtusepi32_epi8(q));
+    }
+  }
+#endif
 #if defined(QOPS_CODES_AVX2)
   const __m256 vinv = _mm256_set1_ps(inv), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
   const bool is_signed = p.lo < 0;

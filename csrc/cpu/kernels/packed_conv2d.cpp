@@ -41,6 +41,8 @@
 #include <immintrin.h>
 #define QOPS_PC_AVX2 1
 #endif
+// GCC 12 flags _mm512_undefined_*() inside its own AVX-512 intrinsics as "may be used uninitialized".
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace qops::cpu::CPU_CAPABILITY {
 
@@ -137,6 +139,24 @@ inline void emit_codes(const PackedConvParams& p, const int32_t* v, int64_t coun
   const float lo = static_cast<float>(p.out_lo), hi = static_cast<float>(p.out_hi);
   const bool relu = p.out_relu;
   int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  {
+    // 16 at a time; vpmov(u)sdb narrows with saturation (the values are already within the code range).
+    const __m512i vc = _mm512_set1_epi32(corr);
+    const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b), vinv = _mm512_set1_ps(inv);
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
+    const bool is_signed = p.out_lo < 0;
+    for (; t + 16 <= count; t += 16) {
+      const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(v + t), vc);
+      __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm512_max_ps(f, zero);
+      f = _mm512_roundscale_ps(_mm512_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm512_min_ps(_mm512_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m512i q = _mm512_cvtps_epi32(f);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + t), is_signed ? _mm512_cvtsepi32_epi8(q) : _mm512_cvtusepi32_epi8(q));
+    }
+  }
+#endif
 #if defined(QOPS_PC_AVX2)
   {
     const __m256i vc = _mm256_set1_epi32(corr);
@@ -207,6 +227,34 @@ inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, i
     const int64_t m = std::min<int64_t>(64, count - t0);
     emit_codes(p, v + t0, m, corr, s, b, tmp);
     for (int64_t k = 0; k < m; ++k) o[(t0 + k) * r] = tmp[k];
+  }
+}
+
+// Codes of channels co (dx = 0) and co + 1 (dx = 1) of a pixel shuffle by 2 (co even), interleaved into their
+// shared output row: the two channels' count codes become 2 count consecutive bytes.
+inline void emit_shuffle2(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, int64_t ox0, int64_t count,
+                          const int32_t* v0, const int32_t* v1, int32_t corr0, int32_t corr1) {
+  const int64_t sub = co % 4;
+  uint8_t* o = p.out_codes + (((n * (p.Cout / 4) + co / 4) * p.Ho + oy) * 2 + sub / 2) * (p.Wo * 2) + ox0 * 2;
+  const float b0 = p.bias != nullptr ? p.bias[co] : 0.f, b1 = p.bias != nullptr ? p.bias[co + 1] : 0.f;
+  alignas(64) uint8_t t0[64], t1[64];
+  for (int64_t k0 = 0; k0 < count; k0 += 64) {
+    const int64_t m = std::min<int64_t>(64, count - k0);
+    emit_codes(p, v0 + k0, m, corr0, p.out_scale[co], b0, t0);
+    emit_codes(p, v1 + k0, m, corr1, p.out_scale[co + 1], b1, t1);
+    int64_t k = 0;
+#if defined(QOPS_PC_AVX2)
+    for (; k + 16 <= m; k += 16) {
+      const __m128i a = _mm_load_si128(reinterpret_cast<const __m128i*>(t0 + k));
+      const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(t1 + k));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * (k0 + k)), _mm_unpacklo_epi8(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * (k0 + k) + 16), _mm_unpackhi_epi8(a, b));
+    }
+#endif
+    for (; k < m; ++k) {
+      o[2 * (k0 + k)] = t0[k];
+      o[2 * (k0 + k) + 1] = t1[k];
+    }
   }
 }
 
@@ -391,6 +439,7 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
   const int64_t per_row = (p.Wo + SEG - 1) / SEG;
   const int64_t items = p.N * nb;
   BadFlag bad;
+  const bool shuffle2 = p.out_codes != nullptr && p.out_shuffle == 2;
   std::atomic<int64_t> next{0};
   const int64_t workers =
       std::min(items, parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs));
@@ -421,6 +470,14 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
           const int nvalid = static_cast<int>(std::min<int64_t>(NR, nseg - k0));
           for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
             const int64_t co = cb * MR + i;
+            // A pixel shuffle by 2 pairs channels co, co + 1 in one output row (Cout % 4 == 0, co even).
+            if (shuffle2 && co % 2 == 0 && i + 1 < MR) {
+              for (int j = 0; j < nvalid; ++j)
+                emit_shuffle2(p, n, co, oy[k0 + j], ox0[k0 + j], std::min<int64_t>(SEG, p.Wo - ox0[k0 + j]),
+                              res[i][j], res[i + 1][j], corr[co], corr[co + 1]);
+              ++i;
+              continue;
+            }
             for (int j = 0; j < nvalid; ++j)
               emit(p, n, co, oy[k0 + j], ox0[k0 + j], std::min<int64_t>(SEG, p.Wo - ox0[k0 + j]), res[i][j], corr[co]);
           }
