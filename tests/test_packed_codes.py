@@ -270,3 +270,21 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.qops.quantized_add, (c, 0.1, c.flip(0), 0.2, 0.25, 8, True), test_utils=test_utils
     )
+
+
+@pytest.mark.parametrize("isa", ISAS[1:] or ISAS)
+def test_threads_share_the_work_exactly(isa):
+    """Large enough to run on two threads (row blocks and chunks taken from a shared counter): the same codes."""
+    gen = torch.Generator().manual_seed(9)
+    args, out_scale = conv_case(gen, 1, 32, 32, 48, 80, 3, 4, 4, True, False, 8, True)  # 35 M MACs
+    c = codes(gen, (3, 300_000), 8, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with forced(isa):
+            got = requantized_conv2d(*args, out_scale, 8, True, True)
+            q = quantized_add(c, 0.1, c.flip(1), 0.05, 0.12, 8, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, R.requantized_conv2d(*args, out_scale, 8, True, True))
+    assert torch.equal(q, R.quantized_add(c, 0.1, c.flip(1), 0.05, 0.12, 8, True))

@@ -5,9 +5,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "packed_codes.h"
+#include "packed_parallel.h"
 #include "qops/checks.h"
 #include "qops/packed_conv_args.h"
 #include "qops/parallel_grain.h"
@@ -42,7 +44,12 @@ at::Tensor run(CodesParams& p, const at::Tensor& like, double scale, int64_t bit
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(is_signed ? at::kChar : at::kByte));
   p.n = out.numel();
   p.out = static_cast<uint8_t*>(out.mutable_data_ptr());
-  at::parallel_for(0, p.n, parallel_grain(4), [&](int64_t b, int64_t e) { QOPS_CPU_DISPATCH(requantize_kernel, p, b, e); });
+  // Chunks of 64 Ki elements (a few tens of microseconds each), shared without spin-waiting.
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (p.n + kChunk - 1) / kChunk;
+  run_shared(chunks, parallel_threads(p.n * 4, at::get_num_threads()), [&](int64_t c, const auto& claim) {
+    for (; c >= 0; c = claim()) QOPS_CPU_DISPATCH(requantize_kernel, p, c * kChunk, std::min(p.n, (c + 1) * kChunk));
+  });
   return out;
 }
 

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../packed_conv2d.h"
+#include "../packed_parallel.h"
 #include "qops/parallel_grain.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -429,9 +430,9 @@ int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
 // phase ph of the row at out + ph * L.plane) into a thread-local buffer with layout L (L.Hp = the rows of
 // a full block), then runs tile(bases, cb, res) for every block of MR output channels (outer, so that
 // one block's weights stay in L1) and group of NR segments of SEG pixels, and writes the results minus
-// corr[co]. Threads take items from a shared counter (dynamic scheduling: a thread that is descheduled on a
-// busy machine leaves its items to the others instead of stalling the layer). Returns false if fill
-// reported an activation code out of range.
+// corr[co]. Threads take items from a shared counter without spin-waiting (run_shared, packed_parallel.h: a
+// thread that gets no core on a busy machine leaves its items to the others instead of stalling the layer).
+// Returns false if fill reported an activation code out of range.
 template <int MR, int NR, int SEG, typename Fill, typename Tile>
 bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64_t CB, const int32_t* corr,
                  int64_t tmp_bytes, Fill fill, Tile tile) {
@@ -440,18 +441,16 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
   const int64_t items = p.N * nb;
   BadFlag bad;
   const bool shuffle2 = p.out_codes != nullptr && p.out_shuffle == 2;
-  std::atomic<int64_t> next{0};
   const int64_t workers =
       std::min(items, parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  run_shared(items, workers, [&](int64_t first, const auto& claim) {
     auto buf = uninit<uint8_t>(L.image);
     std::vector<uint8_t> tmp(static_cast<size_t>(tmp_bytes));
     alignas(64) int32_t res[MR][NR][SEG];
     std::vector<const uint8_t*> bases(static_cast<size_t>((R * per_row + NR - 1) / NR * NR));
     std::vector<int64_t> oy(bases.size()), ox0(bases.size());
     uint32_t flag = 0;
-    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < items;
-         t = next.fetch_add(1, std::memory_order_relaxed)) {
+    for (int64_t t = first; t >= 0; t = claim()) {
       const int64_t n = t / nb, oy0 = (t % nb) * R, oy1 = std::min(p.Ho, oy0 + R);
       const int64_t y0 = oy0 * p.SH, rows = (oy1 - 1 - oy0) * p.SH + p.KH;
       for (int64_t g = 0; g < L.groups; ++g)
