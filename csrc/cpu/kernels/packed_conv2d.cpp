@@ -1,10 +1,11 @@
-// Hot loops of torch.ops.qops.packed_conv2d / quantized_conv2d on CPU, compiled once per ISA (setup.py).
-// The entry point (csrc/cpu/packed_conv2d.cpp) unpacks the bit-plane weights (csrc/include/qops/packed_layout.h)
-// into int8 codes, picks the path and calls packed_conv2d_kernel, which builds the path's weight panel and
-// runs one at::parallel_for over blocks of output rows (run_blocked): each work item lays out the
-// activation rows of its block (range check / float quantization fused) in a thread-local buffer, runs
-// the path's register tile over it and writes int32 (or dequantized float) NCHW output. Every path
-// computes the same exact integers. docs/kernels.md describes the paths for users.
+// Hot loops of torch.ops.qops.packed_conv2d / quantized_conv2d / requantized_conv2d on CPU, compiled once per
+// ISA (setup.py). The entry point (csrc/cpu/packed_conv2d.cpp) unpacks the bit-plane weights
+// (csrc/include/qops/packed_layout.h) into int8 codes, picks the path and calls packed_conv2d_kernel, which
+// builds the path's weight panel and shares blocks of output rows among the threads (run_blocked): each
+// work item lays out the activation rows of its block (range check / float quantization fused) in a
+// thread-local buffer, runs the path's register tile over it and writes int32, dequantized float or the
+// next layer's codes (optionally pixel-shuffled) as NCHW output. Every path computes the same exact
+// integers. docs/kernels.md describes the paths for users.
 //
 //   scalar     direct convolution on the codes (portable; the only path of the DEFAULT build).
 //   dot        activations as offset codes u = x + 2^(a-1)·signed in [0, 2^a) (4 channels of a pixel in
@@ -13,7 +14,8 @@
 //              vpaddw for L = 32767 / max|pair| steps before vpmaddwd widens them to int32: low
 //              bit-widths need one multiply per 32 MACs instead of two (the int8 kernel's vpmaddubsw +
 //              vpmaddwd). a8 x w8 (the one pair that can saturate) runs on int16 codes with vpmaddwd.
-//              AVX512 builds with VNNI use vpdpbusd (u8 x s8 -> int32, never saturates).
+//              AVX512 builds with VNNI use vpdpbusd (u8 x s8 -> int32, never saturates) in an 8x3 tile of
+//              zmm registers (8 output channels x 48 pixels, segments of 16).
 //              Signed activations: sum x·w = sum u·w - 2^(a-1)·sum w, padding holds u = 2^(a-1).
 //   lut        (a_bits <= 2) g = 4 / a_bits activations of one pixel form a 4-bit index; per output
 //              channel and step a 16-entry table holds sum_t x_t·w_t for every index, biased by its own
