@@ -47,7 +47,7 @@ at::Tensor run(CodesParams& p, const at::Tensor& like, double scale, int64_t bit
   // Chunks of 64 Ki elements (a few tens of microseconds each), shared without spin-waiting.
   constexpr int64_t kChunk = int64_t{1} << 16;
   const int64_t chunks = (p.n + kChunk - 1) / kChunk;
-  run_shared(chunks, parallel_threads(p.n * 4, at::get_num_threads()), [&](int64_t c, const auto& claim) {
+  run_shared(chunks, parallel_threads(p.n * 4, at::get_num_threads()), [&](int64_t c, const Claim& claim) {
     for (; c >= 0; c = claim()) QOPS_CPU_DISPATCH(requantize_kernel, p, c * kChunk, std::min(p.n, (c + 1) * kChunk));
   });
   return out;

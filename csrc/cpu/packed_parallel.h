@@ -19,34 +19,42 @@
 
 namespace qops::cpu {
 
+// The shared counter of run_shared. (No vector code: the per-ISA kernel files share it.)
+struct SharedItems {
+  std::mutex m;
+  std::condition_variable done;
+  int64_t next = 0, items = 0, holding = 0;
+  // The next item, or -1; `first` registers a thread as holding items until it calls release().
+  int64_t claim(bool first) {
+    std::lock_guard<std::mutex> lock(m);
+    if (next >= items) return -1;
+    if (first) ++holding;
+    return next++;
+  }
+  void release() {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      --holding;
+    }
+    done.notify_all();
+  }
+};
+
+// What a worker calls for its next item: the item, or -1 when none is left.
+struct Claim {
+  SharedItems* s;
+  int64_t operator()() const { return s->claim(false); }
+};
+
 // Runs items [0, items) on up to `workers` threads (the caller included). work(first, claim) processes item
 // `first` and then every item that claim() returns until it returns -1; it runs once per thread that got an
 // item, so it may set up per-thread buffers before its loop.
 template <typename Work>
 void run_shared(int64_t items, int64_t workers, Work&& work) {
-  struct Shared {
-    std::mutex m;
-    std::condition_variable done;
-    int64_t next = 0, items = 0, holding = 0;
-    // The next item, or -1; `first` registers a thread as holding items until it calls release().
-    int64_t claim(bool first) {
-      std::lock_guard<std::mutex> lock(m);
-      if (next >= items) return -1;
-      if (first) ++holding;
-      return next++;
-    }
-    void release() {
-      {
-        std::lock_guard<std::mutex> lock(m);
-        --holding;
-      }
-      done.notify_all();
-    }
-  };
   if (items <= 0) return;
-  auto shared = std::make_shared<Shared>();
+  auto shared = std::make_shared<SharedItems>();
   shared->items = items;
-  auto claim = [s = shared.get()]() { return s->claim(false); };
+  const Claim claim{shared.get()};
   // Helpers touch `work` only after a successful first claim, which the caller waits for: a helper that
   // starts after the caller returned finds no item and only touches `shared`, which it co-owns.
   auto* work_ptr = &work;

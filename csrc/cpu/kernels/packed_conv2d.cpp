@@ -445,7 +445,7 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
   const bool shuffle2 = p.out_codes != nullptr && p.out_shuffle == 2;
   const int64_t workers =
       std::min(items, parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs));
-  run_shared(items, workers, [&](int64_t first, const auto& claim) {
+  run_shared(items, workers, [&](int64_t first, const Claim& claim) {
     auto buf = uninit<uint8_t>(L.image);
     std::vector<uint8_t> tmp(static_cast<size_t>(tmp_bytes));
     alignas(64) int32_t res[MR][NR][SEG];
