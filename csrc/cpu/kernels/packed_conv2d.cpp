@@ -261,6 +261,43 @@ inline void emit_shuffle2(const PackedConvParams& p, int64_t n, int64_t co, int6
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// emit() of a whole MR x NR tile of 16-pixel segments as codes (no pixel shuffle), the per-channel factors and
+// the constants loaded once: the same operations as emit_codes, a masked store for a segment cut by the
+// row's end.
+template <int MR, int NR>
+void emit_codes_tile16(const PackedConvParams& p, int64_t n, int64_t cb, const int64_t* oy, const int64_t* ox0,
+                       int nvalid, const int32_t (*res)[NR][16], const int32_t* corr) {
+  const __m512 vinv = _mm512_set1_ps(p.out_inv_scale), zero = _mm512_setzero_ps();
+  const __m512 vlo = _mm512_set1_ps(static_cast<float>(p.out_lo)), vhi = _mm512_set1_ps(static_cast<float>(p.out_hi));
+  const bool is_signed = p.out_lo < 0, relu = p.out_relu;
+  int64_t off[NR];
+  __mmask16 mask[NR];
+  for (int j = 0; j < nvalid; ++j) {
+    off[j] = oy[j] * p.Wo + ox0[j];
+    const int64_t count = std::min<int64_t>(16, p.Wo - ox0[j]);
+    mask[j] = static_cast<__mmask16>((1u << count) - 1u);
+  }
+  for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
+    const int64_t co = cb * MR + i;
+    const __m512 vs = _mm512_set1_ps(p.out_scale[co]);
+    const __m512 vb = _mm512_set1_ps(p.bias != nullptr ? p.bias[co] : 0.f);
+    const __m512i vc = _mm512_set1_epi32(corr[co]);
+    uint8_t* plane = p.out_codes + (n * p.Cout + co) * p.Ho * p.Wo;
+    for (int j = 0; j < nvalid; ++j) {
+      const __m512i a = _mm512_sub_epi32(_mm512_load_si512(res[i][j]), vc);
+      __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm512_max_ps(f, zero);
+      f = _mm512_roundscale_ps(_mm512_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm512_min_ps(_mm512_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m512i q = _mm512_cvtps_epi32(f);
+      const __m128i b = is_signed ? _mm512_cvtsepi32_epi8(q) : _mm512_cvtusepi32_epi8(q);
+      _mm_mask_storeu_epi8(plane + off[j], mask[j], b);
+    }
+  }
+}
+#endif
+
 // Tiles of output pixels: segments of SEG consecutive pixels of one output row, grouped by NR.
 struct Segments {
   int64_t seg, per_row, total, groups;
@@ -443,6 +480,8 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
   const int64_t items = p.N * nb;
   BadFlag bad;
   const bool shuffle2 = p.out_codes != nullptr && p.out_shuffle == 2;
+  const bool codes16 = p.out_codes != nullptr && p.out_shuffle == 1;  // emit_codes_tile16 (AVX512, SEG 16)
+  (void)codes16;
   const int64_t workers =
       std::min(items, parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs));
   run_shared(items, workers, [&](int64_t first, const Claim& claim) {
@@ -469,6 +508,14 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
           const int64_t k0 = gi * NR;
           tile(bases.data() + k0, cb, res);
           const int nvalid = static_cast<int>(std::min<int64_t>(NR, nseg - k0));
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (SEG == 16) {
+            if (codes16) {
+              emit_codes_tile16<MR, NR>(p, n, cb, oy.data() + k0, ox0.data() + k0, nvalid, res, corr);
+              continue;
+            }
+          }
+#endif
           for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
             const int64_t co = cb * MR + i;
             // A pixel shuffle by 2 pairs channels co, co + 1 in one output row (Cout % 4 == 0, co even).
