@@ -3,7 +3,10 @@
 edsr-baseline (Lim et al., CVPRW 2017) with random weights; its 4-bit FQSR version (Wang et al., ACM MM
 2021), quantizers calibrated on the input as bench/bench_upscale.py does, is exported once and run by
 
-  packed      qnas.deploy.PackedModel on the packed export (torch.ops.qops.quantized_conv2d per conv);
+  packed      qnas.deploy.PackedModel on the packed export: the integer pipeline (activations stay int8/uint8
+              codes between layers: requantized_conv2d, quantized_add, requantize);
+  packed-float  the same file with PackedModel(..., integer=False): every conv a quantized_conv2d with float
+              output, every quantize node a fake_quant (the same output bit for bit);
   ort-qdq     onnxruntime on the QDQ ONNX export of the same graph (qnas.export.onnx.onnx_model), default
               session options: every graph optimization on (ORT_ENABLE_ALL), unlike ort_session(), which
               turns DoubleQDQPairsRemover off for bit-exactness;
@@ -59,9 +62,10 @@ from qnas.errors import QnasError  # noqa: E402
 from qnas.export import agreement_psnr  # noqa: E402
 from qnas.export.onnx import OPSET, onnx_model, require_export_extra  # noqa: E402
 
-IMPLS = ("packed", "ort-qdq", "ort-int8", "torch-fp32", "torch-int8")
+IMPLS = ("packed", "packed-float", "ort-qdq", "ort-int8", "torch-fp32", "torch-int8")
 DESCRIPTION = {
-    "packed": "packed w{bits}a{bits} runtime (qnas.deploy, qops quantized_conv2d)",
+    "packed": "packed w{bits}a{bits} runtime (qnas.deploy), integer pipeline (codes between layers)",
+    "packed-float": "packed w{bits}a{bits} runtime, float pipeline (float32 between layers)",
     "ort-qdq": "onnxruntime, QDQ export of the same {bits}-bit network (ORT_ENABLE_ALL)",
     "ort-int8": "onnxruntime int8 quantize_static (QDQ, per-channel w, u8 act), fp32 net",
     "torch-fp32": "torch fp32 (oneDNN, channels_last, inference_mode)",
@@ -263,6 +267,7 @@ def run_config(h, w, scale, thread_list, bits, rounds, impls, tmp, model_kwargs,
 
     builders = {
         "packed": lambda: lambda n: lambda: packed(x),
+        "packed-float": lambda: _packed_float_maker(packed, x),
         "ort-qdq": lambda: ort_impl("ort-qdq", onnx_model(packed.graph, packed.tensors).SerializeToString()),
         "ort-int8": lambda: ort_impl("ort-int8", ort_int8(fp32, x, calib, tmp)),
         "torch-fp32": lambda: _fp32_maker(fp32, x_cl),
@@ -340,6 +345,13 @@ def run_config(h, w, scale, thread_list, bits, rounds, impls, tmp, model_kwargs,
             }
         )  # fmt: skip
     return results
+
+
+def _packed_float_maker(packed, x):
+    from qnas.deploy import PackedModel
+
+    model = PackedModel(packed.graph, packed.tensors, integer=False)
+    return lambda threads: lambda: model(x)
 
 
 def _fp32_maker(fp32, x_cl):

@@ -25,10 +25,26 @@ TORCH_LIBRARY(qops, m) {
   m.def(
       "packed_conv2d(Tensor x_codes, Tensor w_packed, int[] w_shape, int w_bits, int a_bits, bool a_signed, "
       "int[2] stride, int[2] padding) -> Tensor");
-  // Float in/out: quantize x, integer convolution, out = acc * (w_scale[c] * a_scale) + bias[c].
+  // Float out: quantize x (float32; CPU also takes the codes themselves, int8 if a_signed else uint8), integer
+  // convolution, out = acc * (w_scale[c] * a_scale) + bias[c] (float32 bias).
   m.def(
       "quantized_conv2d(Tensor x, Tensor w_packed, int[] w_shape, Tensor w_scale, float a_scale, int w_bits, "
       "int a_bits, bool a_signed, Tensor? bias, int[2] stride, int[2] padding) -> Tensor");
+  // Codes out (requantization epilogue): x and the convolution as quantized_conv2d, bias int32 at the step
+  // w_scale[c] * a_scale, y = acc * step[c] + bias[c] * step[c]; out = clamp(round(relu?(y) / out_scale)) at
+  // out_bits (int8 if out_signed else uint8): the next layer's activation codes, pixel-shuffled by the
+  // factor pixel_shuffle (1: none).
+  m.def(
+      "requantized_conv2d(Tensor x, Tensor w_packed, int[] w_shape, Tensor w_scale, float a_scale, int w_bits, "
+      "int a_bits, bool a_signed, Tensor? bias, int[2] stride, int[2] padding, float out_scale, int out_bits, "
+      "bool out_signed, bool relu=False, int pixel_shuffle=1) -> Tensor");
+  // Codes of x at step `scale` (clamp(round(x / scale)) at `bits`, int8 if signed else uint8); x is float32, or
+  // codes (int8/uint8) standing for x * x_scale.
+  m.def("requantize(Tensor x, float scale, int bits, bool signed, float? x_scale=None) -> Tensor");
+  // Quantized skip connection on codes: z = clamp(round((x * x_scale + y * y_scale) / out_scale)) at out_bits.
+  m.def(
+      "quantized_add(Tensor x, float x_scale, Tensor y, float y_scale, float out_scale, int out_bits, "
+      "bool out_signed) -> Tensor");
   // The QuantNAS supernet layer: y = sum_{o,i,j} probs[o,i,j] * conv_o(FQa_j(x), FQw_i(weights[o])) + bias,
   // computed as one (or a few) convolutions of all activation variants with merged weights.
   m.def(

@@ -1,10 +1,17 @@
-"""Bit-packed low-bit convolution for inference: ``pack_weight``, ``packed_conv2d``, ``quantized_conv2d``.
+"""Bit-packed low-bit convolution for inference: ``pack_weight``, ``packed_conv2d``, ``quantized_conv2d``, and
+the integer pipeline between layers: ``requantized_conv2d`` (codes out), ``requantize``, ``quantized_add``.
 
 Weights are integer codes packed into bit-planes (layout in csrc/include/qops/packed_layout.h and
 docs/kernels.md), activations are codes (or floats quantized on the fly), and the convolution is exact
 integer arithmetic on CPU (AVX2/AVX-512 paths: int8 dot products, lookup tables, bit-serial popcount) and
 CUDA (dp4a, 1-bit popcount). This is the per-layer block that `qnas upscale` runs after QuantNAS / DQSS /
 FQSR training produced the bit-widths and scales.
+
+Between layers the packed runtime keeps activations as codes (int8/uint8, CPU): ``requantized_conv2d`` ends
+the convolution with the next quantizer (scale, int32 bias, ReLU, round, clamp) and writes its codes,
+``requantize`` moves codes (or floats) to another step, ``quantized_add`` is FQSR's skip ``Q(Q(x) + Q(y))`` on
+codes. Every step computes the float32 operations of the fake-quantized network in the same order, so the
+codes equal those of the float pipeline bit for bit (qops.reference states each op).
 
 The ops are inference-only: none is differentiable. ``quantized_conv2d`` accepts inputs that require
 grad but its backward raises; train with fake quantization and convert with
@@ -26,6 +33,9 @@ __all__ = [
     "unpack_weight",
     "packed_conv2d",
     "quantized_conv2d",
+    "requantized_conv2d",
+    "requantize",
+    "quantized_add",
     "quantize_weight",
     "weight_code_range",
 ]
@@ -120,6 +130,64 @@ def quantized_conv2d(
         bias,
         _pair(stride),
         _pair(padding),
+    )
+
+
+def requantized_conv2d(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_shape: list[int] | tuple[int, ...],
+    w_scale: torch.Tensor,
+    a_scale: float,
+    w_bits: int,
+    a_bits: int,
+    a_signed: bool,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    out_scale: float,
+    out_bits: int,
+    out_signed: bool,
+    relu: bool = False,
+    pixel_shuffle: int = 1,
+) -> torch.Tensor:
+    """Codes in (or float, quantized as in :func:`quantized_conv2d`), the next layer's codes out (CPU).
+
+    ``bias``: int32 [Cout] at the accumulator's step ``w_scale[c] * a_scale``. With y the float that
+    quantized_conv2d returns for the float bias ``bias * step``, out = clamp(round(y' / out_scale)) at
+    ``out_bits`` (int8 if ``out_signed`` else uint8), y' = relu(y) if ``relu`` else y: what the next
+    quantizer (fake_quant) makes of y. ``pixel_shuffle`` r > 1 writes them as ``F.pixel_shuffle(out, r)`` (the
+    sub-pixel convolution of Shi et al., CVPR 2016, without a pass over the codes)."""
+    return torch.ops.qops.requantized_conv2d(
+        x, w_packed, list(w_shape), w_scale, float(a_scale), w_bits, a_bits, a_signed, bias,
+        _pair(stride), _pair(padding), float(out_scale), out_bits, out_signed, relu, pixel_shuffle,
+    )  # fmt: skip
+
+
+def requantize(
+    x: torch.Tensor, scale: float, bits: int, signed: bool, x_scale: float | None = None
+) -> torch.Tensor:
+    """Codes clamp(round(v * (1/scale))) at ``bits`` (int8 if ``signed`` else uint8) of v = x (float32) or
+    v = x * x_scale (x codes, int8/uint8): fake_quant's codes of v (CPU)."""
+    return torch.ops.qops.requantize(
+        x, float(scale), bits, signed, None if x_scale is None else float(x_scale)
+    )
+
+
+def quantized_add(
+    x: torch.Tensor,
+    x_scale: float,
+    y: torch.Tensor,
+    y_scale: float,
+    out_scale: float,
+    out_bits: int,
+    out_signed: bool,
+) -> torch.Tensor:
+    """FQSR's quantized skip on codes (CPU): the codes of ``x * x_scale + y * y_scale`` at step ``out_scale``
+    and ``out_bits`` (int8 if ``out_signed`` else uint8); each product and the sum rounded to float32 as the
+    float pipeline computes ``Q_out(Q_x(a) + Q_y(b))``."""
+    return torch.ops.qops.quantized_add(
+        x, float(x_scale), y, float(y_scale), float(out_scale), out_bits, out_signed
     )
 
 
@@ -225,33 +293,110 @@ def _packed_conv2d_fake(x_codes, w_packed, w_shape, w_bits, a_bits, a_signed, st
 def _quantized_conv2d_fake(
     x, w_packed, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding
 ):
-    _check_dtype(x, torch.float32, "x")
+    _check_float_or_codes(x, a_signed)
     ho, wo = _check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding)
+    _check_scales_and_bias(x, w_shape, w_scale, a_scale, bias, torch.float32)
+    return x.new_empty((x.shape[0], w_shape[0], ho, wo), dtype=torch.float32)
+
+
+def _check_float_or_codes(x, a_signed):
+    codes = torch.int8 if a_signed else torch.uint8
+    torch._check(
+        x.dtype in (torch.float32, codes),
+        lambda: (
+            f"x: expected dtype float32 or activation codes "
+            f"{'int8 (a_signed)' if a_signed else 'uint8 (unsigned)'}, got {x.dtype}"
+        ),
+    )
+
+
+def _check_step(step: float, name: str) -> None:
+    torch._check(
+        math.isfinite(step) and step > 0, lambda: f"{name}: expected a positive finite step, got {step}"
+    )
+    f = _float32(step)
+    torch._check(
+        math.isfinite(f) and f > 0 and math.isfinite(_float32(1.0 / f)),
+        lambda: (
+            f"{name}: {step} is not a usable float32 step (its float32 value or inverse is 0 or infinite)"
+        ),
+    )
+
+
+def _check_scales_and_bias(x, w_shape, w_scale, a_scale, bias, bias_dtype):
     _check_dtype(w_scale, torch.float32, "w_scale")
     _check_device(w_scale, "w_scale", x, "x")
     torch._check(
         w_scale.dim() <= 1 and (w_scale.numel() == w_shape[0] or w_scale.numel() == 1),
         lambda: f"w_scale: expected shape [Cout] = [{w_shape[0]}] or one element, got {tuple(w_scale.shape)}",
     )
-    torch._check(
-        math.isfinite(a_scale) and a_scale > 0,
-        lambda: f"a_scale: expected a positive finite step, got {a_scale}",
-    )
-    a_scale_f = _float32(a_scale)
-    torch._check(
-        math.isfinite(a_scale_f) and a_scale_f > 0 and math.isfinite(_float32(1.0 / a_scale_f)),
-        lambda: (
-            f"a_scale: {a_scale} is not a usable float32 step (its float32 value or inverse is 0 or infinite)"
-        ),
-    )
+    _check_step(a_scale, "a_scale")
     if bias is not None:
-        _check_dtype(bias, torch.float32, "bias")
+        _check_dtype(bias, bias_dtype, "bias")
         _check_device(bias, "bias", x, "x")
         torch._check(
             bias.dim() == 1 and bias.shape[0] == w_shape[0],
             lambda: f"bias: expected shape [{w_shape[0]}], got {tuple(bias.shape)}",
         )
-    return x.new_empty((x.shape[0], w_shape[0], ho, wo), dtype=torch.float32)
+
+
+def _codes_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+@torch.library.register_fake("qops::requantized_conv2d")
+def _requantized_conv2d_fake(
+    x, w_packed, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding,
+    out_scale, out_bits, out_signed, relu=False, pixel_shuffle=1,
+):  # fmt: skip
+    _check_float_or_codes(x, a_signed)
+    ho, wo = _check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding)
+    _check_scales_and_bias(x, w_shape, w_scale, a_scale, bias, torch.int32)
+    _check_step(out_scale, "out_scale")
+    _check_bits(out_bits, "out_bits")
+    r = pixel_shuffle
+    torch._check(
+        1 <= r <= 8 and w_shape[0] % (r * r) == 0,
+        lambda: (
+            f"pixel_shuffle: expected a factor in 1..8 whose square divides the {w_shape[0]} output channels, "
+            f"got {r}"
+        ),
+    )
+    shape = (x.shape[0], w_shape[0] // (r * r), ho * r, wo * r)
+    return x.new_empty(shape, dtype=_codes_dtype(out_signed))
+
+
+@torch.library.register_fake("qops::requantize")
+def _requantize_fake(x, scale, bits, signed, x_scale=None):
+    if x.dtype == torch.float32:
+        torch._check(x_scale is None, lambda: "x_scale: only codes (int8/uint8) have a step; x is float32")
+    else:
+        torch._check(
+            x.dtype in (torch.int8, torch.uint8),
+            lambda: f"x: expected dtype float32, or int8/uint8 codes with a step, got {x.dtype}",
+        )
+        torch._check(x_scale is not None, lambda: f"x_scale: codes need their step (x is {x.dtype})")
+        _check_step(x_scale, "x_scale")
+    _check_bits(bits, "bits")
+    _check_step(scale, "scale")
+    return torch.empty_like(x, dtype=_codes_dtype(signed), memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qops::quantized_add")
+def _quantized_add_fake(x, x_scale, y, y_scale, out_scale, out_bits, out_signed):
+    _check_device(y, "y", x, "x")
+    torch._check(
+        x.shape == y.shape, lambda: f"y: expected the shape of x {tuple(x.shape)}, got {tuple(y.shape)}"
+    )
+    for t, name, step in ((x, "x", x_scale), (y, "y", y_scale)):
+        torch._check(
+            t.dtype in (torch.int8, torch.uint8),
+            lambda t=t, name=name: f"{name}: expected dtype int8 or uint8 (codes), got {t.dtype}",
+        )
+        _check_step(step, f"{name}_scale")
+    _check_step(out_scale, "out_scale")
+    _check_bits(out_bits, "out_bits")
+    return torch.empty_like(x, dtype=_codes_dtype(out_signed), memory_format=torch.contiguous_format)
 
 
 def _quantized_conv2d_setup(ctx, inputs, output):

@@ -330,8 +330,10 @@ def quant_noise(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Bit-packed low-bit convolution (pack_weight, packed_conv2d, quantized_conv2d): the packed layout of
-# csrc/include/qops/packed_layout.h written with tensor ops, and convolutions computed exactly in float64.
+# Bit-packed low-bit convolution (pack_weight, packed_conv2d, quantized_conv2d, requantized_conv2d) and the
+# element-wise code ops of the integer pipeline (requantize, quantized_add): the packed layout of
+# csrc/include/qops/packed_layout.h written with tensor ops, convolutions computed exactly in float64, float32
+# steps emulated exactly (fma_f32).
 
 
 def pack_weight(w_codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -389,8 +391,9 @@ def quantized_conv2d(
     stride: list[int],
     padding: list[int],
 ) -> torch.Tensor:
-    """quantize x, exact integer convolution, out = acc * (w_scale[c] * a_scale) + bias[c] (float64, then float32)."""
-    codes = quantize_activation(x, a_scale, a_bits, a_signed)
+    """quantize x (float32; codes are taken as they are), exact integer convolution,
+    out = acc * (w_scale[c] * a_scale) + bias[c] (float64, then float32)."""
+    codes = x if x.dtype != torch.float32 else quantize_activation(x, a_scale, a_bits, a_signed)
     w = unpack_weight(w_packed, w_shape, w_bits).to(torch.float64)
     acc = torch.nn.functional.conv2d(codes.to(torch.float64), w, stride=tuple(stride), padding=tuple(padding))
     scale = (w_scale.to(torch.float32) * torch.tensor(a_scale, dtype=torch.float32)).to(torch.float64)
@@ -398,6 +401,70 @@ def quantized_conv2d(
     if bias is not None:
         out = out + bias.to(torch.float64).reshape(1, -1, 1, 1)
     return out.to(torch.float32)
+
+
+def _codes_of(v: torch.Tensor, scale: float, bits: int, signed: bool) -> torch.Tensor:
+    """fake_quant's codes of float32 values v: clamp(nearbyint(v * (1/scale))), NaN to the bottom of the range,
+    as int8 (signed) or uint8."""
+    return quantize_activation(v, scale, bits, signed).to(torch.int8 if signed else torch.uint8)
+
+
+def _values(codes: torch.Tensor, scale: float) -> torch.Tensor:
+    """What fake_quant returns for these codes: code * scale in float32."""
+    return codes.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
+
+
+def requantized_conv2d(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_shape: list[int],
+    w_scale: torch.Tensor,
+    a_scale: float,
+    w_bits: int,
+    a_bits: int,
+    a_signed: bool,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    out_scale: float,
+    out_bits: int,
+    out_signed: bool,
+    relu: bool = False,
+    pixel_shuffle: int = 1,
+) -> torch.Tensor:
+    """The next layer's codes (pixel-shuffled by ``pixel_shuffle``): y = fma(acc, step[c], bias[c] * step[c]) rounded once to float32 (step = w_scale[c]
+    * a_scale and the bias product in float32, as the packed runtime forms them), relu if asked, then the codes
+    of y at out_scale (:func:`requantize`). x: float32 (quantized as in :func:`quantized_conv2d`) or codes."""
+    codes = x if x.dtype != torch.float32 else quantize_activation(x, a_scale, a_bits, a_signed)
+    w = unpack_weight(w_packed, w_shape, w_bits).to(torch.float64)
+    acc = torch.nn.functional.conv2d(codes.to(torch.float64), w, stride=tuple(stride), padding=tuple(padding))
+    step = (w_scale.to(torch.float32) * torch.tensor(a_scale, dtype=torch.float32)).expand(w_shape[0])
+    b = torch.zeros_like(step) if bias is None else bias.to(torch.float32) * step
+    y = fma_f32(acc.to(torch.float32), step.reshape(1, -1, 1, 1), b.reshape(1, -1, 1, 1))
+    if relu:
+        y = torch.relu(y)
+    return torch.nn.functional.pixel_shuffle(_codes_of(y, out_scale, out_bits, out_signed), pixel_shuffle)
+
+
+def requantize(
+    x: torch.Tensor, scale: float, bits: int, signed: bool, x_scale: float | None = None
+) -> torch.Tensor:
+    """fake_quant's codes at step ``scale`` of x (float32) or of x's codes times x_scale."""
+    v = x if x.dtype == torch.float32 else _values(x, x_scale)
+    return _codes_of(v, scale, bits, signed)
+
+
+def quantized_add(
+    x: torch.Tensor,
+    x_scale: float,
+    y: torch.Tensor,
+    y_scale: float,
+    out_scale: float,
+    out_bits: int,
+    out_signed: bool,
+) -> torch.Tensor:
+    """Q_out(Q_x(a) + Q_y(b)) on codes: the float32 sum of the two operands' values, requantized."""
+    return _codes_of(_values(x, x_scale) + _values(y, y_scale), out_scale, out_bits, out_signed)
 
 
 def mixed_quant_conv(

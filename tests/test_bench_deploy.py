@@ -62,6 +62,7 @@ def test_bench_deploy_small_network(tmp_path, keep_torch_settings):
         assert row["cpu_median_ms"] > 0 and row["gmac_s_cpu"] > 0 and row["speedup_vs_packed"] > 0
         assert row["process_cpu_median_ms"] >= row["cpu_median_ms"] * 0.99
     assert rows["packed"]["speedup_vs_packed"] == 1.0
+    assert rows["packed-float"]["psnr_vs_packed_db"] is None  # the float pipeline: identical output
     # What onnxruntime made of the QDQ graph: some convs fused into integer QLinearConv.
     assert rows["ort-qdq"]["ort_optimized_graph_ops"].get("QLinearConv", 0) > 0
     # Same 4-bit graph: onnxruntime (all optimizations) computes the packed runtime's numbers.

@@ -105,6 +105,24 @@ def test_packed_runtime_is_the_trained_network(fqsr_run, packed_file):
     assert torch.equal(y, ref)
 
 
+def test_integer_pipeline_keeps_codes_between_layers(packed_file):
+    """Activations stay int8/uint8 codes from the first conv to the output quantizer, and the result is the
+    float pipeline's (every conv dequantized, every quantize node a fake_quant) bit for bit."""
+    graph, tensors = read_packed(packed_file)
+    model = PackedModel(graph, tensors)
+    codes = model.code_values
+    nodes = graph["nodes"]
+    convs = [nd for nd in nodes if nd["op"] == "conv"]
+    # All convs emit codes but the head (its output feeds three quantizers on different grids) and the
+    # tail (its output goes on to the mean shift, then the output quantizer).
+    assert [nd["name"] for nd in convs if nd["output"] not in codes] == [convs[0]["name"], convs[-1]["name"]]
+    for nd in nodes:
+        if nd["op"] in ("add", "relu", "pixel_shuffle") or (nd["op"] == "quantize" and nd is not nodes[-2]):
+            assert nd["output"] in codes, nd["name"]
+    x = torch.rand(2, 3, 21, 19, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model(x), PackedModel(graph, tensors, integer=False)(x))
+
+
 def test_runtime_needs_no_training_code(packed_file):
     code = (
         "import sys, torch\n"
@@ -343,7 +361,10 @@ def test_searched_network_with_concat_exports():
     graph, tensors = packed_graph(net, 2)
     assert any(n["op"] == "concat" and len(n["inputs"]) == 2 for n in graph["nodes"])
     x = torch.rand(1, 3, 10, 9)
-    packed = PackedModel(graph, tensors)(x)
+    model = PackedModel(graph, tensors)
+    assert any(nd["op"] == "concat" and nd["output"] in model.code_values for nd in graph["nodes"])
+    packed = model(x)
+    assert torch.equal(packed, PackedModel(graph, tensors, integer=False)(x))
     with torch.inference_mode():
         assert torch.equal(packed, net(x).clamp(0, 1))
     sess = ort_session(onnx_model(graph, tensors).SerializeToString())

@@ -471,8 +471,10 @@ def test_errors_quantized_conv2d():
     xf = x.float()
     op = torch.ops.qops.quantized_conv2d
     ws = torch.ones(2)
-    with pytest.raises(RuntimeError, match="x: expected dtype Float"):
-        op(x, packed, shape, ws, 0.1, 4, 4, False, None, [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="x: expected dtype float32 or activation codes uint8"):
+        op(x.to(torch.int8), packed, shape, ws, 0.1, 4, 4, False, None, [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match="x: expected dtype float32 or activation codes int8"):
+        op(x, packed, shape, ws, 0.1, 4, 4, True, None, [1, 1], [0, 0])
     with pytest.raises(RuntimeError, match="a_scale: expected a positive"):
         op(xf, packed, shape, ws, 0.0, 4, 4, False, None, [1, 1], [0, 0])
     with pytest.raises(RuntimeError, match="w_scale: expected shape"):

@@ -1,4 +1,4 @@
-// torch.ops.qops.pack_weight / packed_conv2d / quantized_conv2d on CPU: argument checks, the packing
+// torch.ops.qops.pack_weight / packed_conv2d / quantized_conv2d / requantized_conv2d on CPU: argument checks, the packing
 // (csrc/include/qops/packed_layout.h), the choice of kernel path and registration. The convolution
 // kernels are in csrc/cpu/kernels/packed_conv2d.cpp (per ISA).
 #include <ATen/ATen.h>
@@ -175,14 +175,18 @@ at::Tensor packed_conv2d_cpu(const at::Tensor& x_codes, const at::Tensor& w_pack
   return out;
 }
 
-at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, at::IntArrayRef w_shape,
-                                const at::Tensor& w_scale, double a_scale, int64_t w_bits, int64_t a_bits, bool a_signed,
-                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding) {
-  check_dtype(x, at::kFloat, "x");
-  const ConvShape s = check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding);
-  check_quantized_args(x, s, w_scale, a_scale, bias);
-  const float a_scale_f = static_cast<float>(a_scale);
-  const at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+// x of quantized_conv2d / requantized_conv2d: float32 (quantized in the kernel) or the activation codes
+// themselves (int8 when a_signed, uint8 otherwise, range-checked in the kernel).
+bool check_float_or_codes(const at::Tensor& x, bool a_signed) {
+  const at::ScalarType codes = a_signed ? at::kChar : at::kByte;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == codes, "x: expected dtype float32 or activation codes ",
+              a_signed ? "int8 (a_signed)" : "uint8 (unsigned)", ", got ", x.scalar_type());
+  return x.scalar_type() != at::kFloat;
+}
+
+// The float32 factors of the epilogue: out_scale[c] = w_scale[c] * a_scale, as the reference and the runtime
+// form them.
+std::vector<float> accumulator_steps(const ConvShape& s, const at::Tensor& w_scale, float a_scale_f) {
   const at::Tensor ws = w_scale.contiguous();
   std::vector<float> out_scale(static_cast<size_t>(s.Cout));
   for (int64_t c = 0; c < s.Cout; ++c) {
@@ -190,17 +194,84 @@ at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed,
     TORCH_CHECK(sw > 0 && std::isfinite(sw), "w_scale: expected positive finite steps, got ", sw, " at index ", c);
     out_scale[static_cast<size_t>(c)] = sw * a_scale_f;
   }
+  return out_scale;
+}
+
+// Runs the kernel on float x (quantized on load) or codes x; raises if codes were out of range.
+void run_conv(PackedConvParams& p, const at::Tensor& xc, bool codes, float a_scale_f) {
+  if (codes) {
+    p.x_codes = static_cast<const uint8_t*>(xc.const_data_ptr());
+  } else {
+    p.x_float = xc.const_data_ptr<float>();
+    p.a_inv_scale = 1.f / a_scale_f;  // as fake_quant: x * (1 / scale) in float32, then nearbyint
+  }
+  const bool in_range = QOPS_CPU_DISPATCH(packed_conv2d_kernel, p);
+  const int a_bits = p.a_bits;
+  const int lo = p.a_signed ? -(1 << (a_bits - 1)) : 0, hi = p.a_signed ? (1 << (a_bits - 1)) - 1 : (1 << a_bits) - 1;
+  TORCH_CHECK(in_range, "x: codes must be in [", lo, ", ", hi, "] for a_bits=", a_bits,
+              p.a_signed ? " (signed)" : " (unsigned)", "; found a value outside");
+}
+
+at::Tensor quantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, at::IntArrayRef w_shape,
+                                const at::Tensor& w_scale, double a_scale, int64_t w_bits, int64_t a_bits, bool a_signed,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding) {
+  const bool codes = check_float_or_codes(x, a_signed);
+  const ConvShape s = check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding);
+  check_scales_and_bias(x, s, w_scale, a_scale, bias, at::kFloat, "x");
+  const float a_scale_f = static_cast<float>(a_scale);
+  const at::Tensor bias_c = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  const std::vector<float> out_scale = accumulator_steps(s, w_scale, a_scale_f);
   const at::Tensor xc = x.contiguous();
-  const at::Tensor codes = unpack_codes(w_packed, s, static_cast<int>(w_bits));
-  at::Tensor out = at::empty({s.N, s.Cout, s.Ho, s.Wo}, xc.options());
+  const at::Tensor wcodes = unpack_codes(w_packed, s, static_cast<int>(w_bits));
+  at::Tensor out = at::empty({s.N, s.Cout, s.Ho, s.Wo}, xc.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  PackedConvParams p = make_params(s, w_bits, a_bits, a_signed, codes);
-  p.x_float = xc.const_data_ptr<float>();
-  p.a_inv_scale = 1.f / a_scale_f;  // as fake_quant: x * (1 / scale) in float32, then nearbyint
+  PackedConvParams p = make_params(s, w_bits, a_bits, a_signed, wcodes);
   p.out_f = out.mutable_data_ptr<float>();
   p.out_scale = out_scale.data();
   p.bias = bias_c.defined() ? bias_c.const_data_ptr<float>() : nullptr;
-  QOPS_CPU_DISPATCH(packed_conv2d_kernel, p);
+  run_conv(p, xc, codes, a_scale_f);
+  return out;
+}
+
+at::Tensor requantized_conv2d_cpu(const at::Tensor& x, const at::Tensor& w_packed, at::IntArrayRef w_shape,
+                                  const at::Tensor& w_scale, double a_scale, int64_t w_bits, int64_t a_bits,
+                                  bool a_signed, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, double out_scale, int64_t out_bits, bool out_signed,
+                                  bool relu, int64_t pixel_shuffle) {
+  const bool codes = check_float_or_codes(x, a_signed);
+  const ConvShape s = check_conv(x, "x", w_packed, w_shape, w_bits, a_bits, stride, padding);
+  check_scales_and_bias(x, s, w_scale, a_scale, bias, at::kInt, "x");
+  check_step(out_scale, "out_scale");
+  check_bits(out_bits, "out_bits");
+  const int64_t r = pixel_shuffle;
+  TORCH_CHECK(r >= 1 && r <= 8 && s.Cout % (r * r) == 0, "pixel_shuffle: expected a factor in 1..8 whose square divides ",
+              "the ", s.Cout, " output channels, got ", r);
+  const float a_scale_f = static_cast<float>(a_scale);
+  const std::vector<float> acc_step = accumulator_steps(s, w_scale, a_scale_f);
+  // The int32 bias as a float at the accumulator's step: float(bias_q) * step in float32, the float bias
+  // that quantized_conv2d receives from the packed runtime (qnas.deploy).
+  std::vector<float> bias_f;
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bc = bias->contiguous();
+    bias_f.resize(static_cast<size_t>(s.Cout));
+    for (int64_t c = 0; c < s.Cout; ++c)
+      bias_f[static_cast<size_t>(c)] = static_cast<float>(bc.const_data_ptr<int32_t>()[c]) * acc_step[static_cast<size_t>(c)];
+  }
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor wcodes = unpack_codes(w_packed, s, static_cast<int>(w_bits));
+  at::Tensor out = at::empty({s.N, s.Cout / (r * r), s.Ho * r, s.Wo * r},
+                             xc.options().dtype(out_signed ? at::kChar : at::kByte));
+  if (out.numel() == 0) return out;
+  PackedConvParams p = make_params(s, w_bits, a_bits, a_signed, wcodes);
+  p.out_codes = static_cast<uint8_t*>(out.mutable_data_ptr());
+  p.out_shuffle = r;
+  p.out_scale = acc_step.data();
+  p.bias = bias_f.empty() ? nullptr : bias_f.data();
+  p.out_inv_scale = 1.f / static_cast<float>(out_scale);
+  p.out_lo = out_signed ? -(1 << (out_bits - 1)) : 0;
+  p.out_hi = out_signed ? (1 << (out_bits - 1)) - 1 : (1 << out_bits) - 1;
+  p.out_relu = relu;
+  run_conv(p, xc, codes, a_scale_f);
   return out;
 }
 
@@ -211,4 +282,5 @@ TORCH_LIBRARY_IMPL(qops, CPU, m) {
   m.impl("pack_weight", &qops::cpu::pack_weight_cpu);
   m.impl("packed_conv2d", &qops::cpu::packed_conv2d_cpu);
   m.impl("quantized_conv2d", &qops::cpu::quantized_conv2d_cpu);
+  m.impl("requantized_conv2d", &qops::cpu::requantized_conv2d_cpu);
 }

@@ -32,11 +32,22 @@ struct PackedConvParams {
   // Weight codes unpacked from the packed buffer: int8 [Cout, Cin, KH, KW], contiguous.
   const int8_t* w_codes = nullptr;
   PackedPath path = PackedPath::SCALAR;  // resolved by the entry point, never AUTO here
-  // Output NCHW: int32 codes (out_i32) or float out_f = acc * out_scale[c] + bias[c] (bias may be null).
+  // Output NCHW, exactly one of: int32 sums (out_i32); float out_f = y = fma(acc, out_scale[c], bias[c]) (bias
+  // may be null: 0); or the next layer's codes out_codes = clamp(nearbyint(y' * out_inv_scale), out_lo, out_hi)
+  // with y' = max(y, 0) when out_relu, else y (int8 bytes when out_lo < 0, uint8 otherwise). y is the float
+  // that out_f holds and y' * out_inv_scale the product fake_quant rounds, so the codes are those a float
+  // pipeline would compute from out_f.
   int32_t* out_i32 = nullptr;
   float* out_f = nullptr;
+  uint8_t* out_codes = nullptr;
   const float* out_scale = nullptr;  // [Cout]
   const float* bias = nullptr;       // [Cout] or null
+  float out_inv_scale = 1.f;
+  int out_lo = 0, out_hi = 0;
+  bool out_relu = false;
+  // Codes out only: pixel shuffle factor r of the epilogue (1: none); out_codes is then
+  // [N, Cout / r^2, Ho r, Wo r] (Cout a multiple of r^2).
+  int64_t out_shuffle = 1;
   // CPU sub-features the kernels may use (read by the entry from cpu_features()): vpdpbusd (AVX512-VNNI
   // in the AVX512 build, AVX-VNNI in the AVX2 build) and vpopcntq (AVX512-VPOPCNTDQ).
   bool use_vnni = false;

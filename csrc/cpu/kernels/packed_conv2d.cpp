@@ -1,10 +1,11 @@
-// Hot loops of torch.ops.qops.packed_conv2d / quantized_conv2d on CPU, compiled once per ISA (setup.py).
-// The entry point (csrc/cpu/packed_conv2d.cpp) unpacks the bit-plane weights (csrc/include/qops/packed_layout.h)
-// into int8 codes, picks the path and calls packed_conv2d_kernel, which builds the path's weight panel and
-// runs one at::parallel_for over blocks of output rows (run_blocked): each work item lays out the
-// activation rows of its block (range check / float quantization fused) in a thread-local buffer, runs
-// the path's register tile over it and writes int32 (or dequantized float) NCHW output. Every path
-// computes the same exact integers. docs/kernels.md describes the paths for users.
+// Hot loops of torch.ops.qops.packed_conv2d / quantized_conv2d / requantized_conv2d on CPU, compiled once per
+// ISA (setup.py). The entry point (csrc/cpu/packed_conv2d.cpp) unpacks the bit-plane weights
+// (csrc/include/qops/packed_layout.h) into int8 codes, picks the path and calls packed_conv2d_kernel, which
+// builds the path's weight panel and shares blocks of output rows among the threads (run_blocked): each
+// work item lays out the activation rows of its block (range check / float quantization fused) in a
+// thread-local buffer, runs the path's register tile over it and writes int32, dequantized float or the
+// next layer's codes (optionally pixel-shuffled) as NCHW output. Every path computes the same exact
+// integers. docs/kernels.md describes the paths for users.
 //
 //   scalar     direct convolution on the codes (portable; the only path of the DEFAULT build).
 //   dot        activations as offset codes u = x + 2^(a-1)·signed in [0, 2^a) (4 channels of a pixel in
@@ -13,7 +14,8 @@
 //              vpaddw for L = 32767 / max|pair| steps before vpmaddwd widens them to int32: low
 //              bit-widths need one multiply per 32 MACs instead of two (the int8 kernel's vpmaddubsw +
 //              vpmaddwd). a8 x w8 (the one pair that can saturate) runs on int16 codes with vpmaddwd.
-//              AVX512 builds with VNNI use vpdpbusd (u8 x s8 -> int32, never saturates).
+//              AVX512 builds with VNNI use vpdpbusd (u8 x s8 -> int32, never saturates) in an 8x3 tile of
+//              zmm registers (8 output channels x 48 pixels, segments of 16).
 //              Signed activations: sum x·w = sum u·w - 2^(a-1)·sum w, padding holds u = 2^(a-1).
 //   lut        (a_bits <= 2) g = 4 / a_bits activations of one pixel form a 4-bit index; per output
 //              channel and step a 16-entry table holds sum_t x_t·w_t for every index, biased by its own
@@ -35,12 +37,15 @@
 #include <vector>
 
 #include "../packed_conv2d.h"
+#include "../packed_parallel.h"
 #include "qops/parallel_grain.h"
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #define QOPS_PC_AVX2 1
 #endif
+// GCC 12 flags _mm512_undefined_*() inside its own AVX-512 intrinsics as "may be used uninitialized".
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace qops::cpu::CPU_CAPABILITY {
 
@@ -129,7 +134,61 @@ uint32_t load_row(const PackedConvParams& p, const ActRange& r, int64_t n, int64
   return 0;
 }
 
-// Writes count output values of (n, co, oy, ox0..): int32, or float acc * scale[co] + bias[co].
+// count codes clamp(nearbyint(relu?(fma(v[t] - corr, s, b)) * out_inv_scale)) into o (requantization
+// epilogue, csrc/cpu/packed_conv2d.h).
+inline void emit_codes(const PackedConvParams& p, const int32_t* v, int64_t count, int32_t corr, float s, float b,
+                       uint8_t* o) {
+  const float inv = p.out_inv_scale;
+  const float lo = static_cast<float>(p.out_lo), hi = static_cast<float>(p.out_hi);
+  const bool relu = p.out_relu;
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  {
+    // 16 at a time; vpmov(u)sdb narrows with saturation (the values are already within the code range).
+    const __m512i vc = _mm512_set1_epi32(corr);
+    const __m512 vs = _mm512_set1_ps(s), vb = _mm512_set1_ps(b), vinv = _mm512_set1_ps(inv);
+    const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
+    const bool is_signed = p.out_lo < 0;
+    for (; t + 16 <= count; t += 16) {
+      const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(v + t), vc);
+      __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm512_max_ps(f, zero);
+      f = _mm512_roundscale_ps(_mm512_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm512_min_ps(_mm512_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m512i q = _mm512_cvtps_epi32(f);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + t), is_signed ? _mm512_cvtsepi32_epi8(q) : _mm512_cvtusepi32_epi8(q));
+    }
+  }
+#endif
+#if defined(QOPS_PC_AVX2)
+  {
+    const __m256i vc = _mm256_set1_epi32(corr);
+    const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), vinv = _mm256_set1_ps(inv);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), zero = _mm256_setzero_ps();
+    const bool is_signed = p.out_lo < 0;
+    for (; t + 8 <= count; t += 8) {
+      const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
+      __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm256_max_ps(f, zero);
+      f = _mm256_round_ps(_mm256_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm256_min_ps(_mm256_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m256i q = _mm256_cvtps_epi32(f);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(o + t), is_signed ? _mm_packs_epi16(w, w) : _mm_packus_epi16(w, w));
+    }
+  }
+#endif
+  for (; t < count; ++t) {
+    float f = std::fma(static_cast<float>(v[t] - corr), s, b);
+    if (relu) f = std::fmax(f, 0.f);
+    f = std::fmin(std::fmax(std::nearbyint(f * inv), lo), hi);
+    o[t] = static_cast<uint8_t>(static_cast<int>(f));
+  }
+}
+
+// Writes count output values of (n, co, oy, ox0..): int32 acc, float y = fma(acc, scale[co], bias[co]), or the
+// codes of y (requantization epilogue, csrc/cpu/packed_conv2d.h). acc = v[t] - corr. std::fma and the
+// intrinsics round y once in every build, so each ISA computes the same floats and codes.
 inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, int64_t ox0, int64_t count,
                  const int32_t* v, int32_t corr) {
   const int64_t idx = ((n * p.Cout + co) * p.Ho + oy) * p.Wo + ox0;
@@ -143,10 +202,12 @@ inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, i
                           _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc));
 #endif
     for (; t < count; ++t) o[t] = v[t] - corr;
-  } else {
+    return;
+  }
+  const float s = p.out_scale[co];
+  const float b = p.bias != nullptr ? p.bias[co] : 0.f;
+  if (p.out_f != nullptr) {
     float* o = p.out_f + idx;
-    const float s = p.out_scale[co];
-    const float b = p.bias != nullptr ? p.bias[co] : 0.f;
 #if defined(QOPS_PC_AVX2)
     const __m256i vc = _mm256_set1_epi32(corr);
     const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
@@ -154,12 +215,88 @@ inline void emit(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, i
       const __m256i a = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t)), vc);
       _mm256_storeu_ps(o + t, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), vs, vb));
     }
-    for (; t < count; ++t) o[t] = std::fma(static_cast<float>(v[t] - corr), s, b);
-#else
-    for (; t < count; ++t) o[t] = static_cast<float>(v[t] - corr) * s + b;
 #endif
+    for (; t < count; ++t) o[t] = std::fma(static_cast<float>(v[t] - corr), s, b);
+    return;
+  }
+  if (p.out_shuffle == 1) return emit_codes(p, v, count, corr, s, b, p.out_codes + idx);
+  // Pixel shuffle in the epilogue: channel co = c r^2 + dy r + dx of pixel (oy, ox) goes to channel c,
+  // pixel (oy r + dy, ox r + dx) of the [N, Cout / r^2, Ho r, Wo r] output.
+  const int64_t r = p.out_shuffle, sub = co % (r * r);
+  uint8_t* o = p.out_codes + (((n * (p.Cout / (r * r)) + co / (r * r)) * p.Ho + oy) * r + sub / r) * (p.Wo * r) +
+               ox0 * r + sub % r;
+  alignas(64) uint8_t tmp[64];
+  for (int64_t t0 = 0; t0 < count; t0 += 64) {
+    const int64_t m = std::min<int64_t>(64, count - t0);
+    emit_codes(p, v + t0, m, corr, s, b, tmp);
+    for (int64_t k = 0; k < m; ++k) o[(t0 + k) * r] = tmp[k];
   }
 }
+
+// Codes of channels co (dx = 0) and co + 1 (dx = 1) of a pixel shuffle by 2 (co even), interleaved into their
+// shared output row: the two channels' count codes become 2 count consecutive bytes.
+inline void emit_shuffle2(const PackedConvParams& p, int64_t n, int64_t co, int64_t oy, int64_t ox0, int64_t count,
+                          const int32_t* v0, const int32_t* v1, int32_t corr0, int32_t corr1) {
+  const int64_t sub = co % 4;
+  uint8_t* o = p.out_codes + (((n * (p.Cout / 4) + co / 4) * p.Ho + oy) * 2 + sub / 2) * (p.Wo * 2) + ox0 * 2;
+  const float b0 = p.bias != nullptr ? p.bias[co] : 0.f, b1 = p.bias != nullptr ? p.bias[co + 1] : 0.f;
+  alignas(64) uint8_t t0[64], t1[64];
+  for (int64_t k0 = 0; k0 < count; k0 += 64) {
+    const int64_t m = std::min<int64_t>(64, count - k0);
+    emit_codes(p, v0 + k0, m, corr0, p.out_scale[co], b0, t0);
+    emit_codes(p, v1 + k0, m, corr1, p.out_scale[co + 1], b1, t1);
+    int64_t k = 0;
+#if defined(QOPS_PC_AVX2)
+    for (; k + 16 <= m; k += 16) {
+      const __m128i a = _mm_load_si128(reinterpret_cast<const __m128i*>(t0 + k));
+      const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(t1 + k));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * (k0 + k)), _mm_unpacklo_epi8(a, b));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * (k0 + k) + 16), _mm_unpackhi_epi8(a, b));
+    }
+#endif
+    for (; k < m; ++k) {
+      o[2 * (k0 + k)] = t0[k];
+      o[2 * (k0 + k) + 1] = t1[k];
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// emit() of a whole MR x NR tile of 16-pixel segments as codes (no pixel shuffle), the per-channel factors and
+// the constants loaded once: the same operations as emit_codes, a masked store for a segment cut by the
+// row's end.
+template <int MR, int NR>
+void emit_codes_tile16(const PackedConvParams& p, int64_t n, int64_t cb, const int64_t* oy, const int64_t* ox0,
+                       int nvalid, const int32_t (*res)[NR][16], const int32_t* corr) {
+  const __m512 vinv = _mm512_set1_ps(p.out_inv_scale), zero = _mm512_setzero_ps();
+  const __m512 vlo = _mm512_set1_ps(static_cast<float>(p.out_lo)), vhi = _mm512_set1_ps(static_cast<float>(p.out_hi));
+  const bool is_signed = p.out_lo < 0, relu = p.out_relu;
+  int64_t off[NR];
+  __mmask16 mask[NR];
+  for (int j = 0; j < nvalid; ++j) {
+    off[j] = oy[j] * p.Wo + ox0[j];
+    const int64_t count = std::min<int64_t>(16, p.Wo - ox0[j]);
+    mask[j] = static_cast<__mmask16>((1u << count) - 1u);
+  }
+  for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
+    const int64_t co = cb * MR + i;
+    const __m512 vs = _mm512_set1_ps(p.out_scale[co]);
+    const __m512 vb = _mm512_set1_ps(p.bias != nullptr ? p.bias[co] : 0.f);
+    const __m512i vc = _mm512_set1_epi32(corr[co]);
+    uint8_t* plane = p.out_codes + (n * p.Cout + co) * p.Ho * p.Wo;
+    for (int j = 0; j < nvalid; ++j) {
+      const __m512i a = _mm512_sub_epi32(_mm512_load_si512(res[i][j]), vc);
+      __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), vs, vb);
+      if (relu) f = _mm512_max_ps(f, zero);
+      f = _mm512_roundscale_ps(_mm512_mul_ps(f, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      f = _mm512_min_ps(_mm512_max_ps(f, vlo), vhi);  // max(NaN, lo) = lo, as fmaxf
+      const __m512i q = _mm512_cvtps_epi32(f);
+      const __m128i b = is_signed ? _mm512_cvtsepi32_epi8(q) : _mm512_cvtusepi32_epi8(q);
+      _mm_mask_storeu_epi8(plane + off[j], mask[j], b);
+    }
+  }
+}
+#endif
 
 // Tiles of output pixels: segments of SEG consecutive pixels of one output row, grouped by NR.
 struct Segments {
@@ -315,14 +452,14 @@ int64_t padded_width(const PackedConvParams& p, const ActLayout& L) {
 int64_t conv_macs(const PackedConvParams& p) { return p.N * p.Ho * p.Wo * p.Cout * p.Cin * p.KH * p.KW; }
 
 // Output rows per work item of run_blocked: the item's activation block (its rows plus the KH - SH halo)
-// within ~256 KiB so that it stays in L2 while the tiles use it, and at least 4 items per thread, their
-// number a multiple of the thread count (equal shares: the work per row is uniform).
+// within ~256 KiB so that it stays in L2 while the tiles use it, and at least 8 items per thread, so that
+// the threads, which take items one at a time (run_blocked), end together even when one of them lost its
+// core for a while (a shared machine).
 int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
   // The threads the problem is worth: a small one stays in one block per image (no halo rows loaded twice).
   const int64_t threads = parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs);
   const int64_t fit = std::max<int64_t>(1, ((256 << 10) / std::max<int64_t>(bytes_per_row, 1) - p.KH) / p.SH + 1);
-  int64_t items = std::max<int64_t>(4 * threads, p.N * ((p.Ho + fit - 1) / fit));
-  items = (items + threads - 1) / threads * threads;
+  const int64_t items = std::max<int64_t>(threads > 1 ? 8 * threads : 1, p.N * ((p.Ho + fit - 1) / fit));
   const int64_t per_image = std::max<int64_t>(1, items / p.N);
   return std::max<int64_t>(1, (p.Ho + per_image - 1) / per_image);
 }
@@ -332,22 +469,29 @@ int64_t block_rows(const PackedConvParams& p, int64_t bytes_per_row) {
 // phase ph of the row at out + ph * L.plane) into a thread-local buffer with layout L (L.Hp = the rows of
 // a full block), then runs tile(bases, cb, res) for every block of MR output channels (outer, so that
 // one block's weights stay in L1) and group of NR segments of SEG pixels, and writes the results minus
-// corr[co]. Returns false if fill reported an activation code out of range.
+// corr[co]. Threads take items from a shared counter without spin-waiting (run_shared, packed_parallel.h: a
+// thread that gets no core on a busy machine leaves its items to the others instead of stalling the layer).
+// Returns false if fill reported an activation code out of range.
 template <int MR, int NR, int SEG, typename Fill, typename Tile>
 bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64_t CB, const int32_t* corr,
                  int64_t tmp_bytes, Fill fill, Tile tile) {
   const int64_t nb = (p.Ho + R - 1) / R;
   const int64_t per_row = (p.Wo + SEG - 1) / SEG;
+  const int64_t items = p.N * nb;
   BadFlag bad;
-  const int64_t item_macs = std::max<int64_t>(1, conv_macs(p) / std::max<int64_t>(p.N * nb, 1));
-  at::parallel_for(0, p.N * nb, parallel_grain(item_macs, kParallelMinMacs), [&](int64_t b, int64_t e) {
+  const bool shuffle2 = p.out_codes != nullptr && p.out_shuffle == 2;
+  const bool codes16 = p.out_codes != nullptr && p.out_shuffle == 1;  // emit_codes_tile16 (AVX512, SEG 16)
+  (void)codes16;
+  const int64_t workers =
+      std::min(items, parallel_threads(conv_macs(p), at::get_num_threads(), kParallelMinMacs));
+  run_shared(items, workers, [&](int64_t first, const Claim& claim) {
     auto buf = uninit<uint8_t>(L.image);
     std::vector<uint8_t> tmp(static_cast<size_t>(tmp_bytes));
-    alignas(32) int32_t res[MR][NR][SEG];
+    alignas(64) int32_t res[MR][NR][SEG];
     std::vector<const uint8_t*> bases(static_cast<size_t>((R * per_row + NR - 1) / NR * NR));
     std::vector<int64_t> oy(bases.size()), ox0(bases.size());
     uint32_t flag = 0;
-    for (int64_t t = b; t < e; ++t) {
+    for (int64_t t = first; t >= 0; t = claim()) {
       const int64_t n = t / nb, oy0 = (t % nb) * R, oy1 = std::min(p.Ho, oy0 + R);
       const int64_t y0 = oy0 * p.SH, rows = (oy1 - 1 - oy0) * p.SH + p.KH;
       for (int64_t g = 0; g < L.groups; ++g)
@@ -364,8 +508,24 @@ bool run_blocked(const PackedConvParams& p, const ActLayout& L, int64_t R, int64
           const int64_t k0 = gi * NR;
           tile(bases.data() + k0, cb, res);
           const int nvalid = static_cast<int>(std::min<int64_t>(NR, nseg - k0));
+#if defined(CPU_CAPABILITY_AVX512)
+          if constexpr (SEG == 16) {
+            if (codes16) {
+              emit_codes_tile16<MR, NR>(p, n, cb, oy.data() + k0, ox0.data() + k0, nvalid, res, corr);
+              continue;
+            }
+          }
+#endif
           for (int i = 0; i < MR && cb * MR + i < p.Cout; ++i) {
             const int64_t co = cb * MR + i;
+            // A pixel shuffle by 2 pairs channels co, co + 1 in one output row (Cout % 4 == 0, co even).
+            if (shuffle2 && co % 2 == 0 && i + 1 < MR) {
+              for (int j = 0; j < nvalid; ++j)
+                emit_shuffle2(p, n, co, oy[k0 + j], ox0[k0 + j], std::min<int64_t>(SEG, p.Wo - ox0[k0 + j]),
+                              res[i][j], res[i + 1][j], corr[co], corr[co + 1]);
+              ++i;
+              continue;
+            }
             for (int j = 0; j < nvalid; ++j)
               emit(p, n, co, oy[k0 + j], ox0[k0 + j], std::min<int64_t>(SEG, p.Wo - ox0[k0 + j]), res[i][j], corr[co]);
           }
@@ -526,8 +686,114 @@ __attribute__((target(QOPS_VNNI_TARGET))) void dot_tile_vnni(const uint8_t* cons
 #undef QOPS_DPBUSD
 #undef QOPS_VNNI_TARGET
 
-bool run_dot(const PackedConvParams& p) {
-  constexpr int MR = kDotMR, NR = kDotNR;
+#if defined(CPU_CAPABILITY_AVX512)
+// The AVX512-VNNI tile: 8 output channels x 3 segments of 16 pixels in 24 zmm accumulators (channel i,
+// segment j in zmm(3i + j)), the 3 activation vectors in zmm24..26, each weight dword broadcast from memory
+// by the vpdpbusd itself ({1to16}): per step 3 loads and 24 vpdpbusd (1536 MACs), no register moves. In
+// inline asm for the same reason as the 6x2 tiles. out[i][j] (16 int32, pixel order) = the sums over the
+// steps; wp: [S][8] dwords.
+constexpr int kZmmMR = 8;
+constexpr int kZmmNR = 3;
+__attribute__((target("avx512vnni"))) void dot_tile_zmm(const uint8_t* const* base, const int64_t* offs, int64_t n,
+                                                        const int32_t* wp, int32_t (*out)[kZmmNR][16]) {
+  const uint8_t *b0 = base[0], *b1 = base[1], *b2 = base[2];
+  int32_t* acc = &out[0][0][0];
+  asm volatile(
+      "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+      "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
+      "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
+      "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
+      "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
+      "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
+      "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
+      "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+      "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
+      "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
+      "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
+      "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
+      "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
+      "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+      "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
+      "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+      "vpxord %%zmm16, %%zmm16, %%zmm16\n\t"
+      "vpxord %%zmm17, %%zmm17, %%zmm17\n\t"
+      "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
+      "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+      "vpxord %%zmm20, %%zmm20, %%zmm20\n\t"
+      "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+      "vpxord %%zmm22, %%zmm22, %%zmm22\n\t"
+      "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+      "test %[n], %[n]\n\tjle 2f\n\t"
+      ".p2align 4\n"
+      "1:\n\t"
+      "mov (%[offs]), %%rax\n\t"
+      "vmovdqu64 (%[b0], %%rax), %%zmm24\n\t"
+      "vmovdqu64 (%[b1], %%rax), %%zmm25\n\t"
+      "vmovdqu64 (%[b2], %%rax), %%zmm26\n\t"
+      "vpdpbusd 0(%[wp])%{1to16%}, %%zmm24, %%zmm0\n\t"
+      "vpdpbusd 0(%[wp])%{1to16%}, %%zmm25, %%zmm1\n\t"
+      "vpdpbusd 0(%[wp])%{1to16%}, %%zmm26, %%zmm2\n\t"
+      "vpdpbusd 4(%[wp])%{1to16%}, %%zmm24, %%zmm3\n\t"
+      "vpdpbusd 4(%[wp])%{1to16%}, %%zmm25, %%zmm4\n\t"
+      "vpdpbusd 4(%[wp])%{1to16%}, %%zmm26, %%zmm5\n\t"
+      "vpdpbusd 8(%[wp])%{1to16%}, %%zmm24, %%zmm6\n\t"
+      "vpdpbusd 8(%[wp])%{1to16%}, %%zmm25, %%zmm7\n\t"
+      "vpdpbusd 8(%[wp])%{1to16%}, %%zmm26, %%zmm8\n\t"
+      "vpdpbusd 12(%[wp])%{1to16%}, %%zmm24, %%zmm9\n\t"
+      "vpdpbusd 12(%[wp])%{1to16%}, %%zmm25, %%zmm10\n\t"
+      "vpdpbusd 12(%[wp])%{1to16%}, %%zmm26, %%zmm11\n\t"
+      "vpdpbusd 16(%[wp])%{1to16%}, %%zmm24, %%zmm12\n\t"
+      "vpdpbusd 16(%[wp])%{1to16%}, %%zmm25, %%zmm13\n\t"
+      "vpdpbusd 16(%[wp])%{1to16%}, %%zmm26, %%zmm14\n\t"
+      "vpdpbusd 20(%[wp])%{1to16%}, %%zmm24, %%zmm15\n\t"
+      "vpdpbusd 20(%[wp])%{1to16%}, %%zmm25, %%zmm16\n\t"
+      "vpdpbusd 20(%[wp])%{1to16%}, %%zmm26, %%zmm17\n\t"
+      "vpdpbusd 24(%[wp])%{1to16%}, %%zmm24, %%zmm18\n\t"
+      "vpdpbusd 24(%[wp])%{1to16%}, %%zmm25, %%zmm19\n\t"
+      "vpdpbusd 24(%[wp])%{1to16%}, %%zmm26, %%zmm20\n\t"
+      "vpdpbusd 28(%[wp])%{1to16%}, %%zmm24, %%zmm21\n\t"
+      "vpdpbusd 28(%[wp])%{1to16%}, %%zmm25, %%zmm22\n\t"
+      "vpdpbusd 28(%[wp])%{1to16%}, %%zmm26, %%zmm23\n\t"
+      "add $8, %[offs]\n\t"
+      "add $32, %[wp]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n"
+      "2:\n\t"
+      "vmovdqu64 %%zmm0, 0(%[acc])\n\t"
+      "vmovdqu64 %%zmm1, 64(%[acc])\n\t"
+      "vmovdqu64 %%zmm2, 128(%[acc])\n\t"
+      "vmovdqu64 %%zmm3, 192(%[acc])\n\t"
+      "vmovdqu64 %%zmm4, 256(%[acc])\n\t"
+      "vmovdqu64 %%zmm5, 320(%[acc])\n\t"
+      "vmovdqu64 %%zmm6, 384(%[acc])\n\t"
+      "vmovdqu64 %%zmm7, 448(%[acc])\n\t"
+      "vmovdqu64 %%zmm8, 512(%[acc])\n\t"
+      "vmovdqu64 %%zmm9, 576(%[acc])\n\t"
+      "vmovdqu64 %%zmm10, 640(%[acc])\n\t"
+      "vmovdqu64 %%zmm11, 704(%[acc])\n\t"
+      "vmovdqu64 %%zmm12, 768(%[acc])\n\t"
+      "vmovdqu64 %%zmm13, 832(%[acc])\n\t"
+      "vmovdqu64 %%zmm14, 896(%[acc])\n\t"
+      "vmovdqu64 %%zmm15, 960(%[acc])\n\t"
+      "vmovdqu64 %%zmm16, 1024(%[acc])\n\t"
+      "vmovdqu64 %%zmm17, 1088(%[acc])\n\t"
+      "vmovdqu64 %%zmm18, 1152(%[acc])\n\t"
+      "vmovdqu64 %%zmm19, 1216(%[acc])\n\t"
+      "vmovdqu64 %%zmm20, 1280(%[acc])\n\t"
+      "vmovdqu64 %%zmm21, 1344(%[acc])\n\t"
+      "vmovdqu64 %%zmm22, 1408(%[acc])\n\t"
+      "vmovdqu64 %%zmm23, 1472(%[acc])\n\t"
+      : [offs] "+r"(offs), [wp] "+r"(wp), [n] "+r"(n)
+      : [b0] "r"(b0), [b1] "r"(b1), [b2] "r"(b2), [acc] "r"(acc)
+      : "rax", "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26");
+}
+#endif
+
+// The dot path with MR x NR tiles of SEG-pixel segments: the 6x2 ymm tiles (SEG 8), or the 8x3 zmm tile of
+// AVX512-VNNI (SEG 16).
+template <int MR, int NR, int SEG>
+bool run_dot_tiles(const PackedConvParams& p) {
+  constexpr bool kZmm = SEG == 16;
   const ActRange r = act_range(p);
   const int wmax = p.w_bits == 1 ? 1 : 1 << (p.w_bits - 1);
   const int64_t pair_max = 2LL * r.mask * wmax;  // largest |u0 w0 + u1 w1| of vpmaddubsw
@@ -539,8 +805,8 @@ bool run_dot(const PackedConvParams& p) {
   const bool i16 = mode == DotMode::I16;
   const int64_t kc = i16 ? 2 : 4;  // channels per dword
   const int64_t groups = (p.Cin + kc - 1) / kc;
-  const int64_t R = block_rows(p, ActLayout(p, groups, 8, 4, 1).group * groups);
-  const ActLayout Lay(p, groups, 8, 4, (R - 1) * p.SH + p.KH);
+  const int64_t R = block_rows(p, ActLayout(p, groups, SEG, 4, 1).group * groups);
+  const ActLayout Lay(p, groups, SEG, 4, (R - 1) * p.SH + p.KH);
   const int64_t S = Lay.groups * p.KH * p.KW;
   const std::vector<int64_t> offs = step_offsets(p, Lay);
 
@@ -595,14 +861,27 @@ bool run_dot(const PackedConvParams& p) {
     corr[static_cast<size_t>(co)] = i16 ? 0 : static_cast<int32_t>(r.off * sum);
   }
 
-  auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][8]) {
+  auto tile = [&](const uint8_t* const* base, int64_t cb, int32_t(*res)[NR][SEG]) {
     const int32_t* wp = panel.data() + cb * S * MR;
-    if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
-    if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
-    if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
-    return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
+    if constexpr (kZmm) {
+#if defined(CPU_CAPABILITY_AVX512)
+      return dot_tile_zmm(base, offs.data(), S, wp, res);
+#endif
+    } else {
+      if (vnni) return dot_tile_vnni<MR, NR>(base, offs.data(), S, wp, res);
+      if (mode == DotMode::U8_I16ACC) return dot_tile<DotMode::U8_I16ACC>(base, offs.data(), S, L, wp, res);
+      if (mode == DotMode::U8_I32ACC) return dot_tile<DotMode::U8_I32ACC>(base, offs.data(), S, L, wp, res);
+      return dot_tile<DotMode::I16>(base, offs.data(), S, L, wp, res);
+    }
   };
-  return run_blocked<MR, NR, 8>(p, Lay, R, CB, corr.data(), kc * width + 32, fill, tile);
+  return run_blocked<MR, NR, SEG>(p, Lay, R, CB, corr.data(), kc * width + 64, fill, tile);
+}
+
+bool run_dot(const PackedConvParams& p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (p.use_vnni) return run_dot_tiles<kZmmMR, kZmmNR, 16>(p);
+#endif
+  return run_dot_tiles<kDotMR, kDotNR, 8>(p);
 }
 
 // ---------------------------------------------------------------------------------------------

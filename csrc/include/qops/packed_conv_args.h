@@ -91,25 +91,37 @@ inline ConvShape check_conv(const at::Tensor& x, const char* x_name, const at::T
   return s;
 }
 
+// A step of quantized_conv2d / requantized_conv2d (a_scale, out_scale): positive and finite, also as the
+// float32 the kernels compute with, and so is its float32 inverse.
+inline void check_step(double step, const char* name) {
+  TORCH_CHECK(std::isfinite(step) && step > 0, name, ": expected a positive finite step, got ", step);
+  const float f = static_cast<float>(step);
+  TORCH_CHECK(std::isfinite(f) && f > 0 && std::isfinite(1.f / f), name, ": ", step,
+              " is not a usable float32 step (its float32 value or inverse is 0 or infinite)");
+}
+
+// Checks of the steps and bias of quantized_conv2d / requantized_conv2d (values of w_scale are checked where
+// they are read); the bias is float32 (quantized_conv2d) or int32 (requantized_conv2d).
+inline void check_scales_and_bias(const at::Tensor& x, const ConvShape& s, const at::Tensor& w_scale, double a_scale,
+                                  const std::optional<at::Tensor>& bias, at::ScalarType bias_dtype, const char* x_name) {
+  check_dtype(w_scale, at::kFloat, "w_scale");
+  check_same_device(w_scale, x, "w_scale", x_name);
+  TORCH_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == s.Cout || w_scale.numel() == 1),
+              "w_scale: expected shape [Cout] = [", s.Cout, "] or one element, got ", w_scale.sizes());
+  check_step(a_scale, "a_scale");
+  if (bias.has_value() && bias->defined()) {
+    check_dtype(*bias, bias_dtype, "bias");
+    check_same_device(*bias, x, "bias", x_name);
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == s.Cout, "bias: expected shape [", s.Cout, "], got ",
+                bias->sizes());
+  }
+}
+
 // Checks of quantized_conv2d's float arguments (values of w_scale are checked where they are read).
 inline void check_quantized_args(const at::Tensor& x, const ConvShape& s, const at::Tensor& w_scale, double a_scale,
                                  const std::optional<at::Tensor>& bias) {
   check_dtype(x, at::kFloat, "x");
-  check_dtype(w_scale, at::kFloat, "w_scale");
-  check_same_device(w_scale, x, "w_scale", "x");
-  TORCH_CHECK(w_scale.dim() <= 1 && (w_scale.numel() == s.Cout || w_scale.numel() == 1),
-              "w_scale: expected shape [Cout] = [", s.Cout, "] or one element, got ", w_scale.sizes());
-  TORCH_CHECK(std::isfinite(a_scale) && a_scale > 0, "a_scale: expected a positive finite step, got ", a_scale);
-  // The kernels compute in float32: the step, its inverse and the output scale must all be finite there.
-  const float a_scale_f = static_cast<float>(a_scale);
-  TORCH_CHECK(std::isfinite(a_scale_f) && a_scale_f > 0 && std::isfinite(1.f / a_scale_f), "a_scale: ", a_scale,
-              " is not a usable float32 step (its float32 value or inverse is 0 or infinite)");
-  if (bias.has_value() && bias->defined()) {
-    check_dtype(*bias, at::kFloat, "bias");
-    check_same_device(*bias, x, "bias", "x");
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == s.Cout, "bias: expected shape [", s.Cout, "], got ",
-                bias->sizes());
-  }
+  check_scales_and_bias(x, s, w_scale, a_scale, bias, at::kFloat, "x");
 }
 
 }  // namespace qops

@@ -1,8 +1,20 @@
-"""Runs a packed model (qnas.deploy.format) with real low-bit integer convolutions: every "conv" node is
-one torch.ops.qops.quantized_conv2d (quantize the input, exact integer convolution of the codes with
-the bit-packed weight, dequantize, bias), every "quantize" node one torch.ops.qops.fake_quant (the
-codes times their step, so a quantized skip connection adds values that live on integer grids).
-Depends on torch, qops and safetensors only: no training code.
+"""Runs a packed model (qnas.deploy.format) with real low-bit integer convolutions, keeping activations as
+integer codes (int8/uint8) between layers on the CPU (the integer pipeline):
+
+- a "conv" whose every consumer quantizes its output the same way (the next conv's input quantizer, a skip's
+  operand quantizer, through ReLU / pixel shuffle / upsample) is one torch.ops.qops.requantized_conv2d: codes
+  (or the float input) in, exact integer convolution with the bit-packed weight, int32 bias, ReLU and the next
+  quantizer in the epilogue, the next layer's codes out; other convs are quantized_conv2d (float out);
+- a "quantize" node makes codes (torch.ops.qops.requantize from floats or from codes at another step; nothing
+  when its input already has its codes), and FQSR's skip "add" of two code operands whose sum is quantized is
+  one torch.ops.qops.quantized_add on codes;
+- ReLU, pixel shuffle (in the epilogue of the conv before it), nearest upsampling and concatenation (at one
+  step) move codes; every other node gets floats (codes times their step, what fake_quant returns).
+
+Every step computes the float32 operations of the float pipeline (each conv's float output, fake_quant on
+it) in the same order, so the codes, and the output, are those of the float pipeline bit for bit
+(`PackedModel(..., integer=False)`: every conv a quantized_conv2d, every quantize node a fake_quant, as
+on a CUDA device). Depends on torch, qops and safetensors only: no training code.
 
 Large images are processed in overlapping tiles (`upscale`): with an overlap of at least the
 network's receptive radius (`receptive_radius`), the tiled result equals the untiled one exactly,
@@ -45,24 +57,38 @@ def retain_freed_memory() -> bool:
     return libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and ok
 
 
+Spec = tuple[float, int, bool]  # a code grid: (step, bits, signed)
+# Ops that only run on floats: a quantize node feeding only these keeps its float output (fake_quant).
+_FLOAT_ONLY = frozenset({"add_const", "mul_const", "prelu", "leaky_relu", "affine", "clamp"})
+
+
 class PackedModel:
     """A packed model ready to run: `model(x)` maps float32 [N, C, H, W] to [N, C, sH, sW].
 
-    `graph`/`tensors` as read by qnas.deploy.format.read_packed (or made by qnas.export)."""
+    `graph`/`tensors` as read by qnas.deploy.format.read_packed (or made by qnas.export). `integer`: keep
+    activations as codes between layers (CPU only; the same output as the float pipeline, bit for bit)."""
 
-    def __init__(self, graph: dict, tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        graph: dict,
+        tensors: dict[str, torch.Tensor],
+        device: str | torch.device = "cpu",
+        integer: bool = True,
+    ):
         self.graph = graph
         self.device = torch.device(device)
         self.tensors = {k: v.to(self.device) for k, v in tensors.items()}
         self.scale = int(graph["scale"])
         self.in_channels = int(graph["input"]["channels"])
+        self.integer = integer and self.device.type == "cpu"
         nodes = graph["nodes"]
-        consumers: dict[str, list[dict]] = {}
+        self._consumers: dict[str, list[dict]] = {}
         self._last_use: dict[str, int] = {}
         for i, node in enumerate(nodes):
             for v in node["inputs"]:
-                consumers.setdefault(v, []).append(node)
+                self._consumers.setdefault(v, []).append(node)
                 self._last_use[v] = i
+        consumers = self._consumers
         # Element-wise ops may overwrite an operand that dies with them (never the caller's input).
         keep = {graph["input"]["name"], graph["output"]}
         self._inplace = [
@@ -80,20 +106,186 @@ class PackedModel:
             and not consumers[node["output"]][0]["a_signed"]
             for node in nodes
         ]
+        # The code grid of every value held as codes (absent: a float32 tensor), decided node by node.
+        self._spec: dict[str, Spec] = {}
+        self._nonneg: set[str] = set()  # codes values known to be >= 0 (a ReLU already applied)
+        self._wanted: dict[str, tuple[Spec, bool] | None] = {}
+        self._shuffled: set[str] = set()  # conv outputs written pixel-shuffled by the conv's epilogue
         self._steps = [
             self._compile(node, inplace) for node, inplace in zip(nodes, self._inplace, strict=True)
         ]
+        out_spec = self._spec.get(graph["output"])
+        self._finish = (lambda y: y) if out_spec is None else (lambda y: self._dequantize(y, out_spec))
+
+    @property
+    def code_values(self) -> dict[str, Spec]:
+        """The values the integer pipeline holds as codes: name -> (step, bits, signed)."""
+        return dict(self._spec)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> PackedModel:
         graph, tensors = read_packed(path)
         return cls(graph, tensors, device)
 
+    # --- the integer pipeline's plan ---------------------------------------------------------------------
+
+    def _node_spec(self, node: dict) -> Spec | None:
+        """The code grid a "conv" quantizes its input to, or a "quantize" node's (None above 8 bits)."""
+        if node["op"] == "conv":
+            a_scale = float(self.tensors[node["tensors"]["a_scale"]].item())
+            return (a_scale, int(node["a_bits"]), bool(node["a_signed"]))
+        if node["op"] == "quantize" and int(node["bits"]) <= 8:
+            return (
+                float(self.tensors[node["tensors"]["scale"]].item()),
+                int(node["bits"]),
+                bool(node["signed"]),
+            )
+        return None
+
+    def _wanted_spec(self, v: str) -> tuple[Spec, bool] | None:
+        """(grid, relu) if every consumer of v quantizes v to that grid, after a ReLU when relu (through pixel
+        shuffles, upsampling and concatenation, which commute with both): the producer may then emit those
+        codes. (A consumer that still gets floats, dequantized, quantizes them again: the same codes, since
+        quantizing is idempotent on its own grid.)"""
+        if v in self._wanted:
+            return self._wanted[v]
+        found: set[tuple[Spec, bool]] = set()
+        ok = self.integer and v != self.graph["output"] and bool(self._consumers.get(v))
+        for c in self._consumers.get(v, []) if ok else []:
+            if c["op"] in ("conv", "quantize"):
+                spec = self._node_spec(c)
+                want = None if spec is None else (spec, False)
+            elif c["op"] in ("pixel_shuffle", "upsample", "concat"):
+                want = self._wanted_spec(c["output"])
+            elif c["op"] == "relu":
+                w = self._wanted_spec(c["output"])
+                want = None if w is None else (w[0], True)
+            else:
+                want = None
+            if want is None:
+                ok = False
+                break
+            found.add(want)
+        self._wanted[v] = found.pop() if ok and len(found) == 1 else None
+        return self._wanted[v]
+
+    @staticmethod
+    def _dequantize(codes: torch.Tensor, spec: Spec) -> torch.Tensor:
+        """The floats these codes stand for: code * step in float32, what fake_quant returns."""
+        return codes.to(torch.float32).mul_(torch.tensor(spec[0], dtype=torch.float32))
+
+    def _float_input(self, v: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        spec = self._spec.get(v)
+        if spec is None:
+            return lambda t: t
+        return lambda t: self._dequantize(t, spec)
+
+    def _codes_input(self, v: str, want: Spec) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Codes of value v on grid `want` (v float, or codes on another grid: requantized)."""
+        have = self._spec.get(v)
+        if have == want:
+            return lambda t: t
+        requantize = torch.ops.qops.requantize
+        step, bits, signed = want
+        if have is None:
+            return lambda t: requantize(t, step, bits, signed, None)
+        return lambda t: requantize(t, step, bits, signed, have[0])
+
     # Each node becomes a closure over its (device-resident) tensors and Python scalars, so a forward
     # pass does no dictionary look-ups or host syncs beyond the ops themselves.
     def _compile(self, node: dict, inplace: bool) -> Callable[[list[torch.Tensor]], torch.Tensor]:
         op = node["op"]
+        ins, out = node["inputs"], node["output"]
         t = {role: self.tensors[key] for role, key in node.get("tensors", {}).items()}
+        if not self.integer:
+            return self._compile_float(node, inplace, t)
+        if op == "conv":
+            w, w_shape, w_scale = t["weight"], list(node["w_shape"]), t["w_scale"]
+            a_spec = self._node_spec(node)
+            a_scale, w_bits, a_bits, a_signed = a_spec[0], int(node["w_bits"]), a_spec[1], a_spec[2]
+            stride, padding = list(node["stride"]), list(node["padding"])
+            # Floats go in as they are (quantized on load), codes on another grid are requantized first.
+            x_in = self._codes_input(ins[0], a_spec) if ins[0] in self._spec else (lambda x: x)
+            wanted = self._wanted_spec(out)
+            if wanted is not None:
+                (o_scale, o_bits, o_signed), relu = wanted
+                bias = t.get("bias")  # int32 at the accumulator's step
+                conv = torch.ops.qops.requantized_conv2d
+                self._spec[out] = wanted[0]
+                if relu or not o_signed:
+                    self._nonneg.add(out)
+                # A pixel shuffle that is the conv's only consumer is done by its epilogue.
+                cons = self._consumers[out]
+                r = int(cons[0]["factor"]) if len(cons) == 1 and cons[0]["op"] == "pixel_shuffle" else 1
+                if w_shape[0] % (r * r):
+                    r = 1
+                if r > 1:
+                    self._shuffled.add(out)
+                return lambda xs: conv(
+                    x_in(xs[0]), w, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding,
+                    o_scale, o_bits, o_signed, relu, r,
+                )  # fmt: skip
+            bias = t.get("bias")
+            if bias is not None:  # int32 at the accumulator's step (docs/deploy.md)
+                bias = bias.to(torch.float32) * bias_step(t["a_scale"], w_scale)
+            conv = torch.ops.qops.quantized_conv2d
+            return lambda xs: conv(
+                x_in(xs[0]), w, w_shape, w_scale, a_scale, w_bits, a_bits, a_signed, bias, stride, padding
+            )
+        if op == "quantize":
+            spec = self._node_spec(node)
+            takes_codes = any(c["op"] not in _FLOAT_ONLY for c in self._consumers.get(out, []))
+            if spec is not None and takes_codes and out != self.graph["output"]:
+                self._spec[out] = spec
+                if not spec[2] or ins[0] in self._nonneg:
+                    self._nonneg.add(out)
+                f = self._codes_input(ins[0], spec)
+                return lambda xs: f(xs[0])
+        elif op == "add":
+            specs = [self._spec.get(v) for v in ins]
+            wanted = self._wanted_spec(out)
+            if None not in specs and wanted is not None and (not wanted[1] or not wanted[0][2]):
+                (o_scale, o_bits, o_signed), _ = wanted
+                (sx, _, _), (sy, _, _) = specs
+                self._spec[out] = wanted[0]
+                if not o_signed:
+                    self._nonneg.add(out)
+                qadd = torch.ops.qops.quantized_add
+                return lambda xs: qadd(xs[0], sx, xs[1], sy, o_scale, o_bits, o_signed)
+        elif op == "relu" and ins[0] in self._spec:
+            self._spec[out] = self._spec[ins[0]]
+            self._nonneg.add(out)
+            if ins[0] in self._nonneg or not self._spec[ins[0]][2]:
+                return lambda xs: xs[0]
+            return lambda xs: xs[0].clamp_min(0)
+        elif op in ("pixel_shuffle", "upsample") and ins[0] in self._spec:
+            self._spec[out] = self._spec[ins[0]]
+            if ins[0] in self._nonneg:
+                self._nonneg.add(out)
+            if ins[0] in self._shuffled:  # done by the conv's epilogue
+                return lambda xs: xs[0]
+            return self._compile_float(node, False, t)  # both only move elements: any dtype
+        elif (
+            op == "concat"
+            and ins[0] in self._spec
+            and all(self._spec.get(v) == self._spec[ins[0]] for v in ins)
+        ):
+            self._spec[out] = self._spec[ins[0]]
+            if all(v in self._nonneg for v in ins):
+                self._nonneg.add(out)
+            return lambda xs: torch.cat(xs, 1)
+        # Everything else on floats: codes inputs are dequantized (a fresh tensor: in place is safe).
+        f = self._compile_float(node, inplace, t)
+        convert = [self._float_input(v) for v in ins]
+        if not any(v in self._spec for v in ins):
+            return f
+        return lambda xs: f([c(x) for c, x in zip(convert, xs, strict=True)])
+
+    def _compile_float(
+        self, node: dict, inplace: bool, t: dict[str, torch.Tensor]
+    ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        """The node on float32 values (pixel_shuffle / upsample / concat on any dtype)."""
+        op = node["op"]
         if op == "conv":
             w, w_shape, w_scale = t["weight"], list(node["w_shape"]), t["w_scale"]
             a_scale = float(t["a_scale"].item())
@@ -173,7 +365,7 @@ class PackedModel:
                 for v in ins:
                     if self._last_use[v] == i and v != out_name:
                         values.pop(v, None)
-            return values[out_name]
+            return self._finish(values[out_name])
 
     def receptive_radius(self) -> int:
         """How far (in input pixels) an output pixel's value can depend on: the sum over the chain of
