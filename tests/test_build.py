@@ -19,6 +19,9 @@ def test_ops_registered():
         "pack_weight",
         "packed_conv2d",
         "quantized_conv2d",
+        "requantized_conv2d",
+        "requantize",
+        "quantized_add",
         "mixed_quant_conv",
         "mixed_quant_conv_backward",
     ):
