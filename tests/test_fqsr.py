@@ -8,10 +8,16 @@ import pytest
 import torch
 from cli_run import run_cli
 
-from qnas.quant.apply import calibration_loss, load_float_weights, quantize_network, resolve_plan
+from qnas.quant.apply import (
+    calibration_loss,
+    load_float_weights,
+    probe_network,
+    quantize_network,
+    resolve_plan,
+)
 from qnas.quant.inspect import trace_network
 from qnas.quant.modules import QuantAdd, QuantConv2d
-from qnas.quant.quantizers import FQSRQuantizer
+from qnas.quant.quantizers import FQSRQuantizer, Quantizer
 from qnas.runs.network import load_network
 from qnas.sr import build_model
 from qnas.sr.common import Add
@@ -58,6 +64,52 @@ def test_edsr_res_scale_and_signs():
     m.eval()
     m(torch.rand(1, 3, 12, 12))
     assert trace_network(m, torch.rand(1, 3, 12, 12)).float_rows == []
+
+
+class _Branches(torch.nn.Module):
+    """image -> conv a -> + image (skip) -> relu -> conv b; conv c reads contrast + mean of conv a's
+    output (RFDN's channel attention): which inputs are signed is a fact of this graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(3))
+        self.add = Add()
+
+    def forward(self, x):
+        y = self.a(x)
+        stats = y.std(dim=(2, 3), keepdim=True) + y.mean(dim=(2, 3), keepdim=True)
+        return self.b(torch.relu(self.add(y, x))) + self.c(stats)
+
+
+@pytest.mark.parametrize("bias", [0.0, 1.0, -1.0])
+def test_probe_signs_do_not_depend_on_the_weights(bias):
+    """A branch whose initial weights make its output non-negative on the probe's image (here: zero
+    weights, a positive bias) still gets signed quantizers; the weights' sign pattern decides nothing."""
+    m = _Branches()
+    with torch.no_grad():
+        m.a.weight.zero_()
+        m.a.bias.fill_(bias)
+    probe = probe_network(m)
+    assert probe["convs"] == {"a": True, "b": True, "c": False}
+    assert probe["adds"] == {"add": [False, True, False]}
+
+
+def test_derived_network_signs_do_not_depend_on_the_random_init():
+    """A derived network is rebuilt (randomly initialised, then loaded) in every process that evaluates
+    it: its quantizers' code ranges must come out the same every time. (The tail's residual branch,
+    freshly initialised, outputs only positive values on the probe's image for some seeds; its skip
+    quantizer was then unsigned and the loaded network's negative residuals were clipped to zero.)"""
+    from qnas.nas.derive import DerivedNetwork, uniform_genotype
+    from qnas.spaces import load_space
+
+    g = uniform_genotype(load_space("basic"), 2, "conv3x3", 4)
+    ranges = []
+    for seed in (0, 7, 16, 21):
+        torch.manual_seed(seed)
+        net = DerivedNetwork(g)
+        ranges.append({n: (m.qmin, m.qmax) for n, m in net.named_modules() if isinstance(m, Quantizer)})
+    assert all(r == ranges[0] for r in ranges[1:])
+    assert ranges[0]["net.nodes.tail.add.q_x"][0] < 0
 
 
 def test_uniform_and_float_networks_are_flagged():

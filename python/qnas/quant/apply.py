@@ -96,22 +96,39 @@ def check_quantizer(name: Any, kind: str = "activation") -> str:
 
 
 def probe_network(model: nn.Module) -> dict[str, Any]:
-    """One forward pass on a random image-like input with hooks: the convolutions in execution
-    order with whether their input was non-negative (after a ReLU, or the image itself), and each
-    Add's operands and sum likewise. Structural facts, so the random weights do not matter."""
+    """Forward passes on a random image-like input with hooks: the convolutions in execution order
+    with whether their input is non-negative (after a ReLU, or the image itself), and each Add's
+    operands and sum likewise. Structural facts, independent of the weights: every convolution's
+    output is replaced by seeded values with a large per-channel offset, v = a_c + n, in one pass
+    and by -v in a second, and a tensor counts as non-negative only when it is in both. (With the
+    network's own random weights a branch's output on one small image is often all positive: its
+    quantizer would be unsigned, clip the trained network's negative values, and differ from one
+    process to the next.)"""
     convs: dict[str, bool] = {}
     adds: dict[str, list[bool]] = {}
     names = {m: n for n, m in model.named_modules()}
     on_meta = any(p.is_meta for p in model.parameters())
+    noise = torch.Generator()
+    sign = [1.0]
 
     def nonneg(t: torch.Tensor) -> bool:
         return (not on_meta) and bool((t.detach() >= 0).all())
 
     def conv_hook(m, args, out):
-        convs.setdefault(names[m], nonneg(args[0]))
+        name = names[m]
+        convs[name] = convs.get(name, True) and nonneg(args[0])
+        if on_meta:
+            return None
+        shape = [1] * out.dim()
+        shape[1] = out.shape[1]
+        offset = 4 * torch.randn(shape, generator=noise)
+        v = offset + torch.randn(out.shape, generator=noise)
+        return (sign[0] * v).to(device=out.device, dtype=out.dtype)
 
     def add_hook(m, args, out):
-        adds.setdefault(names[m], [nonneg(args[0]), nonneg(args[1]), nonneg(out)])
+        seen = adds.get(names[m], [True, True, True])
+        now = [nonneg(args[0]), nonneg(args[1]), nonneg(out)]
+        adds[names[m]] = [a and b for a, b in zip(seen, now, strict=True)]
 
     handles = []
     for m in model.modules():
@@ -128,7 +145,10 @@ def probe_network(model: nn.Module) -> dict[str, Any]:
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            for s in (1.0, -1.0) if not on_meta else (1.0,):
+                sign[0] = s
+                noise.manual_seed(1)  # the same values in both passes, negated in the second
+                model(x)
     finally:
         model.train(was)
         for h in handles:
