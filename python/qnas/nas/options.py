@@ -14,6 +14,9 @@ IMPLS = ("fused", "naive")
 #: by the root of the sum of squared op probabilities (Supernet.mixing_weights); "none" is the plain
 #: DARTS sum.
 MIX_NORMS = ("rescale", "none")
+#: How the supernet's weights start: "anchor" (default) makes the supernet start as its anchor skip
+#: (Supernet.start_at_anchor); "he" leaves every kernel variance-preserving and ADQ's gain at 1.5.
+SUPERNET_INITS = ("anchor", "he")
 #: Activation quantizers a derived network may be retrained with (qnas.nas.layers): HWGQ (Cai et al.,
 #: "Deep Learning with Low Precision by Half-wave Gaussian Quantization", CVPR 2017) as the QuantNAS code
 #: does, or LSQ.
@@ -85,6 +88,12 @@ class SearchOptions:
         "rescale",
         choices=MIX_NORMS,
         help="rescale: candidate mixture divided by sqrt(sum of squared op probabilities); none: plain sum.",
+    )
+    supernet_init: str = option(
+        "anchor",
+        choices=SUPERNET_INITS,
+        help="anchor: the supernet starts as its anchor skip (residual gains 0, output layer kernels x0.1); "
+        "he: every kernel variance-preserving, ADQ gain 1.5.",
     )
     single_pass: bool = option(False, help="One forward-backward updates weights and alphas.")
     lr: float = option(1e-3, help="Adam learning rate of the weights.")

@@ -95,6 +95,7 @@ def build_supernet(opts: SearchOptions, space: dict | None = None) -> Supernet:
         impl=opts.impl,
         adq=opts.adq,
         mix_norm=opts.mix_norm,
+        init=opts.supernet_init,
     )
 
 
@@ -375,6 +376,7 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
         "target_gbitops": opts.target_gbitops,
         "target_weight": opts.target_weight,
         "mix_norm": opts.mix_norm,
+        "supernet_init": opts.supernet_init,
         "alpha_lr": opts.alpha_lr,
         "final_temperature": opts.final_temperature,
         "single_pass": opts.single_pass,

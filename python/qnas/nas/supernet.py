@@ -39,7 +39,7 @@ from qnas.nas.graph import (
     init_kernel,
     op_macs_per_pixel,
 )
-from qnas.nas.options import IMPLS, MIX_NORMS, MODES  # noqa: F401  (the choices of qnas search)
+from qnas.nas.options import IMPLS, MIX_NORMS, MODES, SUPERNET_INITS  # noqa: F401  (qnas search choices)
 from qnas.spaces import is_single_conv, op_stages
 from qops import quant_range, reference
 from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
@@ -458,8 +458,11 @@ class Supernet(nn.Module):
         impl: str = "fused",
         adq: bool = True,
         mix_norm: str = "rescale",
+        init: str = "anchor",
     ):
         super().__init__()
+        if init not in SUPERNET_INITS:
+            raise QnasError(f"--supernet-init: expected one of {', '.join(SUPERNET_INITS)}, got {init!r}")
         if mix_norm not in MIX_NORMS:
             raise QnasError(f"--mix-norm: expected one of {', '.join(MIX_NORMS)}, got {mix_norm!r}")
         if mode not in MODES:
@@ -493,9 +496,42 @@ class Supernet(nn.Module):
             return SearchLayer(site, compiled.ops, self.w_bits, self.a_bits, masks[site.slot], mode, impl)
 
         self.net = GraphModule(compiled.graph, make_layer, adq)
+        if init == "anchor":
+            self.start_at_anchor()
         # BitOps per LR pixel of every (op, w, a) term, summed over the sites of a slot.
         for slot, cost in slot_bitops(compiled, self.w_bits, self.a_bits).items():
             self.register_buffer(f"bitops_{_key(slot)}", cost, persistent=False)
+
+    #: Kernel scale of the output layer under init "anchor" (small, not zero: a zero kernel would give
+    #: the layers before it no gradient in the first step).
+    OUTPUT_LAYER_GAIN = 0.1
+
+    @torch.no_grad()
+    def start_at_anchor(self) -> None:
+        """Make the supernet start as (nearly) its anchor skip: every ADQ branch gain w = 0 (its residual
+        is the identity until w grows: ReZero, Bachlechner et al. 2020; SkipInit, De & Smith, NeurIPS
+        2020) and the kernels of the network's last layer (the upsampler, which writes the image's
+        residual) scaled by OUTPUT_LAYER_GAIN.
+
+        Why: with variance-preserving kernels and ADQ's gain 1.5 every residual cell more than doubles
+        its input's deviation, and the untrained supernet's output deviates from the image ~70x (std 20
+        against 0.29 for the basic space at x4). The first weight steps then drive the inputs of the
+        ReLU in front of the upsampler negative; it dies, and the loss gradient on every architecture
+        weight before it is exactly zero for the rest of the search (measured: 13 to 91 % of the
+        architecture steps, the cost term alone choosing those layers). Started at the anchor, no
+        architecture step had a zero loss gradient (basic space, x4, 200 steps, docs/quantnas.md)."""
+        from qnas.nas.adq import ADQ
+
+        for m in self.net.modules():
+            if isinstance(m, ADQ):
+                m.w.zero_()
+        last = [n.name for n in self.compiled.graph.nodes if n.op == "layer"]
+        if last:
+            layer = self.net.nodes[last[-1]]
+            for w in layer.weights:
+                w.mul_(self.OUTPUT_LAYER_GAIN)
+            for br in layer.composites:
+                br.weights[-1].mul_(self.OUTPUT_LAYER_GAIN)
 
     # -- architecture -------------------------------------------------------------------------------
     def alpha(self, slot: str) -> nn.Parameter:
