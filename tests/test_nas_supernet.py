@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from qnas.cost import count_cost
+from qnas.errors import QnasError
 from qnas.nas.adq import ADQ
 from qnas.nas.derive import DerivedNetwork, genotype_cost, uniform_genotype
 from qnas.nas.graph import compile_space
@@ -257,6 +258,43 @@ def test_adq_formula_and_ablation():
     assert any(isinstance(m, ADQ) for m in Supernet(no_adq.compiled, mode="quant").modules())
 
 
+def test_choices_within_a_budget_are_the_most_probable_genotype_that_fits():
+    """Supernet.choices(budget): the genotype with the largest Σ log p whose BitOps are at most the budget,
+    checked against brute force over every genotype of a small space; no budget: the argmax; a budget
+    below every genotype: the cheapest."""
+    import itertools
+
+    space = load_space(tiny_space(["conv1x1", "conv3x3", "conv5x5"]))
+    torch.manual_seed(3)
+    net = Supernet(compile_space(space, 2), w_bits=[4, 8], mode="quant")
+    with torch.no_grad():
+        for a in net.alphas.values():
+            a.normal_(0, 2)
+    probs = {s: p.double().flatten() for s, p in net.probs().items()}
+    costs = {s: getattr(net, f"bitops_{s.replace('.', '-')}").flatten() for s in net.slots}
+    entries = {s: net.allowed(s).flatten().nonzero().flatten().tolist() for s in net.slots}
+
+    def flat_of(slot, ch):
+        o = net.compiled.slots[slot].index(ch["op"])
+        return (o * 2 + [4, 8].index(ch["w_bits"])) * 2 + [4, 8].index(ch["a_bits"])
+
+    argmax = net.choices()
+    assert all(flat_of(s, c) == int(probs[s].argmax()) for s, c in argmax.items())
+    total = lambda pick: sum(float(costs[s][e]) for s, e in pick.items())  # noqa: E731
+    everything = [dict(zip(net.slots, combo, strict=True)) for combo in itertools.product(*entries.values())]
+    lo, hi = min(map(total, everything)), total({s: flat_of(s, c) for s, c in argmax.items()})
+    for budget in (lo * 1.2, (lo + hi) / 2, hi * 0.9):
+        fits = [g for g in everything if total(g) <= budget]
+        best = max(fits, key=lambda g: sum(float(probs[s][e].log()) for s, e in g.items()))
+        got = {s: flat_of(s, c) for s, c in net.choices(budget).items()}
+        assert total(got) <= budget
+        # Brute force (the grid rounds costs up by at most budget/4096 per slot: no tie at these budgets).
+        logp = lambda g: sum(float(probs[s][e].log()) for s, e in g.items())  # noqa: E731
+        assert got == best, (budget, logp(got), logp(best))
+    cheapest = {s: flat_of(s, c) for s, c in net.choices(lo / 2).items()}
+    assert total(cheapest) == lo
+
+
 def test_genotype_choice_is_the_argmax():
     net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), w_bits=[4, 8], mode="quant")
     with torch.no_grad():
@@ -310,7 +348,7 @@ def test_every_candidate_starts_variance_preserving_and_derived_convs_keep_the_d
     space = tiny_space(MIXED, channels=12)
     space["network"][0]["act"] = "none"  # the head reads signed input: gain 1
     torch.manual_seed(0)
-    net = Supernet(compile_space(load_space(space), 2), mode="quant")
+    net = Supernet(compile_space(load_space(space), 2), mode="quant", init="he")
     for name, p in net.named_parameters():
         if p.dim() == 4:
             first_stage = ".weights." in name and ("composites" not in name or name.endswith("weights.0"))
@@ -322,6 +360,31 @@ def test_every_candidate_starts_variance_preserving_and_derived_convs_keep_the_d
     for conv in convs:
         # kaiming_uniform(a=sqrt(5)): std = 1 / sqrt(3 fan_in), i.e. gain 1/sqrt(3).
         assert 0.75 < _std_ratio(conv.weight, 1 / math.sqrt(3)) < 1.25
+
+
+def test_the_supernet_starts_at_its_anchor_skip_and_he_init_restores_the_variance_preserving_start():
+    """init "anchor" (default): every ADQ gain is 0 and the last layer's kernels are He's times 0.1, so the
+    untrained supernet outputs about its anchor (basic space, x4: the output's deviation from the nearest-
+    upsampled input is ~0.05 against ~18 with init "he", which drove the ReLU in front of the upsampler to
+    death in the first weight steps). Same random draws: the two inits differ only in those tensors."""
+    space = load_space("basic")
+    x = torch.rand(2, 3, 12, 12)
+    up = x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+    nets = {}
+    for init in ("anchor", "he"):
+        torch.manual_seed(0)
+        nets[init] = Supernet(compile_space(space, 4), mode="noise", init=init).eval()
+    with torch.no_grad():
+        dev = {k: float((n(x) - up).abs().mean()) for k, n in nets.items()}
+    assert dev["anchor"] < 0.15 < 3.0 < dev["he"], dev
+    a, h = nets["anchor"].state_dict(), nets["he"].state_dict()
+    differ = {k for k in a if a[k].is_floating_point() and not torch.equal(a[k], h[k])}
+    assert differ and all(k.endswith("adq.w") or k.startswith("net.nodes.upsample.") for k in differ)
+    assert all(float(a[k]) == 0 for k in differ if k.endswith("adq.w"))
+    w = "net.nodes.upsample.weights.0"
+    torch.testing.assert_close(a[w], h[w] * Supernet.OUTPUT_LAYER_GAIN)
+    with pytest.raises(QnasError, match="--supernet-init"):
+        Supernet(compile_space(space, 4), init="zero")
 
 
 def test_rescaled_mixture_keeps_the_variance_and_is_exact_at_one_hot():

@@ -352,18 +352,23 @@ def _add_regularizer_grads(
 
 
 def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitops: float) -> dict:
-    """The argmax genotype of a supernet, with its cost and the search it came from."""
-    layers = net.choices()
+    """The genotype of a supernet (each slot's argmax; with a BitOps target the most probable genotype
+    within it: Supernet.choices), with its cost and the search it came from."""
+    pixels = opts.lr_size[0] * opts.lr_size[1]
+    budget = None if opts.target_gbitops is None else opts.target_gbitops * 1e9 / pixels
     g = {
         "format": GENOTYPE_FORMAT,
         "space": space,
         "scale": opts.scale,
         "candidates": opts.ops,
-        "layers": layers,
+        "layers": net.choices(budget),
     }
     g["cost"] = genotype_cost(g, tuple(opts.lr_size))
+    # With a target the genotype is the most probable one within it; the plain argmax's cost is kept to
+    # show how far the distribution was from one-hot.
+    argmax_bitops = genotype_cost({**g, "layers": net.choices()}, tuple(opts.lr_size))["bitops"]
     with torch.no_grad():
-        expected = float(net.expected_bitops_per_pixel(net.probs())) * opts.lr_size[0] * opts.lr_size[1]
+        expected = float(net.expected_bitops_per_pixel(net.probs())) * pixels
     g["search"] = {
         "mode": opts.mode,
         "impl": opts.impl,
@@ -382,6 +387,7 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
         "single_pass": opts.single_pass,
         "initial_expected_bitops": initial_bitops,
         "final_expected_bitops": expected,
+        "argmax_bitops": argmax_bitops,
     }
     return g
 

@@ -592,21 +592,67 @@ class Supernet(nn.Module):
             total = h if total is None else total + h
         return total
 
-    def choices(self) -> dict[str, dict[str, Any]]:
-        """The argmax (op, w_bits, a_bits) of every slot with its probability."""
-        out = {}
+    def choices(self, budget: float | None = None) -> dict[str, dict[str, Any]]:
+        """The (op, w_bits, a_bits) of every slot with its probability: the argmax of each slot, or with
+        `budget` (BitOps per LR pixel) the most probable genotype that costs at most the budget.
+
+        The search drives the *expected* BitOps to its target, but the argmax of a distribution that is
+        not one-hot can cost far more or less (a flat body slot's argmax is any of its candidates): a
+        user who asks for a target gets a network within it. Most probable = largest Σ_slots log p of
+        the chosen entries, found exactly by dynamic programming over the slots on a cost grid of
+        budget/4096 (costs rounded up, so the result never exceeds the budget); when even the cheapest
+        genotype exceeds it, the cheapest genotype."""
         with torch.no_grad():
-            for slot, p in self.probs().items():
-                flat = int(torch.argmax(p.flatten()))
-                o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
-                i, j = divmod(rest, len(self.a_bits))
-                out[slot] = {
-                    "op": self.compiled.slots[slot][o],
-                    "w_bits": self.w_bits[i],
-                    "a_bits": self.a_bits[j],
-                    "prob": round(float(p.flatten()[flat]), 6),
-                }
+            probs = {slot: p.double() for slot, p in self.probs().items()}
+        picks = {slot: int(torch.argmax(p.flatten())) for slot, p in probs.items()}
+        if budget is not None:
+            picks = self._most_probable_within(probs, float(budget))
+        out = {}
+        for slot in self.slots:
+            p, flat = probs[slot], picks[slot]
+            o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
+            i, j = divmod(rest, len(self.a_bits))
+            out[slot] = {
+                "op": self.compiled.slots[slot][o],
+                "w_bits": self.w_bits[i],
+                "a_bits": self.a_bits[j],
+                "prob": round(float(p.flatten()[flat]), 6),
+            }
         return out
+
+    def _most_probable_within(self, probs: dict[str, torch.Tensor], budget: float) -> dict[str, int]:
+        cost = {s: getattr(self, f"bitops_{_key(s)}").flatten() for s in self.slots}
+        entries = {s: self.allowed(s).flatten().nonzero().flatten().tolist() for s in self.slots}
+        cheapest = {s: min(entries[s], key=lambda e: float(cost[s][e])) for s in self.slots}
+        if sum(float(cost[s][cheapest[s]]) for s in self.slots) > budget:
+            return cheapest
+        bins = 4096
+        unit = budget / bins
+        neg = float("-inf")
+        best = [0.0] + [neg] * bins  # best[c]: max Σ log p of the slots so far at cost c units
+        back = []
+        for s in self.slots:
+            logp = probs[s].flatten().clamp_min(1e-300).log()
+            new, arg = [neg] * (bins + 1), [-1] * (bins + 1)
+            for e in entries[s]:
+                units = math.ceil(float(cost[s][e]) / unit - 1e-9)
+                if units > bins:
+                    continue
+                lp = float(logp[e])
+                for c in range(bins - units + 1):
+                    if best[c] != neg and best[c] + lp > new[c + units]:
+                        new[c + units], arg[c + units] = best[c] + lp, e
+            back.append(arg)
+            best = new
+        c = max(range(bins + 1), key=lambda k: best[k])
+        if best[c] == neg:  # only when rounding up to the grid excludes every genotype
+            return cheapest
+        picks = {}
+        for s, arg in zip(reversed(self.slots), reversed(back), strict=True):
+            e = arg[c]
+            picks[s] = e
+            c -= math.ceil(float(cost[s][e]) / unit - 1e-9)
+        return picks
 
     def set_noise_stream(self, stream: int) -> None:
         """Noise mode under torch.distributed: rank `stream` draws noise independent of the other ranks'
