@@ -103,7 +103,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-heldout", action="store_true", help="Do not evaluate the models on the held-out part."
     )
     d = DemoSettings()
+    ap.add_argument(
+        "--methods",
+        default="darts",
+        help="Search methods of the searched models, comma-separated (qnas search --method): darts "
+        "models are named quantnas_T, spos models spos_T.",
+    )
     ap.add_argument("--search-steps", type=int, default=d.search_steps)
+    ap.add_argument(
+        "--spos-steps",
+        type=int,
+        default=1200,
+        help="Steps of the spos searches (a single-path step costs a fraction of a darts step).",
+    )
     ap.add_argument("--search-batch-size", type=int, default=d.search_batch)
     ap.add_argument("--search-patch-size", type=int, default=d.search_patch)
     ap.add_argument("--alpha-lr", type=float, default=d.alpha_lr)
@@ -155,7 +167,13 @@ def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
     then the controls (w8a8, the bits-only search, random genotypes, the search without a cost
     term) at --control-seeds. `targets`: the searches' GBitOps (resolve_targets)."""
     seeds, controls = _ints(args.seeds), _ints(args.control_seeds)
-    main_models = [{"name": f"quantnas_{_tag(t)}", "kind": "searched", "target": t} for t in targets]
+    main_models = []
+    for method in _methods(args.methods):
+        prefix = "quantnas" if method == "darts" else method
+        main_models += [
+            {"name": f"{prefix}_{_tag(t)}", "kind": "searched", "target": t, "method": method}
+            for t in targets
+        ]
     for w in _ints(args.widths):
         main_models += [
             {"name": f"uniform_w4a4_c{w}", "kind": HANDMADE, "bits": 4, "width": w},
@@ -227,14 +245,25 @@ def resolve_targets(runner: Runner, args: argparse.Namespace, out: Path) -> list
 
 def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path) -> list[str]:
     cmd = ["search", "--space", str(args.space), "--data", str(train_dir), "--scale", str(SCALE)]
-    cmd += ["--steps", str(args.search_steps), "--batch-size", str(args.search_batch_size)]
+    steps = args.spos_steps if item.get("method") == "spos" else args.search_steps
+    cmd += ["--steps", str(steps), "--batch-size", str(args.search_batch_size)]
     cmd += ["--patch-size", str(args.search_patch_size), "--alpha-lr", str(args.alpha_lr)]
     cmd += ["--alpha-warmup", str(args.alpha_warmup), "--lr-size", args.lr_size, "--seed", str(item["seed"])]
     if item["target"] is not None:
         cmd += ["--target-gbitops", f"{item['target']:g}"]
     if item["kind"] == "bits_only":
         cmd += ["--ops", "conv3x3"]
+    if item.get("method", "darts") != "darts":
+        cmd += ["--method", item["method"], "--select-batches", "4", "--select-contexts", "8"]
     return cmd
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("darts", "spos")]
+    if bad or not methods:
+        raise SystemExit(f"--methods: expected darts and/or spos, got {text!r}")
+    return methods
 
 
 def train_cmd(args: argparse.Namespace, genotype: Path, train_dir: Path, seed: int) -> list[str]:

@@ -484,3 +484,62 @@ def test_random_genotype_lands_at_the_target(capsys, tmp_path):
     )
     code, _, err = qnas(capsys, "genotype", "--scale", "4", "--random", "--out", tmp_path / "x.json")
     assert code == 2 and "--target-gbitops" in err
+
+
+def test_spos_search_chooses_by_heldout_loss_within_the_target(space_file, tmp_path, capsys):
+    """--method spos: single-path weight steps, then every entry of every slot scored on the held-out
+    split; the genotype is the lowest total score within the target, and resume gives the same one."""
+    from qnas.nas.derive import genotype_cost
+
+    args = [
+        "search",
+        "--space",
+        space_file,
+        *FAST,
+        "--steps",
+        "8",
+        "--method",
+        "spos",
+        "--checkpoint-every",
+        "4",
+    ]
+    args += [
+        "--select-contexts",
+        "2",
+        "--select-batches",
+        "1",
+        "--target-gbitops",
+        "0.03",
+        "--lr-size",
+        "64x64",
+    ]
+    code, _, err = qnas(capsys, *args, "--out", tmp_path / "r")
+    assert code == 0, err
+    g = json.loads((tmp_path / "r" / "genotype.json").read_text())
+    sel = json.loads((tmp_path / "r" / "selection.json").read_text())
+    assert g["search"]["method"] == "spos" and g["search"]["argmax_bitops"] is None
+    assert genotype_cost(g, (64, 64))["bitops"] <= 0.03e9
+    assert set(sel["scores"]) == set(g["layers"])
+    for slot, choice in g["layers"].items():
+        label = f"{choice['op']}@w{choice['w_bits']}a{choice['a_bits']}"
+        assert sel["scores"][slot][label] == pytest.approx(choice["heldout_l1"], abs=1e-6)
+        assert choice["excess_l1"] == pytest.approx(
+            choice["heldout_l1"] - min(sel["scores"][slot].values()), abs=2e-6
+        )
+    assert not (tmp_path / "r" / "alphas.png").exists()
+    # Without a target every slot takes its lowest-scoring entry.
+    code, _, err = qnas(capsys, *args[:-4], "--lr-size", "64x64", "--out", tmp_path / "free")
+    assert code == 0, err
+    free = json.loads((tmp_path / "free" / "genotype.json").read_text())
+    assert all(c["excess_l1"] == 0 for c in free["layers"].values())
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--single-pass"], "--single-pass"), (["--penalty", "0.1"], "--penalty")],
+)
+def test_spos_refuses_options_it_does_not_use(extra, needle, space_file, tmp_path, capsys):
+    code, _, err = qnas(
+        capsys, "search", "--space", space_file, *FAST, "--method", "spos", *extra, "--out", tmp_path / "r"
+    )
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -17,6 +17,10 @@ MIX_NORMS = ("rescale", "none")
 #: How the supernet's weights start: "anchor" (default) makes the supernet start as its anchor skip
 #: (Supernet.start_at_anchor); "he" leaves every kernel variance-preserving and ADQ's gain at 1.5.
 SUPERNET_INITS = ("anchor", "he")
+#: How the search trains and chooses: "darts" (default) trains the architecture parameters by
+#: gradient beside the weights and derives the most probable genotype; "spos" trains the shared weights
+#: along uniformly sampled single paths and chooses by the held-out loss of the paths (qnas.nas.search).
+METHODS = ("darts", "spos")
 #: Activation quantizers a derived network may be retrained with (qnas.nas.layers): HWGQ (Cai et al.,
 #: "Deep Learning with Low Precision by Half-wave Gaussian Quantization", CVPR 2017) as the QuantNAS code
 #: does, or LSQ.
@@ -95,6 +99,16 @@ class SearchOptions:
         help="anchor: the supernet starts as its anchor skip (residual gains 0, output layer kernels x0.1); "
         "he: every kernel variance-preserving, ADQ gain 1.5.",
     )
+    method: str = option(
+        "darts",
+        choices=METHODS,
+        help="darts: architecture parameters trained by gradient (QuantNAS); spos: weights trained along "
+        "uniformly sampled single paths, layers chosen by held-out loss within the BitOps target.",
+    )
+    select_contexts: int = option(
+        8, at_least=1, help="spos: random paths each candidate is scored in (the other layers' choices)."
+    )
+    select_batches: int = option(4, at_least=1, help="spos: held-out batches each candidate is scored on.")
     single_pass: bool = option(False, help="One forward-backward updates weights and alphas.")
     lr: float = option(1e-3, help="Adam learning rate of the weights.")
     alpha_lr: float = option(3e-4, help="Adam learning rate of the alphas.")
@@ -141,6 +155,12 @@ class SearchOptions:
                 raise QnasError(f"--target-gbitops: must be positive, got {self.target_gbitops}")
             if self.penalty > 0:
                 raise QnasError("--target-gbitops and --penalty are alternatives: give one of them")
+        if self.method == "spos" and self.single_pass:
+            raise QnasError(
+                "--single-pass: not with --method spos (it has no architecture parameters to train)"
+            )
+        if self.method == "spos" and self.penalty > 0:
+            raise QnasError("--penalty: not with --method spos (its cost control is --target-gbitops)")
         if not 0 < self.final_temperature <= 1:
             raise QnasError(f"--final-temperature: expected a value in (0, 1], got {self.final_temperature}")
         if self.target_weight < 0:

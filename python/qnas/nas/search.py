@@ -186,6 +186,15 @@ def search(
     penalty = cost_term(opts, initial_bitops.value / pixels)
     alpha_start = int(opts.alpha_warmup * opts.steps)
     sync = None if info.world == 1 else lambda params: distributed.average_gradients(params, info)
+    if opts.method == "spos" and compile:
+        raise QnasError("--compile: not with --method spos (every step runs another path through the graph)")
+
+    def spos_step_fn(step: int) -> dict[str, float]:
+        rec = single_path_step(net, w_opt, _batch(w_sampler), grad_clip=opts.grad_clip, step=step, sync=sync)
+        rec.update(distributed.means({"loss": rec["loss"]}, info))
+        w_sched.step()
+        rec["lr"] = w_opt.param_groups[0]["lr"]
+        return rec
 
     def step_fn(step: int) -> dict[str, float]:
         ent_w = entropy_coef(step, opts.steps, opts.entropy_coef, opts.entropy_warmup)
@@ -221,6 +230,8 @@ def search(
         return rec
 
     def postfix(rec: dict[str, float]) -> dict[str, str]:
+        if opts.method == "spos":
+            return {"loss": f"{rec['loss']:.4f}"}
         return {
             "loss": f"{rec['loss']:.4f}",
             "H": f"{rec['entropy']:.2f}",
@@ -228,9 +239,12 @@ def search(
         }
 
     t_start = time.perf_counter()
-    loop.run(step_fn, postfix=postfix)
+    loop.run(spos_step_fn if opts.method == "spos" else step_fn, postfix=postfix)
     step = loop.step
-    genotype = make_genotype(net, opts, space, initial_bitops.value)
+    selection = None
+    if opts.method == "spos":
+        selection = select_by_loss(net, opts, a_sampler, info, progress=progress)
+    genotype = make_genotype(net, opts, space, initial_bitops.value, selection)
     summary = {
         "health": {},
         "steps": step,
@@ -245,12 +259,15 @@ def search(
     atomic_write_bytes(run.path / "genotype.json", (json.dumps(genotype, indent=2) + "\n").encode())
     from qnas.nas.plots import health_summary, plot_alphas, plot_search_curves, plot_search_health
 
-    plot_alphas(
-        net, run.path / "alphas.png", title=f"{space['name']} x{opts.scale}, {opts.mode}, step {step}"
-    )
     metrics = run.read_metrics()
     plot_search_curves(metrics, run.path / "search.png")
-    plot_search_health(metrics, run.path / "health.png")
+    if selection is not None:
+        atomic_write_bytes(run.path / "selection.json", (json.dumps(selection, indent=1) + "\n").encode())
+    else:
+        plot_alphas(
+            net, run.path / "alphas.png", title=f"{space['name']} x{opts.scale}, {opts.mode}, step {step}"
+        )
+        plot_search_health(metrics, run.path / "health.png")
     distributed.barrier(info)
     distributed.teardown(info)
     return {**summary, "health": health_summary(metrics), "seconds": time.perf_counter() - t_start}
@@ -325,6 +342,98 @@ def search_step(
     return rec
 
 
+def single_path_step(
+    net: Supernet,
+    w_opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    grad_clip: float,
+    step: int = 0,
+    sync: Callable[[list[torch.Tensor]], None] | None = None,
+) -> dict[str, float]:
+    """One weight step of the single-path search (--method spos): one allowed entry per slot drawn
+    uniformly (torch's RNG, the same on every rank), L1 of that path, gradients to the weights it used.
+    Every candidate is trained on its share of the steps whatever the others' quality, so the held-out
+    loss can compare candidates (Guo et al., "Single Path One-Shot Neural Architecture Search with
+    Uniform Sampling", ECCV 2020, which searches bit-widths the same way)."""
+    weights = [p for g in w_opt.param_groups for p in g["params"]]
+    lr_img, hr_img = batch
+    w_opt.zero_grad(set_to_none=True)
+    loss = nn.functional.l1_loss(net.forward_path(lr_img, net.sample_path()), hr_img)
+    _check_finite(loss, step)
+    loss.backward()
+    if sync is not None:
+        sync(weights)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for p in weights if p.grad is not None], grad_clip)
+    w_opt.step()
+    return {"loss": loss.item()}
+
+
+@torch.no_grad()
+def select_by_loss(net: Supernet, opts: SearchOptions, sampler, info, *, progress: bool = False) -> dict:
+    """The single-path search's choice: every allowed entry of every slot is scored by the mean L1 of
+    the supernet on --select-batches batches of the held-out split (images the weights never trained
+    on), along --select-contexts random paths with that slot set to the entry (the same paths, batches
+    and noise for every entry of a slot, so their differences are paired). The genotype is the one with
+    the lowest total score within the BitOps target (Supernet.best_within; without a target, the
+    lowest-scoring entry of each slot): a first-order, additive estimate of each choice's effect on the
+    loss, in place of the architecture parameters. Returns {"layers", "scores"} (scores[slot][entry
+    label] = mean L1; layers carry their score and its excess over the slot's best)."""
+    from qnas.runs.distributed import means
+
+    batches = [_batch(sampler) for _ in range(opts.select_batches)]
+    gen = torch.Generator().manual_seed(opts.seed + 7919)
+    contexts = [net.sample_path(gen) for _ in range(opts.select_contexts)]
+    entries = {s: net.allowed(s).flatten().nonzero().flatten().tolist() for s in net.slots}
+    total = sum(len(e) for e in entries.values()) * len(contexts) * len(batches)
+    rng = torch.get_rng_state()
+    net.train()  # ADQ's batch norm on batch statistics: its running ones mix every path
+    losses: dict[str, float] = {}
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="select", disable=not progress, leave=False) as bar:
+        for s in net.slots:
+            for e in entries[s]:
+                acc = 0.0
+                for k, ctx in enumerate(contexts):
+                    path = {**ctx, s: e}
+                    for b, (lr_img, hr_img) in enumerate(batches):
+                        torch.manual_seed(opts.seed * 1_000_003 + 1000 * k + b)  # same noise for every entry
+                        acc += float(nn.functional.l1_loss(net.forward_path(lr_img, path), hr_img))
+                        bar.update()
+                losses[f"{s}|{e}"] = acc / (len(contexts) * len(batches))
+    torch.set_rng_state(rng)
+    losses = means(losses, info)
+    scores = {}
+    for s in net.slots:
+        t = torch.full((net.allowed(s).numel(),), float("inf"), dtype=torch.float64)
+        for e in entries[s]:
+            t[e] = losses[f"{s}|{e}"]
+        scores[s] = t
+    pixels = opts.lr_size[0] * opts.lr_size[1]
+    if opts.target_gbitops is not None:
+        picks = net.best_within({s: -t for s, t in scores.items()}, opts.target_gbitops * 1e9 / pixels)
+    else:
+        picks = {s: int(torch.argmin(t)) for s, t in scores.items()}
+    layers = {}
+    for s in net.slots:
+        best = float(scores[s].min())
+        layers[s] = {
+            **net.entry(s, picks[s]),
+            "heldout_l1": round(float(scores[s][picks[s]]), 6),
+            "excess_l1": round(float(scores[s][picks[s]]) - best, 6),
+        }
+    table = {
+        s: {_label(net.entry(s, e)): round(float(scores[s][e]), 6) for e in entries[s]} for s in net.slots
+    }
+    return {"layers": layers, "scores": table, "contexts": len(contexts), "batches": len(batches)}
+
+
+def _label(entry: dict) -> str:
+    return f"{entry['op']}@w{entry['w_bits']}a{entry['a_bits']}"
+
+
 def _add_regularizer_grads(
     net: Supernet, ent_w: float, penalty: BitOpsTarget | BitOpsPenalty | None, rec: dict
 ) -> None:
@@ -351,9 +460,12 @@ def _add_regularizer_grads(
             a.grad = g if a.grad is None else a.grad + g
 
 
-def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitops: float) -> dict:
+def make_genotype(
+    net: Supernet, opts: SearchOptions, space: dict, initial_bitops: float, selection: dict | None = None
+) -> dict:
     """The genotype of a supernet (each slot's argmax; with a BitOps target the most probable genotype
-    within it: Supernet.choices), with its cost and the search it came from."""
+    within it: Supernet.choices; or the single-path `selection`, select_by_loss), with its cost and the
+    search it came from."""
     pixels = opts.lr_size[0] * opts.lr_size[1]
     budget = None if opts.target_gbitops is None else opts.target_gbitops * 1e9 / pixels
     g = {
@@ -361,15 +473,18 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
         "space": space,
         "scale": opts.scale,
         "candidates": opts.ops,
-        "layers": net.choices(budget),
+        "layers": net.choices(budget) if selection is None else selection["layers"],
     }
     g["cost"] = genotype_cost(g, tuple(opts.lr_size))
     # With a target the genotype is the most probable one within it; the plain argmax's cost is kept to
     # show how far the distribution was from one-hot.
-    argmax_bitops = genotype_cost({**g, "layers": net.choices()}, tuple(opts.lr_size))["bitops"]
+    argmax_bitops = None
+    if selection is None:
+        argmax_bitops = genotype_cost({**g, "layers": net.choices()}, tuple(opts.lr_size))["bitops"]
     with torch.no_grad():
         expected = float(net.expected_bitops_per_pixel(net.probs())) * pixels
     g["search"] = {
+        "method": opts.method,
         "mode": opts.mode,
         "impl": opts.impl,
         "adq": opts.adq,
@@ -389,6 +504,8 @@ def make_genotype(net: Supernet, opts: SearchOptions, space: dict, initial_bitop
         "final_expected_bitops": expected,
         "argmax_bitops": argmax_bitops,
     }
+    if selection is not None:
+        g["search"].update(select_contexts=selection["contexts"], select_batches=selection["batches"])
     return g
 
 

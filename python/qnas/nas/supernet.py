@@ -239,7 +239,9 @@ class SearchLayer(nn.Module):
         return qops.fake_quant(t, s, zp, -1, qmin, qmax, gf)
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, probs_by_slot: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, probs_by_slot: dict[str, torch.Tensor | int]) -> torch.Tensor:
+        """probs_by_slot[slot]: the mixing weights of every (op, w_bits, a_bits) entry, or an int, the
+        flat index of one entry (a single path: only that candidate is computed, Supernet.forward_path)."""
         probs = probs_by_slot[self.slot]
         if self.relu:
             x = F.relu(x)
@@ -250,6 +252,8 @@ class SearchLayer(nn.Module):
         seed = int(torch.randint(0, 2**62, (1,)).item()) if self.mode == "noise" else 0
         if self.noise_stream:  # every rank draws the same seed (same RNG): spread it per rank
             seed = _sub_seed(seed, 1_000_003 * self.noise_stream)
+        if isinstance(probs, int):
+            return self._path(x, probs, seed)
         y = None
         if self.weights:
             y = self._single(x, probs, seed)
@@ -271,6 +275,35 @@ class SearchLayer(nn.Module):
             if not self.weights:
                 y = y + self.bias.reshape(1, -1, 1, 1)
         return y
+
+    def _path(self, x: torch.Tensor, flat: int, seed: int) -> torch.Tensor:
+        """The output of one (op, w_bits, a_bits) entry alone: what the mixture computes at a one-hot
+        probability (same quantizers, steps and bias), at the cost of that candidate only."""
+        o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
+        i, j = divmod(rest, len(self.a_bits))
+        if not self._terms[o][i][j]:
+            raise QnasError(
+                f"{self.slot}: entry {flat} (op {self.candidates[o]}, bits {i}/{j}) is not allowed"
+            )
+        ab = self.a_bits[j]
+        xq = self.fq(
+            x,
+            self.a_scales[j],
+            ab,
+            self.a_signed,
+            self.a_grad_factor(x, ab, self.a_signed),
+            _sub_seed(seed, 1000 + j),
+        )
+        if o in self.single_idx:
+            k = self.single_idx.index(o)
+            w, wb = self.weights[k], self.w_bits[i]
+            wq = self.fq(
+                w, self.w_scales[k, i], wb, True, self.w_grad_factor(w.numel(), wb), _sub_seed(seed, 100 + i)
+            )
+            y = conv2d_same(xq, wq, self.groups[k], self.dilations[k])
+        else:
+            y = self.composites[self.composite_idx.index(o)](self, xq, i, j, _sub_seed(seed, 2000 + i))
+        return y + self.bias.reshape(1, -1, 1, 1)
 
     def _composites_per_term(self, act_variant, probs: torch.Tensor, seed: int) -> torch.Tensor:
         """Every (composite, i, j) term on its own: the definition, and the naive baseline."""
@@ -574,6 +607,26 @@ class Supernet(nn.Module):
     def forward(self, x: torch.Tensor, probs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return self.net(x, self.mixing_weights(self.probs() if probs is None else probs))
 
+    def forward_path(self, x: torch.Tensor, path: dict[str, int]) -> torch.Tensor:
+        """The supernet along one path: every slot computes only its entry path[slot] (a flat index into
+        its [op, w_bits, a_bits] entries), as the derived network of that genotype would, with the
+        supernet's shared weights (single-path one-shot: Guo et al., ECCV 2020)."""
+        return self.net(x, path)
+
+    def sample_path(self, generator: torch.Generator | None = None) -> dict[str, int]:
+        """One allowed entry per slot, uniformly at random."""
+        out = {}
+        for slot in self.slots:
+            entries = self.allowed(slot).flatten().nonzero().flatten()
+            out[slot] = int(entries[torch.randint(len(entries), (1,), generator=generator)])
+        return out
+
+    def entry(self, slot: str, flat: int) -> dict[str, Any]:
+        """The (op, w_bits, a_bits) of a slot's flat entry index."""
+        o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
+        i, j = divmod(rest, len(self.a_bits))
+        return {"op": self.compiled.slots[slot][o], "w_bits": self.w_bits[i], "a_bits": self.a_bits[j]}
+
     def expected_bitops_per_pixel(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ_sites Σ probs · BitOps of each term, per LR input pixel (differentiable in the probs)."""
         total = None
@@ -606,7 +659,8 @@ class Supernet(nn.Module):
             probs = {slot: p.double() for slot, p in self.probs().items()}
         picks = {slot: int(torch.argmax(p.flatten())) for slot, p in probs.items()}
         if budget is not None:
-            picks = self._most_probable_within(probs, float(budget))
+            logp = {s: p.flatten().clamp_min(1e-300).log() for s, p in probs.items()}
+            picks = self.best_within(logp, float(budget))
         out = {}
         for slot in self.slots:
             p, flat = probs[slot], picks[slot]
@@ -620,7 +674,12 @@ class Supernet(nn.Module):
             }
         return out
 
-    def _most_probable_within(self, probs: dict[str, torch.Tensor], budget: float) -> dict[str, int]:
+    def best_within(self, scores: dict[str, torch.Tensor], budget: float) -> dict[str, int]:
+        """The genotype (flat entry per slot) with the largest Σ_slots scores[slot][entry] whose BitOps
+        per LR pixel are at most `budget`: exact dynamic programming over the slots on a cost grid of
+        budget/4096 (costs rounded up, so the result never exceeds the budget); when even the cheapest
+        genotype exceeds it, the cheapest genotype. Scores: log-probabilities (DARTS derivation) or
+        negated held-out losses (single-path selection)."""
         cost = {s: getattr(self, f"bitops_{_key(s)}").flatten() for s in self.slots}
         entries = {s: self.allowed(s).flatten().nonzero().flatten().tolist() for s in self.slots}
         cheapest = {s: min(entries[s], key=lambda e: float(cost[s][e])) for s in self.slots}
@@ -632,7 +691,7 @@ class Supernet(nn.Module):
         best = [0.0] + [neg] * bins  # best[c]: max Σ log p of the slots so far at cost c units
         back = []
         for s in self.slots:
-            logp = probs[s].flatten().clamp_min(1e-300).log()
+            logp = scores[s].flatten().double()
             new, arg = [neg] * (bins + 1), [-1] * (bins + 1)
             for e in entries[s]:
                 units = math.ceil(float(cost[s][e]) / unit - 1e-9)
