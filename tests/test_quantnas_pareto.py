@@ -143,3 +143,16 @@ def test_dominance_compares_with_the_cheapest_baseline_at_or_above_the_cost():
     assert rows["uniform_w4a4_c36"]["dominates"] and not rows["uniform_w4a4_fl8_c36"]["dominates"]
     assert qp.baseline_family("uniform_w4a4_fl8_c36") == "uniform_w4a4_fl8"
     assert qp.baseline_family("uniform_w8a8") == "uniform_w8a8"
+
+
+def test_methods_name_the_searched_models_and_pass_the_method(tmp_path):
+    args = qp.parse_args(
+        [str(tmp_path / "d"), str(tmp_path / "o"), "--methods", "darts,spos", "--spos-steps", "500"]
+    )
+    items = [i for i in qp.plan(args, [50.0]) if i["kind"] == "searched" and i["seed"] == 0]
+    assert [i["name"] for i in items] == ["quantnas_50", "spos_50"]
+    darts, spos = (qp.search_cmd(args, i, tmp_path) for i in items)
+    assert "--method" not in darts and darts[darts.index("--steps") + 1] == str(args.search_steps)
+    assert spos[spos.index("--method") + 1] == "spos" and spos[spos.index("--steps") + 1] == "500"
+    with pytest.raises(SystemExit, match="--methods"):
+        qp.plan(qp.parse_args([str(tmp_path / "d"), str(tmp_path / "o"), "--methods", "enas"]), [50.0])
