@@ -164,29 +164,18 @@ def runs_list() -> list[dict]:
         {"name": "fp", "cmd": FP, "resumable": True, "test": True},
     ]
     for bits in ABLATION_BITS:
-        for suffix, _, options, recipe in ABLATION:
-            if bits != 2 and suffix in ABLATION_2BIT_ONLY:
-                continue
-            out.append(
-                {
-                    "name": f"fqsr{bits}_{suffix}",
-                    "cmd": fqsr_cmd(bits, {**FQSR_PLAIN, **options}, recipe),
-                    "resumable": True,
-                }
-            )
-    table_options = {**FQSR_PLAIN, **dict((a[0], a[2]) for a in ABLATION)[TABLE_FQSR]}
-    for bits in (4, 2):
-        for seed in FQSR_SEEDS:
-            row = {
-                "name": fqsr_name(bits, seed),
-                "cmd": fqsr_cmd(bits, table_options, FT, seed),
+        rows = [
+            {
+                "name": f"fqsr{bits}_{suffix}",
+                "cmd": fqsr_cmd(bits, {**FQSR_PLAIN, **options}, recipe),
                 "resumable": True,
-                "test": True,
             }
-            if seed == 0:  # the ablation's row: evaluated on the test sets too
-                out = [row if r["name"] == row["name"] else r for r in out]
-            else:
-                out.append(row)
+            for suffix, _, options, recipe in ABLATION
+            if bits == 2 or suffix not in ABLATION_2BIT_ONLY
+        ]
+        rows[-1]["ablation_done"] = bits  # then the table's recipe is chosen (main, table_fqsr_runs)
+        out += rows
+    table_options = {**FQSR_PLAIN, **dict((a[0], a[2]) for a in ABLATION)[TABLE_FQSR]}
     out.append({"name": "release", "cmd": None, "release": True})
     out.append({"name": "fqsr8", "cmd": fqsr_cmd(8, table_options, FT), "resumable": True, "test": True})
     out.append(
@@ -255,8 +244,37 @@ def best_singles(results: dict[str, dict], bits: int, n: int = 1) -> list[str]:
     return sorted(have, key=lambda q: -results[ptq_name(q, bits, 0)]["sets"]["holdout"]["psnr"])[:n]
 
 
+#: The table's FQSR recipe per bit-width: the ablation row with the best hold-out PSNR (best_recipe),
+#: set by main once that bit-width's ablation is measured; TABLE_FQSR until then.
+CHOSEN_RECIPE: dict[int, str] = {}
+
+
 def fqsr_name(bits: int, seed: int) -> str:
-    return f"fqsr{bits}_{TABLE_FQSR}" + (f"_seed{seed}" if seed else "")
+    return f"fqsr{bits}_{CHOSEN_RECIPE.get(bits, TABLE_FQSR)}" + (f"_seed{seed}" if seed else "")
+
+
+def best_recipe(results: dict[str, dict], bits: int) -> str:
+    """The ablation suffix with the highest hold-out PSNR at `bits` (TABLE_FQSR when none is measured):
+    the recipe is chosen on the hold-out, never on the test sets."""
+    have = [a[0] for a in ABLATION if "holdout" in results.get(f"fqsr{bits}_{a[0]}", {}).get("sets", {})]
+    if not have:
+        return TABLE_FQSR
+    return max(have, key=lambda suffix: results[f"fqsr{bits}_{suffix}"]["sets"]["holdout"]["psnr"])
+
+
+def table_fqsr_runs(bits: int, suffix: str) -> list[dict]:
+    """The table's FQSR rows at `bits`: the ablation row `suffix` (seed 0), evaluated on the test sets
+    too, and the same command at the other FQSR_SEEDS."""
+    _, _, options, recipe = next(a for a in ABLATION if a[0] == suffix)
+    return [
+        {
+            "name": f"fqsr{bits}_{suffix}" + (f"_seed{seed}" if seed else ""),
+            "cmd": fqsr_cmd(bits, {**FQSR_PLAIN, **options}, recipe, seed),
+            "resumable": True,
+            "test": True,
+        }
+        for seed in FQSR_SEEDS
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -454,8 +472,16 @@ def table_rows() -> list[tuple[str, str, list[str]]]:
         ("FP edsr-baseline", "32/32", ["fp"]),
         ("uniform LSQ, first/last layers and skips float", "4/4", ["uniform4"]),
         ("FQSR, fully quantized", "8/8", ["fqsr8"]),
-        ("FQSR, fully quantized (3 seeds)", "4/4", [fqsr_name(4, s) for s in FQSR_SEEDS]),
-        ("FQSR, fully quantized (3 seeds)", "2/2", [fqsr_name(2, s) for s in FQSR_SEEDS]),
+        (
+            f"FQSR, fully quantized, {fqsr_name(4, 0)[6:]} (3 seeds)",
+            "4/4",
+            [fqsr_name(4, s) for s in FQSR_SEEDS],
+        ),
+        (
+            f"FQSR, fully quantized, {fqsr_name(2, 0)[6:]} (3 seeds)",
+            "2/2",
+            [fqsr_name(2, s) for s in FQSR_SEEDS],
+        ),
     ]
     rows += [(f"PTQ, {q} only", "4/4", [ptq_name(q, 4, 0)]) for q in SINGLE]
     rows += [
@@ -752,6 +778,13 @@ def main(argv: list[str] | None = None) -> None:
                     )
             continue
         visit(row)
+        if "ablation_done" in row:  # the table's FQSR rows at this bit-width, with the hold-out's best recipe
+            bits = row["ablation_done"]
+            CHOSEN_RECIPE[bits] = best_recipe(results, bits)
+            extra = table_fqsr_runs(bits, CHOSEN_RECIPE[bits])
+            all_runs += [r for r in extra if r["name"] not in {x["name"] for x in all_runs}]
+            for r in extra:
+                visit(r)
         # Once a bit-width's single strategies are measured at draw 0, the best one (hold-out) runs
         # over the further calibration draws, before the next block.
         for bits in DQSS_BITS:
