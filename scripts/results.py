@@ -529,9 +529,9 @@ def main_table(results: dict[str, dict]) -> str:
             if fp is not None and names != ["fp"]:
                 text += f" ({fmt_delta(*paired(have, [fp], s))})"
             cells.append(text)
-        cost = have[0]["cost"]
+        cost = have[0].get("cost")  # a released file has none (its run's row has it)
         bitops = f"{cost['bitops'] / 1e12:.2f}" if cost else "–"
-        cpu = [r["cpu_s"] for r in have if r["cpu_s"] is not None]
+        cpu = [r["cpu_s"] for r in have if r.get("cpu_s") is not None]
         cpu_text = fmt_cpu(statistics.mean(cpu)) if cpu else "–"
         if len(have) > 1 and cpu:
             cpu_text += " each"
@@ -707,7 +707,7 @@ def cached(row: dict, runs: Path, data: dict[str, Path]) -> bool:
     """Whether every evaluation (and the cost) of a row is cached: measure() will run nothing."""
     run = runs / row["name"]
     files = [run / f"eval_{s}.json" for s in eval_sets(row, data)] + (
-        [run / "cost.json"] if row["cmd"] else []
+        [run / "cost.json"] if row["cmd"] and not row.get("file") else []
     )
     return all(f.exists() for f in files)
 
@@ -746,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def visit(row: dict) -> None:
         if wanted(row["name"]) and not row.get("never_run"):
-            if row["cmd"]:
+            if row["cmd"] and not row.get("file"):  # a released file is evaluated, not made
                 make_run(runner, row, runs, args.chunk_minutes * 60)
             results[row["name"]] = measure(runner, row, runs, data)
             r = results[row["name"]]["sets"]
