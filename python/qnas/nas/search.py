@@ -9,7 +9,10 @@ Per step (Shvetsov et al., arXiv:2208.14839; Liu et al., "DARTS", ICLR 2019, fir
   2. weight step: a batch of the weight split, loss = L1 with the probabilities held fixed, gradients to
      weights, biases and LSQ steps, clipped to norm --grad-clip, Adam(--lr) with a cosine schedule.
 With --single-pass (the one-pass scheme DQSS uses) one forward-backward of the regularized loss on a
-batch of all training images updates both. The validation images of the data set are never used here.
+batch of all training images updates both. With --method spos there are no architecture steps: the
+weights train along uniformly sampled single paths (single_path_step) and the layers are chosen at the
+end by the held-out loss on the alpha split (select_by_loss). The validation images of the data set are
+never used here.
 
 Every architecture step logs, per slot, the norm of the gradient the L1 loss and the regularizers
 (entropy and cost) give its alphas (metrics.jsonl: grad_loss/SLOT, grad_reg/SLOT; health.png): whether
