@@ -383,18 +383,18 @@ def select_by_loss(net: Supernet, opts: SearchOptions, sampler, info, *, progres
     lowest-scoring entry of each slot): a first-order, additive estimate of each choice's effect on the
     loss, in place of the architecture parameters. Returns {"layers", "scores"} (scores[slot][entry
     label] = mean L1; layers carry their score and its excess over the slot's best)."""
+    from tqdm import tqdm
+
     from qnas.runs.distributed import means
 
     batches = [_batch(sampler) for _ in range(opts.select_batches)]
     gen = torch.Generator().manual_seed(opts.seed + 7919)
     contexts = [net.sample_path(gen) for _ in range(opts.select_contexts)]
-    entries = {s: net.allowed(s).flatten().nonzero().flatten().tolist() for s in net.slots}
+    entries = {s: net.entries(s) for s in net.slots}
     total = sum(len(e) for e in entries.values()) * len(contexts) * len(batches)
     rng = torch.get_rng_state()
     net.train()  # ADQ's batch norm on batch statistics: its running ones mix every path
     losses: dict[str, float] = {}
-    from tqdm import tqdm
-
     with tqdm(total=total, desc="select", disable=not progress, leave=False) as bar:
         for s in net.slots:
             for e in entries[s]:

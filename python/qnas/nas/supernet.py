@@ -96,6 +96,13 @@ def _block_noise(h: torch.Tensor, widths: list[int], bits: int, seed: int) -> to
     return torch.cat(parts, 1)
 
 
+def split_entry(flat: int, n_w: int, n_a: int) -> tuple[int, int, int]:
+    """(op, w_bits index, a_bits index) of a flat index into a slot's [op, w_bits, a_bits] entries."""
+    o, rest = divmod(flat, n_w * n_a)
+    i, j = divmod(rest, n_a)
+    return o, i, j
+
+
 def allowed_mask(n_ops: int, w_bits: list[int], a_bits: list[int], tie_bits: bool) -> torch.Tensor:
     """[n_ops, n_w, n_a] booleans: with tied bits only w_bits[i] == a_bits[j] entries are candidates."""
     mask = torch.ones(n_ops, len(w_bits), len(a_bits), dtype=torch.bool)
@@ -279,8 +286,7 @@ class SearchLayer(nn.Module):
     def _path(self, x: torch.Tensor, flat: int, seed: int) -> torch.Tensor:
         """The output of one (op, w_bits, a_bits) entry alone: what the mixture computes at a one-hot
         probability (same quantizers, steps and bias), at the cost of that candidate only."""
-        o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
-        i, j = divmod(rest, len(self.a_bits))
+        o, i, j = split_entry(flat, len(self.w_bits), len(self.a_bits))
         if not self._terms[o][i][j]:
             raise QnasError(
                 f"{self.slot}: entry {flat} (op {self.candidates[o]}, bits {i}/{j}) is not allowed"
@@ -617,14 +623,17 @@ class Supernet(nn.Module):
         """One allowed entry per slot, uniformly at random."""
         out = {}
         for slot in self.slots:
-            entries = self.allowed(slot).flatten().nonzero().flatten()
-            out[slot] = int(entries[torch.randint(len(entries), (1,), generator=generator)])
+            entries = self.entries(slot)
+            out[slot] = entries[int(torch.randint(len(entries), (1,), generator=generator))]
         return out
+
+    def entries(self, slot: str) -> list[int]:
+        """The flat indices of a slot's allowed (op, w_bits, a_bits) entries."""
+        return self.allowed(slot).flatten().nonzero().flatten().tolist()
 
     def entry(self, slot: str, flat: int) -> dict[str, Any]:
         """The (op, w_bits, a_bits) of a slot's flat entry index."""
-        o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
-        i, j = divmod(rest, len(self.a_bits))
+        o, i, j = split_entry(flat, len(self.w_bits), len(self.a_bits))
         return {"op": self.compiled.slots[slot][o], "w_bits": self.w_bits[i], "a_bits": self.a_bits[j]}
 
     def expected_bitops_per_pixel(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -664,14 +673,7 @@ class Supernet(nn.Module):
         out = {}
         for slot in self.slots:
             p, flat = probs[slot], picks[slot]
-            o, rest = divmod(flat, len(self.w_bits) * len(self.a_bits))
-            i, j = divmod(rest, len(self.a_bits))
-            out[slot] = {
-                "op": self.compiled.slots[slot][o],
-                "w_bits": self.w_bits[i],
-                "a_bits": self.a_bits[j],
-                "prob": round(float(p.flatten()[flat]), 6),
-            }
+            out[slot] = {**self.entry(slot, flat), "prob": round(float(p.flatten()[flat]), 6)}
         return out
 
     def best_within(self, scores: dict[str, torch.Tensor], budget: float) -> dict[str, int]:
@@ -681,7 +683,7 @@ class Supernet(nn.Module):
         genotype exceeds it, the cheapest genotype. Scores: log-probabilities (DARTS derivation) or
         negated held-out losses (single-path selection)."""
         cost = {s: getattr(self, f"bitops_{_key(s)}").flatten() for s in self.slots}
-        entries = {s: self.allowed(s).flatten().nonzero().flatten().tolist() for s in self.slots}
+        entries = {s: self.entries(s) for s in self.slots}
         cheapest = {s: min(entries[s], key=lambda e: float(cost[s][e])) for s in self.slots}
         if sum(float(cost[s][cheapest[s]]) for s in self.slots) > budget:
             return cheapest
