@@ -1,33 +1,39 @@
 """QuantNAS against hand-made quantized networks on the standard SR images: a PSNR-BitOps Pareto.
 
     python scripts/quantnas_pareto.py DATA OUT [--seeds 0,1,2] [--control-seeds 0,1,2]
-                                      [--widths 24,36,51] [--targets auto] [--search-steps 200]
-                                      [--train-steps 1200] [--no-heldout] [--budget-minutes M]
-                                      [--only PATTERNS] [--no-run] [--dry-run]
+                                      [--widths 24,36,51] [--targets auto] [--search-bits 2,4,8]
+                                      [--methods spos] [--search-ops conv3x3] [--train-steps 1200]
+                                      [--no-heldout] [--budget-minutes M] [--only PATTERNS]
+                                      [--no-run] [--dry-run]
 
 The defaults are the settings of docs/RESULTS.md ("QuantNAS on the standard images"): the demo's
-search and retraining (qnas.demo.DemoSettings), on SunHays80 instead of the builtin images. Two
-invocations with disjoint --only patterns can share OUT (each run has its own folder), then a last
-one with --no-run writes the summary.
+retraining (qnas.demo.DemoSettings) on SunHays80 instead of the builtin images, and the search that
+won on the SunHays80 hold-out (docs/quantnas.md, "Bit-widths down to 2"). Two invocations with
+disjoint --only patterns (or --seeds) can share OUT (each run has its own folder), then a last one
+with --no-run writes the summary.
 
 DATA holds the standard image sets as plain folders of HR images (docs/RESULTS.md says where they
 come from): SunHays80 (training), Set5, Set14 and BSD68 (test). SunHays80 is split by
 scripts/split_images.py into OUT/data/train and OUT/data/heldout (every 5th image by name held out);
 every setting is chosen on the held-out part, the test sets are only reported.
 
-Every model is made by the real CLI, one subprocess per command, at x4 (QuantNAS, Shvetsov et al.,
-arXiv:2208.14839):
-- searched: `qnas search --target-gbitops T --seed S` on the training part (joint ops and bits);
-- hand-made: `qnas genotype --op conv3x3` at w4a4 and at w4a4 with 8-bit first and last layers (the
-  uniform genotype with those two layers' bits edited), each at every --widths channel count (the
-  space with its "channels" changed: narrower and wider uniform networks span the targets), and
-  w8a8 at the space's own width;
+Every model is made by the real CLI, one subprocess per command, at x4:
+- searched: `qnas search --method spos --mode quant --ops conv3x3 --bits 2,4,8 --target-gbitops T
+  --seed S` on the training part: the bit-width of every layer of the fixed 3x3 architecture, chosen
+  by the held-out loss of the single-path supernet within the target (--methods darts and
+  --search-ops space give QuantNAS's differentiable joint search, Shvetsov et al., arXiv:2208.14839);
+  each target searched in the space one width step wider than the uniform w4a4 network that sets it
+  (--search-widths wider: 36, 51, 72 channels);
+- hand-made (--handmade): `qnas genotype --op conv3x3` at w4a4 and at w4a4 with 8-bit first and last
+  layers (the uniform genotype with those two layers' bits edited), each at every --widths channel
+  count (the space with its "channels" changed: narrower and wider uniform networks span the
+  targets), and w8a8 at the space's own width;
 - the search targets ("auto") are the BitOps of uniform w4a4 at each width, so every searched model
   has a hand-made model of each kind at (just above) its own cost;
-- controls: `qnas genotype --random --target-gbitops T --seed S` (a random genotype at
-  --random-targets), a bits-only search (`--ops conv3x3`) at --bits-only-target (default the largest
-  target: below the space's w4a4 cost there is no bit-width choice), and a search without any cost
-  term (the penalty-0 control, "free");
+- controls: a random genotype of the searched models' space at --random-targets (`qnas genotype
+  --random`: random bits on the fixed architecture), the same search over the space's six ops at
+  --joint-targets (joint_T), a search without a cost term (the penalty-0 control, "free"), and, when
+  asked, a bits-only search at --bits-only-target;
 then every genotype gets the same `qnas train --arch` (seed S) and `qnas eval --format json` on the
 held-out part and each test set, `qnas cost` for its BitOps at LR 180x320 (a 720p output). The seed
 drives the search, the random draw and the retraining.
@@ -47,6 +53,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,6 +71,8 @@ TRAIN_SET = "SunHays80"
 TEST_SETS = ("Set5", "Set14", "BSD68")
 HELDOUT = "heldout"
 HANDMADE = "handmade"
+#: Kinds of model made by `qnas search`.
+SEARCH_KINDS = ("searched", "bits_only", "joint", "free")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,19 +89,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--widths", default="24,36,51", help="Channel counts of the hand-made w4a4 and w4a4-fl8 networks."
     )
     ap.add_argument(
+        "--handmade",
+        default="w4a4,w4a4_fl8",
+        help="Hand-made families at every width, comma-separated: wBaB (uniform B bits) or wBaB_fl8 (first "
+        "and last layers at 8 bits).",
+    )
+    ap.add_argument(
+        "--search-bits",
+        default="2,4,8",
+        help="Bit-widths the searches, the bits-only search and the random genotypes choose from (--bits).",
+    )
+    ap.add_argument(
         "--targets",
         default="auto",
         help="BitOps targets of the searches (GBitOps), or 'auto': uniform w4a4's at each of --widths.",
     )
     ap.add_argument(
+        "--search-widths",
+        default="wider",
+        help="Channel count of the space each search runs in: 'wider' (the next of --widths above the "
+        "target's uniform w4a4 width, the widest x sqrt(2)), 'space' (the space's own), one number, or one "
+        "per target (in the order of --targets).",
+    )
+    ap.add_argument(
         "--random-targets",
         default="middle",
-        help="Targets of the random genotypes ('middle': the middle target).",
+        help="Targets of the random genotypes ('middle': the middle target; 'all': every target).",
     )
     ap.add_argument(
         "--bits-only-target",
-        default="max",
-        help="Target of the bits-only search ('max': the largest target).",
+        default="none",
+        help="Targets of the bits-only search ('max': the largest target; 'all': every target; 'none').",
+    )
+    ap.add_argument(
+        "--search-ops",
+        default="conv3x3",
+        help="Candidate ops of the searched models (qnas search --ops; 'space': the space's own). The "
+        "default searches bits on the fixed architecture: with the six ops the searches lose (docs/quantnas.md).",
+    )
+    ap.add_argument(
+        "--joint-targets",
+        default="middle",
+        help="With --search-ops: targets of a control search over the space's own ops ('middle', 'max', "
+        "'all', 'none' or GBitOps), named joint_T.",
     )
     ap.add_argument("--no-free", action="store_true", help="Skip the search without a cost term.")
     ap.add_argument("--space", default="basic", help="Search space (builtin name or JSON file).")
@@ -105,15 +144,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = DemoSettings()
     ap.add_argument(
         "--methods",
-        default="darts",
+        default="spos",
         help="Search methods of the searched models, comma-separated (qnas search --method): darts "
         "models are named quantnas_T, spos models spos_T.",
+    )
+    ap.add_argument(
+        "--search-mode",
+        default="quant",
+        choices=("noise", "quant"),
+        help="qnas search --mode: quantization noise (QuantNAS) or direct quantization.",
     )
     ap.add_argument("--search-steps", type=int, default=d.search_steps)
     ap.add_argument(
         "--spos-steps",
         type=int,
-        default=1200,
+        default=4000,
         help="Steps of the spos searches (a single-path step costs a fraction of a darts step).",
     )
     ap.add_argument("--search-batch-size", type=int, default=d.search_batch)
@@ -155,6 +200,10 @@ def _pick(spec: str, targets: list[float], what: str) -> list[float]:
         return [sorted(targets)[len(targets) // 2]]
     if spec == "max":
         return [max(targets)]
+    if spec == "all":
+        return sorted(targets)
+    if spec == "none":
+        return []
     try:
         return _floats(spec)
     except ValueError:
@@ -168,28 +217,48 @@ def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
     term) at --control-seeds. `targets`: the searches' GBitOps (resolve_targets)."""
     seeds, controls = _ints(args.seeds), _ints(args.control_seeds)
     main_models = []
+    widths = _search_widths(args, targets)
     for method in _methods(args.methods):
         prefix = "quantnas" if method == "darts" else method
         main_models += [
-            {"name": f"{prefix}_{_tag(t)}", "kind": "searched", "target": t, "method": method}
-            for t in targets
+            {"name": f"{prefix}_{_tag(t)}", "kind": "searched", "target": t, "method": method, "width": w}
+            for t, w in zip(targets, widths, strict=True)
         ]
     for w in _ints(args.widths):
-        main_models += [
-            {"name": f"uniform_w4a4_c{w}", "kind": HANDMADE, "bits": 4, "width": w},
-            {"name": f"uniform_w4a4_fl8_c{w}", "kind": HANDMADE, "bits": 4, "edge_bits": 8, "width": w},
-        ]
+        for family in _families(args.handmade):
+            main_models.append(
+                {**family, "name": f"uniform_{family['name']}_c{w}", "kind": HANDMADE, "width": w}
+            )
     control_models = [{"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8}]
+    first = _methods(args.methods)[0]  # the controls' search method
+    width_at = dict(zip(targets, widths, strict=True))
     control_models += [
-        {"name": f"bits_only_{_tag(t)}", "kind": "bits_only", "target": t}
+        {
+            "name": f"bits_only_{_tag(t)}",
+            "kind": "bits_only",
+            "target": t,
+            "method": first,
+            "width": width_at.get(t),
+        }
         for t in _pick(args.bits_only_target, targets, "--bits-only-target")
     ]
     control_models += [
-        {"name": f"random_{_tag(t)}", "kind": "random", "target": t}
+        {"name": f"random_{_tag(t)}", "kind": "random", "target": t, "width": width_at.get(t)}
         for t in _pick(args.random_targets, targets, "--random-targets")
     ]
+    if args.search_ops != "space":
+        control_models += [
+            {
+                "name": f"joint_{_tag(t)}",
+                "kind": "joint",
+                "target": t,
+                "method": first,
+                "width": width_at.get(t),
+            }
+            for t in _pick(args.joint_targets, targets, "--joint-targets")
+        ]
     if not args.no_free:
-        control_models.append({"name": "free_search", "kind": "free", "target": None})
+        control_models.append({"name": "free_search", "kind": "free", "target": None, "method": first})
     out = [{**m, "seed": s} for s in seeds for m in main_models]
     out += [{**m, "seed": s} for s in controls for m in control_models]
     if args.only:
@@ -198,15 +267,20 @@ def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
     return out
 
 
-def width_space(args: argparse.Namespace, out: Path, width: int | None) -> str:
-    """The search space at `width` channels (a JSON file in OUT/spaces), or --space itself."""
-    if width is None:
+def width_space(args: argparse.Namespace, out: Path, width: int | None, ops: str | None = None) -> str:
+    """The search space at `width` channels, its candidates `ops` when given (a JSON file in
+    OUT/spaces), or --space itself."""
+    if width is None and ops is None:
         return str(args.space)
     from qnas.spaces import load_space
 
     space = load_space(args.space)
-    space["channels"] = int(width)
-    space["name"] = f"{space['name']}_c{width}"
+    if width is not None:
+        space["channels"] = int(width)
+        space["name"] = f"{space['name']}_c{width}"
+    if ops is not None:
+        space["candidates"] = ops.split(",")
+        space["name"] = f"{space['name']}_{ops.replace(',', '_')}"
     path = out / "spaces" / f"{space['name']}.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,19 +317,53 @@ def resolve_targets(runner: Runner, args: argparse.Namespace, out: Path) -> list
     return targets
 
 
-def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path) -> list[str]:
-    cmd = ["search", "--space", str(args.space), "--data", str(train_dir), "--scale", str(SCALE)]
+def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path, out: Path) -> list[str]:
+    space = width_space(args, out, item.get("width"))
+    cmd = ["search", "--space", space, "--data", str(train_dir), "--scale", str(SCALE)]
     steps = args.spos_steps if item.get("method") == "spos" else args.search_steps
     cmd += ["--steps", str(steps), "--batch-size", str(args.search_batch_size)]
     cmd += ["--patch-size", str(args.search_patch_size), "--alpha-lr", str(args.alpha_lr)]
     cmd += ["--alpha-warmup", str(args.alpha_warmup), "--lr-size", args.lr_size, "--seed", str(item["seed"])]
     if item["target"] is not None:
         cmd += ["--target-gbitops", f"{item['target']:g}"]
+    cmd += ["--bits", args.search_bits, "--mode", args.search_mode]
     if item["kind"] == "bits_only":
         cmd += ["--ops", "conv3x3"]
+    elif item["kind"] in ("searched", "free") and args.search_ops != "space":
+        cmd += ["--ops", args.search_ops]
     if item.get("method", "darts") != "darts":
         cmd += ["--method", item["method"], "--select-batches", "4", "--select-contexts", "8"]
     return cmd
+
+
+def _search_widths(args: argparse.Namespace, targets: list[float]) -> list[int | None]:
+    """--search-widths as one channel count (None: the space's own) per target. 'wider' (with --targets
+    auto): each target's uniform w4a4 width one step up --widths, the last one x sqrt(2)."""
+    text = args.search_widths
+    if text == "space":
+        return [None] * len(targets)
+    if text == "wider":
+        if args.targets != "auto":
+            raise SystemExit("--search-widths wider needs --targets auto (give the widths instead)")
+        w = _ints(args.widths)
+        return [*w[1:], round(w[-1] * math.sqrt(2))]
+    widths = _ints(text)
+    if len(widths) == 1:
+        return widths * len(targets)
+    if len(widths) != len(targets):
+        raise SystemExit(f"--search-widths: {len(widths)} widths for {len(targets)} targets")
+    return widths
+
+
+def _families(text: str) -> list[dict]:
+    """--handmade: [{"name", "bits", "edge_bits"?}] from 'w4a4,w4a4_fl8,...'."""
+    out = []
+    for f in (f.strip() for f in text.split(",") if f.strip()):
+        m = re.fullmatch(r"w(\d+)a(\d+)(_fl8)?", f)
+        if not m or m.group(1) != m.group(2):
+            raise SystemExit(f"--handmade: expected wBaB or wBaB_fl8 (tied bits), got {f!r}")
+        out.append({"name": f, "bits": int(m.group(1)), **({"edge_bits": 8} if m.group(3) else {})})
+    return out
 
 
 def _methods(text: str) -> list[str]:
@@ -289,8 +397,8 @@ def edge_layers_at(genotype: dict, bits: int) -> dict:
 def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Path, train_dir: Path) -> Path:
     """The genotype file of one (model, seed), made if missing: a search run, `qnas genotype`, or
     the uniform genotype with its edge layers edited."""
-    if item["kind"] in ("searched", "bits_only", "free"):
-        row = {"name": f"{item['name']}_seed{item['seed']}", "cmd": search_cmd(args, item, train_dir)}
+    if item["kind"] in SEARCH_KINDS:
+        row = {"name": f"{item['name']}_seed{item['seed']}", "cmd": search_cmd(args, item, train_dir, out)}
         row.update(resumable=True, done="genotype.json")
         make_run(runner, row, out / "search", args.chunk_minutes * 60)
         return out / "search" / row["name"] / "genotype.json"
@@ -299,8 +407,11 @@ def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Pat
     if item["kind"] == "random":
         path = gdir / f"{item['name']}_seed{item['seed']}.json"
         if not path.exists():
-            cmd = ["genotype", "--space", str(args.space), "--scale", str(SCALE), "--lr-size", args.lr_size]
+            ops = None if args.search_ops == "space" else args.search_ops  # the searched models' ops
+            space = width_space(args, out, item.get("width"), ops)
+            cmd = ["genotype", "--space", space, "--scale", str(SCALE), "--lr-size", args.lr_size]
             cmd += ["--random", "--target-gbitops", f"{item['target']:g}", "--seed", str(item["seed"])]
+            cmd += ["--bits", args.search_bits]
             code, _, _, text = runner.qnas([*cmd, "--out", str(path)])
             if code != 0:
                 raise SystemExit(f"{item['name']}: qnas genotype exited with {code}")
@@ -487,7 +598,7 @@ def comparisons(doc: dict) -> list[tuple[str, str, dict]]:
         if m["kind"] == "searched":
             others += [
                 o for o, mo in models.items()
-                if mo["kind"] in ("random", "bits_only") and mo["target_gbitops"] == m["target_gbitops"]
+                if mo["kind"] in ("random", "bits_only", "joint") and mo["target_gbitops"] == m["target_gbitops"]
             ]  # fmt: skip
         for o in others:
             d = paired_difference(m, models[o], sets)
@@ -599,7 +710,7 @@ def markdown(doc: dict, summary: dict) -> str:
         seeds = ",".join(map(str, c["seeds"]))
         lines.append(f"| {c['a']} | {c['b']} | {seeds} | {cells} | {_pm(c['avg'])} | {c['avg']['verdict']} |")
     searched = [
-        (n, s, r) for n, m in doc["models"].items() if m["kind"] in ("searched", "bits_only", "free")
+        (n, s, r) for n, m in doc["models"].items() if m["kind"] in SEARCH_KINDS
         for s, r in sorted(m["seeds"].items(), key=lambda kv: int(kv[0]))
     ]  # fmt: skip
     if searched:
@@ -645,6 +756,7 @@ KIND_STYLE = {
     "searched": ("tab:red", "o", "QuantNAS search"),
     HANDMADE: ("tab:blue", "s", "hand-made (conv3x3)"),
     "bits_only": ("tab:green", "^", "bits-only search"),
+    "joint": ("tab:orange", "D", "search of ops and bits"),
     "random": ("tab:gray", "x", "random genotype"),
     "free": ("tab:purple", "v", "search without a cost term"),
 }

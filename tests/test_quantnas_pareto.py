@@ -103,17 +103,17 @@ def test_finished_runs_are_not_run_again(tmp_path):
     assert (tmp_path / "out" / "spaces" / "basic_c24.json").exists()
     items = qp.plan(args, targets)
     names = {(i["name"], i["seed"]) for i in items}
-    assert ("quantnas_57p6", 1) in names and ("uniform_w4a4_fl8_c24", 0) in names
+    assert ("spos_57p6", 1) in names and ("uniform_w4a4_fl8_c24", 0) in names
     assert ("uniform_w4a4_c36", 1) in names and ("uniform_w8a8", 2) in names
-    # Controls at the middle target (random) and the largest (bits-only), and the free search.
-    assert ("random_129p6", 2) in names and ("bits_only_129p6", 0) in names and ("free_search", 2) in names
+    # Controls at the middle target (random genotype, search over the six ops), and the free search.
+    assert ("random_129p6", 2) in names and ("joint_129p6", 0) in names and ("free_search", 2) in names
     doc = qp.collect(runner, args, tmp_path / "out", items, run_new=True)
     searches = [c for c in runner.calls if c == "search"]
-    assert len(searches) == 2 * 2 + 3 + 3  # two targets at two seeds, bits-only and free at three
+    assert len(searches) == 2 * 2 + 3 + 3  # two targets at two seeds, six-op and free at three
     assert runner.calls.count("train") == len(items)
     assert set(doc["models"]) == {i["name"] for i in items}
     summary = qp.summarize(doc)
-    assert summary["comparisons"] and "| quantnas_57p6 |" in qp.markdown(doc, summary)
+    assert summary["comparisons"] and "| spos_57p6 |" in qp.markdown(doc, summary)
     # A rerun finds every run and every evaluation done: nothing is run.
     again = FakeRunner()
     assert qp.collect(again, args, tmp_path / "out", items, run_new=True) == doc
@@ -148,11 +148,45 @@ def test_dominance_compares_with_the_cheapest_baseline_at_or_above_the_cost():
 def test_methods_name_the_searched_models_and_pass_the_method(tmp_path):
     args = qp.parse_args(
         [str(tmp_path / "d"), str(tmp_path / "o"), "--methods", "darts,spos", "--spos-steps", "500"]
+        + ["--targets", "50", "--search-widths", "space"]
     )
     items = [i for i in qp.plan(args, [50.0]) if i["kind"] == "searched" and i["seed"] == 0]
     assert [i["name"] for i in items] == ["quantnas_50", "spos_50"]
-    darts, spos = (qp.search_cmd(args, i, tmp_path) for i in items)
+    darts, spos = (qp.search_cmd(args, i, tmp_path, tmp_path / "o") for i in items)
     assert "--method" not in darts and darts[darts.index("--steps") + 1] == str(args.search_steps)
     assert spos[spos.index("--method") + 1] == "spos" and spos[spos.index("--steps") + 1] == "500"
     with pytest.raises(SystemExit, match="--methods"):
         qp.plan(qp.parse_args([str(tmp_path / "d"), str(tmp_path / "o"), "--methods", "enas"]), [50.0])
+
+
+def test_default_plan_searches_bits_in_wider_spaces_with_matching_controls(tmp_path):
+    out = tmp_path / "o"
+    args = qp.parse_args([str(tmp_path / "d"), str(out), "--seeds", "0", "--control-seeds", "0"])
+    items = {i["name"]: i for i in qp.plan(args, [74.6, 157.3, 304.4])}
+    # Each target is searched one width step above the uniform w4a4 network that sets it.
+    assert [items[f"spos_{t}"]["width"] for t in ("74p6", "157p3", "304p4")] == [36, 51, 72]
+    cmd = qp.search_cmd(args, items["spos_157p3"], tmp_path, out)
+    for flag, value in (("--method", "spos"), ("--mode", "quant"), ("--ops", "conv3x3"), ("--bits", "2,4,8")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert json.loads(Path(cmd[cmd.index("--space") + 1]).read_text())["channels"] == 51
+    # The op-search control runs in the same space with the space's own ops; the free search with the
+    # searched models' ops; no bits-only control (the searched models are bits-only).
+    assert "--ops" not in qp.search_cmd(args, items["joint_157p3"], tmp_path, out)
+    free = qp.search_cmd(args, items["free_search"], tmp_path, out)
+    assert free[free.index("--ops") + 1] == "conv3x3" and "--target-gbitops" not in free
+    assert not any(n.startswith("bits_only") for n in items)
+    assert items["uniform_w4a4_fl8_c24"]["edge_bits"] == 8
+
+
+def test_handmade_families_and_widths_are_checked(tmp_path):
+    base = [str(tmp_path / "d"), str(tmp_path / "o"), "--seeds", "0"]
+    args = qp.parse_args([*base, "--handmade", "w2a2_fl8", "--widths", "36", "--targets", "50"])
+    with pytest.raises(SystemExit, match="--search-widths wider needs --targets auto"):
+        qp.plan(args, [50.0])
+    args.search_widths = "51"
+    names = {i["name"]: i for i in qp.plan(args, [50.0])}
+    assert names["uniform_w2a2_fl8_c36"]["bits"] == 2 and names["spos_50"]["width"] == 51
+    with pytest.raises(SystemExit, match="--handmade"):
+        qp.plan(qp.parse_args([*base, "--handmade", "w4a8", "--search-widths", "space"]), [50.0])
+    with pytest.raises(SystemExit, match="--search-widths: 2 widths for 1 targets"):
+        qp.plan(qp.parse_args([*base, "--targets", "50", "--search-widths", "36,51"]), [50.0])
