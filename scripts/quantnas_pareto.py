@@ -753,7 +753,7 @@ def markdown(doc: dict, summary: dict) -> str:
 
 
 KIND_STYLE = {
-    "searched": ("tab:red", "o", "QuantNAS search"),
+    "searched": ("tab:red", "o", "searched (qnas search)"),
     HANDMADE: ("tab:blue", "s", "hand-made (conv3x3)"),
     "bits_only": ("tab:green", "^", "bits-only search"),
     "joint": ("tab:orange", "D", "search of ops and bits"),
@@ -786,7 +786,7 @@ def plot(doc: dict, summary: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(f"GBitOps (LR {doc['lr_size']}, x{doc['scale']})")
     ax.set_ylabel(f"PSNR-Y (dB), mean of {', '.join(doc['test_sets'])}")
-    ax.set_title("QuantNAS vs hand-made quantized networks (mean ± SE over seeds)", fontsize=10)
+    ax.set_title("Searched vs hand-made quantized networks (mean ± SE over seeds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
