@@ -130,8 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--joint-targets",
         default="middle",
-        help="With --search-ops: targets of a control search over the space's own ops ('middle', 'max', "
-        "'all', 'none' or GBitOps), named joint_T.",
+        help="Unless --search-ops is 'space': targets of a control search over the space's own ops "
+        "('middle', 'max', 'all', 'none' or GBitOps), named joint_T.",
     )
     ap.add_argument("--no-free", action="store_true", help="Skip the search without a cost term.")
     ap.add_argument("--space", default="basic", help="Search space (builtin name or JSON file).")
