@@ -211,14 +211,15 @@ def _pick(spec: str, targets: list[float], what: str) -> list[float]:
 
 
 def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
-    """Every (model, seed) to make, in the order they run: the searched models and the 4-bit
-    hand-made baselines (each width) seed by seed (so that a cut-short run still has whole seeds),
-    then the controls (w8a8, the bits-only search, random genotypes, the search without a cost
-    term) at --control-seeds. `targets`: the searches' GBitOps (resolve_targets)."""
+    """Every (model, seed) to make, in the order they run: the searched models and the hand-made
+    baselines (each width) seed by seed (so that a cut-short run still has whole seeds), then the
+    controls (w8a8, bits-only searches, random genotypes, searches over the space's own ops, the
+    search without a cost term) at --control-seeds. `targets`: the searches' GBitOps (resolve_targets)."""
     seeds, controls = _ints(args.seeds), _ints(args.control_seeds)
-    main_models = []
+    methods = _methods(args.methods)
     widths = _search_widths(args, targets)
-    for method in _methods(args.methods):
+    main_models = []
+    for method in methods:
         prefix = "quantnas" if method == "darts" else method
         main_models += [
             {"name": f"{prefix}_{_tag(t)}", "kind": "searched", "target": t, "method": method, "width": w}
@@ -229,34 +230,21 @@ def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
             main_models.append(
                 {**family, "name": f"uniform_{family['name']}_c{w}", "kind": HANDMADE, "width": w}
             )
-    control_models = [{"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8}]
-    first = _methods(args.methods)[0]  # the controls' search method
     width_at = dict(zip(targets, widths, strict=True))
-    control_models += [
-        {
-            "name": f"bits_only_{_tag(t)}",
-            "kind": "bits_only",
-            "target": t,
-            "method": first,
-            "width": width_at.get(t),
-        }
-        for t in _pick(args.bits_only_target, targets, "--bits-only-target")
-    ]
-    control_models += [
-        {"name": f"random_{_tag(t)}", "kind": "random", "target": t, "width": width_at.get(t)}
-        for t in _pick(args.random_targets, targets, "--random-targets")
-    ]
-    if args.search_ops != "space":
-        control_models += [
-            {
-                "name": f"joint_{_tag(t)}",
-                "kind": "joint",
-                "target": t,
-                "method": first,
-                "width": width_at.get(t),
-            }
-            for t in _pick(args.joint_targets, targets, "--joint-targets")
+
+    def at_targets(kind: str, spec: str, option: str, **extra) -> list[dict]:
+        """A control of `kind` at each target `spec` picks, in the space its target is searched in."""
+        return [
+            {"name": f"{kind}_{_tag(t)}", "kind": kind, "target": t, "width": width_at.get(t), **extra}
+            for t in _pick(spec, targets, option)
         ]
+
+    first = methods[0]  # the controls' search method
+    control_models = [{"name": "uniform_w8a8", "kind": HANDMADE, "bits": 8}]
+    control_models += at_targets("bits_only", args.bits_only_target, "--bits-only-target", method=first)
+    control_models += at_targets("random", args.random_targets, "--random-targets")
+    if searched_ops(args) is not None:
+        control_models += at_targets("joint", args.joint_targets, "--joint-targets", method=first)
     if not args.no_free:
         control_models.append({"name": "free_search", "kind": "free", "target": None, "method": first})
     out = [{**m, "seed": s} for s in seeds for m in main_models]
@@ -265,6 +253,11 @@ def plan(args: argparse.Namespace, targets: list[float]) -> list[dict]:
         pats = args.only.split(",")
         out = [r for r in out if any(fnmatch.fnmatchcase(r["name"], p) for p in pats)]
     return out
+
+
+def searched_ops(args: argparse.Namespace) -> str | None:
+    """--search-ops: the searched models' candidate ops, None for the space's own ('space')."""
+    return None if args.search_ops == "space" else args.search_ops
 
 
 def width_space(args: argparse.Namespace, out: Path, width: int | None, ops: str | None = None) -> str:
@@ -329,8 +322,8 @@ def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path, out: Path)
     cmd += ["--bits", args.search_bits, "--mode", args.search_mode]
     if item["kind"] == "bits_only":
         cmd += ["--ops", "conv3x3"]
-    elif item["kind"] in ("searched", "free") and args.search_ops != "space":
-        cmd += ["--ops", args.search_ops]
+    elif item["kind"] in ("searched", "free") and searched_ops(args) is not None:
+        cmd += ["--ops", searched_ops(args)]
     if item.get("method", "darts") != "darts":
         cmd += ["--method", item["method"], "--select-batches", "4", "--select-contexts", "8"]
     return cmd
@@ -407,8 +400,7 @@ def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Pat
     if item["kind"] == "random":
         path = gdir / f"{item['name']}_seed{item['seed']}.json"
         if not path.exists():
-            ops = None if args.search_ops == "space" else args.search_ops  # the searched models' ops
-            space = width_space(args, out, item.get("width"), ops)
+            space = width_space(args, out, item.get("width"), searched_ops(args))
             cmd = ["genotype", "--space", space, "--scale", str(SCALE), "--lr-size", args.lr_size]
             cmd += ["--random", "--target-gbitops", f"{item['target']:g}", "--seed", str(item["seed"])]
             cmd += ["--bits", args.search_bits]
