@@ -883,20 +883,21 @@ def measure_step(step: Callable[[], Any], device: str, *, warmup: int, timed: in
 
 
 def demo_steps(device: str, *, batch: int | None = None, patch: int | None = None):
-    """The step functions of `qnas search` and `qnas train` with the demo's settings (qnas.demo) on
-    `device`: the joint search (search_step, noise mode) and the retraining of the fixed architecture at
-    4 bits (the training loop's step). batch/patch override the demo's sizes (tests)."""
+    """The step functions of `qnas search` and `qnas train` with the demo's sizes (qnas.demo) on `device`:
+    the differentiable joint search (DARTS_DEMO: search_step, noise mode, the fused supernet kernel) and
+    the retraining of the fixed architecture at 4 bits (the training loop's step). batch/patch override
+    the demo's sizes (tests)."""
     import torch
     from torch import nn
 
     from qnas.data.datasets import PatchSampler, train_dataset
-    from qnas.demo import DemoSettings, _search_options, search_target
+    from qnas.demo import DARTS_DEMO, DemoSettings, _search_options, search_target
     from qnas.nas.derive import genotype_network_config, uniform_genotype
     from qnas.nas.search import _batch, _subset, build_supernet, cost_term, search_step, split_images
     from qnas.runs.network import build_network
     from qnas.train.train import TrainOptions, lr_factor
 
-    s = DemoSettings()
+    s = DemoSettings.from_dict(DARTS_DEMO)  # the differentiable search: the fused supernet kernel's step
     if batch is not None:
         s.search_batch = s.train_batch = batch
     if patch is not None:

@@ -63,7 +63,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import Runner, cached_json, fmt_cpu, make_run, now  # noqa: E402
 
-from qnas.demo import DemoSettings  # noqa: E402
+from qnas.demo import DARTS_DEMO, DemoSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 4
@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--no-heldout", action="store_true", help="Do not evaluate the models on the held-out part."
     )
-    d = DemoSettings()
+    d = DemoSettings.from_dict(DARTS_DEMO)  # --search-steps: the darts searches' steps
     ap.add_argument(
         "--methods",
         default="spos",

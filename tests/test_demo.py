@@ -10,18 +10,16 @@ import torch
 from test_nas_supernet import tiny_space
 
 from qnas.cli import main
-from qnas.demo import DemoSettings, run_demo
+from qnas.demo import DARTS_DEMO, DemoSettings, run_demo
 from qnas.errors import QnasError
 
-MODELS = [
-    "bicubic",
-    "quantnas",
-    "bits_only",
-    "uniform_w4a4",
-    "uniform_w8a8",
-    "uniform_w4a4_first8",
-    "uniform_w4a4_first_last8",
-]
+#: The report's models: the default demo (single-path bit search) and the differentiable one (DARTS_DEMO),
+#: which adds its bits-only search.
+BASELINES = ["uniform_w4a4", "uniform_w8a8", "uniform_w4a4_first8", "uniform_w4a4_first_last8"]
+MODELS = {
+    "spos": ["bicubic", "quantnas", *BASELINES],
+    "darts": ["bicubic", "quantnas", "bits_only", *BASELINES],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -50,15 +48,28 @@ def tiny_settings(tmp_path):
     }
 
 
-def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["spos", "darts"])
+def test_demo_end_to_end_and_rerun_skips(method, tiny_settings, tmp_path, capsys):
     out = tmp_path / "demo"
+    if method == "darts":
+        tiny_settings = {**DARTS_DEMO, **tiny_settings}
+    else:  # the default search, in the tiny space widened from 6 to 8 channels
+        tiny_settings = {**tiny_settings, "search_channels": 8, "select_contexts": 2, "select_batches": 1}
     summary = run_demo(DemoSettings.from_dict(tiny_settings), out, progress=False)
-    for stage in ("search", "search_bits"):
-        assert (out / stage / "genotype.json").exists() and (out / stage / "alphas.png").exists()
-    for name in MODELS[1:]:
+    if method == "darts":
+        for stage in ("search", "search_bits"):
+            assert (out / stage / "genotype.json").exists() and (out / stage / "alphas.png").exists()
+    else:
+        assert (out / "search" / "selection.json").exists() and not (out / "search_bits").exists()
+        assert json.loads((out / "spaces" / "tiny_c8.json").read_text())["channels"] == 8
+        searched = json.loads((out / "search" / "genotype.json").read_text())
+        assert searched["search"]["method"] == "spos"
+        assert {layer["w_bits"] for layer in searched["layers"].values()} <= {2, 4, 8}
+        assert searched["cost"]["bitops"] / 1e9 <= summary["target_gbitops"] + 1e-9
+    for name in MODELS[method][1:]:
         assert (out / name / "model.pt").exists()
     report = json.loads((out / "report.json").read_text())
-    assert [m["name"] for m in report["models"]] == MODELS
+    assert [m["name"] for m in report["models"]] == MODELS[method]
     for m in report["models"]:
         assert 5 < m["psnr"] < 60 and 0 < m["ssim"] <= 1
         assert (m["bitops"] is None) == (m["name"] == "bicubic")
@@ -104,16 +115,9 @@ def test_demo_end_to_end_and_rerun_skips(tiny_settings, tmp_path, capsys):
         )
         assert c["verdict"].startswith(expected)
         assert c["holds"] == (c["verdict"] == "wins")
-    assert set(summary["stage_seconds"]) == {
-        "search",
-        "search_bits",
-        "train quantnas",
-        "train bits_only",
-        "train uniform_w4a4",
-        "train uniform_w8a8",
-        "train uniform_w4a4_first8",
-        "train uniform_w4a4_first_last8",
-        "report",
+    searches = {"search", "search_bits"} if method == "darts" else {"search"}
+    assert set(summary["stage_seconds"]) == searches | {"report"} | {
+        f"train {name}" for name in MODELS[method][1:]
     }
 
     # A rerun (here through the CLI) finds every stage complete and only reprints the report.
@@ -137,3 +141,8 @@ def test_demo_settings_errors():
         DemoSettings.from_dict({"trian_steps": 3})
     with pytest.raises(QnasError, match="must include 4"):
         DemoSettings.from_dict({"uniform_bits": [8]}).check()
+    with pytest.raises(QnasError, match="for method 'darts'"):
+        DemoSettings.from_dict({"bits_search": True}).check()
+    with pytest.raises(QnasError, match="search_channels"):
+        DemoSettings.from_dict({"search_channels": 0})
+    DemoSettings.from_dict({**DARTS_DEMO, "penalty": 0.1}).check()

@@ -1,25 +1,26 @@
 """`qnas demo` (what `make demo` runs): a small QuantNAS search on the builtin images, the derived network
-retrained, and compared with bicubic and the uniform-quantization baselines in one report.
+retrained, and compared with bicubic and the hand-made quantized baselines in one report.
 
 Stages, each in its own run folder under OUT (default runs/demo):
 
-  search/            QuantNAS search of the space (ops and bits jointly; qnas.nas.search)
-  search_bits/       bits-only search: the fixed architecture (every layer `fixed_op`), bits per layer
-  genotypes/         the fixed architecture at uniform bits (qnas.nas.derive.uniform_genotype)
+  genotypes/         the fixed architecture (every layer `fixed_op`) at uniform 4 and 8 bits, and at 4 bits
+                     with 8-bit first (and last) layers (qnas.nas.derive.uniform_genotype)
+  spaces/            the search space at `search_channels` channels, when the settings widen it
+  search/            the search: by default the single-path search of the bit-width of every layer of the
+                     fixed architecture, {2, 4, 8} bits, in the space one width step wider, chosen by the
+                     held-out loss within the BitOps of the strongest hand-made baseline (qnas.nas.search)
+  search_bits/       with `bits_search` (differentiable search only): bits per layer of the fixed architecture
   quantnas/          the searched genotype retrained from scratch (qnas train --arch)
-  bits_only/         the bits-only genotype retrained
-  uniform_w4a4/ ...  the fixed architecture retrained at uniform 4 and 8 bits
-  uniform_w4a4_first8/  the same at 4 bits with its first layer (it reads the image) at 8 bits
+  uniform_w4a4/ ...  the hand-made genotypes retrained the same way
   report.json, pareto.png, report.md      qnas report of all of them and bicubic on the validation images
   demo.json          the settings, the seconds of every stage, and the comparison of the searched model
-                     with uniform 4-bit quantization, and with the 8-bit-first-layer variant (read from
-                     report.json, never assumed)
+                     with each 4-bit baseline (read from report.json, never assumed)
 
 Every retrained model gets the same retraining (steps, batch, patch, learning rate, seed, quantizers), so the
 comparison is between architectures and bit allocations, not training budgets. A rerun skips every stage
 whose folder is complete (search: genotype.json; training: model.pt), resumes a stage that was killed
 (its checkpoint.pt), and refuses an OUT made with other settings. docs/quantnas.md, "The demo", explains the
-chosen settings and what they show.
+chosen settings and what they show; DARTS_DEMO gives QuantNAS's differentiable joint search instead.
 """
 
 from __future__ import annotations
@@ -47,31 +48,43 @@ FIRST_LAST8_WHAT = "uniform 4-bit with 8-bit first and last layers"
 
 @dataclass
 class DemoSettings:
-    """Everything that decides the demo's result (docs/quantnas.md explains the defaults)."""
+    """Everything that decides the demo's result (docs/quantnas.md explains the defaults: the search that
+    won on the SunHays80 hold-out, "Bit-widths down to 2")."""
 
     space: str = "basic"
     scale: int = 4
     data: str = "builtin"
     #: The fixed architecture of the baselines: every layer of the space this op (the space's plain conv).
     fixed_op: str = "conv3x3"
-    bits: list[int] = field(default_factory=lambda: [4, 8])
+    bits: list[int] = field(default_factory=lambda: [2, 4, 8])
     uniform_bits: list[int] = field(default_factory=lambda: [4, 8])
-    # -- search (both searches)
-    #: Candidate ops of the joint search (None: the space's own list, six ops for "basic").
-    ops: list[str] | None = None
-    mode: str = "noise"
-    search_steps: int = 200
+    # -- search
+    #: "spos": single-path training of the shared weights, layers chosen by held-out loss; "darts": the
+    #: differentiable search of QuantNAS (qnas search --method).
+    method: str = "spos"
+    #: Candidate ops of the search (None: the space's own list, six ops for "basic"; one op: bits only).
+    ops: list[str] | None = field(default_factory=lambda: ["conv3x3"])
+    #: Channels of the searched space (None: the space's own). 51 = 36 x sqrt(2): one width step wider
+    #: than the baselines, where a 2-bit body pays (docs/quantnas.md).
+    search_channels: int | None = 51
+    mode: str = "quant"
+    search_steps: int = 4000
     search_batch: int = 8
     search_patch: int = 64
-    #: BitOps target of both searches at lr_size, in GBitOps (None: the BitOps of FIRST_LAST8, so that
+    #: spos: random paths each candidate is scored in, and held-out batches it is scored on.
+    select_contexts: int = 8
+    select_batches: int = 4
+    #: BitOps target of the searches at lr_size, in GBitOps (None: the BitOps of FIRST_LAST8, so that
     #: the searched model is compared with the strongest hand-made baseline at equal cost).
     target_gbitops: float | None = None
-    #: The paper's BitOps penalty instead of a target (0: off; not with target_gbitops).
+    #: The paper's BitOps penalty instead of a target (0: off; darts only, not with target_gbitops).
     penalty: float = 0.0
     entropy_coef: float = 1e-3
     alpha_lr: float = 1.5e-2
     alpha_warmup: float = 0.25
-    bits_search: bool = True
+    #: A second, bits-only differentiable search of the fixed architecture (darts only: the spos search
+    #: of one op is already the bits-only search).
+    bits_search: bool = False
     bits_search_steps: int = 150
     # -- retraining, identical for every retrained model
     train_steps: int = 1200
@@ -103,13 +116,38 @@ class DemoSettings:
             raise QnasError("demo settings: uniform_bits must include 4 (the baseline of the comparison)")
         if self.target_gbitops is not None and self.penalty > 0:
             raise QnasError("demo settings: target_gbitops and penalty are alternatives; give one of them")
+        if self.method not in ("spos", "darts"):
+            raise QnasError(f"demo settings: method {self.method!r} is not 'spos' or 'darts'")
+        if self.method == "spos" and (self.penalty > 0 or self.bits_search):
+            raise QnasError(
+                "demo settings: penalty and bits_search are for method 'darts' (spos uses the target)"
+            )
+
+
+#: The settings of QuantNAS's differentiable joint search (ops and bits {4, 8} in noise mode, the paper's
+#: setting, with a bits-only search beside it): `qnas demo --settings FILE` with this object runs it
+#: instead of the default single-path bit search (docs/quantnas.md: it loses to the hand-made baselines).
+DARTS_DEMO: dict[str, Any] = {
+    "method": "darts",
+    "ops": None,
+    "bits": [4, 8],
+    "mode": "noise",
+    "search_channels": None,
+    "search_steps": 200,
+    "bits_search": True,
+}
 
 
 def _check_setting(key: str, value: object, default: object) -> None:
     """A settings value of its default's JSON type; step/batch/patch counts >= 1, other numbers finite
     and >= 0: the demo's last stages use them, so they are checked before the first one runs."""
     bad = QnasError(f"demo settings: {key}={value!r} (expected {type(default).__name__} like {default!r})")
-    if isinstance(default, bool):
+    if key == "search_channels":  # null (the space's own) or a channel count >= 1
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise QnasError(
+                f"demo settings: search_channels={value!r} (expected null or a channel count >= 1)"
+            )
+    elif isinstance(default, bool):
         if not isinstance(value, bool):
             raise bad
     elif isinstance(default, (int, float)):
@@ -130,11 +168,14 @@ def _check_setting(key: str, value: object, default: object) -> None:
         raise bad
 
 
-def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int, target: float | None):
+def _search_options(
+    s: DemoSettings, *, ops: list[str] | None, steps: int, target: float | None, space: str | None = None
+):
+    """The searches' options; `space` (a space file, the widened space) replaces s.space."""
     from qnas.nas.search import SearchOptions
 
     return SearchOptions(
-        space=s.space,
+        space=s.space if space is None else space,
         ops=ops,
         scale=s.scale,
         data=s.data,
@@ -148,6 +189,9 @@ def _search_options(s: DemoSettings, *, ops: list[str] | None, steps: int, targe
         entropy_coef=s.entropy_coef,
         alpha_lr=s.alpha_lr,
         alpha_warmup=s.alpha_warmup,
+        method=s.method,
+        select_contexts=s.select_contexts,
+        select_batches=s.select_batches,
         seed=s.seed,
         lr_size=list(s.lr_size),
         checkpoint_every=max(1, min(50, steps)),
@@ -308,12 +352,16 @@ def run_demo(settings: DemoSettings, out: str | Path = "runs/demo", *, progress:
     for name, g in baselines.items():
         atomic_write_bytes(out / "genotypes" / f"{name}.json", (json.dumps(g, indent=2) + "\n").encode())
     target = search_target(settings, baselines[FIRST_LAST8])
-    # 2. searches: ops and bits jointly, and bits only on the fixed architecture, at the same target
+    # 2. the search (in the widened space when search_channels is set), and with bits_search a second,
+    # bits-only one on the fixed architecture, at the same target
+    searched_space = widened_space(space, settings.search_channels, out / "spaces")
     timed(
         "search",
         lambda: _search_stage(
             out / "search",
-            _search_options(settings, ops=settings.ops, steps=settings.search_steps, target=target),
+            _search_options(
+                settings, ops=settings.ops, steps=settings.search_steps, target=target, space=searched_space
+            ),
             progress,
         ),
     )
@@ -391,6 +439,20 @@ def search_target(settings: DemoSettings, first_last8: dict | None = None) -> fl
         g4 = uniform_genotype(load_space(settings.space), settings.scale, settings.fixed_op, 4)
         first_last8 = layers_at(g4, 8, first=True, last=True)
     return genotype_cost(first_last8, tuple(settings.lr_size))["bitops"] / 1e9
+
+
+def widened_space(space: dict, channels: int | None, folder: Path) -> str | None:
+    """The space file of `space` at `channels` channels, written once into `folder` (None: no change)."""
+    from qnas.atomic_write import atomic_write_bytes
+
+    if channels is None or channels == space["channels"]:
+        return None
+    wide = {**space, "channels": int(channels), "name": f"{space['name']}_c{channels}"}
+    path = folder / f"{wide['name']}.json"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(wide, indent=1) + "\n").encode())
+    return str(path)
 
 
 def layers_at(genotype: dict, bits: int, *, first: bool = False, last: bool = False) -> dict:
