@@ -4,8 +4,8 @@
     qnas upscale --model m.qnp lr.png sr.png
     python bench/agree_upscale_onnx.py lr.png sr.png m.onnx
 
-Runs the ONNX model on the whole LR image with onnxruntime's CPU provider, once exactly (the optimizers
-that change QDQ numbers off, qnas.export.onnx.ORT_INEXACT_OPTIMIZERS) and once with all its default
+Runs the ONNX model on the whole LR image with onnxruntime's CPU provider, once exactly (basic optimization
+level, the optimizers that change QDQ numbers off: qnas.export.onnx.ort_session) and once with all its default
 optimizations, rounds each output to 8 bits as `qnas upscale` writes PNGs, and prints the PSNR against
 the PNG for both.
 """

@@ -375,7 +375,7 @@ def test_searched_network_ships(search_run, tmp_path, capsys):
     sess = ort_session(tmp_path / "m.onnx")
     via_onnx = torch.from_numpy(np.asarray(sess.run(None, {"input": x.numpy()})[0]))
     via_packed = packed(x)
-    # onnxruntime computes the exported graph exactly (with ORT_INEXACT_OPTIMIZERS off).
+    # onnxruntime computes the exported graph exactly (ort_session: basic level, ORT_INEXACT_OPTIMIZERS off).
     assert torch.equal(via_packed, via_onnx)
     net, _ = load_network(run)
     with torch.inference_mode():

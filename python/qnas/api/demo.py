@@ -26,8 +26,8 @@ class DemoOptions:
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
-    """Search -> derive -> retrain -> report on the builtin images, with bicubic and the uniform 4/8-bit
-    and bits-only baselines (what `make demo` runs). Rerun to resume: finished stages are skipped."""
+    """Search -> derive -> retrain -> report on the builtin images, with bicubic and the hand-made 4/8-bit
+    baselines (what `make demo` runs). Rerun to resume: finished stages are skipped."""
     from qnas.demo import DemoSettings
     from qnas.demo import run_demo as demo
     from qnas.errors import QnasError

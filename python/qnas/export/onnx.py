@@ -32,10 +32,13 @@ from qops.packed import unpack_weight
 
 OPSET = 17
 
-#: onnxruntime graph optimizers that change the numbers of a QDQ graph. DoubleQDQPairsRemover merges a
-#: chain Q1 -> DQ1 -> Q2 -> DQ2 (a value requantized to a second step, as a quantized skip does with a
-#: sum that a skip already quantized) into one Q -> DQ pair: it drops one rounding, so codes change.
-#: Without it onnxruntime computes the exported graph exactly (the packed runtime's output bit for bit).
+#: onnxruntime graph optimizers that change the numbers of a QDQ graph. DoubleQDQPairsRemover (a basic-level
+#: optimizer) merges a chain Q1 -> DQ1 -> Q2 -> DQ2 (a value requantized to a second step, as a quantized
+#: skip does with a sum that a skip already quantized) into one Q -> DQ pair: it drops one rounding, so
+#: codes change. The extended level's QDQ fusions (DQ -> Conv -> Q into QLinearConv, QLinearAdd, ...)
+#: requantize with onnxruntime's own fixed-point arithmetic; they apply where no Clip separates the nodes,
+#: i.e. at 8 bits. An exact session therefore runs at the basic level without this optimizer, and then
+#: computes the exported graph exactly (the packed runtime's output bit for bit).
 ORT_INEXACT_OPTIMIZERS = ("DoubleQDQPairsRemover",)
 
 
@@ -52,13 +55,19 @@ def require_export_extra(module: str):
 
 
 def ort_session(model: str | os.PathLike | bytes, exact: bool = True):
-    """An onnxruntime CPU session of an exported model (a path or the serialized bytes); `exact` disables
-    ORT_INEXACT_OPTIMIZERS so that it computes what the packed runtime computes."""
+    """An onnxruntime CPU session of an exported model (a path or the serialized bytes); `exact` runs the
+    basic optimization level without ORT_INEXACT_OPTIMIZERS so that it computes what the packed runtime
+    computes; otherwise every default optimization is on."""
     ort = require_export_extra("onnxruntime")
 
     src = model if isinstance(model, bytes) else str(model)
-    disabled = list(ORT_INEXACT_OPTIMIZERS) if exact else None
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    if not exact:
+        return ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(
+        src, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_INEXACT_OPTIMIZERS)
+    )
 
 
 def onnx_model(graph: dict, tensors: dict[str, torch.Tensor]):
