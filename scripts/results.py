@@ -88,6 +88,7 @@ def split_training_images(data_dir: Path, runs: Path) -> dict[str, Path]:
 # FQSR rows are the ablation's best row (kd_tail8, now the defaults of --quant fqsr) at 3 seeds.
 FT = ["--steps", "300", "--batch-size", "8", "--patch-size", "64", "--lr", "2e-4"]
 FT_LONG = ["--steps", "900", *FT[2:]]
+FT_LONGER = ["--steps", "2700", *FT[2:]]
 FT_COMMON = ["--data", "@data/train", "--checkpoint-every", "50"]
 # The FQSR options the ablation varies, stated explicitly in every ablation command so that a change
 # of the defaults never changes what a row measured.
@@ -120,10 +121,22 @@ ABLATION = [  # (suffix, label, options over FQSR_PLAIN, fine-tune recipe)
         {"distill_weight": 1, "tail_bits": 8},
         FT_LONG,
     ),
+    (
+        "kd_edge8_long",
+        "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights, 900 steps",
+        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        FT_LONG,
+    ),
+    (
+        "kd_edge8_longer",
+        "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights, 2700 steps",
+        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        FT_LONGER,
+    ),
 ]
 ABLATION_BITS = (4, 2)
 # Suffixes run at 2 bits only (8-bit first/last weights are a 2-bit remedy).
-ABLATION_2BIT_ONLY = ("kd_edge8",)
+ABLATION_2BIT_ONLY = ("kd_edge8", "kd_edge8_long", "kd_edge8_longer")
 # The table's FQSR rows: the ablation's kd_tail8 (seed 0) and the same command at seeds 1, 2.
 TABLE_FQSR = "kd_tail8"
 FQSR_SEEDS = (0, 1, 2)
