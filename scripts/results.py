@@ -93,6 +93,8 @@ FT_COMMON = ["--data", "@data/train", "--checkpoint-every", "50"]
 # The FQSR options the ablation varies, stated explicitly in every ablation command so that a change
 # of the defaults never changes what a row measured.
 FQSR_PLAIN = {"distill_weight": 0, "distill_feature_weight": 0, "tail_bits": None}
+# Distillation, an 8-bit last input and 8-bit first/last weights: the 2-bit rows' options.
+KD_EDGE8 = {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8}
 ABLATION = [  # (suffix, label, options over FQSR_PLAIN, fine-tune recipe)
     ("plain", "FQSR as before: learnable clipping, MSE warm-up, calibration loss", {}, FT),
     ("kd", "+ L1 to the FP output (distill_weight 1)", {"distill_weight": 1}, FT),
@@ -112,7 +114,7 @@ ABLATION = [  # (suffix, label, options over FQSR_PLAIN, fine-tune recipe)
     (
         "kd_edge8",
         "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights",
-        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        KD_EDGE8,
         FT,
     ),
     (
@@ -124,13 +126,13 @@ ABLATION = [  # (suffix, label, options over FQSR_PLAIN, fine-tune recipe)
     (
         "kd_edge8_long",
         "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights, 900 steps",
-        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        KD_EDGE8,
         FT_LONG,
     ),
     (
         "kd_edge8_longer",
         "+ L1 to the FP output + 8-bit last input + 8-bit first/last weights, 2700 steps",
-        {"distill_weight": 1, "tail_bits": 8, "edge_weight_bits": 8},
+        KD_EDGE8,
         FT_LONGER,
     ),
 ]

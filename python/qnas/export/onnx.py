@@ -61,12 +61,13 @@ def ort_session(model: str | os.PathLike | bytes, exact: bool = True):
     ort = require_export_extra("onnxruntime")
 
     src = model if isinstance(model, bytes) else str(model)
-    if not exact:
-        return ort.InferenceSession(src, providers=["CPUExecutionProvider"])
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options = ort.SessionOptions()  # default level: every optimization
+    disabled = None
+    if exact:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        disabled = list(ORT_INEXACT_OPTIMIZERS)
     return ort.InferenceSession(
-        src, options, providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_INEXACT_OPTIMIZERS)
+        src, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
     )
 
 
