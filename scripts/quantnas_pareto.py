@@ -73,6 +73,9 @@ HELDOUT = "heldout"
 HANDMADE = "handmade"
 #: Kinds of model made by `qnas search`.
 SEARCH_KINDS = ("searched", "bits_only", "joint", "free")
+#: --methods: darts (QuantNAS's differentiable search), spos (single-path, additive selection), spos_evo
+#: (single-path, evolutionary selection of whole genotypes).
+METHODS = ("darts", "spos", "spos_evo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,8 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--methods",
         default="spos",
-        help="Search methods of the searched models, comma-separated (qnas search --method): darts "
-        "models are named quantnas_T, spos models spos_T.",
+        help="Search methods of the searched models, comma-separated: darts (qnas search --method "
+        "darts, models named quantnas_T), spos (--method spos, spos_T) or spos_evo (--method spos "
+        "--select evolution, spos_evo_T).",
     )
     ap.add_argument(
         "--search-mode",
@@ -313,7 +317,7 @@ def resolve_targets(runner: Runner, args: argparse.Namespace, out: Path) -> list
 def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path, out: Path) -> list[str]:
     space = width_space(args, out, item.get("width"))
     cmd = ["search", "--space", space, "--data", str(train_dir), "--scale", str(SCALE)]
-    steps = args.spos_steps if item.get("method") == "spos" else args.search_steps
+    steps = args.spos_steps if item.get("method", "darts") != "darts" else args.search_steps
     cmd += ["--steps", str(steps), "--batch-size", str(args.search_batch_size)]
     cmd += ["--patch-size", str(args.search_patch_size), "--alpha-lr", str(args.alpha_lr)]
     cmd += ["--alpha-warmup", str(args.alpha_warmup), "--lr-size", args.lr_size, "--seed", str(item["seed"])]
@@ -325,7 +329,9 @@ def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path, out: Path)
     elif item["kind"] in ("searched", "free") and searched_ops(args) is not None:
         cmd += ["--ops", searched_ops(args)]
     if item.get("method", "darts") != "darts":
-        cmd += ["--method", item["method"], "--select-batches", "4", "--select-contexts", "8"]
+        cmd += ["--method", "spos", "--select-batches", "4", "--select-contexts", "8"]
+    if item.get("method") == "spos_evo":
+        cmd += ["--select", "evolution"]
     return cmd
 
 
@@ -361,9 +367,9 @@ def _families(text: str) -> list[dict]:
 
 def _methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("darts", "spos")]
+    bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise SystemExit(f"--methods: expected darts and/or spos, got {text!r}")
+        raise SystemExit(f"--methods: expected some of {', '.join(METHODS)}, got {text!r}")
     return methods
 
 

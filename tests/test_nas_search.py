@@ -534,6 +534,32 @@ def test_spos_search_chooses_by_heldout_loss_within_the_target(space_file, tmp_p
     assert all(c["excess_l1"] == 0 for c in free["layers"].values())
 
 
+def test_spos_evolution_searches_whole_genotypes_within_the_target(space_file, tmp_path, capsys):
+    """--select evolution: whole genotypes bred from the additive pick, every one within the target;
+    the chosen one scores no worse than the additive pick on the final batches, and the same seed gives
+    the same genotype."""
+    from qnas.nas.derive import genotype_cost
+
+    args = ["search", "--space", space_file, *FAST, "--steps", "6", "--method", "spos"]
+    args += ["--select-contexts", "2", "--select-batches", "1", "--target-gbitops", "0.03"]
+    args += ["--lr-size", "64x64", "--select", "evolution", "--select-population", "6"]
+    args += ["--select-generations", "3"]
+    for name in ("a", "b"):
+        code, _, err = qnas(capsys, *args, "--out", tmp_path / name)
+        assert code == 0, err
+    g = json.loads((tmp_path / "a" / "genotype.json").read_text())
+    evo = g["search"]["evolution"]
+    assert g["search"]["select"] == "evolution" and len(evo["best_fitness_per_generation"]) == 3
+    assert evo["evaluated"] >= 4  # every feasible genotype of this tiny space
+    assert evo["chosen"]["check"] <= evo["additive_pick"]["check"]
+    assert genotype_cost(g, (64, 64))["bitops"] <= 0.03e9
+    assert g["layers"] == json.loads((tmp_path / "b" / "genotype.json").read_text())["layers"]
+    code, _, err = qnas(
+        capsys, "search", "--space", space_file, *FAST, "--select", "evolution", "--out", tmp_path / "c"
+    )
+    assert code == 2 and "--method spos" in err, err
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [(["--single-pass"], "--single-pass"), (["--penalty", "0.1"], "--penalty")],

@@ -21,6 +21,10 @@ SUPERNET_INITS = ("anchor", "he")
 #: gradient beside the weights and derives the most probable genotype; "spos" trains the shared weights
 #: along uniformly sampled single paths and chooses by the held-out loss of the paths (qnas.nas.search).
 METHODS = ("darts", "spos")
+#: How the single-path search chooses from its trained supernet: "additive" scores every entry of every
+#: slot in random contexts and takes the best sum within the target; "evolution" then searches whole
+#: genotypes (SPOS's evolutionary search) scored by the supernet's held-out loss along their path.
+SELECTS = ("additive", "evolution")
 #: Activation quantizers a derived network may be retrained with (qnas.nas.layers): HWGQ (Cai et al.,
 #: "Deep Learning with Low Precision by Half-wave Gaussian Quantization", CVPR 2017) as the QuantNAS code
 #: does, or LSQ.
@@ -109,6 +113,16 @@ class SearchOptions:
         8, at_least=1, help="spos: random paths each candidate is scored in (the other layers' choices)."
     )
     select_batches: int = option(4, at_least=1, help="spos: held-out batches each candidate is scored on.")
+    select: str = option(
+        "additive",
+        choices=SELECTS,
+        help="spos: additive: per-slot scores, best sum within the target; evolution: whole genotypes "
+        "searched by evolution from the additive pick, scored along their full path.",
+    )
+    select_population: int = option(50, at_least=4, help="spos --select evolution: genotypes per generation.")
+    select_generations: int = option(
+        20, at_least=1, help="spos --select evolution: generations (population x generations evaluations)."
+    )
     single_pass: bool = option(False, help="One forward-backward updates weights and alphas.")
     lr: float = option(1e-3, help="Adam learning rate of the weights.")
     alpha_lr: float = option(3e-4, help="Adam learning rate of the alphas.")
@@ -159,6 +173,8 @@ class SearchOptions:
             raise QnasError(
                 "--single-pass: not with --method spos (it has no architecture parameters to train)"
             )
+        if self.method != "spos" and self.select != "additive":
+            raise QnasError(f"--select {self.select}: only with --method spos")
         if self.method == "spos" and self.penalty > 0:
             raise QnasError("--penalty: not with --method spos (its cost control is --target-gbitops)")
         if not 0 < self.final_temperature <= 1:

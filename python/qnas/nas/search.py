@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -247,6 +248,8 @@ def search(
     selection = None
     if opts.method == "spos":
         selection = select_by_loss(net, opts, a_sampler, info, progress=progress)
+        if opts.select == "evolution":
+            selection = select_by_evolution(net, opts, a_sampler, info, selection, progress=progress)
     genotype = make_genotype(net, opts, space, initial_bitops.value, selection)
     summary = {
         "health": {},
@@ -430,7 +433,153 @@ def select_by_loss(net: Supernet, opts: SearchOptions, sampler, info, *, progres
     table = {
         s: {_label(net.entry(s, e)): round(float(scores[s][e]), 6) for e in entries[s]} for s in net.slots
     }
-    return {"layers": layers, "scores": table, "contexts": len(contexts), "batches": len(batches)}
+    return {
+        "layers": layers,
+        "scores": table,
+        "contexts": len(contexts),
+        "batches": len(batches),
+        "picks": {s: int(picks[s]) for s in net.slots},
+    }
+
+
+@torch.no_grad()
+def select_by_evolution(
+    net: Supernet, opts: SearchOptions, sampler, info, additive: dict, *, progress: bool = False
+) -> dict:
+    """`--select evolution`: the evolutionary architecture search of single-path one-shot NAS (Guo et
+    al., ECCV 2020, Sec. 3.3) on the trained supernet, under the BitOps target. A genotype's fitness is
+    the supernet's mean L1 along its whole path on --select-batches fresh batches of the held-out split
+    (the same batches and noise for every genotype), so interactions between layers count, which the
+    additive per-slot score (select_by_loss, whose pick seeds the population) cannot see.
+
+    Each generation breeds --select-population children from the 10 best genotypes so far, half by
+    mutation (each slot redrawn with probability 0.1), half by uniform crossover; a child over the
+    target is repaired by moving random slots to cheaper entries until it fits. After the last
+    generation the 10 best are scored again on as many new batches and the best of that second score
+    is the genotype (fitness measured on the batches that chose it is biased low). Returns the additive
+    selection's dict with the chosen layers and an "evolution" record (best fitness per generation,
+    the additive pick's and the chosen genotype's scores on the final batches)."""
+    from tqdm import tqdm
+
+    from qnas.runs.distributed import means
+
+    slots = list(net.slots)
+    entries = {s: net.entries(s) for s in slots}
+    cost = {s: net.entry_bitops(s).tolist() for s in slots}
+    pixels = opts.lr_size[0] * opts.lr_size[1]
+    budget = None if opts.target_gbitops is None else opts.target_gbitops * 1e9 / pixels
+    gen = torch.Generator().manual_seed(opts.seed + 104729)
+    top_k, p_mutate = 10, 0.1
+
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=gen))
+
+    def total(g: tuple[int, ...]) -> float:
+        return sum(cost[s][e] for s, e in zip(slots, g, strict=True))
+
+    def repair(g: tuple[int, ...]) -> tuple[int, ...]:
+        g = list(g)
+        while budget is not None:
+            over = total(tuple(g)) - budget
+            if over <= 0:
+                break
+            movable = [k for k, s in enumerate(slots) if any(cost[s][e] < cost[s][g[k]] for e in entries[s])]
+            if not movable:
+                break  # the cheapest genotype itself exceeds the target (best_within keeps it too)
+            k = movable[draw(len(movable))]
+            cheaper = [e for e in entries[slots[k]] if cost[slots[k]][e] < cost[slots[k]][g[k]]]
+            g[k] = cheaper[draw(len(cheaper))]
+        return tuple(g)
+
+    def score(genotypes: list[tuple[int, ...]], batches, tag: str) -> dict[tuple[int, ...], float]:
+        losses = {}
+        for g in genotypes:
+            path = dict(zip(slots, g, strict=True))
+            acc = 0.0
+            for b, (lr_img, hr_img) in enumerate(batches):
+                torch.manual_seed(opts.seed * 1_000_003 + 7 * b + (0 if tag == "fit" else 500_009))
+                acc += float(nn.functional.l1_loss(net.forward_path(lr_img, path), hr_img))
+            losses[",".join(map(str, g))] = acc / len(batches)
+        losses = means(losses, info)  # every rank scores its share of the batches; all decide alike
+        return {g: losses[",".join(map(str, g))] for g in genotypes}
+
+    rng = torch.get_rng_state()
+    net.train()
+    fit_batches = [_batch(sampler) for _ in range(opts.select_batches)]
+    seed_pick = tuple(additive["picks"][s] for s in slots)
+    fitness: dict[tuple[int, ...], float] = {}
+    population = [seed_pick]
+    for _ in range(50 * opts.select_population):  # a small space may hold fewer distinct genotypes
+        if len(population) >= opts.select_population:
+            break
+        g = repair(tuple(entries[s][draw(len(entries[s]))] for s in slots))
+        if g not in population:
+            population.append(g)
+    history = []
+    initial = population
+    with tqdm(total=opts.select_generations, desc="evolution", disable=not progress, leave=False) as bar:
+        for _ in range(opts.select_generations):
+            fitness.update(score([g for g in population if g not in fitness], fit_batches, "fit"))
+            best = sorted(fitness, key=fitness.get)[:top_k]
+            history.append(round(fitness[best[0]], 6))
+            children: list[tuple[int, ...]] = []
+            tries = 0
+            while len(children) < opts.select_population and tries < 50 * opts.select_population:
+                tries += 1
+                a = best[draw(len(best))]
+                if len(children) % 2 == 0:
+                    child = tuple(
+                        entries[s][draw(len(entries[s]))]
+                        if float(torch.rand(1, generator=gen)) < p_mutate
+                        else e
+                        for s, e in zip(slots, a, strict=True)
+                    )
+                else:
+                    b = best[draw(len(best))]
+                    child = tuple(
+                        x if float(torch.rand(1, generator=gen)) < 0.5 else y
+                        for x, y in zip(a, b, strict=True)
+                    )
+                child = repair(child)
+                if child not in fitness and child not in children:
+                    children.append(child)
+            population = children
+            bar.update()
+    fitness.update(score([g for g in population if g not in fitness], fit_batches, "fit"))
+    finalists = sorted(fitness, key=fitness.get)[:top_k]
+    if seed_pick not in finalists:
+        finalists.append(seed_pick)
+    check_batches = [_batch(sampler) for _ in range(opts.select_batches)]
+    rescored = score(finalists, check_batches, "check")
+    torch.set_rng_state(rng)
+    chosen = min(finalists, key=rescored.get)
+    table = additive["scores"]
+    layers = {}
+    for s, e in zip(slots, chosen, strict=True):
+        entry = net.entry(s, e)
+        slot_scores = table[s]
+        layers[s] = {
+            **entry,
+            "heldout_l1": slot_scores[_label(entry)],
+            "excess_l1": round(slot_scores[_label(entry)] - min(slot_scores.values()), 6),
+        }
+    return {
+        **additive,
+        "layers": layers,
+        "evolution": {
+            "population": opts.select_population,
+            "generations": opts.select_generations,
+            "evaluated": len(fitness),
+            "best_fitness_per_generation": history,
+            # the spread a random genotype within the target has: how much the choice matters
+            "initial_median_fitness": round(statistics.median(fitness[g] for g in initial), 6),
+            "additive_pick": {
+                "fitness": round(fitness[seed_pick], 6),
+                "check": round(rescored[seed_pick], 6),
+            },
+            "chosen": {"fitness": round(fitness[chosen], 6), "check": round(rescored[chosen], 6)},
+        },
+    }
 
 
 def _label(entry: dict) -> str:
@@ -508,7 +657,11 @@ def make_genotype(
         "argmax_bitops": argmax_bitops,
     }
     if selection is not None:
-        g["search"].update(select_contexts=selection["contexts"], select_batches=selection["batches"])
+        g["search"].update(
+            select=opts.select, select_contexts=selection["contexts"], select_batches=selection["batches"]
+        )
+        if "evolution" in selection:
+            g["search"]["evolution"] = selection["evolution"]
     return g
 
 

@@ -636,6 +636,10 @@ class Supernet(nn.Module):
         o, i, j = split_entry(flat, len(self.w_bits), len(self.a_bits))
         return {"op": self.compiled.slots[slot][o], "w_bits": self.w_bits[i], "a_bits": self.a_bits[j]}
 
+    def entry_bitops(self, slot: str) -> torch.Tensor:
+        """BitOps per LR input pixel of each flat (op, w_bits, a_bits) entry of a slot."""
+        return getattr(self, f"bitops_{_key(slot)}").flatten()
+
     def expected_bitops_per_pixel(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ_sites Σ probs · BitOps of each term, per LR input pixel (differentiable in the probs)."""
         total = None
@@ -682,7 +686,7 @@ class Supernet(nn.Module):
         budget/4096 (costs rounded up, so the result never exceeds the budget); when even the cheapest
         genotype exceeds it, the cheapest genotype. Scores: log-probabilities (DARTS derivation) or
         negated held-out losses (single-path selection)."""
-        cost = {s: getattr(self, f"bitops_{_key(s)}").flatten() for s in self.slots}
+        cost = {s: self.entry_bitops(s) for s in self.slots}
         entries = {s: self.entries(s) for s in self.slots}
         cheapest = {s: min(entries[s], key=lambda e: float(cost[s][e])) for s in self.slots}
         if sum(float(cost[s][cheapest[s]]) for s in self.slots) > budget:
