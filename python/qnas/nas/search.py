@@ -491,13 +491,13 @@ def select_by_evolution(
             g[k] = cheaper[draw(len(cheaper))]
         return tuple(g)
 
-    def score(genotypes: list[tuple[int, ...]], batches, tag: str) -> dict[tuple[int, ...], float]:
+    def score(genotypes: list[tuple[int, ...]], batches, noise_seed: int) -> dict[tuple[int, ...], float]:
         losses = {}
         for g in genotypes:
             path = dict(zip(slots, g, strict=True))
             acc = 0.0
             for b, (lr_img, hr_img) in enumerate(batches):
-                torch.manual_seed(opts.seed * 1_000_003 + 7 * b + (0 if tag == "fit" else 500_009))
+                torch.manual_seed(noise_seed + 7 * b)  # the same noise for every genotype
                 acc += float(nn.functional.l1_loss(net.forward_path(lr_img, path), hr_img))
             losses[",".join(map(str, g))] = acc / len(batches)
         losses = means(losses, info)  # every rank scores its share of the batches; all decide alike
@@ -506,6 +506,7 @@ def select_by_evolution(
     rng = torch.get_rng_state()
     net.train()
     fit_batches = [_batch(sampler) for _ in range(opts.select_batches)]
+    fit_seed = opts.seed * 1_000_003
     seed_pick = tuple(additive["picks"][s] for s in slots)
     fitness: dict[tuple[int, ...], float] = {}
     population = [seed_pick]
@@ -519,7 +520,7 @@ def select_by_evolution(
     initial = population
     with tqdm(total=opts.select_generations, desc="evolution", disable=not progress, leave=False) as bar:
         for _ in range(opts.select_generations):
-            fitness.update(score([g for g in population if g not in fitness], fit_batches, "fit"))
+            fitness.update(score([g for g in population if g not in fitness], fit_batches, fit_seed))
             best = sorted(fitness, key=fitness.get)[:top_k]
             history.append(round(fitness[best[0]], 6))
             children: list[tuple[int, ...]] = []
@@ -545,12 +546,12 @@ def select_by_evolution(
                     children.append(child)
             population = children
             bar.update()
-    fitness.update(score([g for g in population if g not in fitness], fit_batches, "fit"))
+    fitness.update(score([g for g in population if g not in fitness], fit_batches, fit_seed))
     finalists = sorted(fitness, key=fitness.get)[:top_k]
     if seed_pick not in finalists:
         finalists.append(seed_pick)
     check_batches = [_batch(sampler) for _ in range(opts.select_batches)]
-    rescored = score(finalists, check_batches, "check")
+    rescored = score(finalists, check_batches, fit_seed + 500_009)
     torch.set_rng_state(rng)
     chosen = min(finalists, key=rescored.get)
     table = additive["scores"]
