@@ -74,8 +74,9 @@ HANDMADE = "handmade"
 #: Kinds of model made by `qnas search`.
 SEARCH_KINDS = ("searched", "bits_only", "joint", "free")
 #: --methods: darts (QuantNAS's differentiable search), spos (single-path, additive selection), spos_evo
-#: (single-path, evolutionary selection of whole genotypes).
-METHODS = ("darts", "spos", "spos_evo")
+#: (single-path, evolutionary selection of whole genotypes), spos_ops (two stages: the spos search of
+#: the bits, then a single-path search of the space's own ops at those bits, `qnas search --fix-bits`).
+METHODS = ("darts", "spos", "spos_evo", "spos_ops")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,8 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--methods",
         default="spos",
         help="Search methods of the searched models, comma-separated: darts (qnas search --method "
-        "darts, models named quantnas_T), spos (--method spos, spos_T) or spos_evo (--method spos "
-        "--select evolution, spos_evo_T).",
+        "darts, models named quantnas_T), spos (--method spos, spos_T), spos_evo (--method spos "
+        "--select evolution, spos_evo_T) or spos_ops (spos_T's bits, then the space's own ops searched at "
+        "them with --fix-bits, spos_ops_T).",
     )
     ap.add_argument(
         "--search-mode",
@@ -314,7 +316,11 @@ def resolve_targets(runner: Runner, args: argparse.Namespace, out: Path) -> list
     return targets
 
 
-def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path, out: Path) -> list[str]:
+def search_cmd(
+    args: argparse.Namespace, item: dict, train_dir: Path, out: Path, fix_bits: Path | None = None
+) -> list[str]:
+    """The `qnas search` of a searched model or control; `fix_bits`: spos_ops's second stage, which
+    searches the space's own ops at the bits of that genotype."""
     space = width_space(args, out, item.get("width"))
     cmd = ["search", "--space", space, "--data", str(train_dir), "--scale", str(SCALE)]
     steps = args.spos_steps if item.get("method", "darts") != "darts" else args.search_steps
@@ -326,8 +332,10 @@ def search_cmd(args: argparse.Namespace, item: dict, train_dir: Path, out: Path)
     cmd += ["--bits", args.search_bits, "--mode", args.search_mode]
     if item["kind"] == "bits_only":
         cmd += ["--ops", "conv3x3"]
-    elif item["kind"] in ("searched", "free") and searched_ops(args) is not None:
+    elif item["kind"] in ("searched", "free") and searched_ops(args) is not None and fix_bits is None:
         cmd += ["--ops", searched_ops(args)]
+    if fix_bits is not None:
+        cmd += ["--fix-bits", str(fix_bits)]
     if item.get("method", "darts") != "darts":
         cmd += ["--method", "spos", "--select-batches", "4", "--select-contexts", "8"]
     if item.get("method") == "spos_evo":
@@ -397,7 +405,12 @@ def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Pat
     """The genotype file of one (model, seed), made if missing: a search run, `qnas genotype`, or
     the uniform genotype with its edge layers edited."""
     if item["kind"] in SEARCH_KINDS:
-        row = {"name": f"{item['name']}_seed{item['seed']}", "cmd": search_cmd(args, item, train_dir, out)}
+        fix_bits = None
+        if item.get("method") == "spos_ops":  # first stage: the spos search of the bits (shared with spos_T)
+            first = {**item, "method": "spos", "name": f"spos_{_tag(item['target'])}"}
+            fix_bits = make_genotype(runner, args, first, out, train_dir)
+        cmd = search_cmd(args, item, train_dir, out, fix_bits)
+        row = {"name": f"{item['name']}_seed{item['seed']}", "cmd": cmd}
         row.update(resumable=True, done="genotype.json")
         make_run(runner, row, out / "search", args.chunk_minutes * 60)
         return out / "search" / row["name"] / "genotype.json"
@@ -423,6 +436,11 @@ def make_genotype(runner: Runner, args: argparse.Namespace, item: dict, out: Pat
             edited.write_text(json.dumps(g, indent=2) + "\n")
         path = edited
     return path
+
+
+def first_stage_run(out: Path, item: dict) -> Path:
+    """The bits search a spos_ops model's op search started from (the spos model's search run)."""
+    return out / "search" / f"spos_{_tag(item['target'])}_seed{item['seed']}"
 
 
 def eval_folders(args: argparse.Namespace, out: Path) -> dict[str, Path]:
@@ -509,6 +527,11 @@ def collect(runner: Runner, args: argparse.Namespace, out: Path, items: list[dic
             "health": search_health(search_run),
             "cpu_s": {
                 "search": _read(search_run / "cpu_s"),
+                **(
+                    {"first_stage": _read(first_stage_run(out, item) / "cpu_s")}
+                    if item.get("method") == "spos_ops"
+                    else {}
+                ),
                 "train": _read(run / "cpu_s"),
                 "eval": _read(run / "eval_cpu_s"),
             },

@@ -1,7 +1,7 @@
 """Rebuilds every run of docs/RESULTS.md on the standard SR images and rewrites its tables.
 
-    python scripts/results.py DATA_DIR [--runs runs/x4] [--only NAME,...] [--lock PATH]
-                              [--chunk-minutes 14] [--no-table] [--dry-run]
+    python scripts/results.py DATA_DIR [--scale 4] [--runs runs/xSCALE] [--only NAME,...]
+                              [--lock PATH] [--chunk-minutes 14] [--no-table] [--dry-run]
 
 DATA_DIR holds the standard image sets as plain folders of HR images (docs/RESULTS.md says where
 they come from): SunHays80 (training), Set5, Set14 and BSD68 (test). The script splits SunHays80
@@ -9,7 +9,11 @@ into RUNS/data/train (64 images) and RUNS/data/holdout (every 5th image by name,
 symbolic links: every choice (fine-tune recipe, FQSR additions, which single strategies DQSS is
 compared with over several draws) is made on the hold-out; the test sets are only reported.
 
-Each row is one `qnas` command (the full-precision edsr-baseline x4 run first, everything else
+--scale 4 (default) or 2 picks the upscaling factor; x2 runs use the x4 recipes with HR patches
+half as large (the same LR patches), skip the FQSR ablation (the x4 hold-out's recipes) and run DQSS
+at 4 and 2 bits; their tables go to the x2 blocks of docs/RESULTS.md.
+
+Each row is one `qnas` command (the full-precision edsr-baseline run first, everything else
 starts from it), then `qnas eval --checkpoint RUN --data SET` per evaluation set and `qnas cost`
 for BitOps. A row whose RUN/model.pt exists is not run again; evaluations and cost are cached in
 the run (RUN/eval_<set>.json, RUN/cost.json), so the script continues where it stopped. Training
@@ -42,23 +46,28 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCALE = 4
-LR_SIZE = "180x320"  # BitOps for a 720x1280 output at x4
+SCALES = (2, 4)
 TEST_SETS = ("Set5", "Set14", "BSD68")
 TRAIN_SET = "SunHays80"
 HOLDOUT_EVERY = 5  # every 5th training image (sorted by name) is held out for choosing settings
-# Published numbers (EDSR-baseline x4 trained on DIV2K; DDTB, Zhong et al., ECCV 2022, which keeps
-# the first and last layers in full precision). DDTB reports B100; BSD68 is its 68-image subset.
-PUBLISHED_FP = {"Set5": 32.10, "Set14": 28.58, "BSD68": 27.56}
-PUBLISHED_DDTB = {
-    4: {"Set5": 31.85, "Set14": 28.39, "BSD68": 27.44},
-    2: {"Set5": 30.97, "Set14": 27.87, "BSD68": 27.09},
+# Published numbers per scale (EDSR-baseline trained on DIV2K; DDTB, Zhong et al., ECCV 2022, which
+# keeps the first and last layers in full precision). DDTB reports B100; BSD68 is its 68-image subset.
+PUBLISHED = {
+    4: {
+        "fp": {"Set5": 32.10, "Set14": 28.58, "BSD68": 27.56},
+        "ddtb": {
+            4: {"Set5": 31.85, "Set14": 28.39, "BSD68": 27.44},
+            2: {"Set5": 30.97, "Set14": 27.87, "BSD68": 27.09},
+        },
+    },
+    2: {
+        "fp": {"Set5": 37.99, "Set14": 33.57, "BSD68": 32.16},
+        "ddtb": {4: {"Set5": 37.72, "Set14": 33.35, "BSD68": 32.01}},
+    },
 }
-
-FP = [
-    "train", "--model", "edsr-baseline", "--scale", str(SCALE), "--data", "@data/train",
-    "--steps", "3000", "--batch-size", "8", "--patch-size", "96", "--lr", "5e-4", "--checkpoint-every", "50",
-]  # fmt: skip
+# x2 runs skip the FQSR ablation: their FQSR rows use the recipes the x4 hold-out chose (at 2 bits
+# the 900-step variant of the chosen 2700-step recipe, a third of its CPU time).
+X2_RECIPES = {4: "kd_tail8_long", 2: "kd_edge8_long"}
 
 
 def split_training_images(data_dir: Path, runs: Path) -> dict[str, Path]:
@@ -83,12 +92,12 @@ def split_training_images(data_dir: Path, runs: Path) -> dict[str, Path]:
     return out
 
 
-# One fine-tune recipe for every fine-tuned row (300 steps of 8 HR patches of 64 pixels, Adam,
-# cosine decay): the FQSR ablation's rows differ from each other in one thing each, and the table's
-# FQSR rows are the ablation's best row (kd_tail8, now the defaults of --quant fqsr) at 3 seeds.
-FT = ["--steps", "300", "--batch-size", "8", "--patch-size", "64", "--lr", "2e-4"]
-FT_LONG = ["--steps", "900", *FT[2:]]
-FT_LONGER = ["--steps", "2700", *FT[2:]]
+# One fine-tune recipe for every fine-tuned row (300 steps of 8 HR patches of 64 pixels at x4, Adam,
+# cosine decay), and the same at 900 and 2700 steps: the FQSR ablation's rows differ from each other in
+# one thing each, and the table's FQSR rows are the ablation's best row at 3 seeds. Filled by set_scale.
+FT: list[str] = []
+FT_LONG: list[str] = []
+FT_LONGER: list[str] = []
 FT_COMMON = ["--data", "@data/train", "--checkpoint-every", "50"]
 # The FQSR options the ablation varies, stated explicitly in every ablation command so that a change
 # of the defaults never changes what a row measured.
@@ -142,16 +151,44 @@ ABLATION_2BIT_ONLY = ("kd_edge8", "kd_edge8_long", "kd_edge8_longer")
 # The table's FQSR rows: the ablation's kd_tail8 (seed 0) and the same command at seeds 1, 2.
 TABLE_FQSR = "kd_tail8"
 FQSR_SEEDS = (0, 1, 2)
-# PTQ / DQSS: one calibration set per draw (--seed): 12 batches of 4 patches of 96x96 HR pixels
-# (48 patches from the 64 training images), 60 steps, the same for every strategy list.
-PTQ = ["--steps", "60", "--calib-batches", "12", "--batch-size", "4", "--patch-size", "96"]
-PTQ += ["--data", "@data/train"]
-QAT = ["--steps", "600", "--batch-size", "8", "--patch-size", "64", "--data", "@data/train"]
+# PTQ / DQSS: one calibration set per draw (--seed): 12 batches of 4 patches of 96x96 HR pixels at x4
+# (48 patches from the 64 training images), 60 steps, the same for every strategy list; DQSS QAT:
+# 600 steps of 8 patches of 64 pixels at x4. Filled by set_scale.
+PTQ: list[str] = []
+QAT: list[str] = []
 SINGLE = ("lsq", "pact", "dorefa", "minmax", "percentile", "mse", "aciq")  # hwgq: activations only
 # A fixed strategy with the stronger grids: per-channel weight steps and asymmetric activations.
 FIXED_STRONG = "mse_pc,mse_asym"
 DQSS_BITS = (4, 3, 2)
 DRAWS = (0, 1, 2, 3, 4)
+
+
+def set_scale(scale: int) -> None:
+    """Sets the module's commands and published figures for `scale` (main's --scale; x4 at import).
+
+    The x4 recipes' HR patch sizes are scaled by scale/4 so that every x2 run sees the same LR
+    patches, and costs about the same CPU per step, as its x4 counterpart. The recipe lists are
+    rewritten in place: ABLATION holds them."""
+    global SCALE, LR_SIZE, PUBLISHED_FP, PUBLISHED_DDTB, FP, DQSS_BITS, RELEASE_FP, RELEASE_FQSR, BLOCK_SUFFIX
+    SCALE = scale
+    LR_SIZE = f"{720 // scale}x{1280 // scale}"  # BitOps for a 720x1280 output
+
+    def patch(x4_patch: int) -> str:
+        return str(x4_patch * scale // 4)
+
+    PUBLISHED_FP, PUBLISHED_DDTB = PUBLISHED[scale]["fp"], PUBLISHED[scale]["ddtb"]
+    FP = [
+        "train", "--model", "edsr-baseline", "--scale", str(scale), "--data", "@data/train", "--steps", "3000",
+        "--batch-size", "8", "--patch-size", patch(96), "--lr", "5e-4", "--checkpoint-every", "50",
+    ]  # fmt: skip
+    ft = ["--batch-size", "8", "--patch-size", patch(64), "--lr", "2e-4"]
+    FT[:], FT_LONG[:], FT_LONGER[:] = (["--steps", steps, *ft] for steps in ("300", "900", "2700"))
+    PTQ[:] = ["--steps", "60", "--calib-batches", "12", "--batch-size", "4", "--patch-size", patch(96)]
+    PTQ.extend(["--data", "@data/train"])
+    QAT[:] = ["--steps", "600", "--batch-size", "8", "--patch-size", patch(64), "--data", "@data/train"]
+    DQSS_BITS = (4, 3, 2) if scale == 4 else (4, 2)  # x2: the two ends, for CPU time
+    RELEASE_FP, RELEASE_FQSR = f"edsr-baseline-x{scale}-fp.pt", f"edsr-baseline-x{scale}-fqsr4.qnp"
+    BLOCK_SUFFIX = "" if scale == 4 else f"-x{scale}"  # docs/RESULTS.md's generated blocks
 
 
 def fqsr_cmd(bits: int, options: dict, recipe: list[str], seed: int = 0) -> list[str]:
@@ -178,7 +215,7 @@ def runs_list() -> list[dict]:
         {"name": "bicubic", "cmd": None, "test": True},
         {"name": "fp", "cmd": FP, "resumable": True, "test": True},
     ]
-    for bits in ABLATION_BITS:
+    for bits in ABLATION_BITS if SCALE == 4 else ():
         rows = [
             {
                 "name": f"fqsr{bits}_{suffix}",
@@ -190,6 +227,10 @@ def runs_list() -> list[dict]:
         ]
         rows[-1]["ablation_done"] = bits  # then the table's recipe is chosen (main, table_fqsr_runs)
         out += rows
+    if SCALE != 4:  # no ablation: the recipes x4's hold-out chose
+        for bits in ABLATION_BITS:
+            CHOSEN_RECIPE[bits] = X2_RECIPES[bits]
+            out += table_fqsr_runs(bits, X2_RECIPES[bits])
     table_options = {**FQSR_PLAIN, **dict((a[0], a[2]) for a in ABLATION)[TABLE_FQSR]}
     out.append({"name": "release", "cmd": None, "release": True})
     out.append({"name": "fqsr8", "cmd": fqsr_cmd(8, table_options, FT), "resumable": True, "test": True})
@@ -684,6 +725,7 @@ RELEASE = ROOT / "release"
 # released file's own PSNR is what docs/RESULTS.md and release/README.md report) and FQSR 4-bit
 # (seed 0) as a packed file.
 RELEASE_FP, RELEASE_FQSR = "edsr-baseline-x4-fp.pt", "edsr-baseline-x4-fqsr4.qnp"
+set_scale(4)
 
 
 def make_release(runner: Runner, runs: Path) -> None:
@@ -732,7 +774,8 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("data_dir", metavar="DATA_DIR", help="Folder with SunHays80, Set5, Set14, BSD68.")
-    ap.add_argument("--runs", default=str(ROOT / "runs" / f"x{SCALE}"), help="Folder of the runs.")
+    ap.add_argument("--scale", type=int, choices=SCALES, default=4, help="Upscaling factor (x4 or x2).")
+    ap.add_argument("--runs", default=None, help="Folder of the runs (default runs/xSCALE).")
     ap.add_argument(
         "--only", default=None, help="Comma-separated run names or patterns (fqsr4_*); default all."
     )
@@ -741,11 +784,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-table", action="store_true", help="Do not rewrite docs/RESULTS.md.")
     ap.add_argument("--dry-run", action="store_true", help="Print the commands only.")
     args = ap.parse_args(argv)
+    set_scale(args.scale)
     data_dir = Path(args.data_dir)
     missing = [s for s in (TRAIN_SET, *TEST_SETS) if not (data_dir / s).is_dir()]
     if missing:
         raise SystemExit(f"{data_dir}: no {', '.join(missing)} folder (docs/RESULTS.md: the data)")
-    runs = Path(os.path.abspath(args.runs))
+    runs = Path(os.path.abspath(args.runs or ROOT / "runs" / f"x{SCALE}"))
     patterns = args.only.split(",") if args.only else ["*"]
 
     def wanted(name: str) -> bool:
@@ -811,7 +855,7 @@ def main(argv: list[str] | None = None) -> None:
                     visit(r)
     tables = {
         "results": main_table(results),
-        "ablation": ablation_table(results),
+        **({"ablation": ablation_table(results)} if SCALE == 4 else {}),  # x2 runs no ablation
         "dqss": dqss_table(results),
         "draws": draws_table(results),
     }
@@ -828,7 +872,7 @@ def main(argv: list[str] | None = None) -> None:
             f"evaluated with `qnas eval --checkpoint RUNS/NAME --data DATA/SET`):\n\n```\n{commands}\n```"
         )
         for block, text in tables.items():
-            write_doc(text, ROOT / "docs" / "RESULTS.md", block)
+            write_doc(text, ROOT / "docs" / "RESULTS.md", block + BLOCK_SUFFIX)
 
 
 if __name__ == "__main__":

@@ -569,3 +569,34 @@ def test_spos_refuses_options_it_does_not_use(extra, needle, space_file, tmp_pat
         capsys, "search", "--space", space_file, *FAST, "--method", "spos", *extra, "--out", tmp_path / "r"
     )
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fix_bits_searches_the_ops_at_a_first_search_bits(space_file, tmp_path, capsys):
+    """--fix-bits GENOTYPE: a second stage whose every layer keeps the first search's bit-widths and
+    chooses only its op; a genotype of another space is refused in one line naming the option."""
+    base = ["search", "--space", space_file, *FAST, "--steps", "4", "--method", "spos", "--bits", "2,4,8"]
+    base += ["--select-contexts", "1", "--select-batches", "1", "--lr-size", "64x64"]
+    code, _, err = qnas(
+        capsys, *base, "--ops", "conv3x3", "--target-gbitops", "0.02", "--out", tmp_path / "bits"
+    )
+    assert code == 0, err
+    bits = read_genotype(tmp_path / "bits")["layers"]
+    code, _, err = qnas(capsys, *base, "--fix-bits", tmp_path / "bits", "--out", tmp_path / "ops")
+    assert code == 0, err
+    g = read_genotype(tmp_path / "ops")
+    assert {s: (c["w_bits"], c["a_bits"]) for s, c in g["layers"].items()} == {
+        s: (c["w_bits"], c["a_bits"]) for s, c in bits.items()
+    }
+    sel = json.loads((tmp_path / "ops" / "selection.json").read_text())
+    for slot, scores in sel["scores"].items():  # every op scored, at the fixed bits only
+        assert all(k.endswith(f"@w{bits[slot]['w_bits']}a{bits[slot]['a_bits']}") for k in scores)
+    assert max(len(scores) for scores in sel["scores"].values()) == 3
+    config = json.loads((tmp_path / "ops" / "config.json").read_text())
+    assert config["fixed_bits"] == {s: [c["w_bits"], c["a_bits"]] for s, c in bits.items()}
+    from qnas.nas.derive import uniform_genotype
+
+    for name, bits_ in (("basic", 4), ("tiny3", 3)):  # another space's layers; bits not searched here
+        space = "basic" if name == "basic" else json.loads(space_file.read_text())
+        (tmp_path / f"{name}.json").write_text(json.dumps(uniform_genotype(space, 2, "conv3x3", bits_)))
+        code, _, err = qnas(capsys, *base, "--fix-bits", tmp_path / f"{name}.json", "--out", tmp_path / name)
+        assert code == 2 and "--fix-bits" in err and len(err.strip().splitlines()) == 1, err

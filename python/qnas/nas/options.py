@@ -78,6 +78,12 @@ class SearchOptions:
     tie_bits: bool = option(
         True, flag="--untie-bits", help="Search weight and activation bits separately (default: tied)."
     )
+    fix_bits: str | None = option(
+        None,
+        metavar="GENOTYPE",
+        help="Fix every layer's bit-widths to a genotype's (its file or run folder, same space): a second "
+        "stage that searches only the ops at the bits a first search chose.",
+    )
     mode: str = option(
         "noise", choices=MODES, help="noise: quantization noise (QuantNAS); quant: LSQ fake quantization."
     )

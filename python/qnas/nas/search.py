@@ -87,9 +87,23 @@ def search_space(opts: SearchOptions) -> dict:
     return space if opts.anchor else with_anchor(space, None)
 
 
-def build_supernet(opts: SearchOptions, space: dict | None = None) -> Supernet:
+def fixed_bits(opts: SearchOptions) -> dict[str, list[int]] | None:
+    """{slot: [w_bits, a_bits]} of the --fix-bits genotype, or None."""
+    if opts.fix_bits is None:
+        return None
+    from qnas.nas.derive import read_genotype
+
+    g = read_genotype(opts.fix_bits)
+    return {slot: [int(c["w_bits"]), int(c["a_bits"])] for slot, c in g["layers"].items()}
+
+
+def build_supernet(
+    opts: SearchOptions, space: dict | None = None, fixed: dict[str, list[int]] | None = None
+) -> Supernet:
+    """The supernet of a search; `fixed`: the --fix-bits layers' bits (read from opts when None)."""
     space = search_space(opts) if space is None else space
     compiled = compile_space(space, opts.scale, opts.ops)
+    fixed = fixed_bits(opts) if fixed is None else fixed
     return Supernet(
         compiled,
         w_bits=opts.bits,
@@ -100,6 +114,7 @@ def build_supernet(opts: SearchOptions, space: dict | None = None) -> Supernet:
         adq=opts.adq,
         mix_norm=opts.mix_norm,
         init=opts.supernet_init,
+        fixed_bits=None if fixed is None else {k: (v[0], v[1]) for k, v in fixed.items()},
     )
 
 
@@ -136,7 +151,10 @@ def search(
     progress = progress and info.is_main
     space = search_space(opts)
     run = RunDir(out, is_writer=info.is_main)
+    fixed = fixed_bits(opts)  # recorded: a resumed run checks its config, so the file cannot change under it
     config = {"search": dataclasses.asdict(opts), "space": space, **(extra_config or {})}
+    if fixed is not None:
+        config["fixed_bits"] = fixed
     loop = Loop(
         run,
         "search",
@@ -149,7 +167,7 @@ def search(
         progress=progress,
         compile=compile,
     )
-    net = build_supernet(opts, space).to(memory_format=torch.channels_last)
+    net = build_supernet(opts, space, fixed).to(memory_format=torch.channels_last)
     net.train()
     net.set_noise_stream(info.rank)
     data = train_dataset(opts.data, opts.scale, opts.patch_size, progress=progress)

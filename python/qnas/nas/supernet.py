@@ -116,6 +116,23 @@ def allowed_mask(n_ops: int, w_bits: list[int], a_bits: list[int], tie_bits: boo
     return mask
 
 
+def fixed_bits_mask(
+    slot: str, fixed: dict[str, tuple[int, int]], w_bits: list[int], a_bits: list[int]
+) -> torch.Tensor:
+    """[1, n_w, n_a] booleans: only the slot's fixed (w_bits, a_bits) pair (a two-stage search: the bits
+    come from a first search, the ops are searched at them)."""
+    if slot not in fixed:
+        raise QnasError(f"--fix-bits: the genotype has no layer {slot!r} (it must come from the same space)")
+    wb, ab = fixed[slot]
+    if wb not in w_bits or ab not in a_bits:
+        raise QnasError(
+            f"--fix-bits: layer {slot} is at {wb}/{ab} bits, not among the searched --bits {w_bits} / {a_bits}"
+        )
+    mask = torch.zeros(1, len(w_bits), len(a_bits), dtype=torch.bool)
+    mask[0, w_bits.index(wb), a_bits.index(ab)] = True
+    return mask
+
+
 def slot_bitops(compiled: CompiledSpace, w_bits: list[int], a_bits: list[int]) -> dict[str, torch.Tensor]:
     """BitOps per LR input pixel of every (op, w_bits, a_bits) term of every slot, summed over the sites
     of the slot: {slot: float64 [n_ops, n_w, n_a]} (layers after the pixel shuffle count scale² pixels)."""
@@ -498,6 +515,7 @@ class Supernet(nn.Module):
         adq: bool = True,
         mix_norm: str = "rescale",
         init: str = "anchor",
+        fixed_bits: dict[str, tuple[int, int]] | None = None,
     ):
         super().__init__()
         if init not in SUPERNET_INITS:
@@ -522,8 +540,17 @@ class Supernet(nn.Module):
         self.slots = list(compiled.slots)
         self.alphas = nn.ParameterDict()
         masks = {}
+        #: {slot: (w_bits, a_bits)} a two-stage search fixed (only the op is searched there), or None.
+        self.fixed_bits = None if fixed_bits is None else {k: tuple(v) for k, v in fixed_bits.items()}
+        extra = sorted(set(self.fixed_bits or {}) - set(compiled.slots))
+        if extra:
+            raise QnasError(
+                f"--fix-bits: the genotype has layers {extra} this space does not (same space needed)"
+            )
         for slot, cands in compiled.slots.items():
             masks[slot] = allowed_mask(len(cands), self.w_bits, self.a_bits, tie_bits)
+            if self.fixed_bits is not None:
+                masks[slot] &= fixed_bits_mask(slot, self.fixed_bits, self.w_bits, self.a_bits)
             self.alphas[_key(slot)] = nn.Parameter(
                 1e-3 * torch.randn(len(cands), len(self.w_bits), len(self.a_bits))
             )
