@@ -504,3 +504,30 @@ def test_best_within_maximizes_the_total_score_under_the_budget():
     )
     picks = net.best_within(scores, budget)
     assert tuple(picks[s] for s in net.slots) == best
+
+
+def test_lsq_steps_are_learned_in_the_log_domain():
+    """The supernet's LSQ steps (weights, inputs, between composite stages) are exp of learned log-steps:
+    an Adam update moves a step by a fraction of itself and never through zero (a linearly learned
+    small step crossed zero and silenced whole layers); checkpoints holding the steps themselves load."""
+    net = Supernet(compile_space(load_space(tiny_space(MIXED)), 2), w_bits=[2, 4], mode="quant")
+    x = torch.rand(2, 3, 8, 8)
+    net(x)  # LSQ's data-driven init on the first batch
+    layer = net.net.nodes["head"]
+    before = layer.a_scales.detach().clone()
+    assert (before > 0).all() and (layer.w_scales > 0).all()
+    logs = [p for n, p in net.named_parameters() if "log_" in n]
+    assert logs and all("log_" in n for n, _ in net.named_parameters() if n.endswith("scales"))
+    opt = torch.optim.Adam(logs, lr=1e-3)
+    for _ in range(20):
+        opt.zero_grad()
+        net(x).square().mean().backward()  # pushes every step down
+        opt.step()
+    ratio = layer.a_scales.detach() / before
+    assert ((ratio > 0.95) & (ratio < 1.05)).all()
+    state = {k: v for k, v in net.state_dict().items()}
+    legacy = {k.replace("log_", ""): (v.exp() if "log_" in k else v) for k, v in state.items()}
+    again = Supernet(net.compiled, w_bits=[2, 4], mode="quant")
+    again.load_state_dict(legacy)
+    for k, v in again.state_dict().items():
+        assert torch.allclose(v, state[k], atol=1e-6), k

@@ -58,6 +58,19 @@ def _grad_scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (t - scaled).detach() + scaled
 
 
+def _log_step(step: torch.Tensor | float) -> torch.Tensor:
+    """log of an LSQ step (floored at 1e-8): the supernet learns its steps in the log domain."""
+    return torch.as_tensor(step).clamp_min(1e-8).log()
+
+
+def log_steps(state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
+    """Checkpoints written before the supernet learned log-steps hold the steps themselves: convert."""
+    for name in names:
+        legacy = state_dict.pop(prefix + name, None)
+        if legacy is not None and prefix + "log_" + name not in state_dict:
+            state_dict[prefix + "log_" + name] = legacy.abs().clamp_min(1e-8).log()
+
+
 def _positive(scale: torch.Tensor) -> torch.Tensor:
     """A learned step kept positive, as qnas.quant's LSQ does: an Adam step can push a small step through
     zero; |s| (floored) keeps the quantizer defined and the gradient pointing the same way."""
@@ -182,8 +195,9 @@ class SearchLayer(nn.Module):
             self.groups.append(st["groups"])
             self.dilations.append(st["dilation"])
         self.weights = nn.ParameterList(weights)
-        self.w_scales = nn.Parameter(torch.ones(max(len(weights), 1), n_w))
-        self.a_scales = nn.Parameter(torch.ones(n_a))
+        # LSQ steps, learned as their logarithms (log_steps): see qnas.quant.quantizers.LSQQuantizer.
+        self.log_w_scales = nn.Parameter(torch.zeros(max(len(weights), 1), n_w))
+        self.log_a_scales = nn.Parameter(torch.zeros(n_a))
         self.bias = nn.Parameter(torch.zeros(site.out_ch))
         self.composites = nn.ModuleList(
             CompositeBranch(ops[site.candidates[k]], site.in_ch, site.out_ch, n_w, n_a, self.relu)
@@ -209,7 +223,18 @@ class SearchLayer(nn.Module):
         #: Noise stream of this process (its rank under torch.distributed, Supernet.set_noise_stream).
         self.noise_stream = 0
 
+    @property
+    def w_scales(self) -> torch.Tensor:
+        """Weight steps [single candidate, w_bits] (exp of the learned log-steps, in the autograd graph)."""
+        return self.log_w_scales.exp()
+
+    @property
+    def a_scales(self) -> torch.Tensor:
+        """Input activation steps [a_bits], shared by the slot's candidates."""
+        return self.log_a_scales.exp()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        log_steps(state_dict, prefix, ("w_scales", "a_scales"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.scales_initialized)
 
@@ -233,12 +258,10 @@ class SearchLayer(nn.Module):
         for o, w in enumerate(self.weights):
             for i, b in enumerate(self.w_bits):
                 if b:
-                    self.w_scales[o, i] = 2 * w.abs().mean() / math.sqrt(self._qmax(b, True))
+                    self.log_w_scales[o, i] = _log_step(2 * w.abs().mean() / math.sqrt(self._qmax(b, True)))
         for j, b in enumerate(self.a_bits):
             if b:
-                self.a_scales[j] = 2 * x.abs().mean() / math.sqrt(self._qmax(b, self.a_signed))
-        self.w_scales.clamp_(min=1e-8)
-        self.a_scales.clamp_(min=1e-8)
+                self.log_a_scales[j] = _log_step(2 * x.abs().mean() / math.sqrt(self._qmax(b, self.a_signed)))
         for br in self.composites:
             br.init_scales(x, self.w_bits, self.a_bits)
 
@@ -456,8 +479,22 @@ class CompositeBranch(nn.Module):
             ws.append(nn.Parameter(init_kernel((cout, cin // st["groups"], kh, kw), relu or k > 0)))
             cin = cout
         self.weights = nn.ParameterList(ws)
-        self.w_scales = nn.Parameter(torch.ones(len(ws), n_w))
-        self.mid_scales = nn.Parameter(torch.ones(max(len(ws) - 1, 1), n_a))
+        self.log_w_scales = nn.Parameter(torch.zeros(len(ws), n_w))  # log-steps, as SearchLayer's
+        self.log_mid_scales = nn.Parameter(torch.zeros(max(len(ws) - 1, 1), n_a))
+
+    @property
+    def w_scales(self) -> torch.Tensor:
+        """Weight steps [stage, w_bits]."""
+        return self.log_w_scales.exp()
+
+    @property
+    def mid_scales(self) -> torch.Tensor:
+        """Steps of the activations between stages [stage - 1, a_bits]."""
+        return self.log_mid_scales.exp()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        log_steps(state_dict, prefix, ("w_scales", "mid_scales"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def init_scales(self, x: torch.Tensor, w_bits: list[int], a_bits: list[int]) -> None:
@@ -467,15 +504,15 @@ class CompositeBranch(nn.Module):
         for s, (st, w) in enumerate(zip(self.stages, self.weights, strict=True)):
             for i, b in enumerate(w_bits):
                 if b:
-                    self.w_scales[s, i] = max(
-                        2 * w.abs().mean().item() / math.sqrt(quant_range(b, True)[1]), 1e-8
+                    self.log_w_scales[s, i] = _log_step(
+                        2 * w.abs().mean() / math.sqrt(quant_range(b, True)[1])
                     )
             if s > 0:
                 h = F.relu(h)
                 for j, b in enumerate(a_bits):
                     if b:
-                        self.mid_scales[s - 1, j] = max(
-                            2 * h.abs().mean().item() / math.sqrt(quant_range(b, False)[1]), 1e-8
+                        self.log_mid_scales[s - 1, j] = _log_step(
+                            2 * h.abs().mean() / math.sqrt(quant_range(b, False)[1])
                         )
             h = conv2d_same(h, w, st["groups"], st["dilation"])
 
