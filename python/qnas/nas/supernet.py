@@ -72,8 +72,7 @@ def log_steps(state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
 
 
 def _positive(scale: torch.Tensor) -> torch.Tensor:
-    """A learned step kept positive, as qnas.quant's LSQ does: an Adam step can push a small step through
-    zero; |s| (floored) keeps the quantizer defined and the gradient pointing the same way."""
+    """A step floored at 1e-8 (the steps are exp of log-steps, positive but able to underflow)."""
     return scale.abs().clamp_min(1e-8)
 
 
