@@ -423,6 +423,8 @@ def make_run(runner: Runner, row: dict, runs: Path, chunk_s: float) -> None:
         if code == 0:
             return
         if code is None:
+            if (run / row.get("done", "model.pt")).exists():  # it finished as the chunk ran out
+                return
             print(f"[{now()}] chunk of {wall:.0f} s done; resuming", flush=True)
             continue
         raise SystemExit(f"{row['name']}: qnas exited with {code}")
