@@ -114,7 +114,7 @@ def build_supernet(
         adq=opts.adq,
         mix_norm=opts.mix_norm,
         init=opts.supernet_init,
-        fixed_bits=None if fixed is None else {k: (v[0], v[1]) for k, v in fixed.items()},
+        fixed_bits=fixed,
     )
 
 

@@ -40,6 +40,7 @@ from qnas.nas.graph import (
     op_macs_per_pixel,
 )
 from qnas.nas.options import IMPLS, MIX_NORMS, MODES, SUPERNET_INITS  # noqa: F401  (qnas search choices)
+from qnas.quant.quantizers import load_log_steps
 from qnas.spaces import is_single_conv, op_stages
 from qops import quant_range, reference
 from qops.mixed_quant_conv import MixedQuantConvSpec, mixed_quant_conv
@@ -61,14 +62,6 @@ def _grad_scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 def _log_step(step: torch.Tensor | float) -> torch.Tensor:
     """log of an LSQ step (floored at 1e-8): the supernet learns its steps in the log domain."""
     return torch.as_tensor(step).clamp_min(1e-8).log()
-
-
-def log_steps(state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
-    """Checkpoints written before the supernet learned log-steps hold the steps themselves: convert."""
-    for name in names:
-        legacy = state_dict.pop(prefix + name, None)
-        if legacy is not None and prefix + "log_" + name not in state_dict:
-            state_dict[prefix + "log_" + name] = legacy.abs().clamp_min(1e-8).log()
 
 
 def _positive(scale: torch.Tensor) -> torch.Tensor:
@@ -194,7 +187,7 @@ class SearchLayer(nn.Module):
             self.groups.append(st["groups"])
             self.dilations.append(st["dilation"])
         self.weights = nn.ParameterList(weights)
-        # LSQ steps, learned as their logarithms (log_steps): see qnas.quant.quantizers.LSQQuantizer.
+        # LSQ steps, learned as their logarithms: see qnas.quant.quantizers.LSQQuantizer.
         self.log_w_scales = nn.Parameter(torch.zeros(max(len(weights), 1), n_w))
         self.log_a_scales = nn.Parameter(torch.zeros(n_a))
         self.bias = nn.Parameter(torch.zeros(site.out_ch))
@@ -233,7 +226,7 @@ class SearchLayer(nn.Module):
         return self.log_a_scales.exp()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        log_steps(state_dict, prefix, ("w_scales", "a_scales"))
+        load_log_steps(state_dict, prefix, ("w_scales", "a_scales"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.scales_initialized)
 
@@ -492,7 +485,7 @@ class CompositeBranch(nn.Module):
         return self.log_mid_scales.exp()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        log_steps(state_dict, prefix, ("w_scales", "mid_scales"))
+        load_log_steps(state_dict, prefix, ("w_scales", "mid_scales"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -551,7 +544,7 @@ class Supernet(nn.Module):
         adq: bool = True,
         mix_norm: str = "rescale",
         init: str = "anchor",
-        fixed_bits: dict[str, tuple[int, int]] | None = None,
+        fixed_bits: dict[str, tuple[int, int] | list[int]] | None = None,
     ):
         super().__init__()
         if init not in SUPERNET_INITS:

@@ -456,6 +456,15 @@ def _optimal_unit_step(dist: str, bits: int, signed: bool) -> float:
     return _GAUSS_STEP_CACHE[key]
 
 
+def load_log_steps(state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
+    """Converts, in a state dict being loaded, each learned step `prefix + name` of a file written before
+    the steps were learned as logarithms into the `prefix + "log_" + name` that is learned now."""
+    for name in names:
+        legacy = state_dict.pop(prefix + name, None)
+        if legacy is not None and prefix + "log_" + name not in state_dict:
+            state_dict[prefix + "log_" + name] = legacy.abs().clamp_min(1e-8).log()
+
+
 class LSQQuantizer(Quantizer):
     """Learned step size (Esser et al., ICLR 2020) on torch.ops.qops.fake_quant."""
 
@@ -484,9 +493,7 @@ class LSQQuantizer(Quantizer):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Files written before the step was learned in the log domain hold "step" itself.
-        legacy = state_dict.pop(prefix + "step", None)
-        if legacy is not None and prefix + "log_step" not in state_dict:
-            state_dict[prefix + "log_step"] = legacy.abs().clamp_min(1e-8).log()
+        load_log_steps(state_dict, prefix, ("step",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scale(self) -> torch.Tensor:
